@@ -1,0 +1,120 @@
+"""The Python client: submit jobs and follow them. Imports neither torch nor the worker side."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from . import jobs, keys
+from .connection import get_redis, ping
+from .errors import InvalidJobState, InvalidParams
+from .methods import load_method
+from .params import mask_secrets, parse_params, resolve_params
+from .records import Event, EventKind, JobRecord, JobStatus
+from .settings import get_settings
+
+TASK_NAME = "deepe.train"
+
+
+def submit(
+    method: str,
+    params: dict[str, Any],
+    *,
+    queue: str | None = None,
+    priority: int | None = None,
+    job_id: str | None = None,
+) -> Job:
+    """Validate, pin the method's source, record the job and queue it. Returns the new ``Job``.
+
+    Raises ``InvalidParams`` or ``MethodNotFound`` before anything is queued.
+    """
+    settings = get_settings()
+    found = load_method(settings.method_root, method)
+    job_id = job_id or uuid.uuid4().hex
+    if priority is not None and not (isinstance(priority, int) and 0 <= priority <= 9):
+        raise InvalidParams(f"priority={priority!r} is not valid; allowed: an integer from 0 (highest) to 9.")
+    resolved = resolve_params(parse_params(params), settings.storage_root, job_id)
+    queue = queue or settings.queue
+    record = JobRecord(
+        id=job_id, method=found.name, method_sha256=found.sha256, params=resolved.as_dict(),
+        output_dir=str(resolved.OUTPUT_DIR), queue=queue, priority=priority,
+    )
+    client = get_redis()
+    ping(client)
+    # The worker runs this exact source, whatever happens to the file afterwards.
+    client.set(keys.method_source(found.sha256), found.source)
+    jobs.create(client, record)
+    client.xadd(keys.events(job_id), {"data": Event(
+        kind=EventKind.QUEUED, job=job_id, message=f"{found.name} queued on {queue}").to_json()})
+    from .celery_app import app
+
+    app.send_task(
+        TASK_NAME, args=[job_id], kwargs={"method": found.name}, task_id=job_id,
+        queue=queue, priority=priority,
+    )
+    return Job(job_id)
+
+
+class Job:
+    """A handle on a submitted job."""
+
+    def __init__(self, job_id: str) -> None:
+        self.id = job_id
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r})"
+
+    def record(self) -> JobRecord:
+        return jobs.get(get_redis(), self.id)
+
+    def status(self) -> JobStatus:
+        return jobs.status(get_redis(), self.id)
+
+    def info(self) -> dict[str, Any]:
+        """The job record as a dict, with secret-looking parameters masked."""
+        data = self.record().model_dump(mode="json")
+        data["params"] = mask_secrets(data["params"])
+        return data
+
+    def wait(self, timeout: float | None = None, poll: float = 0.25) -> JobStatus:
+        """Block until the job ends; raise ``TimeoutError`` if it has not after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            status = self.status()
+            if status.is_final:
+                return status
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {self.id} is still {status.value} after {timeout} s")
+            time.sleep(poll)
+
+    def events(self, since: str = "0", follow: bool = False, idle_timeout: float | None = None) -> Iterator[Event]:
+        """Replay events after stream id ``since``; with ``follow``, tail them until the job ends."""
+        from .events import read_events
+
+        jobs.status(get_redis(), self.id)  # a clear error for an unknown job
+        return read_events(get_redis(), self.id, since=since, follow=follow, idle_timeout=idle_timeout)
+
+    def cancel(self) -> JobStatus:
+        """Cancel the job. A queued job never starts; a running one stops at its next step."""
+        client = get_redis()
+        status = self.status()
+        if status.is_final:
+            raise InvalidJobState(f"Job {self.id} is already {status.value}; only queued or running jobs can be cancelled.")
+        client.set(keys.cancel(self.id), "1", ex=30 * 24 * 3600)
+        if status is JobStatus.QUEUED:
+            from .celery_app import app
+
+            if jobs.transition(client, self.id, {JobStatus.QUEUED}, status=JobStatus.CANCELLED,
+                               finished_at=time.time(), error="cancelled before it started"):
+                app.control.revoke(self.id)
+                client.xadd(keys.events(self.id), {"data": Event(
+                    kind=EventKind.CANCELLED, job=self.id, message="cancelled before it started").to_json()})
+                return JobStatus.CANCELLED
+        # Running: the job process reads the flag at its next step and stops there.
+        return self.status()
+
+
+def recent_jobs(limit: int = 20) -> list[JobRecord]:
+    return jobs.recent(get_redis(), limit)

@@ -1,0 +1,33 @@
+"""Redis connections, from the one settings object."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import redis
+
+from .errors import BrokerUnavailable
+from .settings import get_settings
+
+
+@lru_cache(maxsize=8)
+def _client(url: str) -> redis.Redis:
+    return redis.Redis.from_url(
+        url, decode_responses=True, socket_timeout=10, socket_connect_timeout=5,
+        health_check_interval=15, retry_on_timeout=True,
+    )
+
+
+def get_redis(url: str | None = None) -> redis.Redis:
+    return _client(url or get_settings().redis_url)
+
+
+def ping(client: redis.Redis) -> None:
+    try:
+        client.ping()
+    except redis.RedisError as e:
+        raise BrokerUnavailable(
+            f"Redis at {client.connection_pool.connection_kwargs.get('host')}:"
+            f"{client.connection_pool.connection_kwargs.get('port')} cannot be reached ({e}); "
+            "start it, or point DEEPE_REDIS_URL at a running one."
+        ) from e

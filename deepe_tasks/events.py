@@ -1,0 +1,165 @@
+"""Job event streams: a batching publisher and a reader that replays, then tails."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from . import keys
+from .records import Event
+
+log = logging.getLogger(__name__)
+
+BATCH = 500
+
+
+class EventPublisher:
+    """Appends events to a job's Redis stream from a background thread, in pipelined batches.
+
+    ``emit`` never touches the network, so a training step never waits on Redis. While Redis is
+    unreachable, events wait in memory (up to ``max_buffer``; beyond that the oldest are kept in
+    ``events.jsonl`` only) and are sent in order once it is back.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        job_id: str,
+        jsonl: Path | None = None,
+        max_buffer: int = 100_000,
+        interval: float = 0.05,
+    ) -> None:
+        self.job_id = job_id
+        self.published = 0
+        self.dropped = 0
+        self._redis = client
+        self._jsonl = jsonl
+        self._interval = interval
+        self._incoming: deque[Event] = deque()
+        self._unsent: deque[Event] = deque(maxlen=max_buffer)
+        self._cond = threading.Condition()
+        self._closed = False
+        self._idle = threading.Event()
+        self._idle.set()
+        if jsonl is not None:
+            jsonl.parent.mkdir(parents=True, exist_ok=True)
+        self._thread = threading.Thread(target=self._run, name=f"deepe-events-{job_id}", daemon=True)
+        self._thread.start()
+
+    def emit(self, event: Event) -> None:
+        with self._cond:
+            self._idle.clear()
+            self._incoming.append(event)
+            if len(self._incoming) >= BATCH:
+                self._cond.notify()
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every event so far is in Redis; False if Redis stayed away past ``timeout``."""
+        with self._cond:
+            self._cond.notify()
+        return self._idle.wait(timeout)
+
+    def close(self, timeout: float = 30.0) -> bool:
+        sent = self.flush(timeout)
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout=5)
+        return sent
+
+    def _run(self) -> None:
+        backoff = self._interval
+        while True:
+            with self._cond:
+                if not self._incoming and not self._unsent:
+                    self._idle.set()
+                    if self._closed:
+                        return
+                    self._cond.wait(self._interval)
+                batch = list(self._incoming)
+                self._incoming.clear()
+            if batch:
+                self._write_jsonl(batch)
+                overflow = len(self._unsent) + len(batch) - (self._unsent.maxlen or 0)
+                if overflow > 0:
+                    self.dropped += overflow
+                self._unsent.extend(batch)
+            if not self._unsent:
+                continue
+            try:
+                self._send()
+                backoff = self._interval
+            except redis.RedisError as e:
+                log.warning("events for %s wait for Redis (%d buffered): %s", self.job_id, len(self._unsent), e)
+                with self._cond:
+                    self._cond.wait(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    def _send(self) -> None:
+        stream = keys.events(self.job_id)
+        while self._unsent:
+            chunk = [self._unsent[i] for i in range(min(BATCH, len(self._unsent)))]
+            pipe = self._redis.pipeline(transaction=False)
+            for event in chunk:
+                pipe.xadd(stream, {"data": event.to_json()})
+            pipe.execute()
+            for _ in chunk:
+                self._unsent.popleft()
+            self.published += len(chunk)
+
+    def _write_jsonl(self, batch: list[Event]) -> None:
+        if self._jsonl is None:
+            return
+        try:
+            with self._jsonl.open("a", encoding="utf-8") as f:
+                f.write("".join(e.to_json() + "\n" for e in batch))
+        except OSError as e:
+            log.warning("could not append to %s: %s", self._jsonl, e)
+
+
+def _decode(entries: list[Any]) -> list[Event]:
+    return [Event.from_json(fields["data"], id=entry_id) for entry_id, fields in entries]
+
+
+def read_events(
+    client: redis.Redis,
+    job_id: str,
+    since: str = "0",
+    follow: bool = False,
+    block_ms: int = 1000,
+    idle_timeout: float | None = None,
+) -> Iterator[Event]:
+    """Replay a job's events after stream id ``since``; with ``follow``, tail until a final event.
+
+    ``idle_timeout`` ends a follow that has seen no event for that many seconds.
+    """
+    stream = keys.events(job_id)
+    last = since
+    start = "-" if since in ("0", "0-0", "-") else f"({since}"
+    for event in _decode(client.xrange(stream, min=start)):
+        last = event.id or last
+        yield event
+        if follow and event.kind.is_final:
+            return
+    if not follow:
+        return
+    quiet_since = time.monotonic()
+    while True:
+        reply = client.xread({stream: last or "0"}, block=block_ms, count=BATCH)
+        if not reply:
+            if idle_timeout is not None and time.monotonic() - quiet_since > idle_timeout:
+                return
+            continue
+        quiet_since = time.monotonic()
+        for event in _decode(reply[0][1]):
+            last = event.id or last
+            yield event
+            if event.kind.is_final:
+                return

@@ -1,0 +1,73 @@
+"""The job process: one fresh process per attempt, started by the worker task.
+
+It imports the training stack first and only then reads its job spec from stdin, so a
+process can be started ahead of time and wait, warm, for a job.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from . import runner  # noqa: F401  (imports torch, transformers and trl before the job arrives)
+from . import keys
+from .events import EventPublisher
+from .records import JobSpec, RunResult
+from .storage import job_dir
+
+RESULT = "result.json"
+LOG = "output.log"
+
+
+def _redirect_output(folder: Path) -> None:
+    """Send this process's stdout and stderr (the method's prints, warnings) to the job's log."""
+    fd = os.open(folder / LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def write_result(folder: Path, result: RunResult) -> None:
+    tmp = folder / f".{RESULT}.tmp"
+    tmp.write_text(result.model_dump_json())
+    os.replace(tmp, folder / RESULT)
+
+
+def main() -> int:
+    line = sys.stdin.readline()
+    if not line:
+        return 0  # the worker closed our stdin without a job: a spare that is no longer needed
+    spec = JobSpec.model_validate_json(line)
+    folder = job_dir(Path(spec.storage_root), spec.job_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    _redirect_output(folder)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    import redis
+
+    client = redis.Redis.from_url(spec.redis_url or "", decode_responses=True,
+                                  socket_timeout=5, socket_connect_timeout=2)
+    publisher = EventPublisher(client, spec.job_id, jsonl=folder / "events.jsonl")
+
+    def should_stop() -> bool:
+        try:
+            return bool(client.exists(keys.cancel(spec.job_id)))
+        except redis.RedisError:
+            return False  # a Redis outage must not stop training
+
+    result = runner.Runner(spec, publisher.emit, should_stop).run()
+    # The worker writes the final event; ours must be in the stream before it.
+    if not publisher.close(timeout=300):
+        logging.warning("some events reached events.jsonl but not Redis")
+    write_result(folder, result)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

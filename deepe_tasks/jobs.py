@@ -1,0 +1,82 @@
+"""The job records in Redis: create, read, update and list."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+import redis
+
+from . import keys
+from .errors import JobExists, JobNotFound
+from .records import JobRecord, JobStatus
+
+
+def create(client: redis.Redis, record: JobRecord) -> None:
+    """Write a new record; refuse an id that is already taken."""
+    key = keys.job(record.id)
+    if not client.hsetnx(key, "id", record.id):
+        raise JobExists(f"A job with id {record.id!r} already exists; submit without an id, or pick a new one.")
+    pipe = client.pipeline()
+    pipe.hset(key, mapping=record.to_redis())
+    pipe.zadd(keys.JOBS_INDEX, {record.id: record.submitted_at})
+    pipe.execute()
+
+
+def get(client: redis.Redis, job_id: str) -> JobRecord:
+    raw = client.hgetall(keys.job(job_id))
+    if not raw:
+        raise JobNotFound(f"There is no job {job_id!r}; `deepe jobs` lists the recent ones.")
+    return JobRecord.from_redis(raw)
+
+
+def update(client: redis.Redis, job_id: str, **fields: Any) -> None:
+    """Set the given fields; fields given as None are left as they are."""
+    mapping = _encode(fields)
+    if mapping:
+        client.hset(keys.job(job_id), mapping=mapping)
+
+
+def _encode(fields: dict[str, Any]) -> dict[str, str]:
+    return {
+        k: JobRecord.to_redis_value(k, v.value if isinstance(v, Enum) else v)
+        for k, v in fields.items()
+        if v is not None
+    }
+
+
+def status(client: redis.Redis, job_id: str) -> JobStatus:
+    value = client.hget(keys.job(job_id), "status")
+    if value is None:
+        raise JobNotFound(f"There is no job {job_id!r}; `deepe jobs` lists the recent ones.")
+    return JobStatus(value)
+
+
+def recent(client: redis.Redis, limit: int = 20) -> list[JobRecord]:
+    ids = client.zrevrange(keys.JOBS_INDEX, 0, limit - 1)
+    pipe = client.pipeline()
+    for job_id in ids:
+        pipe.hgetall(keys.job(job_id))
+    return [JobRecord.from_redis(raw) for raw in pipe.execute() if raw]
+
+
+# Set fields only while the status is one of ARGV[1] (comma-separated): no lost updates
+# between a cancel and a worker picking the job up.
+_TRANSITION = """
+local status = redis.call('hget', KEYS[1], 'status')
+if not status then return 0 end
+for allowed in string.gmatch(ARGV[1], '[^,]+') do
+  if allowed == status then
+    redis.call('hset', KEYS[1], unpack(ARGV, 2))
+    return 1
+  end
+end
+return 0
+"""
+
+
+def transition(client: redis.Redis, job_id: str, allowed_from: set[JobStatus], **fields: Any) -> bool:
+    """Set ``fields`` if the job's status is in ``allowed_from``; True if it was."""
+    flat = [item for pair in _encode(fields).items() for item in pair]
+    allowed = ",".join(s.value for s in allowed_from)
+    return bool(client.eval(_TRANSITION, 1, keys.job(job_id), allowed, *flat))

@@ -1,0 +1,140 @@
+"""The wire vocabulary: job states, event kinds, events and the job record."""
+
+from __future__ import annotations
+
+import json
+import time
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class JobStatus(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATES
+
+
+FINAL_STATES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+
+class EventKind(str, Enum):
+    # lifecycle
+    QUEUED = "queued"
+    STARTED = "started"
+    # phases
+    LOADING_MODEL = "loading_model"
+    LOADING_DATASET = "loading_dataset"
+    TRAINING = "training"
+    SAVING = "saving"
+    # progress
+    LOG = "log"
+    PROGRESS = "progress"
+    CHECKPOINT = "checkpoint"
+    # outcomes
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    REQUEUED = "requeued"
+    RESUMED = "resumed"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (EventKind.SUCCEEDED, EventKind.FAILED, EventKind.CANCELLED)
+
+
+class Event(BaseModel):
+    """One entry of a job's event stream; ``id`` is the Redis stream id once stored."""
+
+    kind: EventKind
+    job: str
+    ts: float = Field(default_factory=time.time)
+    step: int | None = None
+    max_steps: int | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    message: str = ""
+    eta_s: float | None = None
+    id: str | None = None
+
+    def to_json(self) -> str:
+        return self.model_dump_json(exclude={"id"})
+
+    @classmethod
+    def from_json(cls, data: str | bytes, id: str | None = None) -> Event:
+        event = cls.model_validate_json(data)
+        event.id = id
+        return event
+
+
+_JSON_FIELDS = ("params", "metrics")
+
+
+class JobRecord(BaseModel):
+    """What Redis keeps about a job, in the hash ``deepe:job:<id>``."""
+
+    id: str
+    method: str
+    method_sha256: str
+    params: dict[str, Any]
+    output_dir: str
+    queue: str
+    priority: int | None = None
+    status: JobStatus = JobStatus.QUEUED
+    error: str | None = None
+    worker: str | None = None
+    submitted_at: float = Field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    attempts: int = 0
+
+    def to_redis(self) -> dict[str, str]:
+        return {
+            key: self.to_redis_value(key, value)
+            for key, value in self.model_dump(mode="json").items()
+            if value is not None
+        }
+
+    @staticmethod
+    def to_redis_value(key: str, value: Any) -> str:
+        return json.dumps(value) if key in _JSON_FIELDS else str(value)
+
+    @classmethod
+    def from_redis(cls, raw: dict[str, str]) -> JobRecord:
+        data: dict[str, Any] = dict(raw)
+        for key in _JSON_FIELDS:
+            if key in data:
+                data[key] = json.loads(data[key])
+        return cls.model_validate(data)
+
+
+class JobSpec(BaseModel):
+    """Everything a job process needs to run one attempt; sent to it on stdin."""
+
+    job_id: str
+    method: str
+    method_sha256: str
+    source: str
+    params: dict[str, Any]
+    storage_root: str
+    redis_url: str | None = None
+    worker: str = ""
+    started_at: float = Field(default_factory=time.time)
+
+
+class RunResult(BaseModel):
+    """How one attempt ended, written by the job process to ``result.json``."""
+
+    status: JobStatus
+    phase: str = ""
+    error: str | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    output_dir: str | None = None
+    step: int | None = None

@@ -1,0 +1,221 @@
+"""The runner: the shared core of the worker's job process and of local test runs.
+
+It executes a method's pinned source with the parameters and the callback injected, checks
+the contract, trains, and publishes the model and tokenizer atomically with a manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import linecache
+import logging
+import platform
+import shutil
+import socket
+import time
+import traceback
+import types
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from . import phases
+from .callback import DeepeCallback, Emit
+from .errors import MethodContractError
+from .methods import check_source
+from .params import TrainParams, mask_secrets
+from .records import Event, EventKind, JobSpec, JobStatus, RunResult
+from .storage import job_dir, publish, staging_dir
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "deepe.json"
+LIBRARIES = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "deepe-tasks")
+
+
+class _Failure(Exception):
+    def __init__(self, phase: str, message: str) -> None:
+        super().__init__(message)
+        self.phase = phase
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for name in LIBRARIES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    out["python"] = platform.python_version()
+    return out
+
+
+def _hint(exc: BaseException, phase: str) -> str:
+    name = type(exc).__name__
+    text = str(exc)
+    if isinstance(exc, ImportError):
+        return "Install that package on the workers, or remove the import from the method."
+    if "out of memory" in text.lower() or name == "OutOfMemoryError":
+        return "Lower BATCH_SIZE or MAX_SEQ_LENGTH, raise GRAD_ACCUM_STEPS, or set LOAD_IN_4BIT=true."
+    if isinstance(exc, FileNotFoundError) and phase == phases.LOADING_DATASET:
+        return "Check DATASET_PATH: relative paths resolve under DEEPE_STORAGE."
+    if phase == phases.BUILDING_MODEL and isinstance(exc, (OSError, ValueError)):
+        return "Check MODEL_PATH: it must be a complete model folder (config.json and weights)."
+    return ""
+
+
+def _describe(exc: BaseException, phase: str, filename: str) -> str:
+    """A readable sentence: the phase, the error, where in the method, and what to do."""
+    where = ""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == filename]
+    if frames:
+        f = frames[-1]
+        where = f" (at {filename} line {f.lineno}: `{(f.line or '').strip()}`)"
+    text = str(exc).strip() or "no message"
+    hint = _hint(exc, phase)
+    return f"Failed while {phase}: {type(exc).__name__}: {text}{where}." + (f" {hint}" if hint else "")
+
+
+class Runner:
+    """Runs one attempt of one job. ``should_stop`` is read by the callback to honour cancels."""
+
+    def __init__(self, spec: JobSpec, emit: Emit, should_stop: Callable[[], bool] | None = None) -> None:
+        self.spec = spec
+        self.emit = emit
+        self.params = TrainParams.model_validate(spec.params)
+        self.filename = f"{spec.method}.py"
+        self.callback = DeepeCallback(spec.job_id, emit, should_stop)
+        self.tracker = phases.PhaseTracker(spec.job_id, emit)
+        self.namespace: dict[str, Any] = {}
+        self.timings: dict[str, float] = {}
+        self.checkpoint_dir = job_dir(Path(spec.storage_root), spec.job_id) / "checkpoints"
+
+    def run(self) -> RunResult:
+        t0 = time.monotonic()
+        try:
+            self._load_method()
+            self.timings["load_s"] = round(time.monotonic() - t0, 3)
+            trainer = self._check_contract()
+            t1 = time.monotonic()
+            train_metrics = self._train(trainer)
+            self.timings["train_s"] = round(time.monotonic() - t1, 3)
+        except _Failure as e:
+            return self._failed(e.phase, str(e))
+        metrics = {**self.callback.last_metrics, **train_metrics}
+        step = trainer.state.global_step
+        if self.callback.stopped:
+            return RunResult(status=JobStatus.CANCELLED, phase=phases.TRAINING, metrics=metrics, step=step,
+                             error=f"cancelled at step {step}")
+        try:
+            t2 = time.monotonic()
+            self.tracker.enter(phases.SAVING, EventKind.SAVING, "saving the model and tokenizer")
+            output = self._save(trainer, metrics, save_started=t2)
+        except Exception as e:
+            log.exception("saving failed")
+            return self._failed(phases.SAVING, _describe(e, phases.SAVING, self.filename))
+        return RunResult(status=JobStatus.SUCCEEDED, phase=phases.SAVING, metrics=metrics,
+                         output_dir=str(output), step=step)
+
+    def _failed(self, phase: str, message: str) -> RunResult:
+        return RunResult(status=JobStatus.FAILED, phase=phase, error=message)
+
+    def _load_method(self) -> None:
+        report = check_source(self.spec.source, self.filename)
+        if not report.ok and report.errors[0].startswith("Syntax error"):
+            raise _Failure(phases.LOADING_METHOD, f"Failed while {phases.LOADING_METHOD}: "
+                           f"{self.filename}: {report.errors[0]}")
+        misuse = [e for e in report.errors if "remove it" in e]
+        if misuse:
+            raise _Failure(phases.LOADING_METHOD, f"Failed while {phases.LOADING_METHOD}: "
+                           f"{self.filename} breaks the method contract. " + " ".join(misuse))
+        module = types.ModuleType(f"deepe_method_{self.spec.method.replace('-', '_')}")
+        module.__file__ = self.filename
+        ns = module.__dict__
+        # Every parameter under its own name, plus `params` (custom keys included) and `callback`.
+        ns.update({name: getattr(self.params, name) for name in TrainParams.model_fields})
+        ns.update(params=self.params, callback=self.callback)
+        self.namespace = ns
+        lines = self.spec.source.splitlines(keepends=True)
+        linecache.cache[self.filename] = (len(self.spec.source), None, lines, self.filename)
+        code = compile(self.spec.source, self.filename, "exec")
+        try:
+            with self.tracker.watching():
+                exec(code, ns)
+        except BaseException as e:
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            log.exception("the method raised")
+            if isinstance(e, SystemExit):
+                e = RuntimeError(f"the method called sys.exit({e.code!r})")
+            raise _Failure(self.tracker.phase, _describe(e, self.tracker.phase, self.filename)) from e
+
+    def _check_contract(self) -> Any:
+        ns = self.namespace
+        missing = []
+        for name, attr in (("model", "save_pretrained"), ("tokenizer", "save_pretrained"), ("trainer", "train")):
+            if name not in ns:
+                missing.append(f"`{name}` is not defined")
+            elif not callable(getattr(ns[name], attr, None)):
+                missing.append(f"`{name}` ({type(ns[name]).__name__}) has no {attr}()")
+        if missing:
+            raise _Failure(phases.LOADING_METHOD, str(MethodContractError(
+                f"Failed while {phases.LOADING_METHOD}: {self.filename} does not fulfil the contract: "
+                + "; ".join(missing) + ". Define `model`, `tokenizer` and `trainer` between the marker lines.")))
+        trainer = ns["trainer"]
+        args = getattr(trainer, "args", None)
+        if args is not None and hasattr(args, "output_dir"):
+            # Trainer scratch and checkpoints go to the job folder, never into OUTPUT_DIR,
+            # which only ever receives the finished, published model.
+            args.output_dir = str(self.checkpoint_dir)
+        handler = getattr(trainer, "callback_handler", None)
+        if handler is not None and not any(cb is self.callback for cb in handler.callbacks):
+            trainer.add_callback(self.callback)
+        return trainer
+
+    def _train(self, trainer: Any) -> dict[str, Any]:
+        self.tracker.enter(phases.TRAINING, EventKind.TRAINING, "training")
+        try:
+            output = trainer.train()
+        except BaseException as e:
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            log.exception("training failed")
+            raise _Failure(phases.TRAINING, _describe(e, phases.TRAINING, self.filename)) from e
+        metrics = getattr(output, "metrics", None) or {}
+        return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+    def _save(self, trainer: Any, metrics: dict[str, Any], save_started: float) -> Path:
+        target = Path(self.params.OUTPUT_DIR or ".")
+        staging = staging_dir(target, self.spec.job_id)
+        model = self.namespace["model"]
+        # The trainer may have wrapped the model (peft, accelerate): save what it trained.
+        trained = getattr(trainer, "model", None) or model
+        accelerator = getattr(trainer, "accelerator", None)
+        if accelerator is not None:
+            trained = accelerator.unwrap_model(trained)
+        if not callable(getattr(trained, "save_pretrained", None)):
+            trained = model
+        try:
+            trained.save_pretrained(str(staging))
+            self.namespace["tokenizer"].save_pretrained(str(staging))
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self.timings["save_s"] = round(time.monotonic() - save_started, 3)
+        manifest = {
+            "job": self.spec.job_id,
+            "method": self.spec.method,
+            "method_sha256": self.spec.method_sha256,
+            "params": mask_secrets(self.params.as_dict()),
+            "metrics": metrics,
+            "steps": trainer.state.global_step,
+            "versions": _versions(),
+            "worker": self.spec.worker or socket.gethostname(),
+            "started_at": self.spec.started_at,
+            "finished_at": time.time(),
+            "timings": self.timings,
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        publish(staging, target)
+        return target

@@ -1,0 +1,43 @@
+"""One typed settings object, read from ``DEEPE_*`` environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DEEPE_", extra="ignore")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # The shared storage root: models, job folders and checkpoints live under it.
+    # Every host must mount it at the same path.
+    storage: Path = Path("./deepe-data")
+    method_store: Path = Path("./method_store")
+    queue: str = "gpu"
+    # CUDA_VISIBLE_DEVICES for this worker's jobs (`deepe worker --gpus 0`); None leaves it alone.
+    gpus: str | None = None
+    # A running job's lease; a heartbeat renews it every third of this.
+    lease_ttl: float = Field(30.0, gt=1)
+    # How long a running job may take to stop after a cancel before it is killed.
+    cancel_grace: float = Field(60.0, ge=0)
+    # Events kept in memory while Redis is unreachable; older ones go to events.jsonl only.
+    event_buffer: int = Field(100_000, ge=100)
+    # Longer than any job: recovery comes from leases, not from broker redelivery.
+    visibility_timeout: int = Field(7 * 24 * 3600, ge=60)
+
+    @property
+    def storage_root(self) -> Path:
+        return self.storage.expanduser().resolve()
+
+    @property
+    def method_root(self) -> Path:
+        return self.method_store.expanduser().resolve()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,54 @@
+"""Shared storage layout and atomic publication of a folder."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+
+def job_dir(storage_root: Path, job_id: str) -> Path:
+    return storage_root / "jobs" / job_id
+
+
+def events_file(storage_root: Path, job_id: str) -> Path:
+    return job_dir(storage_root, job_id) / "events.jsonl"
+
+
+def staging_dir(target: Path, job_id: str) -> Path:
+    """A fresh folder beside ``target``, on the same file system, so the final rename is atomic."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.staging-{job_id}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    return staging
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def publish(staging: Path, target: Path) -> None:
+    """Move a complete staging folder into place; a reader never sees a half-written one.
+
+    An existing folder at ``target`` is moved aside first and removed after the swap.
+    """
+    _fsync_tree(staging)
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(target, old)
+    os.rename(staging, target)
+    dir_fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

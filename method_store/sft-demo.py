@@ -1,0 +1,108 @@
+"""SFT-Demo: supervised fine-tuning with a LoRA adapter, loss on the answer tokens only.
+
+Parameters: MODEL_PATH, DATASET_PATH, PromptInputColumn (default "instruction"),
+PromptOutputColumn (default "output"), MAX_SEQ_LENGTH, LORA_RANK, LOAD_IN_4BIT, MAX_SAMPLES,
+BATCH_SIZE, GRAD_ACCUM_STEPS, LEARNING_RATE, WARMUP_STEPS, MAX_STEPS, NUM_EPOCHS,
+MAX_GRAD_NORM. The platform injects them, with `params` and `callback`, trains and saves.
+"""
+
+from pathlib import Path
+
+import torch
+from datasets import load_dataset, load_from_disk
+from peft import LoraConfig, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import SFTConfig, SFTTrainer
+
+input_column = PromptInputColumn or "instruction"   # the prompt
+output_column = PromptOutputColumn or "output"      # the answer the model learns to give
+
+# ---- model --------------------------------------------------------------------------------
+if LOAD_IN_4BIT and not torch.cuda.is_available():
+    raise RuntimeError("LOAD_IN_4BIT needs a CUDA GPU; set LOAD_IN_4BIT=false to train on this machine.")
+use_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+model_kwargs = {"dtype": torch.bfloat16 if use_bf16 else torch.float32}
+if LOAD_IN_4BIT:
+    from transformers import BitsAndBytesConfig
+
+    model_kwargs["quantization_config"] = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if use_bf16 else torch.float16,
+    )
+tokenizer = AutoTokenizer.from_pretrained(MODEL_PATH)
+if tokenizer.pad_token is None:
+    tokenizer.pad_token = tokenizer.eos_token
+model = AutoModelForCausalLM.from_pretrained(MODEL_PATH, **model_kwargs)
+if LOAD_IN_4BIT:
+    model = prepare_model_for_kbit_training(model)
+
+# ---- data ---------------------------------------------------------------------------------
+FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+path = Path(DATASET_PATH)
+if not path.exists():
+    raise FileNotFoundError(f"DATASET_PATH {path} does not exist")
+if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+    dataset = load_from_disk(str(path))            # a folder written by save_to_disk
+    if hasattr(dataset, "keys"):
+        dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
+else:
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in FORMATS)
+    kinds = {FORMATS.get(p.suffix) for p in files}
+    if not files or None in kinds or len(kinds) != 1:
+        raise ValueError(f"DATASET_PATH {path} must be one JSON, JSONL, CSV or Parquet file, "
+                         "or a folder of files of one of those kinds")
+    dataset = load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
+
+for column in (input_column, output_column):
+    if column not in dataset.column_names:
+        raise ValueError(f"the dataset has no column {column!r}; its columns are "
+                         f"{dataset.column_names}. Set PromptInputColumn/PromptOutputColumn to match.")
+if MAX_SAMPLES > 0:
+    dataset = dataset.select(range(min(MAX_SAMPLES, len(dataset))))
+if len(dataset) == 0:
+    raise ValueError(f"the dataset at {path} has no rows")
+
+has_input = "input" in dataset.column_names and input_column != "input"
+use_chat = tokenizer.chat_template is not None
+
+
+def to_prompt_completion(row):
+    prompt = str(row[input_column])
+    if has_input and row["input"]:
+        prompt += "\n\n" + str(row["input"])
+    answer = str(row[output_column])
+    if use_chat:  # conversational: the tokenizer's chat template frames it
+        return {"prompt": [{"role": "user", "content": prompt}],
+                "completion": [{"role": "assistant", "content": answer}]}
+    return {"prompt": prompt + "\n", "completion": answer}
+
+
+dataset = dataset.map(to_prompt_completion, remove_columns=dataset.column_names)
+
+# ---- trainer ------------------------------------------------------------------------------
+config = SFTConfig(
+    max_length=MAX_SEQ_LENGTH,                  # sequences are cut here
+    completion_only_loss=True,                  # the loss is on the answer tokens only
+    per_device_train_batch_size=BATCH_SIZE,
+    gradient_accumulation_steps=GRAD_ACCUM_STEPS,
+    learning_rate=LEARNING_RATE,
+    warmup_steps=WARMUP_STEPS,
+    max_steps=MAX_STEPS,                        # -1: train NUM_EPOCHS epochs
+    num_train_epochs=NUM_EPOCHS,
+    max_grad_norm=MAX_GRAD_NORM,
+    logging_steps=1,
+    save_strategy="no",                         # the platform checkpoints and saves the model
+    report_to="none",
+    bf16=use_bf16,
+    use_cpu=not torch.cuda.is_available(),
+)
+peft_config = LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, lora_dropout=0.0,
+                         target_modules="all-linear", task_type="CAUSAL_LM")
+trainer = SFTTrainer(
+    model=model,
+    args=config,
+    train_dataset=dataset,
+    processing_class=tokenizer,
+    peft_config=peft_config,
+    callbacks=[callback],
+)
