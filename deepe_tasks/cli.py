@@ -11,6 +11,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from .errors import DeepeError
 from .settings import get_settings
@@ -22,14 +23,18 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 methods_app = typer.Typer(no_args_is_help=True, help="List, create and check training methods.")
 app.add_typer(methods_app, name="methods")
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 ParamOpt = Annotated[list[str] | None, typer.Option("--param", "-p", help="KEY=VALUE, repeatable.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
+def show_error(message: str) -> None:
+    err.print(Text("error: ", style="red") + Text(message))
+
+
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
-    err.print(f"[red]error:[/] {message}", highlight=False)
+    show_error(message)
     raise typer.Exit(code)
 
 
@@ -75,8 +80,8 @@ def methods_new(name: str) -> None:
     from .methods import new_method
 
     path = new_method(get_settings().method_root, name)
-    console.print(f"Created {path}. Paste your training code between the marker lines, then "
-                  f"`deepe methods check {name}`.")
+    console.print(Text(f"Created {path}. Paste your training code between the marker lines, then "
+                       f"`deepe methods check {name}`."), soft_wrap=True)
 
 
 @methods_app.command("check")
@@ -87,9 +92,9 @@ def methods_check(name: str) -> None:
     method = load_method(get_settings().method_root, name)
     report = check_source(method.source, method.path.name)
     for line in report.errors:
-        console.print(f"[red]error[/]: {line}", highlight=False)
+        console.print(Text("error: ", style="red") + Text(line), soft_wrap=True)
     for line in report.warnings:
-        console.print(f"[yellow]warning[/]: {line}", highlight=False)
+        console.print(Text("warning: ", style="yellow") + Text(line), soft_wrap=True)
     if not report.ok:
         raise typer.Exit(EXIT_FAILED)
     console.print(f"{name}: OK ({method.sha256[:12]})")
@@ -248,10 +253,12 @@ def main() -> None:
     try:
         app()
     except DeepeError as e:
-        fail(str(e))
+        show_error(str(e))
+        sys.exit(EXIT_USAGE)
     except redis.RedisError as e:
-        fail(f"Redis at {get_settings().redis_url} cannot be reached ({e}); start it, "
-             "or point DEEPE_REDIS_URL at a running one.")
+        show_error(f"Redis at {get_settings().redis_url} cannot be reached ({e}); start it, "
+                   "or point DEEPE_REDIS_URL at a running one.")
+        sys.exit(EXIT_USAGE)
 
 
 if __name__ == "__main__":

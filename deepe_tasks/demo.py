@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.text import Text
 
 from .settings import get_settings
 
@@ -27,7 +28,7 @@ def _method_store() -> Path:
 
 def run_demo(console: Console, steps: int = 30) -> int:
     from . import tiny
-    from .client import Job, submit
+    from .client import submit
     from .connection import get_redis
     from .display import follow
     from .embedded import RedisServer, WorkerProcess
@@ -61,8 +62,8 @@ def run_demo(console: Console, steps: int = 30) -> int:
             final = job.status()
             info = job.info()
     if final is not JobStatus.SUCCEEDED:
-        console.print(f"[red]the demo job {final.value}:[/] {info.get('error')}")
+        console.print(Text(f"the demo job {final.value}: ", style="red") + Text(str(info.get("error"))))
         return 1
-    console.print(f"[green]model saved to {info['output_dir']}[/] "
-                  f"(with deepe.json) in {time.monotonic() - t0:.0f} s")
+    console.print(Text(f"model saved to {info['output_dir']}", style="green")
+                  + Text(f" (with deepe.json) in {time.monotonic() - t0:.0f} s"), soft_wrap=True)
     return 0

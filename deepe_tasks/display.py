@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -61,7 +62,7 @@ def follow(events: Iterable[Event], console: Console) -> Event | None:
         for event in events:
             last = event
             if event.kind in (EventKind.LOG, EventKind.PROGRESS):
-                fields = {"eta": fmt_seconds(event.eta_s)}
+                fields: dict[str, Any] = {"eta": fmt_seconds(event.eta_s)}
                 if "loss" in event.metrics:
                     fields["loss"] = fmt_metric(event.metrics["loss"])
                 progress.update(bar, completed=event.step or 0, total=event.max_steps or None,

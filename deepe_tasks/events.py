@@ -143,7 +143,7 @@ def read_events(
     stream = keys.events(job_id)
     last = since
     start = "-" if since in ("0", "0-0", "-") else f"({since}"
-    for event in _decode(client.xrange(stream, min=start)):
+    for event in _decode(client.xrange(stream, min=start)):  # type: ignore[arg-type]
         last = event.id or last
         yield event
         if follow and event.kind.is_final:
@@ -152,7 +152,7 @@ def read_events(
         return
     quiet_since = time.monotonic()
     while True:
-        reply = client.xread({stream: last or "0"}, block=block_ms, count=BATCH)
+        reply: Any = client.xread({stream: last or "0"}, block=block_ms, count=BATCH)
         if not reply:
             if idle_timeout is not None and time.monotonic() - quiet_since > idle_timeout:
                 return

@@ -11,8 +11,10 @@ import os
 import sys
 from pathlib import Path
 
-from . import runner  # noqa: F401  (imports torch, transformers and trl before the job arrives)
-from . import keys
+from . import (
+    keys,
+    runner,  # noqa: F401  (imports torch, transformers and trl before the job arrives)
+)
 from .events import EventPublisher
 from .records import JobSpec, RunResult
 from .storage import job_dir

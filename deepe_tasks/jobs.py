@@ -18,13 +18,13 @@ def create(client: redis.Redis, record: JobRecord) -> None:
     if not client.hsetnx(key, "id", record.id):
         raise JobExists(f"A job with id {record.id!r} already exists; submit without an id, or pick a new one.")
     pipe = client.pipeline()
-    pipe.hset(key, mapping=record.to_redis())
+    pipe.hset(key, mapping=record.to_redis())  # type: ignore[arg-type]
     pipe.zadd(keys.JOBS_INDEX, {record.id: record.submitted_at})
     pipe.execute()
 
 
 def get(client: redis.Redis, job_id: str) -> JobRecord:
-    raw = client.hgetall(keys.job(job_id))
+    raw: dict[str, str] = client.hgetall(keys.job(job_id))  # type: ignore[assignment]
     if not raw:
         raise JobNotFound(f"There is no job {job_id!r}; `deepe jobs` lists the recent ones.")
     return JobRecord.from_redis(raw)
@@ -34,7 +34,7 @@ def update(client: redis.Redis, job_id: str, **fields: Any) -> None:
     """Set the given fields; fields given as None are left as they are."""
     mapping = _encode(fields)
     if mapping:
-        client.hset(keys.job(job_id), mapping=mapping)
+        client.hset(keys.job(job_id), mapping=mapping)  # type: ignore[arg-type]
 
 
 def _encode(fields: dict[str, Any]) -> dict[str, str]:
@@ -53,7 +53,7 @@ def status(client: redis.Redis, job_id: str) -> JobStatus:
 
 
 def recent(client: redis.Redis, limit: int = 20) -> list[JobRecord]:
-    ids = client.zrevrange(keys.JOBS_INDEX, 0, limit - 1)
+    ids: list[str] = client.zrevrange(keys.JOBS_INDEX, 0, limit - 1)  # type: ignore[assignment]
     pipe = client.pipeline()
     for job_id in ids:
         pipe.hgetall(keys.job(job_id))

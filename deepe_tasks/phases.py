@@ -70,3 +70,19 @@ class PhaseTracker:
         finally:
             for owner, name, original in reversed(patches):
                 setattr(owner, name, original)
+
+
+# When the method's own code raised (not a library it called), its line says more about the
+# phase than the last library call does: `raise ValueError("the dataset has no column ...")`.
+_LINE_HINTS = (
+    (LOADING_DATASET, ("dataset", "DATASET_PATH", "column", "load_dataset")),
+    (BUILDING_TRAINER, ("Trainer", "Config(", "peft_config")),
+    (BUILDING_MODEL, ("MODEL_PATH", "LOAD_IN_4BIT", "model", "tokenizer")),
+)
+
+
+def refine(phase: str, line: str) -> str:
+    for candidate, words in _LINE_HINTS:
+        if any(w in line for w in words):
+            return candidate
+    return phase

@@ -6,6 +6,7 @@ the contract, trains, and publishes the model and tokenizer atomically with a ma
 
 from __future__ import annotations
 
+import contextlib
 import json
 import linecache
 import logging
@@ -25,7 +26,7 @@ from .callback import DeepeCallback, Emit
 from .errors import MethodContractError
 from .methods import check_source
 from .params import TrainParams, mask_secrets
-from .records import Event, EventKind, JobSpec, JobStatus, RunResult
+from .records import EventKind, JobSpec, JobStatus, RunResult
 from .storage import job_dir, publish, staging_dir
 
 log = logging.getLogger(__name__)
@@ -43,10 +44,8 @@ class _Failure(Exception):
 def _versions() -> dict[str, str]:
     out = {}
     for name in LIBRARIES:
-        try:
+        with contextlib.suppress(PackageNotFoundError):
             out[name] = version(name)
-        except PackageNotFoundError:
-            pass
     out["python"] = platform.python_version()
     return out
 
@@ -148,7 +147,11 @@ class Runner:
             log.exception("the method raised")
             if isinstance(e, SystemExit):
                 e = RuntimeError(f"the method called sys.exit({e.code!r})")
-            raise _Failure(self.tracker.phase, _describe(e, self.tracker.phase, self.filename)) from e
+            phase = self.tracker.phase
+            innermost = traceback.extract_tb(e.__traceback__)[-1]
+            if innermost.filename == self.filename and phase != phases.LOADING_METHOD:
+                phase = phases.refine(phase, innermost.line or "")
+            raise _Failure(phase, _describe(e, phase, self.filename)) from e
 
     def _check_contract(self) -> Any:
         ns = self.namespace

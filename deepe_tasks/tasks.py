@@ -6,6 +6,7 @@ keeps the lease alive while it runs, and records how it ended.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -38,10 +39,8 @@ PR_SET_PDEATHSIG = 1
 
 def _die_with_parent() -> None:
     """In the job process, before exec: get SIGKILL when the worker dies, so no orphan trains on."""
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
 
 
 def _tail(path: Path, lines: int = TAIL_LINES) -> str:
@@ -177,10 +176,8 @@ def _supervise(client: Any, job_id: str, proc: subprocess.Popen[str], lease: Lea
 
 
 def _kill_group(proc: subprocess.Popen[str]) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     proc.wait()
 
 

@@ -81,7 +81,9 @@ def build_model(path: Path, layers: int = 2, hidden: int = 64, seed: int = 0,
     """A few-layer Llama with a locally trained tokenizer, saved to ``path``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     torch.manual_seed(seed)
     tok = build_tokenizer(path, extra_text)
     config = LlamaConfig(

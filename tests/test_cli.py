@@ -1,0 +1,84 @@
+"""The command line: methods, jobs, and `deepe demo` end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Worker, run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_methods_list_shows_each_description() -> None:
+    result = run_cli("methods", "list", "--json")
+    assert result.returncode == 0
+    listed = {m["name"]: m for m in json.loads(result.stdout)}
+    assert listed["sft-demo"]["description"].startswith("SFT-Demo:")
+    assert len(listed["sft-demo"]["sha256"]) == 64
+
+
+def test_methods_new_refuses_to_overwrite(store: Path) -> None:
+    assert run_cli("methods", "new", "fresh01").returncode == 0
+    again = run_cli("methods", "new", "fresh01")
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_methods_check_reports_contract_problems(store: Path) -> None:
+    (store / "broken01.py").write_text("model = m\ntrainer = SFTTrainer(model)\ntrainer.train()\n")
+    result = run_cli("methods", "check", "broken01")
+    assert result.returncode == 1
+    assert "`tokenizer`" in result.stdout and "Line 3 calls `trainer.train()`" in result.stdout
+    assert "without `callbacks=[callback]`" in result.stdout
+
+
+def test_submit_wait_status_logs_and_jobs(worker: Worker, sft_params: dict[str, object]) -> None:
+    args = sum((["-p", f"{k}={v}"] for k, v in sft_params.items()), [])
+    result = run_cli("submit", "sft-demo", *args, "--wait")
+    assert result.returncode == 0, result.stdout + result.stderr
+    job_id = result.stdout.splitlines()[0].strip()
+    assert "succeeded" in result.stdout and "training" in result.stdout
+
+    status = json.loads(run_cli("status", job_id, "--json").stdout)
+    assert status["status"] == "succeeded" and status["method"] == "sft-demo"
+    logs = run_cli("logs", job_id)
+    assert logs.returncode == 0 and "step 4/4" in logs.stdout and "succeeded" in logs.stdout
+    listed = json.loads(run_cli("jobs", "--json").stdout)
+    assert listed[0]["id"] == job_id
+
+
+def test_a_failed_job_exits_1_when_waited_on(worker: Worker, sft_params: dict[str, object]) -> None:
+    args = sum((["-p", f"{k}={v}"] for k, v in {**sft_params, "PromptOutputColumn": "nope"}.items()), [])
+    result = run_cli("submit", "sft-demo", *args, "--wait")
+    assert result.returncode == 1 and "no column 'nope'" in result.stdout
+
+
+def test_status_of_an_unknown_job_is_a_clear_error() -> None:
+    result = run_cli("status", "does-not-exist")
+    assert result.returncode == 2 and "There is no job 'does-not-exist'" in result.stderr
+
+
+def test_an_unreachable_redis_is_a_clear_error() -> None:
+    env = {**os.environ, "DEEPE_REDIS_URL": "redis://127.0.0.1:1/0"}
+    result = subprocess.run([sys.executable, "-m", "deepe_tasks.cli", "jobs"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "cannot be reached" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.e2e
+def test_deepe_demo_runs_end_to_end(tmp_path: Path) -> None:
+    # The README's first command, with no Redis configured: it brings its own.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEEPE_")}
+    result = subprocess.run([sys.executable, "-m", "deepe_tasks.cli", "demo", "--steps", "10"],
+                            cwd=tmp_path, env={**env, "DEEPE_METHOD_STORE": str(ROOT / "method_store")},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "model saved to" in result.stdout
+    saved = [p for p in (tmp_path / "deepe-data/models").iterdir()]
+    assert len(saved) == 1 and (saved[0] / "deepe.json").is_file()
