@@ -98,19 +98,22 @@ class WorkerProcess:
     """A real Celery worker (`celery -A deepe_tasks worker`) in its own process."""
 
     def __init__(self, env: dict[str, str], queues: str = "gpu", name: str | None = None,
-                 log_file: Path | None = None, extra_args: list[str] | None = None) -> None:
+                 log_file: Path | None = None, extra_args: list[str] | None = None,
+                 command: list[str] | None = None) -> None:
         self.env = {**os.environ, **env}
         self.queues = queues
         self.name = name or f"deepe-{os.getpid()}-{free_port()}@%h"
         self.log_file = log_file
         self.extra_args = extra_args or []
+        # `deepe worker` by default; `celery -A deepe_tasks worker` works the same.
+        self.command = command or [sys.executable, "-m", "deepe_tasks.cli", "worker", "--queues", queues,
+                                   "--name", self.name]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
         out = self.log_file.open("ab") if self.log_file else subprocess.DEVNULL
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "deepe_tasks.cli", "worker", "--queues", self.queues,
-             "--name", self.name, *self.extra_args],
+            [*self.command, *self.extra_args],
             env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
         return self

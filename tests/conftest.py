@@ -91,11 +91,13 @@ def sft_params(tiny_model: Path, colors_data: Path) -> dict[str, object]:
 class Worker:
     """A real Celery worker process and its log, for assertions and for post-mortems."""
 
-    def __init__(self, queues: str, log_file: Path) -> None:
+    def __init__(self, queues: str, log_file: Path, extra_args: list[str] | None = None,
+                 command: list[str] | None = None) -> None:
         from deepe_tasks.embedded import WorkerProcess
 
         self.log_file = log_file
-        self.process = WorkerProcess({}, queues=queues, log_file=log_file)
+        self.process = WorkerProcess({}, queues=queues, log_file=log_file, extra_args=extra_args,
+                                     command=command)
 
     def start(self) -> Worker:
         from deepe_tasks.connection import get_redis

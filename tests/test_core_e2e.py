@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -132,6 +134,7 @@ FAILING_METHODS = {
         "model = AutoModelForCausalLM.from_pretrained(MODEL_PATH)\n",
         "`trainer` is not defined", "contract"),
     "hard-exit": ("import os\nos._exit(3)\n", "exited with code 3", "job process"),
+    "segfault": ("import ctypes\nctypes.string_at(0)\n", "killed by SIGSEGV", "job process"),
 }
 
 
@@ -206,7 +209,12 @@ def test_a_queued_job_runs_the_source_pinned_at_submit(store: Path, sft_params: 
     job = submit("pinned", sft_params, queue="pinned-q")
     # When the file is broken after the submit, and only then a worker comes
     write_method(store, "pinned", "raise RuntimeError('edited after submit')\n")
-    late = Worker("pinned-q", tmp_path / "worker.log").start()
+    # (this worker is started the plain Celery way)
+    late = Worker("pinned-q", tmp_path / "worker.log", command=[
+        sys.executable, "-m", "celery", "-A", "deepe_tasks", "worker", "-Q", "pinned-q",
+        "--hostname", f"pinned-{os.getpid()}@%h"])
+    late.process.name = f"pinned-{os.getpid()}@%h"
+    late.start()
     try:
         # Then the job ran the source it was submitted with
         assert finished(job, late) is JobStatus.SUCCEEDED, job.info()["error"]
@@ -237,3 +245,15 @@ def test_an_explicit_duplicate_job_id_is_refused(sft_params: dict[str, object]) 
     submit("sft-demo", sft_params, queue="nobody-q", job_id="dup-1")
     with pytest.raises(JobExists, match="dup-1"):
         submit("sft-demo", sft_params, queue="nobody-q", job_id="dup-1")
+
+
+def test_worker_gpus_option_sets_cuda_visible_devices_for_its_jobs(
+        store: Path, tmp_path: Path, sft_params: dict[str, object]) -> None:
+    write_method(store, "show-gpus", "import os\nraise RuntimeError('CVD=' + os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>'))\n")
+    gpu_worker = Worker("gpus-q", tmp_path / "worker.log", extra_args=["--gpus", "3"]).start()
+    try:
+        job = submit("show-gpus", sft_params, queue="gpus-q")
+        assert finished(job, gpu_worker) is JobStatus.FAILED
+    finally:
+        gpu_worker.process.stop()
+    assert "CVD=3" in job.info()["error"]
