@@ -5,21 +5,23 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .display import format_event
 from .methods import sha256_of
 from .params import parse_params, resolve_params
 from .records import Event, JobSpec, JobStatus, RunResult
 from .settings import get_settings
-from .storage import job_dir
+from .storage import MANIFEST, job_dir
 
-MANIFEST = "deepe.json"
+if TYPE_CHECKING:
+    from .runner import Runner
 
 
-def run_method_file(method_file: Path, params: dict[str, Any], emit: Callable[[Event], None],
-                    job_id: str | None = None) -> RunResult:
-    """Run ``method_file`` once with ``params``; events go to ``emit``."""
+
+def local_runner(method_file: Path, params: dict[str, Any], emit: Callable[[Event], None],
+                 job_id: str | None = None) -> Runner:
+    """A runner for ``method_file`` with ``params``, as a worker's job process would build it."""
     from .runner import Runner  # the training stack loads only when a run starts
 
     settings = get_settings()
@@ -29,7 +31,13 @@ def run_method_file(method_file: Path, params: dict[str, Any], emit: Callable[[E
     job_dir(settings.storage_root, job_id).mkdir(parents=True, exist_ok=True)
     spec = JobSpec(job_id=job_id, method=method_file.stem, method_sha256=sha256_of(source), source=source,
                    params=resolved.as_dict(), storage_root=str(settings.storage_root), worker="local")
-    return Runner(spec, emit).run()
+    return Runner(spec, emit)
+
+
+def run_method_file(method_file: Path, params: dict[str, Any], emit: Callable[[Event], None],
+                    job_id: str | None = None) -> RunResult:
+    """Run ``method_file`` once with ``params``; events go to ``emit``."""
+    return local_runner(method_file, params, emit, job_id).run()
 
 
 def check_output(output_dir: Path) -> list[str]:

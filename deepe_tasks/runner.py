@@ -27,11 +27,10 @@ from .errors import MethodContractError
 from .methods import check_source
 from .params import TrainParams, mask_secrets
 from .records import EventKind, JobSpec, JobStatus, RunResult
-from .storage import job_dir, publish, staging_dir
+from .storage import MANIFEST, job_dir, publish, staging_dir
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "deepe.json"
 LIBRARIES = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "deepe-tasks")
 
 
@@ -93,9 +92,8 @@ class Runner:
     def run(self) -> RunResult:
         t0 = time.monotonic()
         try:
-            self._load_method()
+            trainer = self.build()
             self.timings["load_s"] = round(time.monotonic() - t0, 3)
-            trainer = self._check_contract()
             t1 = time.monotonic()
             train_metrics = self._train(trainer)
             self.timings["train_s"] = round(time.monotonic() - t1, 3)
@@ -115,6 +113,11 @@ class Runner:
             return self._failed(phases.SAVING, _describe(e, phases.SAVING, self.filename))
         return RunResult(status=JobStatus.SUCCEEDED, phase=phases.SAVING, metrics=metrics,
                          output_dir=str(output), step=step)
+
+    def build(self) -> Any:
+        """Execute the method and check the contract; return its trainer, ready to train."""
+        self._load_method()
+        return self._check_contract()
 
     def _failed(self, phase: str, message: str) -> RunResult:
         return RunResult(status=JobStatus.FAILED, phase=phase, error=message)
@@ -185,8 +188,15 @@ class Runner:
                 raise
             log.exception("training failed")
             raise _Failure(phases.TRAINING, _describe(e, phases.TRAINING, self.filename)) from e
-        metrics = getattr(output, "metrics", None) or {}
-        return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        metrics = {k: v for k, v in (getattr(output, "metrics", None) or {}).items() if isinstance(v, (int, float))}
+        steps = trainer.state.global_step
+        if steps and "train_runtime" in metrics:
+            metrics["step_time_s"] = metrics["train_runtime"] / steps
+        import torch
+
+        if torch.cuda.is_available():
+            metrics["gpu_peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        return metrics
 
     def _save(self, trainer: Any, metrics: dict[str, Any], save_started: float) -> Path:
         target = Path(self.params.OUTPUT_DIR or ".")

@@ -7,6 +7,8 @@ import shutil
 import uuid
 from pathlib import Path
 
+MANIFEST = "deepe.json"  # written beside every published model
+
 
 def job_dir(storage_root: Path, job_id: str) -> Path:
     return storage_root / "jobs" / job_id

@@ -51,7 +51,13 @@ else:
     if not files or None in kinds or len(kinds) != 1:
         raise ValueError(f"DATASET_PATH {path} must be one JSON, JSONL, CSV or Parquet file, "
                          "or a folder of files of one of those kinds")
-    dataset = load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
+    if all(p.stat().st_size == 0 for p in files):
+        raise ValueError(f"the dataset at {path} has no rows")
+    kind = kinds.pop()
+    try:
+        dataset = load_dataset(kind, data_files=[str(p) for p in files], split="train")
+    except Exception as e:
+        raise ValueError(f"DATASET_PATH {path} could not be read as {kind}: {e}") from e
 
 for column in (input_column, output_column):
     if column not in dataset.column_names:
@@ -106,3 +112,6 @@ trainer = SFTTrainer(
     peft_config=peft_config,
     callbacks=[callback],
 )
+if len(trainer.train_dataset) == 0:
+    raise ValueError(f"no example of the dataset keeps any answer tokens within MAX_SEQ_LENGTH="
+                     f"{MAX_SEQ_LENGTH} tokens; raise MAX_SEQ_LENGTH or shorten the prompts")

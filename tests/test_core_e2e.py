@@ -157,9 +157,12 @@ def test_a_broken_method_fails_with_a_readable_message_and_the_worker_goes_on(
 @pytest.mark.parametrize("change, expected", [
     ({"DATASET_PATH": "data/missing.jsonl"}, ["loading the dataset", "does not exist", "DATASET_PATH"]),
     ({"PromptInputColumn": "prompt_text"}, ["no column 'prompt_text'", "'instruction', 'output'"]),
+    ({"DATASET_PATH": "data/empty.jsonl"}, ["loading the dataset", "has no rows"]),
 ])
 def test_bad_data_fails_naming_the_phase_and_the_worker_then_runs_a_good_job(
-        change: dict[str, str], expected: list[str], worker: Worker, sft_params: dict[str, object]) -> None:
+        change: dict[str, str], expected: list[str], worker: Worker, sft_params: dict[str, object],
+        storage: Path) -> None:
+    (storage / "data" / "empty.jsonl").touch()
     bad = submit("sft-demo", {**sft_params, **change})
     assert finished(bad, worker) is JobStatus.FAILED
     for words in expected:
