@@ -72,11 +72,11 @@ class PhaseTracker:
                 setattr(owner, name, original)
 
 
-# When the method's own code raised (not a library it called), its line says more about the
-# phase than the last library call does: `raise ValueError("the dataset has no column ...")`.
+# The method's own line where the error surfaced says more about the phase than the last
+# library call does: `raise ValueError("the dataset has no column ...")`, `args=SFTConfig(...)`.
 _LINE_HINTS = (
+    (BUILDING_TRAINER, ("Trainer(", "Config(", "peft_config")),
     (LOADING_DATASET, ("dataset", "DATASET_PATH", "column", "load_dataset")),
-    (BUILDING_TRAINER, ("Trainer", "Config(", "peft_config")),
     (BUILDING_MODEL, ("MODEL_PATH", "LOAD_IN_4BIT", "model", "tokenizer")),
 )
 

@@ -151,9 +151,9 @@ class Runner:
             if isinstance(e, SystemExit):
                 e = RuntimeError(f"the method called sys.exit({e.code!r})")
             phase = self.tracker.phase
-            innermost = traceback.extract_tb(e.__traceback__)[-1]
-            if innermost.filename == self.filename and phase != phases.LOADING_METHOD:
-                phase = phases.refine(phase, innermost.line or "")
+            own = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == self.filename]
+            if own:
+                phase = phases.refine(phase, own[-1].line or "")
             raise _Failure(phase, _describe(e, phase, self.filename)) from e
 
     def _check_contract(self) -> Any:

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python -m pip install --quiet -c constraints/ci.txt -e '.[train,monitor,test]'
-ruff check --output-format concise deepe_tasks method_store tests
+ruff check --output-format concise deepe_tasks method_store tests scripts
 mypy
 set +e
 python -m pytest -q "$@"

@@ -82,3 +82,13 @@ def test_deepe_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert "model saved to" in result.stdout
     saved = [p for p in (tmp_path / "deepe-data/models").iterdir()]
     assert len(saved) == 1 and (saved[0] / "deepe.json").is_file()
+
+
+def test_the_gpu_check_says_it_was_skipped_without_cuda() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: run scripts/gpu-check.sh itself")
+    result = subprocess.run(["bash", str(ROOT / "scripts/gpu-check.sh")], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and "skipped" in json.loads(result.stdout)

@@ -178,7 +178,7 @@ def test_load_in_4bit_on_cpu_fails_clearly(worker: Worker, sft_params: dict[str,
         pytest.skip("this machine has CUDA; scripts/gpu-check.sh covers 4-bit loading")
     job = submit("sft-demo", {**sft_params, "LOAD_IN_4BIT": "true"})
     assert finished(job, worker) is JobStatus.FAILED
-    assert "LOAD_IN_4BIT needs a CUDA GPU" in job.info()["error"]
+    assert "Failed while building the model: RuntimeError: LOAD_IN_4BIT needs a CUDA GPU" in job.info()["error"]
 
 
 SLOW_METHOD = TRL_SNIPPET.replace("callbacks=[callback],", "callbacks=[callback, Slow()],").replace(

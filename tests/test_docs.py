@@ -1,0 +1,44 @@
+"""The documentation's worked example runs, so it cannot rot."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+from deepe_tasks import tiny
+from deepe_tasks.local import check_output, run_method_file
+from deepe_tasks.methods import check_source
+from deepe_tasks.records import EventKind, JobStatus
+from tests.conftest import paste_into_template
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def worked_example() -> str:
+    text = (ROOT / "docs" / "methods.md").read_text()
+    match = re.search(r"<!-- worked-example -->\n```python\n(.*?)```", text, flags=re.DOTALL)
+    assert match, "docs/methods.md lost its worked example"
+    return match.group(1)
+
+
+def test_the_worked_example_in_docs_methods_runs_as_a_method(tiny_model: Path, tmp_path: Path) -> None:
+    # Given the template with the documented snippet pasted in
+    method = tmp_path / "support01.py"
+    shutil.copy(ROOT / "method_store" / "custom-template.py", method)
+    paste_into_template(method, worked_example())
+    report = check_source(method.read_text())
+    assert report.ok and not report.warnings, report
+    data = tiny.write_jsonl([{"question": f"What colour is the {k}?", "reply": f"It is {v}."}
+                             for k, v in tiny.COLORS.items()], tmp_path / "support.jsonl")
+    # When it runs with the parameters from the docs' commands
+    events = []
+    result = run_method_file(method, {
+        "MODEL_PATH": str(tiny_model), "DATASET_PATH": str(data), "PromptInputColumn": "question",
+        "PromptOutputColumn": "reply", "MAX_STEPS": 3, "BATCH_SIZE": 2, "MAX_SEQ_LENGTH": 64,
+        "LORA_RANK": 4, "prompt_suffix": "\nReply:", "OUTPUT_DIR": "models/support01",
+    }, events.append)
+    # Then it trains, reports a loss each step and publishes a complete model
+    assert result.status is JobStatus.SUCCEEDED, result.error
+    assert [e.step for e in events if e.kind is EventKind.LOG and "loss" in e.metrics] == [1, 2, 3]
+    assert check_output(Path(result.output_dir or "")) == []
