@@ -11,23 +11,27 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from .records import Event, EventKind
 
 Emit = Callable[[Event], None]
-# The cancel flag lives in Redis; reading it at most this often keeps the step path free of
-# round trips on fast steps.
-CANCEL_CHECK_INTERVAL = 1.0
+# Why a run should stop: "cancel", "cancel-save", "preempt", "time-limit"; None to go on.
+StopCheck = Callable[[], str | None]
 
 
 class DeepeCallback(TrainerCallback):
-    """Turns ``on_log`` and friends into events, and stops training when a cancel is asked."""
+    """Turns ``on_log`` and friends into events; checkpoints on a timer; stops when asked.
 
-    def __init__(self, job_id: str, emit: Emit, should_stop: Callable[[], bool] | None = None) -> None:
+    A stop happens at a step boundary and always saves a checkpoint first.
+    """
+
+    def __init__(self, job_id: str, emit: Emit, should_stop: StopCheck | None = None,
+                 checkpoint_minutes: float | None = None) -> None:
         self.job_id = job_id
         self.emit = emit
         self.should_stop = should_stop
-        self.stopped = False
+        self.checkpoint_s = checkpoint_minutes * 60 if checkpoint_minutes else None
+        self.stop_reason: str | None = None
         self.last_metrics: dict[str, Any] = {}
         self._t0: float | None = None
         self._step0 = 0
-        self._next_check = 0.0
+        self._last_checkpoint = time.monotonic()
 
     def _eta(self, state: TrainerState) -> float | None:
         if self._t0 is None or not state.max_steps:
@@ -45,6 +49,7 @@ class DeepeCallback(TrainerCallback):
                        control: TrainerControl, **kwargs: Any) -> None:
         self._t0 = time.monotonic()
         self._step0 = state.global_step
+        self._last_checkpoint = self._t0
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
@@ -54,16 +59,17 @@ class DeepeCallback(TrainerCallback):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState,
                     control: TrainerControl, **kwargs: Any) -> None:
+        if self.checkpoint_s is not None and time.monotonic() - self._last_checkpoint >= self.checkpoint_s:
+            control.should_save = True
         if self.should_stop is None:
             return
-        now = time.monotonic()
-        if now < self._next_check:
-            return
-        self._next_check = now + CANCEL_CHECK_INTERVAL
-        if self.should_stop():
-            self.stopped = True
+        reason = self.should_stop()  # cheap: see jobproc.StopFlags
+        if reason:
+            self.stop_reason = reason
+            control.should_save = True  # whoever resumes or inspects it starts from here
             control.should_training_stop = True
 
     def on_save(self, args: TrainingArguments, state: TrainerState,
                 control: TrainerControl, **kwargs: Any) -> None:
+        self._last_checkpoint = time.monotonic()
         self._event(EventKind.CHECKPOINT, state, message=f"checkpoint at step {state.global_step}")

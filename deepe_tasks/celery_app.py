@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from celery import Celery
 
 from .settings import Settings, get_settings
@@ -40,4 +42,10 @@ def make_app(settings: Settings) -> Celery:
     return app
 
 
-app = make_app(get_settings())
+@lru_cache(maxsize=8)
+def app_for(redis_url: str) -> Celery:
+    """The app for a Redis URL: a process that changes DEEPE_REDIS_URL gets a matching one."""
+    return make_app(get_settings().model_copy(update={"redis_url": redis_url}))
+
+
+app = app_for(get_settings().redis_url)

@@ -25,6 +25,7 @@ def submit(
     queue: str | None = None,
     priority: int | None = None,
     job_id: str | None = None,
+    time_limit: float | None = None,
 ) -> Job:
     """Validate, pin the method's source, record the job and queue it. Returns the new ``Job``.
 
@@ -35,11 +36,13 @@ def submit(
     job_id = job_id or uuid.uuid4().hex
     if priority is not None and not (isinstance(priority, int) and 0 <= priority <= 9):
         raise InvalidParams(f"priority={priority!r} is not valid; allowed: an integer from 0 (highest) to 9.")
+    if time_limit is not None and not (isinstance(time_limit, (int, float)) and time_limit > 0):
+        raise InvalidParams(f"time_limit={time_limit!r} is not valid; allowed: a number of seconds > 0.")
     resolved = resolve_params(parse_params(params), settings.storage_root, job_id)
     queue = queue or settings.queue
     record = JobRecord(
         id=job_id, method=found.name, method_sha256=found.sha256, params=resolved.as_dict(),
-        output_dir=str(resolved.OUTPUT_DIR), queue=queue, priority=priority,
+        output_dir=str(resolved.OUTPUT_DIR), queue=queue, priority=priority, time_limit=time_limit,
     )
     client = get_redis()
     ping(client)
@@ -48,13 +51,18 @@ def submit(
     jobs.create(client, record)
     client.xadd(keys.events(job_id), {"data": Event(
         kind=EventKind.QUEUED, job=job_id, message=f"{found.name} queued on {queue}").to_json()})
-    from .celery_app import app
-
-    app.send_task(
-        TASK_NAME, args=[job_id], kwargs={"method": found.name}, task_id=job_id,
-        queue=queue, priority=priority,
-    )
+    enqueue(record)
     return Job(job_id)
+
+
+def enqueue(record: JobRecord) -> None:
+    """Send the job's one Celery message (JSON); the job id is the task id."""
+    from .celery_app import app_for
+
+    app_for(get_settings().redis_url).send_task(
+        TASK_NAME, args=[record.id], kwargs={"method": record.method}, task_id=record.id,
+        queue=record.queue, priority=record.priority,
+    )
 
 
 class Job:
@@ -96,19 +104,20 @@ class Job:
         jobs.status(get_redis(), self.id)  # a clear error for an unknown job
         return read_events(get_redis(), self.id, since=since, follow=follow, idle_timeout=idle_timeout)
 
-    def cancel(self) -> JobStatus:
-        """Cancel the job. A queued job never starts; a running one stops at its next step."""
+    def cancel(self, save: bool = False) -> JobStatus:
+        """Cancel the job. A queued job never starts. A running one stops at its next step with a
+        checkpoint; with ``save``, its model is also published, marked partial in deepe.json."""
         client = get_redis()
         status = self.status()
         if status.is_final:
             raise InvalidJobState(f"Job {self.id} is already {status.value}; only queued or running jobs can be cancelled.")
-        client.set(keys.cancel(self.id), "1", ex=30 * 24 * 3600)
+        client.set(keys.cancel(self.id), "save" if save else "cancel", ex=30 * 24 * 3600)
         if status is JobStatus.QUEUED:
-            from .celery_app import app
+            from .celery_app import app_for
 
             if jobs.transition(client, self.id, {JobStatus.QUEUED}, status=JobStatus.CANCELLED,
                                finished_at=time.time(), error="cancelled before it started"):
-                app.control.revoke(self.id)
+                app_for(get_settings().redis_url).control.revoke(self.id)
                 client.xadd(keys.events(self.id), {"data": Event(
                     kind=EventKind.CANCELLED, job=self.id, message="cancelled before it started").to_json()})
                 return JobStatus.CANCELLED

@@ -29,7 +29,6 @@ def _method_store() -> Path:
 def run_demo(console: Console, steps: int = 30) -> int:
     from . import tiny
     from .client import submit
-    from .connection import get_redis
     from .display import follow
     from .embedded import RedisServer, WorkerProcess
     from .records import JobStatus
@@ -52,7 +51,7 @@ def run_demo(console: Console, steps: int = 30) -> int:
             tiny.build_model(model_dir)
             tiny.write_jsonl(tiny.sft_rows(64), data)
             console.print(f"[cyan]tiny model[/] in {model_dir}, dataset {data}")
-            worker.wait_ready(get_redis())
+            worker.wait_ready()
             job = submit("sft-demo", {
                 "MODEL_PATH": str(model_dir), "DATASET_PATH": str(data), "MAX_STEPS": steps,
                 "BATCH_SIZE": 4, "LEARNING_RATE": 5e-3, "MAX_SEQ_LENGTH": 64, "LORA_RANK": 8,

@@ -118,24 +118,20 @@ class WorkerProcess:
         )
         return self
 
-    def wait_ready(self, client: redis.Redis, timeout: float = 60.0) -> None:
+    def wait_ready(self, timeout: float = 60.0) -> None:
         """Wait until the worker has announced itself to the broker."""
-        from .celery_app import make_app
-        from .settings import Settings
+        from .celery_app import app_for
 
-        app = make_app(Settings(redis_url=self.env["DEEPE_REDIS_URL"]))
+        app = app_for(self.env["DEEPE_REDIS_URL"])
         deadline = time.monotonic() + timeout
         hostname = self.name.replace("%h", socket.gethostname())
-        try:
-            while time.monotonic() < deadline:
-                if self.proc is not None and self.proc.poll() is not None:
-                    raise RuntimeError(f"worker {self.name} exited with code {self.proc.returncode}")
-                replies = app.control.ping(timeout=0.5) or []
-                if any(hostname in r for r in replies):
-                    return
-            raise TimeoutError(f"worker {hostname} did not come up within {timeout} s")
-        finally:
-            app.close()
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"worker {self.name} exited with code {self.proc.returncode}")
+            replies = app.control.ping(timeout=0.5) or []
+            if any(hostname in r for r in replies):
+                return
+        raise TimeoutError(f"worker {hostname} did not come up within {timeout} s")
 
     def signal(self, sig: signal.Signals, group: bool = False) -> None:
         if self.proc is not None and self.proc.poll() is None:

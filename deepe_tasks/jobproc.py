@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import time
 from pathlib import Path
+
+import redis
 
 from . import (
     keys,
@@ -21,6 +25,9 @@ from .storage import job_dir
 
 RESULT = "result.json"
 LOG = "output.log"
+# The worker sends this to a job process that should checkpoint and stop, to be resumed.
+PREEMPT_SIGNAL = signal.SIGUSR1
+CANCEL_READ_INTERVAL = 1.0
 
 
 def _redirect_output(folder: Path) -> None:
@@ -31,6 +38,41 @@ def _redirect_output(folder: Path) -> None:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
+
+
+class StopFlags:
+    """Why this job should stop, checked by the callback on every step.
+
+    Preemption arrives as a signal from the worker and the time limit is a clock: neither
+    costs anything. The cancel flag is in Redis, read at most once a second.
+    """
+
+    def __init__(self, client: redis.Redis, spec: JobSpec) -> None:
+        self.client = client
+        self.key = keys.cancel(spec.job_id)
+        self.deadline = time.monotonic() + spec.time_limit if spec.time_limit else None
+        self.preempted = False
+        self._next_read = 0.0
+        self._cancel: str | None = None
+
+    def preempt(self, signum: int, frame: object) -> None:
+        self.preempted = True
+
+    def check(self) -> str | None:
+        if self.preempted:
+            return "preempt"
+        now = time.monotonic()
+        if self.deadline is not None and now >= self.deadline:
+            return "time-limit"
+        if now >= self._next_read:
+            self._next_read = now + CANCEL_READ_INTERVAL
+            try:
+                value = self.client.get(self.key)
+            except redis.RedisError:
+                value = None  # a Redis outage must not stop training
+            if value is not None:
+                self._cancel = "cancel-save" if value == "save" else "cancel"
+        return self._cancel
 
 
 def write_result(folder: Path, result: RunResult) -> None:
@@ -49,19 +91,13 @@ def main() -> int:
     _redirect_output(folder)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    import redis
-
     client = redis.Redis.from_url(spec.redis_url or "", decode_responses=True,
                                   socket_timeout=5, socket_connect_timeout=2)
     publisher = EventPublisher(client, spec.job_id, jsonl=folder / "events.jsonl")
+    flags = StopFlags(client, spec)
+    signal.signal(PREEMPT_SIGNAL, flags.preempt)
 
-    def should_stop() -> bool:
-        try:
-            return bool(client.exists(keys.cancel(spec.job_id)))
-        except redis.RedisError:
-            return False  # a Redis outage must not stop training
-
-    result = runner.Runner(spec, publisher.emit, should_stop).run()
+    result = runner.Runner(spec, publisher.emit, flags.check).run()
     # The worker writes the final event; ours must be in the stream before it.
     if not publisher.close(timeout=300):
         logging.warning("some events reached events.jsonl but not Redis")

@@ -60,11 +60,13 @@ def recent(client: redis.Redis, limit: int = 20) -> list[JobRecord]:
     return [JobRecord.from_redis(raw) for raw in pipe.execute() if raw]
 
 
-# Set fields only while the status is one of ARGV[1] (comma-separated): no lost updates
-# between a cancel and a worker picking the job up.
+# Set fields only while the status is one of ARGV[1] (comma-separated), and, when KEYS[2] is
+# given, only while that key does not exist: no lost updates between a cancel, a worker
+# picking the job up and a reaper requeueing it.
 _TRANSITION = """
 local status = redis.call('hget', KEYS[1], 'status')
 if not status then return 0 end
+if KEYS[2] and redis.call('exists', KEYS[2]) == 1 then return 0 end
 for allowed in string.gmatch(ARGV[1], '[^,]+') do
   if allowed == status then
     redis.call('hset', KEYS[1], unpack(ARGV, 2))
@@ -75,8 +77,10 @@ return 0
 """
 
 
-def transition(client: redis.Redis, job_id: str, allowed_from: set[JobStatus], **fields: Any) -> bool:
-    """Set ``fields`` if the job's status is in ``allowed_from``; True if it was."""
+def transition(client: redis.Redis, job_id: str, allowed_from: set[JobStatus], *,
+               unless_exists: str | None = None, **fields: Any) -> bool:
+    """Set ``fields`` if the job's status is in ``allowed_from`` (and ``unless_exists`` is absent)."""
     flat = [item for pair in _encode(fields).items() for item in pair]
     allowed = ",".join(s.value for s in allowed_from)
-    return bool(client.eval(_TRANSITION, 1, keys.job(job_id), allowed, *flat))
+    names = [keys.job(job_id)] + ([unless_exists] if unless_exists else [])
+    return bool(client.eval(_TRANSITION, len(names), *names, allowed, *flat))

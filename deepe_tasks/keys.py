@@ -4,6 +4,7 @@ from __future__ import annotations
 
 PREFIX = "deepe"
 JOBS_INDEX = f"{PREFIX}:jobs"  # sorted set: job id -> submit time
+RUNNING = f"{PREFIX}:running"  # set: ids of the jobs that a worker has started
 
 
 def job(job_id: str) -> str:
@@ -23,4 +24,4 @@ def lease(job_id: str) -> str:
 
 
 def cancel(job_id: str) -> str:
-    return f"{PREFIX}:cancel:{job_id}"  # string: set when a cancel was asked for
+    return f"{PREFIX}:cancel:{job_id}"  # string: "cancel" or "save", set when a cancel was asked for

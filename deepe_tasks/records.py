@@ -94,6 +94,8 @@ class JobRecord(BaseModel):
     finished_at: float | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
     attempts: int = 0
+    time_limit: float | None = None
+    pid: int | None = None
 
     def to_redis(self) -> dict[str, str]:
         return {
@@ -127,10 +129,15 @@ class JobSpec(BaseModel):
     redis_url: str | None = None
     worker: str = ""
     started_at: float = Field(default_factory=time.time)
+    time_limit: float | None = None
+    checkpoint_minutes: float | None = None
 
 
 class RunResult(BaseModel):
-    """How one attempt ended, written by the job process to ``result.json``."""
+    """How one attempt ended, written by the job process to ``result.json``.
+
+    ``status`` is ``queued`` when the attempt stopped at a checkpoint to be resumed elsewhere.
+    """
 
     status: JobStatus
     phase: str = ""

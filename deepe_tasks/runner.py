@@ -16,17 +16,16 @@ import socket
 import time
 import traceback
 import types
-from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 from . import phases
-from .callback import DeepeCallback, Emit
+from .callback import DeepeCallback, Emit, StopCheck
 from .errors import MethodContractError
 from .methods import check_source
 from .params import TrainParams, mask_secrets
-from .records import EventKind, JobSpec, JobStatus, RunResult
+from .records import Event, EventKind, JobSpec, JobStatus, RunResult
 from .storage import MANIFEST, job_dir, publish, staging_dir
 
 log = logging.getLogger(__name__)
@@ -78,12 +77,12 @@ def _describe(exc: BaseException, phase: str, filename: str) -> str:
 class Runner:
     """Runs one attempt of one job. ``should_stop`` is read by the callback to honour cancels."""
 
-    def __init__(self, spec: JobSpec, emit: Emit, should_stop: Callable[[], bool] | None = None) -> None:
+    def __init__(self, spec: JobSpec, emit: Emit, should_stop: StopCheck | None = None) -> None:
         self.spec = spec
         self.emit = emit
         self.params = TrainParams.model_validate(spec.params)
         self.filename = f"{spec.method}.py"
-        self.callback = DeepeCallback(spec.job_id, emit, should_stop)
+        self.callback = DeepeCallback(spec.job_id, emit, should_stop, spec.checkpoint_minutes)
         self.tracker = phases.PhaseTracker(spec.job_id, emit)
         self.namespace: dict[str, Any] = {}
         self.timings: dict[str, float] = {}
@@ -101,16 +100,28 @@ class Runner:
             return self._failed(e.phase, str(e))
         metrics = {**self.callback.last_metrics, **train_metrics}
         step = trainer.state.global_step
-        if self.callback.stopped:
-            return RunResult(status=JobStatus.CANCELLED, phase=phases.TRAINING, metrics=metrics, step=step,
-                             error=f"cancelled at step {step}")
+        reason = self.callback.stop_reason
+        stopped = {
+            "cancel": RunResult(status=JobStatus.CANCELLED, error=f"cancelled at step {step}"),
+            "preempt": RunResult(status=JobStatus.QUEUED, error=f"stopped at step {step} to be resumed"),
+            "time-limit": RunResult(status=JobStatus.FAILED, error=(
+                f"time limit of {self.spec.time_limit:g} s reached at step {step}; the checkpoint is kept "
+                "in the job folder. Submit again with a longer time_limit, or fewer MAX_STEPS."
+                if self.spec.time_limit else f"time limit reached at step {step}")),
+        }.get(reason or "")
+        if stopped is not None:
+            return stopped.model_copy(update={"phase": phases.TRAINING, "metrics": metrics, "step": step})
+        partial = reason == "cancel-save"
         try:
             t2 = time.monotonic()
             self.tracker.enter(phases.SAVING, EventKind.SAVING, "saving the model and tokenizer")
-            output = self._save(trainer, metrics, save_started=t2)
+            output = self._save(trainer, metrics, save_started=t2, partial=partial)
         except Exception as e:
             log.exception("saving failed")
             return self._failed(phases.SAVING, _describe(e, phases.SAVING, self.filename))
+        if partial:
+            return RunResult(status=JobStatus.CANCELLED, phase=phases.SAVING, metrics=metrics, step=step,
+                             output_dir=str(output), error=f"cancelled at step {step}; the partial model was saved")
         return RunResult(status=JobStatus.SUCCEEDED, phase=phases.SAVING, metrics=metrics,
                          output_dir=str(output), step=step)
 
@@ -172,17 +183,30 @@ class Runner:
         args = getattr(trainer, "args", None)
         if args is not None and hasattr(args, "output_dir"):
             # Trainer scratch and checkpoints go to the job folder, never into OUTPUT_DIR,
-            # which only ever receives the finished, published model.
+            # which only ever receives the finished, published model. The last two are kept.
             args.output_dir = str(self.checkpoint_dir)
+            args.save_total_limit = 2
         handler = getattr(trainer, "callback_handler", None)
         if handler is not None and not any(cb is self.callback for cb in handler.callbacks):
             trainer.add_callback(self.callback)
         return trainer
 
+    def latest_checkpoint(self) -> Path | None:
+        if not self.checkpoint_dir.is_dir():
+            return None
+        found = [p for p in self.checkpoint_dir.glob("checkpoint-*")
+                 if p.is_dir() and p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").exists()]
+        return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
     def _train(self, trainer: Any) -> dict[str, Any]:
         self.tracker.enter(phases.TRAINING, EventKind.TRAINING, "training")
+        resume = self.latest_checkpoint()
+        if resume is not None:
+            step = int(resume.name.split("-")[-1])
+            self.emit(Event(kind=EventKind.RESUMED, job=self.spec.job_id, step=step,
+                            message=f"resumed from the checkpoint at step {step}"))
         try:
-            output = trainer.train()
+            output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         except BaseException as e:
             if isinstance(e, KeyboardInterrupt):
                 raise
@@ -198,7 +222,7 @@ class Runner:
             metrics["gpu_peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         return metrics
 
-    def _save(self, trainer: Any, metrics: dict[str, Any], save_started: float) -> Path:
+    def _save(self, trainer: Any, metrics: dict[str, Any], save_started: float, partial: bool = False) -> Path:
         target = Path(self.params.OUTPUT_DIR or ".")
         staging = staging_dir(target, self.spec.job_id)
         model = self.namespace["model"]
@@ -223,6 +247,8 @@ class Runner:
             "params": mask_secrets(self.params.as_dict()),
             "metrics": metrics,
             "steps": trainer.state.global_step,
+            "max_steps": trainer.state.max_steps,
+            "partial": partial,
             "versions": _versions(),
             "worker": self.spec.worker or socket.gethostname(),
             "started_at": self.spec.started_at,

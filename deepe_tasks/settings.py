@@ -24,6 +24,13 @@ class Settings(BaseSettings):
     lease_ttl: float = Field(30.0, gt=1)
     # How long a running job may take to stop after a cancel before it is killed.
     cancel_grace: float = Field(60.0, ge=0)
+    # The platform checkpoints a running job this often, whatever the method's save_steps.
+    checkpoint_minutes: float = Field(15.0, gt=0)
+    # How many times a job may be resumed after losing its worker before it fails.
+    max_resumes: int = Field(3, ge=0)
+    # An address-space limit for each job process, in GiB (CPU jobs; CUDA needs a large
+    # virtual address space, so leave it unset on GPU workers and use the container's limit).
+    job_memory_gb: float | None = Field(None, gt=0)
     # Events kept in memory while Redis is unreachable; older ones go to events.jsonl only.
     event_buffer: int = Field(100_000, ge=100)
     # Longer than any job: recovery comes from leases, not from broker redelivery.

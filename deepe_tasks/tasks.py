@@ -1,22 +1,25 @@
 """The Celery task that runs one job attempt in a fresh, non-daemonic job process.
 
 The worker process itself never imports torch or touches CUDA: it spawns the job process,
-keeps the lease alive while it runs, and records how it ended.
+keeps the lease alive while it runs, relays cancels, time limits and shutdowns to it, and
+records how it ended.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import os
+import resource
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import redis
 from celery import states
 from celery.exceptions import Ignore
 
@@ -25,9 +28,10 @@ from .celery_app import app
 from .connection import get_redis
 from .errors import JobFailed, JobNotFound
 from .events import EventPublisher
-from .jobproc import LOG, RESULT
+from .jobproc import LOG, PREEMPT_SIGNAL, RESULT
 from .lease import Lease
-from .records import Event, EventKind, JobSpec, JobStatus, RunResult
+from .lifecycle import requeue, retry_redis, worker_stopping
+from .records import Event, EventKind, JobRecord, JobSpec, JobStatus, RunResult
 from .settings import get_settings
 from .storage import job_dir
 
@@ -37,10 +41,18 @@ TAIL_LINES = 15
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    """In the job process, before exec: get SIGKILL when the worker dies, so no orphan trains on."""
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+def _job_process_setup(memory_gb: float | None) -> Callable[[], None]:
+    def setup() -> None:
+        # Get SIGKILL when the worker dies, so no orphan trains on beside a resumed attempt.
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except OSError:
+            pass
+        if memory_gb is not None:
+            limit = int(memory_gb * 2**30)
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    return setup
 
 
 def _tail(path: Path, lines: int = TAIL_LINES) -> str:
@@ -65,13 +77,13 @@ def _crash_message(returncode: int, log_path: Path) -> str:
     return f"The job process {why}." + (f" Last output:\n{tail}" if tail else "")
 
 
-def spawn_job_process(env_overrides: dict[str, str]) -> subprocess.Popen[str]:
+def spawn_job_process(env_overrides: dict[str, str], cwd: Path) -> subprocess.Popen[str]:
     env = {**os.environ, **env_overrides}
     return subprocess.Popen(
         [sys.executable, "-m", "deepe_tasks.jobproc"],
-        stdin=subprocess.PIPE, text=True, env=env,
+        stdin=subprocess.PIPE, text=True, env=env, cwd=cwd,
         start_new_session=True,  # its own process group, so a kill takes its DataLoader workers too
-        preexec_fn=_die_with_parent,
+        preexec_fn=_job_process_setup(get_settings().job_memory_gb),
     )
 
 
@@ -97,91 +109,150 @@ def train(self: Any, job_id: str, method: str = "") -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     publisher = EventPublisher(client, job_id, jsonl=folder / "events.jsonl", max_buffer=settings.event_buffer)
     try:
-        result = _run_attempt(self, client, record.model_copy(), lease, publisher, folder)
+        result = _run_attempt(self, client, record, lease, publisher, folder)
     finally:
-        lease.release()
-    publisher.close(timeout=300)
+        publisher.close(timeout=300)
+        retry_redis(lease.release)
     if result.status is JobStatus.FAILED:
         raise JobFailed(result.error or "the job failed")
     if result.status is JobStatus.CANCELLED:
         self.update_state(state=states.REVOKED, meta={"job": job_id, "step": result.step})
         raise Ignore()
+    if result.status is JobStatus.QUEUED:  # requeued: another message carries the job on
+        self.update_state(state="REQUEUED", meta={"job": job_id, "step": result.step})
+        raise Ignore()
     return {"job": job_id, "status": result.status.value, "output_dir": result.output_dir,
             "metrics": result.metrics}
 
 
-def _run_attempt(task: Any, client: Any, record: Any, lease: Lease, publisher: EventPublisher,
+def _run_attempt(task: Any, client: redis.Redis, record: JobRecord, lease: Lease, publisher: EventPublisher,
                  folder: Path) -> RunResult:
     settings = get_settings()
     job_id = record.id
     hostname = task.request.hostname or os.uname().nodename
-    source = client.get(keys.method_source(record.method_sha256))
     now = time.time()
+    attempt = record.attempts + 1
     if not jobs.transition(client, job_id, {JobStatus.QUEUED, JobStatus.RUNNING}, status=JobStatus.RUNNING,
-                           worker=hostname, started_at=now, attempts=record.attempts + 1):
+                           worker=hostname, started_at=now, attempts=attempt):
         log.info("dropping job %s: it ended before it could start", job_id)
         return RunResult(status=jobs.status(client, job_id), phase="starting")
+    client.sadd(keys.RUNNING, job_id)
     publisher.emit(Event(kind=EventKind.STARTED, job=job_id, message=f"started on {hostname}",
-                         metrics={"attempt": record.attempts + 1}))
+                         metrics={"attempt": attempt}))
+    source = client.get(keys.method_source(record.method_sha256))
     if source is None:
         result = RunResult(status=JobStatus.FAILED, phase="loading the method",
                            error=f"The pinned source of {record.method} ({record.method_sha256[:12]}) "
                                  "is missing from Redis; submit the job again.")
-        return _finish(client, job_id, result, publisher)
+        return _finish(client, record, result, publisher)
 
     (folder / RESULT).unlink(missing_ok=True)
-    spec = JobSpec(job_id=job_id, method=record.method, method_sha256=record.method_sha256, source=source,
+    spec = JobSpec(job_id=job_id, method=record.method, method_sha256=record.method_sha256, source=str(source),
                    params=record.params, storage_root=str(settings.storage_root),
-                   redis_url=settings.redis_url, worker=hostname, started_at=now)
+                   redis_url=settings.redis_url, worker=hostname, started_at=now,
+                   time_limit=record.time_limit, checkpoint_minutes=settings.checkpoint_minutes)
     env = {"CUDA_VISIBLE_DEVICES": settings.gpus} if settings.gpus is not None else {}
-    proc = spawn_job_process(env)
+    proc = spawn_job_process(env, cwd=folder)
+    jobs.update(client, job_id, pid=proc.pid)
     assert proc.stdin is not None
     proc.stdin.write(spec.model_dump_json() + "\n")
     proc.stdin.close()
-    _supervise(client, job_id, proc, lease)
+    ended_by = Supervisor(client, record, proc, lease).watch()
 
     result_path = folder / RESULT
     if result_path.exists():
         result = RunResult.model_validate_json(result_path.read_text())
+    elif ended_by == "cancel":
+        result = RunResult(status=JobStatus.CANCELLED, phase="training",
+                           error=f"cancelled; the job did not stop within DEEPE_CANCEL_GRACE="
+                                 f"{settings.cancel_grace:g} s and was killed")
+    elif ended_by == "time-limit":
+        result = RunResult(status=JobStatus.FAILED, phase="training",
+                           error=f"time limit of {record.time_limit:g} s reached; the job did not stop within "
+                                 f"DEEPE_CANCEL_GRACE={settings.cancel_grace:g} s and was killed")
+    elif ended_by == "preempt":
+        result = RunResult(status=JobStatus.QUEUED, phase="training",
+                           error="the worker shut down and the job did not checkpoint in time")
+    elif ended_by == "lease-lost":
+        log.error("job %s: lost its lease to %s; this attempt was stopped", job_id, lease.holder())
+        return RunResult(status=JobStatus.QUEUED, phase="training")
     else:
         result = RunResult(status=JobStatus.FAILED, phase="running the job process",
                            error=_crash_message(proc.returncode, folder / LOG))
-    return _finish(client, job_id, result, publisher)
+    return _finish(client, record, result, publisher)
 
 
-def _supervise(client: Any, job_id: str, proc: subprocess.Popen[str], lease: Lease) -> None:
-    """Wait for the job process, renewing the lease; kill its group if a cancel is not obeyed."""
-    settings = get_settings()
-    renew_every = settings.lease_ttl / 3
-    next_renew = time.monotonic() + renew_every
-    cancel_seen: float | None = None
-    while True:
+class Supervisor:
+    """Waits for the job process: renews the lease, and stops the job when it must.
+
+    A cancel or time limit is read by the job itself at its next step; if it has not stopped
+    after DEEPE_CANCEL_GRACE seconds, its process group is killed. A worker shutdown is relayed
+    as a signal, so the job checkpoints and is requeued.
+    """
+
+    def __init__(self, client: redis.Redis, record: JobRecord, proc: subprocess.Popen[str], lease: Lease) -> None:
+        self.client = client
+        self.record = record
+        self.proc = proc
+        self.lease = lease
+        self.settings = get_settings()
+
+    def watch(self) -> str | None:
+        grace = self.settings.cancel_grace
+        renew_every = self.settings.lease_ttl / 3
+        started = time.monotonic()
+        next_renew = started + renew_every
+        stop_asked: dict[str, float] = {}
+        limit = self.record.time_limit
+        while True:
+            try:
+                self.proc.wait(timeout=0.25)
+                return next(iter(stop_asked), None)
+            except subprocess.TimeoutExpired:
+                pass
+            now = time.monotonic()
+            try:
+                if now >= next_renew:
+                    if not (self.lease.renew() or self.lease.acquire()):
+                        self._kill()  # another worker took the job over: never two trainers
+                        return "lease-lost"
+                    next_renew = now + renew_every
+                if "cancel" not in stop_asked and self.client.exists(keys.cancel(self.record.id)):
+                    stop_asked["cancel"] = now
+            except redis.RedisError as e:  # an outage must not end the job
+                log.warning("job %s: could not reach Redis: %s", self.record.id, e)
+            if limit is not None and now - started >= limit:
+                stop_asked.setdefault("time-limit", now)
+            if "preempt" not in stop_asked and worker_stopping():
+                stop_asked["preempt"] = now
+                log.warning("job %s: the worker is shutting down; checkpointing to requeue", self.record.id)
+                self._signal(PREEMPT_SIGNAL)
+            if stop_asked and now - min(stop_asked.values()) > grace:
+                log.warning("job %s did not stop within %.0f s; killing it", self.record.id, grace)
+                self._kill()
+                return min(stop_asked, key=lambda k: stop_asked[k])
+
+    def _signal(self, sig: signal.Signals) -> None:
         try:
-            proc.wait(timeout=0.5)
-            return
-        except subprocess.TimeoutExpired:
+            os.kill(self.proc.pid, sig)
+        except ProcessLookupError:
             pass
-        now = time.monotonic()
+
+    def _kill(self) -> None:
         try:
-            if now >= next_renew:
-                lease.renew()
-                next_renew = now + renew_every
-            if cancel_seen is None and client.exists(keys.cancel(job_id)):
-                cancel_seen = now
-        except Exception as e:  # a Redis outage must not end the job
-            log.warning("job %s: could not reach Redis: %s", job_id, e)
-        if cancel_seen is not None and now - cancel_seen > settings.cancel_grace:
-            log.warning("job %s did not stop within %.0f s of its cancel; killing it", job_id, settings.cancel_grace)
-            _kill_group(proc)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
 
 
-def _kill_group(proc: subprocess.Popen[str]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-def _finish(client: Any, job_id: str, result: RunResult, publisher: EventPublisher) -> RunResult:
+def _finish(client: redis.Redis, record: JobRecord, result: RunResult, publisher: EventPublisher) -> RunResult:
+    job_id = record.id
+    if result.status is JobStatus.QUEUED:
+        fresh = retry_redis(lambda: jobs.get(client, job_id))
+        publisher.flush(timeout=300)
+        retry_redis(lambda: requeue(client, fresh, result.error or "the worker shut down"))
+        return result
     kind = {JobStatus.SUCCEEDED: EventKind.SUCCEEDED, JobStatus.CANCELLED: EventKind.CANCELLED}.get(
         result.status, EventKind.FAILED)
     message = result.error or (f"model saved to {result.output_dir}" if result.output_dir else "")
@@ -189,6 +260,11 @@ def _finish(client: Any, job_id: str, result: RunResult, publisher: EventPublish
     # The final event is in the stream before the record says the job ended, so whoever
     # waits on the record finds the whole history.
     publisher.flush(timeout=300)
-    jobs.update(client, job_id, status=result.status, error=result.error, finished_at=time.time(),
-                metrics=result.metrics, output_dir=result.output_dir)
+
+    def record_end() -> None:
+        jobs.update(client, job_id, status=result.status, error=result.error, finished_at=time.time(),
+                    metrics=result.metrics, output_dir=result.output_dir)
+        client.srem(keys.RUNNING, job_id)
+
+    retry_redis(record_end)
     return result

@@ -60,10 +60,9 @@ def main() -> int:
     with RedisServer(folder=work / "redis") as server:
         os.environ["DEEPE_REDIS_URL"] = server.url
         from deepe_tasks import EventKind, submit
-        from deepe_tasks.connection import get_redis
 
         with WorkerProcess({}, queues="gpu-check", log_file=work / "worker.log") as worker:
-            worker.wait_ready(get_redis())
+            worker.wait_ready()
             baseline = gpu_used_mb()
             report["gpu_used_mb_before"] = baseline
             ok = True

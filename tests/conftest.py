@@ -92,19 +92,20 @@ class Worker:
     """A real Celery worker process and its log, for assertions and for post-mortems."""
 
     def __init__(self, queues: str, log_file: Path, extra_args: list[str] | None = None,
-                 command: list[str] | None = None) -> None:
+                 command: list[str] | None = None, env: dict[str, str] | None = None) -> None:
         from deepe_tasks.embedded import WorkerProcess
 
         self.log_file = log_file
-        self.process = WorkerProcess({}, queues=queues, log_file=log_file, extra_args=extra_args,
+        self.process = WorkerProcess(env or {}, queues=queues, log_file=log_file, extra_args=extra_args,
                                      command=command)
 
     def start(self) -> Worker:
-        from deepe_tasks.connection import get_redis
-
         self.process.start()
-        self.process.wait_ready(get_redis())
+        self.process.wait_ready()
         return self
+
+    def stop(self) -> None:
+        self.process.stop()
 
     @property
     def hostname(self) -> str:
@@ -124,7 +125,7 @@ def worker() -> Iterator[Worker]:
     """One worker on the default queue, shared by the end-to-end tests."""
     w = Worker("gpu", _SESSION_DIR / "worker-gpu.log").start()
     yield w
-    w.process.stop()
+    w.stop()
 
 
 def write_method(store: Path, name: str, source: str) -> str:
@@ -180,3 +181,10 @@ def paste_into_template(path: Path, code: str) -> None:
     head, rest = text.split(BEGIN_MARKER + "\n", 1)
     _, tail = rest.split(END_MARKER, 1)
     path.write_text(head + BEGIN_MARKER + "\n" + code + "\n" + END_MARKER + tail)
+
+
+SLOW_METHOD = TRL_SNIPPET.replace("callbacks=[callback],", "callbacks=[callback, Slow()],").replace(
+    "from trl import SFTConfig, SFTTrainer",
+    "from trl import SFTConfig, SFTTrainer\nimport time\nfrom transformers import TrainerCallback\n\n"
+    "class Slow(TrainerCallback):\n    def on_step_end(self, *args, **kwargs):\n"
+    "        time.sleep(float(params.get('step_sleep', 0.25)))\n")

@@ -11,7 +11,15 @@ import pytest
 
 from deepe_tasks import EventKind, Job, JobStatus, submit
 from deepe_tasks.connection import get_redis
-from tests.conftest import TRL_SNIPPET, Worker, paste_into_template, run_cli, wait_for, write_method
+from tests.conftest import (
+    SLOW_METHOD,
+    TRL_SNIPPET,
+    Worker,
+    paste_into_template,
+    run_cli,
+    wait_for,
+    write_method,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -181,12 +189,6 @@ def test_load_in_4bit_on_cpu_fails_clearly(worker: Worker, sft_params: dict[str,
     assert "Failed while building the model: RuntimeError: LOAD_IN_4BIT needs a CUDA GPU" in job.info()["error"]
 
 
-SLOW_METHOD = TRL_SNIPPET.replace("callbacks=[callback],", "callbacks=[callback, Slow()],").replace(
-    "from trl import SFTConfig, SFTTrainer",
-    "from trl import SFTConfig, SFTTrainer\nimport time\nfrom transformers import TrainerCallback\n\n"
-    "class Slow(TrainerCallback):\n    def on_step_end(self, *args, **kwargs):\n        time.sleep(0.25)\n")
-
-
 def test_the_worker_answers_inspect_while_a_job_runs(store: Path, worker: Worker,
                                                      sft_params: dict[str, object]) -> None:
     from deepe_tasks.celery_app import app
@@ -222,7 +224,7 @@ def test_a_queued_job_runs_the_source_pinned_at_submit(store: Path, sft_params: 
         # Then the job ran the source it was submitted with
         assert finished(job, late) is JobStatus.SUCCEEDED, job.info()["error"]
     finally:
-        late.process.stop()
+        late.stop()
     manifest = json.loads((Path(job.info()["output_dir"]) / "deepe.json").read_text())
     from deepe_tasks.methods import sha256_of
 
@@ -258,5 +260,5 @@ def test_worker_gpus_option_sets_cuda_visible_devices_for_its_jobs(
         job = submit("show-gpus", sft_params, queue="gpus-q")
         assert finished(job, gpu_worker) is JobStatus.FAILED
     finally:
-        gpu_worker.process.stop()
+        gpu_worker.stop()
     assert "CVD=3" in job.info()["error"]
