@@ -109,13 +109,16 @@ def submit(
     params_file: Annotated[Path | None, typer.Option(help="A JSON file of parameters.")] = None,
     queue: Annotated[str | None, typer.Option(help="The queue; default DEEPE_QUEUE.")] = None,
     priority: Annotated[int | None, typer.Option(help="0 (highest) to 9.")] = None,
+    time_limit: Annotated[float | None, typer.Option(help="Seconds of training before the job stops.")] = None,
+    job_id: Annotated[str | None, typer.Option(help="An id of your own; refused if taken.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the job until it ends.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Submit a job and print its id."""
     from .client import submit as submit_job
 
-    job = submit_job(method, parse_kv(param, params_file), queue=queue, priority=priority)
+    job = submit_job(method, parse_kv(param, params_file), queue=queue, priority=priority,
+                     time_limit=time_limit, job_id=job_id)
     if as_json:
         print_json({"id": job.id, "status": job.status().value})
     else:
@@ -189,11 +192,14 @@ def jobs(limit: Annotated[int, typer.Option(help="How many.")] = 20, as_json: Js
 
 
 @app.command()
-def cancel(job_id: str) -> None:
+def cancel(
+    job_id: str,
+    save: Annotated[bool, typer.Option("--save", help="Publish the model trained so far (marked partial).")] = False,
+) -> None:
     """Cancel a job: a queued one never starts; a running one stops at its next step."""
     from .client import Job
 
-    state = Job(job_id).cancel()
+    state = Job(job_id).cancel(save=save)
     console.print(f"{job_id}: {'cancelled' if state.value == 'cancelled' else 'cancel requested'}")
 
 

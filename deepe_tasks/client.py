@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from .records import Event, EventKind, JobRecord, JobStatus
 from .settings import get_settings
 
 TASK_NAME = "deepe.train"
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 def submit(
@@ -33,6 +35,9 @@ def submit(
     """
     settings = get_settings()
     found = load_method(settings.method_root, method)
+    if job_id is not None and not JOB_ID_RE.match(job_id):
+        raise InvalidParams(f"job id {job_id!r} is not valid; use 1 to 128 letters, digits, '_', '-' or '.', "
+                            "starting with a letter or digit (it names a folder and Redis keys).")
     job_id = job_id or uuid.uuid4().hex
     if priority is not None and not (isinstance(priority, int) and 0 <= priority <= 9):
         raise InvalidParams(f"priority={priority!r} is not valid; allowed: an integer from 0 (highest) to 9.")

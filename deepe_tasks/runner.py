@@ -53,7 +53,7 @@ def _hint(exc: BaseException, phase: str) -> str:
     text = str(exc)
     if isinstance(exc, ImportError):
         return "Install that package on the workers, or remove the import from the method."
-    if "out of memory" in text.lower() or name == "OutOfMemoryError":
+    if isinstance(exc, MemoryError) or "out of memory" in text.lower() or name == "OutOfMemoryError":
         return "Lower BATCH_SIZE or MAX_SEQ_LENGTH, raise GRAD_ACCUM_STEPS, or set LOAD_IN_4BIT=true."
     if isinstance(exc, FileNotFoundError) and phase == phases.LOADING_DATASET:
         return "Check DATASET_PATH: relative paths resolve under DEEPE_STORAGE."
