@@ -6,7 +6,7 @@ from functools import lru_cache
 
 from celery import Celery
 
-from .settings import Settings, get_settings
+from .settings import Settings, get_settings, redis_ssl_options
 
 
 def make_app(settings: Settings) -> Celery:
@@ -37,6 +37,8 @@ def make_app(settings: Settings) -> Celery:
         task_track_started=True,
         result_extended=True,
         task_default_queue=settings.queue,
+        broker_use_ssl=redis_ssl_options(settings),
+        redis_backend_use_ssl=redis_ssl_options(settings),
         result_expires=30 * 24 * 3600,
     )
     return app

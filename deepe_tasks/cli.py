@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .errors import DeepeError
-from .settings import get_settings
+from .settings import get_settings, safe_url
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -192,6 +192,34 @@ def jobs(limit: Annotated[int, typer.Option(help="How many.")] = 20, as_json: Js
 
 
 @app.command()
+def queues(
+    queue: Annotated[list[str] | None, typer.Option("--queue", "-q", help="Also show this queue.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show each queue: its length, the jobs waiting in it (in start order) and its workers."""
+    from dataclasses import asdict
+
+    from .celery_app import app_for
+    from .connection import get_redis
+    from .queues import overview, waiting_in
+
+    client = get_redis()
+    active = app_for(get_settings().redis_url).control.inspect(timeout=1.0).active_queues()
+    infos = {i.name: i for i in overview(client, active)}
+    for name in [get_settings().queue, *(queue or [])]:
+        infos.setdefault(name, waiting_in(client, name))
+    rows = sorted(infos.values(), key=lambda i: i.name)
+    if as_json:
+        print_json([asdict(i) for i in rows])
+        return
+    table = Table("queue", "waiting", "running", "workers", "next up")
+    for i in rows:
+        table.add_row(i.name, str(i.length), str(len(i.running)), ", ".join(i.workers) or "-",
+                      ", ".join(f"{w['id']} (p{w['priority']})" for w in i.waiting[:3]) or "-")
+    console.print(table)
+
+
+@app.command()
 def cancel(
     job_id: str,
     save: Annotated[bool, typer.Option("--save", help="Publish the model trained so far (marked partial).")] = False,
@@ -262,7 +290,7 @@ def main() -> None:
         show_error(str(e))
         sys.exit(EXIT_USAGE)
     except redis.RedisError as e:
-        show_error(f"Redis at {get_settings().redis_url} cannot be reached ({e}); start it, "
+        show_error(f"Redis at {safe_url(get_settings().redis_url)} cannot be reached ({e}); start it, "
                    "or point DEEPE_REDIS_URL at a running one.")
         sys.exit(EXIT_USAGE)
 

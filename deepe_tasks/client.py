@@ -67,6 +67,10 @@ def enqueue(record: JobRecord) -> None:
     app_for(get_settings().redis_url).send_task(
         TASK_NAME, args=[record.id], kwargs={"method": record.method}, task_id=record.id,
         queue=record.queue, priority=record.priority,
+        # What Flower shows: the method and its parameters, secrets masked. The worker reads
+        # the parameters from the job record, never from the message.
+        argsrepr=repr([record.id]),
+        kwargsrepr=repr({"method": record.method, "params": mask_secrets(record.params)}),
     )
 
 

@@ -7,19 +7,22 @@ from functools import lru_cache
 import redis
 
 from .errors import BrokerUnavailable
-from .settings import get_settings
+from .settings import get_settings, redis_ssl_options
 
 
 @lru_cache(maxsize=8)
-def _client(url: str) -> redis.Redis:
+def _client(url: str, ssl_ca_certs: str | None) -> redis.Redis:
+    tls = get_settings().model_copy(update={"redis_url": url, "redis_ca_certs": ssl_ca_certs})
     return redis.Redis.from_url(
         url, decode_responses=True, socket_timeout=10, socket_connect_timeout=5,
-        health_check_interval=15, retry_on_timeout=True,
+        health_check_interval=15, retry_on_timeout=True, **(redis_ssl_options(tls) or {}),
     )
 
 
 def get_redis(url: str | None = None) -> redis.Redis:
-    return _client(url or get_settings().redis_url)
+    settings = get_settings()
+    ca = str(settings.redis_ca_certs) if settings.redis_ca_certs else None
+    return _client(url or settings.redis_url, ca)
 
 
 def ping(client: redis.Redis) -> None:

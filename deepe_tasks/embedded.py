@@ -46,23 +46,28 @@ def redis_server_binary() -> str:
 class RedisServer:
     """A private redis-server on a free loopback port, in a folder of its own."""
 
-    def __init__(self, port: int | None = None, appendonly: bool = False, folder: Path | None = None) -> None:
+    def __init__(self, port: int | None = None, appendonly: bool = False, folder: Path | None = None,
+                 password: str | None = None) -> None:
         self.port = port or free_port()
         self.appendonly = appendonly
+        self.password = password
         self.folder = folder or Path(tempfile.mkdtemp(prefix="deepe-redis-"))
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         self.folder.mkdir(parents=True, exist_ok=True)
         args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
                 "--dir", str(self.folder), "--save", "", "--daemonize", "no",
                 "--appendonly", "yes" if self.appendonly else "no", "--logfile", str(self.folder / "redis.log")]
+        if self.password:
+            args += ["--requirepass", self.password]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout
         while True:
             try:

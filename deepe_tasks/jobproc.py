@@ -21,6 +21,7 @@ from . import (
 )
 from .events import EventPublisher
 from .records import JobSpec, RunResult
+from .settings import get_settings, redis_ssl_options
 from .storage import job_dir
 
 RESULT = "result.json"
@@ -91,8 +92,9 @@ def main() -> int:
     _redirect_output(folder)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    tls = redis_ssl_options(get_settings().model_copy(update={"redis_url": spec.redis_url or ""}))
     client = redis.Redis.from_url(spec.redis_url or "", decode_responses=True,
-                                  socket_timeout=5, socket_connect_timeout=2)
+                                  socket_timeout=5, socket_connect_timeout=2, **(tls or {}))
     publisher = EventPublisher(client, spec.job_id, jsonl=folder / "events.jsonl")
     flags = StopFlags(client, spec)
     signal.signal(PREEMPT_SIGNAL, flags.preempt)

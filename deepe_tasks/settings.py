@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -13,6 +14,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DEEPE_", extra="ignore")
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # For rediss:// URLs: the CA bundle that signed the server's certificate (the system's
+    # bundle when unset).
+    redis_ca_certs: Path | None = None
     # The shared storage root: models, job folders and checkpoints live under it.
     # Every host must mount it at the same path.
     storage: Path = Path("./deepe-data")
@@ -43,6 +47,21 @@ class Settings(BaseSettings):
     @property
     def method_root(self) -> Path:
         return self.method_store.expanduser().resolve()
+
+
+def safe_url(url: str) -> str:
+    """A Redis URL with its password masked, for messages and logs."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def redis_ssl_options(settings: Settings) -> dict[str, str] | None:
+    """TLS options for a rediss:// URL, in the form both redis-py and Celery take."""
+    if not settings.redis_url.startswith("rediss://"):
+        return None
+    options = {"ssl_cert_reqs": "required"}
+    if settings.redis_ca_certs is not None:
+        options["ssl_ca_certs"] = str(settings.redis_ca_certs)
+    return options
 
 
 @lru_cache(maxsize=1)

@@ -8,6 +8,7 @@ records how it ended.
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import resource
@@ -157,7 +158,7 @@ def _run_attempt(task: Any, client: redis.Redis, record: JobRecord, lease: Lease
     assert proc.stdin is not None
     proc.stdin.write(spec.model_dump_json() + "\n")
     proc.stdin.close()
-    ended_by = Supervisor(client, record, proc, lease).watch()
+    ended_by = Supervisor(client, record, proc, lease, progress=FlowerProgress(task, client, job_id)).watch()
 
     result_path = folder / RESULT
     if result_path.exists():
@@ -182,6 +183,41 @@ def _run_attempt(task: Any, client: redis.Redis, record: JobRecord, lease: Lease
     return _finish(client, record, result, publisher)
 
 
+class FlowerProgress:
+    """Shows training progress in Flower: a PROGRESS state and `task-progress` events.
+
+    It reads the job's latest event at most once a second, from the worker side, so the
+    job process itself does nothing extra.
+    """
+
+    INTERVAL = 1.0
+
+    def __init__(self, task: Any, client: redis.Redis, job_id: str) -> None:
+        self.task = task
+        self.client = client
+        self.job_id = job_id
+        self.last_step: int | None = None
+        self.next_report = 0.0
+
+    def report(self, now: float) -> None:
+        if now < self.next_report:
+            return
+        self.next_report = now + self.INTERVAL
+        latest: Any = self.client.xrevrange(keys.events(self.job_id), count=1)
+        if not latest:
+            return
+        event = Event.from_json(latest[0][1]["data"])
+        if event.kind is not EventKind.LOG or event.step is None or event.step == self.last_step:
+            return
+        self.last_step = event.step
+        meta = {"job": self.job_id, "step": event.step, "max_steps": event.max_steps,
+                "loss": event.metrics.get("loss"), "eta_s": event.eta_s}
+        self.task.update_state(state="PROGRESS", meta=meta)
+        # Flower keeps the standard task fields only; `result` is one, so the figures show in
+        # its task list and its API while the job trains.
+        self.task.send_event("task-progress", result=json.dumps(meta), **meta)
+
+
 class Supervisor:
     """Waits for the job process: renews the lease, and stops the job when it must.
 
@@ -190,11 +226,13 @@ class Supervisor:
     as a signal, so the job checkpoints and is requeued.
     """
 
-    def __init__(self, client: redis.Redis, record: JobRecord, proc: subprocess.Popen[str], lease: Lease) -> None:
+    def __init__(self, client: redis.Redis, record: JobRecord, proc: subprocess.Popen[str], lease: Lease,
+                 progress: FlowerProgress | None = None) -> None:
         self.client = client
         self.record = record
         self.proc = proc
         self.lease = lease
+        self.progress = progress
         self.settings = get_settings()
 
     def watch(self) -> str | None:
@@ -219,6 +257,8 @@ class Supervisor:
                     next_renew = now + renew_every
                 if "cancel" not in stop_asked and self.client.exists(keys.cancel(self.record.id)):
                     stop_asked["cancel"] = now
+                if self.progress is not None:
+                    self.progress.report(now)
             except redis.RedisError as e:  # an outage must not end the job
                 log.warning("job %s: could not reach Redis: %s", self.record.id, e)
             if limit is not None and now - started >= limit:

@@ -1,0 +1,271 @@
+"""Operations: Flower, routing, priorities, scaling, deployment files and secrets."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from deepe_tasks import EventKind, JobStatus, submit
+from deepe_tasks.embedded import free_port
+from tests.conftest import SLOW_METHOD, Worker, run_cli, wait_for, write_method
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def workers() -> Iterator[list[Worker]]:
+    started: list[Worker] = []
+    yield started
+    for w in started:
+        w.stop()
+
+
+def start(workers: list[Worker], queues: str, tmp_path: Path, **env: str) -> Worker:
+    w = Worker(queues, tmp_path / f"worker-{queues}-{len(workers)}.log", env=env).start()
+    workers.append(w)
+    return w
+
+
+def quick(sft_params: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {**sft_params, "MAX_STEPS": 1, **extra}
+
+
+# ---- Flower -------------------------------------------------------------------------------
+
+class Flower:
+    """A real Flower (`celery -A deepe_tasks flower`) with basic auth, on a free port."""
+
+    def __init__(self, log: Path) -> None:
+        self.port = free_port()
+        self.auth = "Basic " + base64.b64encode(b"ops:s3cret").decode()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "deepe_tasks", "flower", f"--port={self.port}",
+             "--address=127.0.0.1", "--basic-auth=ops:s3cret"],
+            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+    def get(self, path: str, auth: bool = True) -> Any:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}")
+        if auth:
+            request.add_header("Authorization", self.auth)
+        with urllib.request.urlopen(request, timeout=10) as response:
+            body = response.read().decode()
+        return json.loads(body) if path.startswith("/api") else body
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=20)
+
+
+@pytest.mark.e2e
+def test_flower_shows_the_job_its_progress_and_the_worker(workers: list[Worker], tmp_path: Path, store: Path,
+                                                          sft_params: dict[str, Any]) -> None:
+    write_method(store, "slow", SLOW_METHOD)
+    flower = Flower(tmp_path / "flower.log")
+    try:
+        wait_for(lambda: _answers(flower), timeout=60)
+        worker = start(workers, "flower-q", tmp_path)
+        job = submit("slow", {**sft_params, "MAX_STEPS": 16, "PromptInputColumn": "instruction",
+                              "PromptOutputColumn": "output", "HF_TOKEN": "hf_secret_value"}, queue="flower-q")
+        # While it trains: PROGRESS with step figures, and the worker online
+        info = wait_for(lambda: _state(flower, job.id, "PROGRESS"), timeout=120)
+        figures = json.loads(info["result"])
+        assert 1 <= figures["step"] <= 16 and figures["max_steps"] == 16 and figures["loss"] > 0
+        workers_seen = flower.get("/api/workers?refresh=1")
+        assert worker.hostname in workers_seen
+        # The task shows its method and masked parameters
+        assert info["name"] == "deepe.train"
+        assert "'method': 'slow'" in info["kwargs"] and "'HF_TOKEN': '***'" in info["kwargs"]
+        assert "hf_secret_value" not in json.dumps(info)
+        assert job.wait(timeout=120) is JobStatus.SUCCEEDED
+        done = wait_for(lambda: _state(flower, job.id, "SUCCESS"), timeout=30)
+        assert done["state"] == "SUCCESS"
+        # Prometheus metrics
+        metrics = flower.get("/metrics", auth=False)
+        assert "flower_events_total" in metrics and 'type="task-progress"' in metrics
+        with pytest.raises(urllib.error.HTTPError):
+            flower.get("/api/workers", auth=False)
+    finally:
+        flower.stop()
+
+
+def _answers(flower: Flower) -> bool:
+    try:
+        flower.get("/healthcheck", auth=False)
+        return True
+    except OSError:
+        return False
+
+
+def _state(flower: Flower, task_id: str, state: str) -> dict[str, Any] | None:
+    try:
+        info = flower.get(f"/api/task/info/{task_id}")
+    except OSError:
+        return None
+    return info if info.get("state") == state else None
+
+
+# ---- routing, priorities, scaling ----------------------------------------------------------
+
+@pytest.mark.e2e
+def test_workers_receive_only_the_jobs_of_their_queues(workers: list[Worker], tmp_path: Path,
+                                                       sft_params: dict[str, Any]) -> None:
+    a = start(workers, "route-a", tmp_path)
+    b = start(workers, "route-b", tmp_path)
+    jobs = {q: [submit("sft-demo", quick(sft_params), queue=q) for _ in range(2)] for q in ("route-a", "route-b")}
+    for q, worker in (("route-a", a), ("route-b", b)):
+        for job in jobs[q]:
+            assert job.wait(timeout=180) is JobStatus.SUCCEEDED
+            assert job.info()["worker"] == worker.hostname
+
+
+@pytest.mark.e2e
+def test_a_higher_priority_job_queued_later_starts_first(workers: list[Worker], tmp_path: Path, store: Path,
+                                                         sft_params: dict[str, Any]) -> None:
+    write_method(store, "slow", SLOW_METHOD)
+    start(workers, "prio-q", tmp_path)
+    busy = submit("slow", {**sft_params, "MAX_STEPS": 12, "PromptInputColumn": "instruction",
+                           "PromptOutputColumn": "output"}, queue="prio-q")
+    wait_for(lambda: busy.status() is JobStatus.RUNNING, timeout=60)
+    low = [submit("sft-demo", quick(sft_params), queue="prio-q", priority=5) for _ in range(3)]
+    high = submit("sft-demo", quick(sft_params), queue="prio-q", priority=0)
+    # `deepe queues` shows them waiting, the priority-0 one first
+    shown = json.loads(run_cli("queues", "--queue", "prio-q", "--json").stdout)
+    prio = next(q for q in shown if q["name"] == "prio-q")
+    assert prio["length"] == 4 and prio["waiting"][0] == {"id": high.id, "priority": 0}
+    assert [w["id"] for w in prio["waiting"][1:]] == [j.id for j in low]
+    assert prio["running"] == [busy.id] and prio["workers"]
+    for job in [busy, high, *low]:
+        assert job.wait(timeout=240) is JobStatus.SUCCEEDED
+    order = sorted([high, *low], key=lambda j: j.info()["started_at"])
+    assert order[0].id == high.id
+
+
+@pytest.mark.e2e
+def test_three_workers_drain_twelve_jobs_each_run_exactly_once(workers: list[Worker], tmp_path: Path,
+                                                               sft_params: dict[str, Any]) -> None:
+    for _ in range(3):
+        start(workers, "scale-q", tmp_path)
+    jobs = [submit("sft-demo", quick(sft_params), queue="scale-q") for _ in range(12)]
+    for job in jobs:
+        assert job.wait(timeout=400) is JobStatus.SUCCEEDED
+    for job in jobs:
+        assert [e.kind for e in job.events()].count(EventKind.STARTED) == 1
+        assert job.info()["attempts"] == 1
+    assert {j.info()["worker"] for j in jobs} == {w.hostname for w in workers}
+
+
+# ---- security ------------------------------------------------------------------------------
+
+@pytest.mark.e2e
+def test_secrets_never_reach_events_manifest_or_info(worker: Worker, sft_params: dict[str, Any]) -> None:
+    job = submit("sft-demo", {**sft_params, "WANDB_API_KEY": "k-123456", "db_password": "pw-654321"})
+    assert job.wait(timeout=180) is JobStatus.SUCCEEDED
+    manifest = (Path(job.info()["output_dir"]) / "deepe.json").read_text()
+    streams = json.dumps([e.model_dump() for e in job.events()])
+    for text in (manifest, streams, json.dumps(job.info())):
+        assert "k-123456" not in text and "pw-654321" not in text
+    assert json.loads(manifest)["params"]["WANDB_API_KEY"] == "***"
+
+
+@pytest.mark.e2e
+def test_a_password_protected_redis_works_end_to_end(tmp_path: Path, sft_params: dict[str, Any],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from deepe_tasks.embedded import RedisServer
+    from deepe_tasks.settings import get_settings
+
+    with RedisServer(folder=tmp_path / "redis", password="pa55word") as server:
+        monkeypatch.setenv("DEEPE_REDIS_URL", server.url)
+        get_settings.cache_clear()
+        w = Worker("gpu", tmp_path / "worker.log", env={"DEEPE_REDIS_URL": server.url})
+        try:
+            w.start()
+            job = submit("sft-demo", quick(sft_params))
+            assert job.wait(timeout=180) is JobStatus.SUCCEEDED
+        finally:
+            w.stop()
+            monkeypatch.undo()
+            get_settings.cache_clear()
+    env = {**os.environ, "DEEPE_REDIS_URL": "redis://:wrong@127.0.0.1:1/0"}
+    result = subprocess.run([sys.executable, "-m", "deepe_tasks.cli", "jobs"], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and "redis://:***@127.0.0.1:1/0" in result.stderr and "wrong" not in result.stderr
+
+
+def test_tls_urls_get_certificate_checks() -> None:
+    from deepe_tasks.celery_app import make_app
+    from deepe_tasks.settings import Settings
+
+    settings = Settings(redis_url="rediss://:pw@redis:6380/0", redis_ca_certs=Path("/etc/ca.pem"))
+    conf = make_app(settings).conf
+    expected = {"ssl_cert_reqs": "required", "ssl_ca_certs": "/etc/ca.pem"}
+    assert conf.broker_use_ssl == expected and conf.redis_backend_use_ssl == expected
+    assert make_app(Settings(redis_url="redis://redis:6379/0")).conf.broker_use_ssl is None
+
+
+# ---- deployment files ----------------------------------------------------------------------
+
+def test_the_compose_file_validates_against_the_compose_spec() -> None:
+    result = subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec",
+                             str(ROOT / "docker-compose.yml")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert "ports" not in services["redis"]  # not published on the host
+    assert "--basic-auth" in " ".join(services["flower"]["command"])
+    assert services["worker"]["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+    assert services["worker"]["stop_grace_period"]
+
+
+def test_the_compose_check_can_fail(tmp_path: Path) -> None:
+    broken = tmp_path / "compose.yml"
+    broken.write_text("services:\n  worker:\n    image: 12\n    stop_grace_period: [oops]\n")
+    result = subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec",
+                             str(broken)], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+
+
+def k8s_documents() -> list[dict[str, Any]]:
+    return [doc for path in sorted((ROOT / "deploy/k8s").glob("*.yaml"))
+            for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def test_the_kubernetes_manifests_validate_against_the_kubernetes_schemas() -> None:
+    import kubernetes_validate
+
+    docs = k8s_documents()
+    core = [d for d in docs if not d["apiVersion"].startswith("keda.sh/")]
+    assert {d["kind"] for d in core} >= {"Deployment", "StatefulSet", "Service", "ConfigMap", "Secret"}
+    for doc in core:
+        kubernetes_validate.validate(doc, "1.33.0", strict=True)
+    worker = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "deepe-worker")
+    pod = worker["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] >= 300
+    assert pod["containers"][0]["lifecycle"]["preStop"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate({**worker, "spec": {**worker["spec"], "replicas": "many"}}, "1.33.0", strict=True)
+
+
+def test_the_keda_scaledobject_scales_the_worker_on_the_queue_lists() -> None:
+    # KEDA's CRDs are not in the Kubernetes schemas: check what matters by hand.
+    docs = k8s_documents()
+    scaled = next(d for d in docs if d["kind"] == "ScaledObject")
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+    assert scaled["spec"]["scaleTargetRef"]["name"] == "deepe-worker"
+    lists = [t["metadata"]["listName"] for t in scaled["spec"]["triggers"]]
+    assert all(t["type"] == "redis" for t in scaled["spec"]["triggers"]) and "gpu" in lists
+    auth = next(d for d in docs if d["kind"] == "TriggerAuthentication")
+    assert {t["authenticationRef"]["name"] for t in scaled["spec"]["triggers"]} == {auth["metadata"]["name"]}
+    from deepe_tasks.queues import priority_lists
+
+    assert set(lists) <= {name for _, name in priority_lists("gpu")}
