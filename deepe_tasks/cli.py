@@ -257,11 +257,14 @@ def worker(
     gpus: Annotated[str | None, typer.Option(help="CUDA_VISIBLE_DEVICES for this worker's jobs.")] = None,
     name: Annotated[str | None, typer.Option(help="Celery node name, e.g. gpu0@%h.")] = None,
     loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO",
+    warm: Annotated[bool, typer.Option("--warm/--no-warm", help="Keep a job process warm.")] = True,
 ) -> None:
     """Start a worker: one job at a time, each in a fresh process."""
     if gpus is not None:
         os.environ["DEEPE_GPUS"] = gpus
-        get_settings.cache_clear()
+    if not warm:
+        os.environ["DEEPE_WARM"] = "false"
+    get_settings.cache_clear()
     from .celery_app import app as celery_app
 
     argv = ["worker", "--loglevel", loglevel, "--concurrency", "1",

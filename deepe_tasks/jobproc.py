@@ -15,25 +15,19 @@ from pathlib import Path
 
 import redis
 
-from . import (
-    keys,
-    runner,  # noqa: F401  (imports torch, transformers and trl before the job arrives)
-)
+from . import keys, runner
 from .events import EventPublisher
+from .protocol import LOG_FILE, PREEMPT_SIGNAL, RESULT_FILE
 from .records import JobSpec, RunResult
 from .settings import get_settings, redis_ssl_options
 from .storage import job_dir
 
-RESULT = "result.json"
-LOG = "output.log"
-# The worker sends this to a job process that should checkpoint and stop, to be resumed.
-PREEMPT_SIGNAL = signal.SIGUSR1
 CANCEL_READ_INTERVAL = 1.0
 
 
 def _redirect_output(folder: Path) -> None:
     """Send this process's stdout and stderr (the method's prints, warnings) to the job's log."""
-    fd = os.open(folder / LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    fd = os.open(folder / LOG_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     sys.stdout.flush()
     sys.stderr.flush()
     os.dup2(fd, 1)
@@ -77,18 +71,20 @@ class StopFlags:
 
 
 def write_result(folder: Path, result: RunResult) -> None:
-    tmp = folder / f".{RESULT}.tmp"
+    tmp = folder / f".{RESULT_FILE}.tmp"
     tmp.write_text(result.model_dump_json())
-    os.replace(tmp, folder / RESULT)
+    os.replace(tmp, folder / RESULT_FILE)
 
 
 def main() -> int:
+    runner.warm_up()  # the heavy imports happen here, before the job arrives
     line = sys.stdin.readline()
     if not line:
         return 0  # the worker closed our stdin without a job: a spare that is no longer needed
     spec = JobSpec.model_validate_json(line)
     folder = job_dir(Path(spec.storage_root), spec.job_id)
     folder.mkdir(parents=True, exist_ok=True)
+    os.chdir(folder)  # stray relative writes of a method land in its job folder
     _redirect_output(folder)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

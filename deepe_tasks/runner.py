@@ -33,6 +33,20 @@ log = logging.getLogger(__name__)
 LIBRARIES = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "deepe-tasks")
 
 
+WARM_IMPORTS = ("torch", "transformers", "datasets", "peft", "trl")
+
+
+def warm_up() -> None:
+    """Import what methods use, so that a warm job process starts training at once."""
+    import importlib
+
+    for name in WARM_IMPORTS:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+
+
 class _Failure(Exception):
     def __init__(self, phase: str, message: str) -> None:
         super().__init__(message)

@@ -24,6 +24,8 @@ class Settings(BaseSettings):
     queue: str = "gpu"
     # CUDA_VISIBLE_DEVICES for this worker's jobs (`deepe worker --gpus 0`); None leaves it alone.
     gpus: str | None = None
+    # Keep one job process warm (training stack imported, CUDA untouched); `--no-warm` turns it off.
+    warm: bool = True
     # A running job's lease; a heartbeat renews it every third of this.
     lease_ttl: float = Field(30.0, gt=1)
     # How long a running job may take to stop after a cancel before it is killed.

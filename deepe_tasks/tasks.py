@@ -23,18 +23,20 @@ from typing import Any
 import redis
 from celery import states
 from celery.exceptions import Ignore
+from celery.signals import worker_process_init, worker_process_shutdown
 
 from . import jobs, keys
 from .celery_app import app
 from .connection import get_redis
 from .errors import JobFailed, JobNotFound
 from .events import EventPublisher
-from .jobproc import LOG, PREEMPT_SIGNAL, RESULT
 from .lease import Lease
 from .lifecycle import requeue, retry_redis, worker_stopping
+from .protocol import LOG_FILE, PREEMPT_SIGNAL, RESULT_FILE
 from .records import Event, EventKind, JobRecord, JobSpec, JobStatus, RunResult
 from .settings import get_settings
 from .storage import job_dir
+from .warm import WarmSpare
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +80,45 @@ def _crash_message(returncode: int, log_path: Path) -> str:
     return f"The job process {why}." + (f" Last output:\n{tail}" if tail else "")
 
 
-def spawn_job_process(env_overrides: dict[str, str], cwd: Path) -> subprocess.Popen[str]:
-    env = {**os.environ, **env_overrides}
+def spawn_job_process() -> subprocess.Popen[str]:
+    """A new job process: it imports the training stack, then waits for its spec on stdin."""
+    settings = get_settings()
+    env = {**os.environ}
+    if settings.gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = settings.gpus
     return subprocess.Popen(
         [sys.executable, "-m", "deepe_tasks.jobproc"],
-        stdin=subprocess.PIPE, text=True, env=env, cwd=cwd,
+        stdin=subprocess.PIPE, text=True, env=env,
         start_new_session=True,  # its own process group, so a kill takes its DataLoader workers too
-        preexec_fn=_job_process_setup(get_settings().job_memory_gb),
+        preexec_fn=_job_process_setup(settings.job_memory_gb),
     )
+
+
+_spare: WarmSpare | None = None
+
+
+@worker_process_init.connect
+def start_warm_spare(**_: Any) -> WarmSpare | None:
+    """In each pool process (or lazily, in other pools): keep a job process warm."""
+    global _spare
+    if _spare is None and get_settings().warm:
+        _spare = WarmSpare(spawn_job_process)
+    return _spare
+
+
+@worker_process_shutdown.connect
+def _close_warm_spare(**_: Any) -> None:
+    if _spare is not None:
+        _spare.close()
+
+
+def job_process() -> tuple[subprocess.Popen[str], float, bool]:
+    """The warm spare if there is one, else a fresh process: (process, its start time, warm)."""
+    spare = start_warm_spare()
+    taken = spare.take() if spare is not None else None
+    if taken is not None:
+        return taken[0], taken[1], True
+    return spawn_job_process(), time.time(), False
 
 
 @app.task(name="deepe.train", bind=True)
@@ -138,29 +171,30 @@ def _run_attempt(task: Any, client: redis.Redis, record: JobRecord, lease: Lease
         log.info("dropping job %s: it ended before it could start", job_id)
         return RunResult(status=jobs.status(client, job_id), phase="starting")
     client.sadd(keys.RUNNING, job_id)
-    publisher.emit(Event(kind=EventKind.STARTED, job=job_id, message=f"started on {hostname}",
-                         metrics={"attempt": attempt}))
     source = client.get(keys.method_source(record.method_sha256))
     if source is None:
+        publisher.emit(Event(kind=EventKind.STARTED, job=job_id, message=f"started on {hostname}",
+                             metrics={"attempt": attempt}))
         result = RunResult(status=JobStatus.FAILED, phase="loading the method",
                            error=f"The pinned source of {record.method} ({record.method_sha256[:12]}) "
                                  "is missing from Redis; submit the job again.")
         return _finish(client, record, result, publisher)
 
-    (folder / RESULT).unlink(missing_ok=True)
+    (folder / RESULT_FILE).unlink(missing_ok=True)
     spec = JobSpec(job_id=job_id, method=record.method, method_sha256=record.method_sha256, source=str(source),
                    params=record.params, storage_root=str(settings.storage_root),
                    redis_url=settings.redis_url, worker=hostname, started_at=now,
                    time_limit=record.time_limit, checkpoint_minutes=settings.checkpoint_minutes)
-    env = {"CUDA_VISIBLE_DEVICES": settings.gpus} if settings.gpus is not None else {}
-    proc = spawn_job_process(env, cwd=folder)
+    proc, proc_started, warm = job_process()
     jobs.update(client, job_id, pid=proc.pid)
+    publisher.emit(Event(kind=EventKind.STARTED, job=job_id, message=f"started on {hostname}", metrics={
+        "attempt": attempt, "pid": proc.pid, "warm": warm, "process_started_at": proc_started}))
     assert proc.stdin is not None
     proc.stdin.write(spec.model_dump_json() + "\n")
     proc.stdin.close()
     ended_by = Supervisor(client, record, proc, lease, progress=FlowerProgress(task, client, job_id)).watch()
 
-    result_path = folder / RESULT
+    result_path = folder / RESULT_FILE
     if result_path.exists():
         result = RunResult.model_validate_json(result_path.read_text())
     elif ended_by == "cancel":
@@ -179,7 +213,7 @@ def _run_attempt(task: Any, client: redis.Redis, record: JobRecord, lease: Lease
         return RunResult(status=JobStatus.QUEUED, phase="training")
     else:
         result = RunResult(status=JobStatus.FAILED, phase="running the job process",
-                           error=_crash_message(proc.returncode, folder / LOG))
+                           error=_crash_message(proc.returncode, folder / LOG_FILE))
     return _finish(client, record, result, publisher)
 
 

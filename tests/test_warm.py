@@ -1,0 +1,91 @@
+"""The warm spare: used when there, replaced when it dies, absent with --no-warm."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deepe_tasks import EventKind, JobStatus, submit
+from tests.conftest import Worker, wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+def job_processes_of(worker: Worker) -> list[int]:
+    """The pids of the job processes under a worker (its pool child's children)."""
+    root = worker.process.proc.pid  # type: ignore[union-attr]
+    parents: dict[int, int] = {}
+    cmdlines: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdlines[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if fields[0] != "Z":
+            parents[int(entry.name)] = int(fields[1])
+    pool = {pid for pid, ppid in parents.items() if ppid == root}
+    return sorted(pid for pid, ppid in parents.items()
+                  if (ppid in pool or ppid == root) and "deepe_tasks.jobproc" in cmdlines.get(pid, ""))
+
+
+@pytest.fixture
+def own_worker(tmp_path: Path) -> Iterator[list[Worker]]:
+    started: list[Worker] = []
+    yield started
+    for w in started:
+        w.stop()
+
+
+def started_event(job: Any) -> Any:
+    return next(e for e in job.events() if e.kind is EventKind.STARTED)
+
+
+def test_a_job_is_handed_to_the_spare_that_was_started_before_it_was_submitted(
+        own_worker: list[Worker], tmp_path: Path, sft_params: dict[str, Any]) -> None:
+    w = Worker("warm-q", tmp_path / "worker.log").start()
+    own_worker.append(w)
+    spare = wait_for(lambda: job_processes_of(w), timeout=60)[0]
+    time.sleep(0.5)
+    submitted = time.time()
+    job = submit("sft-demo", sft_params, queue="warm-q")
+    assert job.wait(timeout=120) is JobStatus.SUCCEEDED
+    started = started_event(job)
+    assert started.metrics["warm"] is True and started.metrics["pid"] == spare
+    assert started.metrics["process_started_at"] < submitted
+    # A new spare is warming for the next job
+    assert wait_for(lambda: [p for p in job_processes_of(w) if p != spare], timeout=60)
+
+
+def test_a_killed_spare_is_replaced(own_worker: list[Worker], tmp_path: Path, sft_params: dict[str, Any]) -> None:
+    w = Worker("warm-kill-q", tmp_path / "worker.log").start()
+    own_worker.append(w)
+    first = wait_for(lambda: job_processes_of(w), timeout=60)[0]
+    os.kill(first, signal.SIGKILL)
+    replacement = wait_for(lambda: [p for p in job_processes_of(w) if p != first], timeout=30)[0]
+    job = submit("sft-demo", sft_params, queue="warm-kill-q")
+    assert job.wait(timeout=120) is JobStatus.SUCCEEDED
+    assert started_event(job).metrics["pid"] == replacement
+    assert "warm spare" in w.log() and "died" in w.log()
+
+
+def test_no_warm_runs_each_job_in_a_process_started_for_it(own_worker: list[Worker], tmp_path: Path,
+                                                           sft_params: dict[str, Any]) -> None:
+    w = Worker("cold-q", tmp_path / "worker.log", extra_args=["--no-warm"]).start()
+    own_worker.append(w)
+    time.sleep(2)
+    assert job_processes_of(w) == []
+    submitted = time.time()
+    job = submit("sft-demo", sft_params, queue="cold-q")
+    assert job.wait(timeout=120) is JobStatus.SUCCEEDED
+    started = started_event(job)
+    assert started.metrics["warm"] is False and started.metrics["process_started_at"] >= submitted
