@@ -275,6 +275,20 @@ def worker(
 
 
 @app.command()
+def api(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Serve without DEEPE_API_TOKENS.")] = False,
+) -> None:
+    """Serve the HTTP API (needs the `api` extra: FastAPI and uvicorn)."""
+    import uvicorn
+
+    from .api import create_app
+
+    uvicorn.run(create_app(get_settings().api_token_list, insecure=insecure), host=host, port=port)
+
+
+@app.command()
 def demo(
     steps: Annotated[int, typer.Option(help="Training steps.")] = 30,
 ) -> None:

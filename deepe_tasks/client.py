@@ -95,6 +95,15 @@ class Job:
         data["params"] = mask_secrets(data["params"])
         return data
 
+    def progress(self) -> Event | None:
+        """The job's latest `log` event: step, max_steps, ETA and metrics."""
+        recent: Any = get_redis().xrevrange(keys.events(self.id), count=50)
+        for entry_id, fields in recent:
+            event = Event.from_json(fields["data"], id=entry_id)
+            if event.kind is EventKind.LOG:
+                return event
+        return None
+
     def wait(self, timeout: float | None = None, poll: float = 0.25) -> JobStatus:
         """Block until the job ends; raise ``TimeoutError`` if it has not after ``timeout`` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -136,3 +145,30 @@ class Job:
 
 def recent_jobs(limit: int = 20) -> list[JobRecord]:
     return jobs.recent(get_redis(), limit)
+
+
+def list_jobs(status: JobStatus | None = None, method: str | None = None, limit: int = 20,
+              cursor: str | None = None) -> tuple[list[JobRecord], str | None]:
+    """Jobs newest first, filtered; ``cursor`` continues a previous page (None when done)."""
+    client = get_redis()
+    found: list[JobRecord] = []
+    offset = int(cursor or 0)
+    page = max(limit * 4, 100)
+    while len(found) < limit:
+        ids: Any = client.zrevrange(keys.JOBS_INDEX, offset, offset + page - 1)
+        if not ids:
+            return found, None
+        pipe = client.pipeline()
+        for job_id in ids:
+            pipe.hgetall(keys.job(job_id))
+        for raw in pipe.execute():
+            offset += 1
+            if not raw:
+                continue
+            record = JobRecord.from_redis(raw)
+            if (status is None or record.status is status) and (method is None or record.method == method):
+                found.append(record)
+                if len(found) == limit:
+                    break
+    more = client.zcard(keys.JOBS_INDEX) > offset
+    return found, (str(offset) if more else None)

@@ -24,6 +24,8 @@ class Settings(BaseSettings):
     queue: str = "gpu"
     # CUDA_VISIBLE_DEVICES for this worker's jobs (`deepe worker --gpus 0`); None leaves it alone.
     gpus: str | None = None
+    # Bearer tokens of the HTTP API, comma-separated.
+    api_tokens: str = ""
     # Keep one job process warm (training stack imported, CUDA untouched); `--no-warm` turns it off.
     warm: bool = True
     # A running job's lease; a heartbeat renews it every third of this.
@@ -41,6 +43,10 @@ class Settings(BaseSettings):
     event_buffer: int = Field(100_000, ge=100)
     # Longer than any job: recovery comes from leases, not from broker redelivery.
     visibility_timeout: int = Field(7 * 24 * 3600, ge=60)
+
+    @property
+    def api_token_list(self) -> list[str]:
+        return [t.strip() for t in self.api_tokens.split(",") if t.strip()]
 
     @property
     def storage_root(self) -> Path:

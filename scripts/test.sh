@@ -4,8 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-python -m pip install --quiet -c constraints/ci.txt -e '.[train,monitor,test]'
-ruff check --output-format concise deepe_tasks method_store tests scripts
+python -m pip install --quiet -c constraints/ci.txt -e '.[train,monitor,api,test]'
+ruff check --output-format concise deepe_tasks method_store tests scripts bench
 mypy
 set +e
 python -m pytest -q "$@"

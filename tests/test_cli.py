@@ -92,3 +92,13 @@ def test_the_gpu_check_says_it_was_skipped_without_cuda() -> None:
     result = subprocess.run(["bash", str(ROOT / "scripts/gpu-check.sh")], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0 and "skipped" in json.loads(result.stdout)
+
+
+def test_the_queue_side_and_the_worker_process_never_import_torch() -> None:
+    # A backend installs deepe without PyTorch; a worker process must never touch CUDA.
+    code = ("import sys, deepe_tasks, deepe_tasks.client, deepe_tasks.cli, deepe_tasks.api, deepe_tasks.tasks, "
+            "deepe_tasks.lifecycle, deepe_tasks.queues, deepe_tasks.metrics; "
+            "print(sorted(m for m in ('torch', 'transformers', 'trl', 'peft', 'datasets') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -1,0 +1,3 @@
+module deepe-example
+
+go 1.21
