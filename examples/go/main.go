@@ -16,11 +16,11 @@ import (
 )
 
 type event struct {
-	Kind     string             `json:"kind"`
-	Step     *int               `json:"step"`
-	MaxSteps *int               `json:"max_steps"`
-	Metrics  map[string]any     `json:"metrics"`
-	Message  string             `json:"message"`
+	Kind     string         `json:"kind"`
+	Step     *int           `json:"step"`
+	MaxSteps *int           `json:"max_steps"`
+	Metrics  map[string]any `json:"metrics"`
+	Message  string         `json:"message"`
 }
 
 var final = map[string]bool{"succeeded": true, "failed": true, "cancelled": true}
