@@ -58,7 +58,7 @@ def run_demo(console: Console, steps: int = 30) -> int:
             })
             console.print(f"[cyan]submitted[/] SFT-Demo as job {job.id}")
             follow(job.events(follow=True), console)
-            final = job.status()
+            final = job.wait(timeout=60)
             info = job.info()
     if final is not JobStatus.SUCCEEDED:
         console.print(Text(f"the demo job {final.value}: ", style="red") + Text(str(info.get("error"))))

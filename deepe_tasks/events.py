@@ -86,7 +86,7 @@ class EventPublisher:
                 batch = list(self._incoming)
                 self._incoming.clear()
             if batch:
-                self._write_jsonl(batch)
+                self.write_jsonl(batch)
                 overflow = len(self._unsent) + len(batch) - (self._unsent.maxlen or 0)
                 if overflow > 0:
                     self.dropped += overflow
@@ -114,7 +114,8 @@ class EventPublisher:
                 self._unsent.popleft()
             self.published += len(chunk)
 
-    def _write_jsonl(self, batch: list[Event]) -> None:
+    def write_jsonl(self, batch: list[Event]) -> None:
+        """Append events to the job's events.jsonl only (the stream got them another way)."""
         if self._jsonl is None:
             return
         try:

@@ -330,15 +330,18 @@ def _finish(client: redis.Redis, record: JobRecord, result: RunResult, publisher
     kind = {JobStatus.SUCCEEDED: EventKind.SUCCEEDED, JobStatus.CANCELLED: EventKind.CANCELLED}.get(
         result.status, EventKind.FAILED)
     message = result.error or (f"model saved to {result.output_dir}" if result.output_dir else "")
-    publisher.emit(Event(kind=kind, job=job_id, step=result.step, metrics=result.metrics, message=message))
-    # The final event is in the stream before the record says the job ended, so whoever
-    # waits on the record finds the whole history.
-    publisher.flush(timeout=300)
+    final = Event(kind=kind, job=job_id, step=result.step, metrics=result.metrics, message=message)
+    publisher.flush(timeout=300)  # every earlier event goes first
 
     def record_end() -> None:
-        jobs.update(client, job_id, status=result.status, error=result.error, finished_at=time.time(),
+        # One transaction: whoever sees the final event sees the final record, and the reverse.
+        pipe = client.pipeline(transaction=True)
+        pipe.xadd(keys.events(job_id), {"data": final.to_json()})
+        jobs.update(pipe, job_id, status=result.status, error=result.error, finished_at=time.time(),
                     metrics=result.metrics, output_dir=result.output_dir)
-        client.srem(keys.RUNNING, job_id)
+        pipe.srem(keys.RUNNING, job_id)
+        pipe.execute()
 
     retry_redis(record_end)
+    publisher.write_jsonl([final])
     return result
