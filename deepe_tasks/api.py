@@ -18,7 +18,14 @@ from pydantic import BaseModel, Field
 
 from . import client
 from .connection import get_redis
-from .errors import DeepeError, InvalidJobState, JobExists, JobNotFound, MethodNotFound
+from .errors import (
+    BrokerUnavailable,
+    DeepeError,
+    InvalidJobState,
+    JobExists,
+    JobNotFound,
+    MethodNotFound,
+)
 from .methods import list_methods, load_method
 from .records import Event, JobStatus
 from .settings import get_settings
@@ -116,8 +123,14 @@ def create_app(tokens: list[str], insecure: bool = False) -> FastAPI:
 
     @app.exception_handler(DeepeError)
     async def deepe_error(request: Request, exc: DeepeError) -> JSONResponse:
-        code = 404 if isinstance(exc, (JobNotFound, MethodNotFound)) and request.method == "GET" else (
-            409 if isinstance(exc, (InvalidJobState, JobExists)) else 422)
+        if isinstance(exc, JobNotFound) or (isinstance(exc, MethodNotFound) and request.method == "GET"):
+            code = 404
+        elif isinstance(exc, (InvalidJobState, JobExists)):
+            code = 409
+        elif isinstance(exc, BrokerUnavailable):
+            code = 503
+        else:
+            code = 422  # bad input: the message says what to fix
         return JSONResponse({"detail": str(exc)}, status_code=code)
 
     @app.post("/jobs", status_code=201, response_model=JobRef, dependencies=auth,

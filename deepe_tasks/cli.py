@@ -108,7 +108,7 @@ def submit(
     param: ParamOpt = None,
     params_file: Annotated[Path | None, typer.Option(help="A JSON file of parameters.")] = None,
     queue: Annotated[str | None, typer.Option(help="The queue; default DEEPE_QUEUE.")] = None,
-    priority: Annotated[int | None, typer.Option(help="0 (highest) to 9.")] = None,
+    priority: Annotated[int | None, typer.Option(help="0 (highest) to 9; default 5.")] = None,
     time_limit: Annotated[float | None, typer.Option(help="Seconds of training before the job stops.")] = None,
     job_id: Annotated[str | None, typer.Option(help="An id of your own; refused if taken.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the job until it ends.")] = False,

@@ -17,6 +17,7 @@ from .records import Event, EventKind, JobRecord, JobStatus
 from .settings import get_settings
 
 TASK_NAME = "deepe.train"
+DEFAULT_PRIORITY = 5
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -66,7 +67,8 @@ def enqueue(record: JobRecord) -> None:
 
     app_for(get_settings().redis_url).send_task(
         TASK_NAME, args=[record.id], kwargs={"method": record.method}, task_id=record.id,
-        queue=record.queue, priority=record.priority,
+        # Without one, a job gets the middle priority: 0 is the highest, 9 the lowest.
+        queue=record.queue, priority=DEFAULT_PRIORITY if record.priority is None else record.priority,
         # What Flower shows: the method and its parameters, secrets masked. The worker reads
         # the parameters from the job record, never from the message.
         argsrepr=repr([record.id]),

@@ -13,11 +13,12 @@ from typing import Any
 import redis
 
 from . import keys
-from .records import Event
+from .records import FINAL_STATES, Event
 
 log = logging.getLogger(__name__)
 
 BATCH = 500
+FINAL_VALUES = {s.value for s in FINAL_STATES}
 
 
 class EventPublisher:
@@ -156,6 +157,10 @@ def read_events(
         reply: Any = client.xread({stream: last or "0"}, block=block_ms, count=BATCH)
         if not reply:
             if idle_timeout is not None and time.monotonic() - quiet_since > idle_timeout:
+                return
+            # A reader that resumed after the final event (an SSE reconnect) ends here.
+            status = client.hget(keys.job(job_id), "status")
+            if status in FINAL_VALUES and not client.xread({stream: last or "0"}, count=1):
                 return
             continue
         quiet_since = time.monotonic()

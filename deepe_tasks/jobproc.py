@@ -18,7 +18,7 @@ import redis
 from . import keys, runner
 from .events import EventPublisher
 from .protocol import LOG_FILE, PREEMPT_SIGNAL, RESULT_FILE
-from .records import JobSpec, RunResult
+from .records import JobSpec, JobStatus, RunResult
 from .settings import get_settings, redis_ssl_options
 from .storage import job_dir
 
@@ -92,10 +92,19 @@ def main() -> int:
     client = redis.Redis.from_url(spec.redis_url or "", decode_responses=True,
                                   socket_timeout=5, socket_connect_timeout=2, **(tls or {}))
     publisher = EventPublisher(client, spec.job_id, jsonl=folder / "events.jsonl")
-    flags = StopFlags(client, spec)
+    # The cancel flag is read on the training thread: during an outage that read must fail
+    # fast, not stall a step for the usual timeouts.
+    flag_client = redis.Redis.from_url(spec.redis_url or "", decode_responses=True, socket_timeout=0.2,
+                                       socket_connect_timeout=0.2, **(tls or {}))
+    flags = StopFlags(flag_client, spec)
     signal.signal(PREEMPT_SIGNAL, flags.preempt)
 
-    result = runner.Runner(spec, publisher.emit, flags.check).run()
+    try:
+        result = runner.Runner(spec, publisher.emit, flags.check).run()
+    except BaseException as e:  # the runner reports method errors itself; this is for its own
+        logging.exception("the runner failed")
+        result = RunResult(status=JobStatus.FAILED, phase="running the job",
+                           error=f"The job process failed outside the method: {type(e).__name__}: {e}")
     # The worker writes the final event; ours must be in the stream before it.
     if not publisher.close(timeout=300):
         logging.warning("some events reached events.jsonl but not Redis")

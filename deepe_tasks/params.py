@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import InvalidParams
+from .storage import MANIFEST
 
 MAX_PARAMS_BYTES = 1_000_000
 SECRET_KEY = re.compile(r"token|secret|password|passwd|key", re.IGNORECASE)
@@ -140,14 +141,29 @@ def resolve_params(params: TrainParams, storage_root: Path, job_id: str) -> Trai
             f"OUTPUT_DIR={params.OUTPUT_DIR!r} resolves to {output}, outside the storage root "
             f"{storage_root}; give a relative path such as 'models/my-run'."
         )
+    jobs, models = storage_root / "jobs", storage_root / "models"
+    if output.is_relative_to(jobs) or jobs.is_relative_to(output) or models.is_relative_to(output):
+        raise InvalidParams(
+            f"OUTPUT_DIR={params.OUTPUT_DIR!r} would replace or sit in a folder the platform uses "
+            "(jobs/, or all of models/); give a folder of its own, such as 'models/my-run'."
+        )
+    if output.is_dir() and any(output.iterdir()) and not (output / MANIFEST).exists():
+        raise InvalidParams(
+            f"OUTPUT_DIR={params.OUTPUT_DIR!r} ({output}) already holds files that are not a deepe model; "
+            "a published model replaces its folder, so give an empty or new folder."
+        )
     out.OUTPUT_DIR = str(output)
     return out
 
 
 def mask_secrets(values: dict[str, Any]) -> dict[str, Any]:
     """A copy with the values of secret-looking keys (token, secret, password, key) masked."""
-    return {
-        k: (MASK if SECRET_KEY.search(k) and v not in (None, "") else
-            mask_secrets(v) if isinstance(v, dict) else v)
-        for k, v in values.items()
-    }
+    return {k: MASK if SECRET_KEY.search(k) and v not in (None, "") else _mask_nested(v) for k, v in values.items()}
+
+
+def _mask_nested(value: Any) -> Any:
+    if isinstance(value, dict):
+        return mask_secrets(value)
+    if isinstance(value, list):
+        return [_mask_nested(v) for v in value]
+    return value

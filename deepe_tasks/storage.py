@@ -39,10 +39,13 @@ def _fsync_tree(root: Path) -> None:
 def publish(staging: Path, target: Path) -> None:
     """Move a complete staging folder into place; a reader never sees a half-written one.
 
-    An existing folder at ``target`` is moved aside first and removed after the swap.
+    An existing deepe model at ``target`` is moved aside first and removed after the swap;
+    any other non-empty folder there is refused.
     """
     _fsync_tree(staging)
     old = None
+    if target.exists() and any(target.iterdir()) and not (target / MANIFEST).exists():
+        raise FileExistsError(f"{target} holds files that are not a deepe model; it was left as it is")
     if target.exists():
         old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
         os.rename(target, old)

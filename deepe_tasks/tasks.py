@@ -41,6 +41,7 @@ from .warm import WarmSpare
 log = logging.getLogger(__name__)
 
 TAIL_LINES = 15
+JOB_ENV_HIDDEN = frozenset({"DEEPE_REDIS_URL", "DEEPE_API_TOKENS", "REDIS_PASSWORD", "FLOWER_BASIC_AUTH"})
 PR_SET_PDEATHSIG = 1
 
 
@@ -58,9 +59,11 @@ def _job_process_setup(memory_gb: float | None) -> Callable[[], None]:
     return setup
 
 
-def _tail(path: Path, lines: int = TAIL_LINES) -> str:
+def _tail(path: Path, lines: int = TAIL_LINES, max_bytes: int = 64 * 1024) -> str:
     try:
-        text = path.read_text(errors="replace").rstrip().splitlines()
+        with path.open("rb") as f:
+            f.seek(max(0, path.stat().st_size - max_bytes))
+            text = f.read().decode(errors="replace").rstrip().splitlines()
     except OSError:
         return ""
     return "\n".join(text[-lines:])
@@ -68,7 +71,10 @@ def _tail(path: Path, lines: int = TAIL_LINES) -> str:
 
 def _crash_message(returncode: int, log_path: Path) -> str:
     if returncode < 0:
-        name = signal.Signals(-returncode).name
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
         why = f"was killed by {name}"
         if name == "SIGKILL":
             why += " (the kernel's out-of-memory killer does this when a job uses too much memory)"
@@ -83,7 +89,8 @@ def _crash_message(returncode: int, log_path: Path) -> str:
 def spawn_job_process() -> subprocess.Popen[str]:
     """A new job process: it imports the training stack, then waits for its spec on stdin."""
     settings = get_settings()
-    env = {**os.environ}
+    # The method is user code: it gets no deployment secrets (its Redis URL comes in the spec).
+    env = {k: v for k, v in os.environ.items() if k not in JOB_ENV_HIDDEN}
     if settings.gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = settings.gpus
     return subprocess.Popen(
@@ -178,7 +185,7 @@ def _run_attempt(task: Any, client: redis.Redis, record: JobRecord, lease: Lease
         result = RunResult(status=JobStatus.FAILED, phase="loading the method",
                            error=f"The pinned source of {record.method} ({record.method_sha256[:12]}) "
                                  "is missing from Redis; submit the job again.")
-        return _finish(client, record, result, publisher)
+        return _finish(client, record, result, publisher, lease)
 
     (folder / RESULT_FILE).unlink(missing_ok=True)
     spec = JobSpec(job_id=job_id, method=record.method, method_sha256=record.method_sha256, source=str(source),
@@ -186,13 +193,22 @@ def _run_attempt(task: Any, client: redis.Redis, record: JobRecord, lease: Lease
                    redis_url=settings.redis_url, worker=hostname, started_at=now,
                    time_limit=record.time_limit, checkpoint_minutes=settings.checkpoint_minutes)
     proc, proc_started, warm = job_process()
-    jobs.update(client, job_id, pid=proc.pid)
-    publisher.emit(Event(kind=EventKind.STARTED, job=job_id, message=f"started on {hostname}", metrics={
-        "attempt": attempt, "pid": proc.pid, "warm": warm, "process_started_at": proc_started}))
-    assert proc.stdin is not None
-    proc.stdin.write(spec.model_dump_json() + "\n")
-    proc.stdin.close()
-    ended_by = Supervisor(client, record, proc, lease, progress=FlowerProgress(task, client, job_id)).watch()
+    try:
+        jobs.update(client, job_id, pid=proc.pid)
+        publisher.emit(Event(kind=EventKind.STARTED, job=job_id, message=f"started on {hostname}", metrics={
+            "attempt": attempt, "pid": proc.pid, "warm": warm, "process_started_at": proc_started}))
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(spec.model_dump_json() + "\n")
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass  # the process died before reading its job: reported below as a crash
+        lease.renew()  # writing the spec may have waited for a spare still importing
+        ended_by = Supervisor(client, record, proc, lease, progress=FlowerProgress(task, client, job_id)).watch()
+    finally:
+        # Whatever happened, nothing of this attempt (DataLoader workers, torchrun children)
+        # outlives it.
+        _kill_group(proc)
 
     result_path = folder / RESULT_FILE
     if result_path.exists():
@@ -214,7 +230,7 @@ def _run_attempt(task: Any, client: redis.Redis, record: JobRecord, lease: Lease
     else:
         result = RunResult(status=JobStatus.FAILED, phase="running the job process",
                            error=_crash_message(proc.returncode, folder / LOG_FILE))
-    return _finish(client, record, result, publisher)
+    return _finish(client, record, result, publisher, lease)
 
 
 class FlowerProgress:
@@ -285,7 +301,7 @@ class Supervisor:
             now = time.monotonic()
             try:
                 if now >= next_renew:
-                    if not (self.lease.renew() or self.lease.acquire()):
+                    if not (self.lease.renew() or self.lease.retake(self.record.attempts + 1)):
                         self._kill()  # another worker took the job over: never two trainers
                         return "lease-lost"
                     next_renew = now + renew_every
@@ -313,18 +329,30 @@ class Supervisor:
             pass
 
     def _kill(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
+        _kill_group(self.proc)
 
 
-def _finish(client: redis.Redis, record: JobRecord, result: RunResult, publisher: EventPublisher) -> RunResult:
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
+def _finish(client: redis.Redis, record: JobRecord, result: RunResult, publisher: EventPublisher,
+            lease: Lease) -> RunResult:
     job_id = record.id
+    if not retry_redis(lease.held):
+        # Another worker took the job over (after an outage longer than the lease): it owns
+        # the job's state now.
+        log.error("job %s: this attempt lost its lease; not recording its end", job_id)
+        return result.model_copy(update={"status": JobStatus.QUEUED})
     if result.status is JobStatus.QUEUED:
         fresh = retry_redis(lambda: jobs.get(client, job_id))
         publisher.flush(timeout=300)
+        # Free the lease first: the requeued message may reach an idle worker at once.
+        retry_redis(lease.release)
         retry_redis(lambda: requeue(client, fresh, result.error or "the worker shut down"))
         return result
     kind = {JobStatus.SUCCEEDED: EventKind.SUCCEEDED, JobStatus.CANCELLED: EventKind.CANCELLED}.get(

@@ -60,7 +60,9 @@ def test_an_explicit_duplicate_job_id_is_refused_and_the_first_job_is_untouched(
     with pytest.raises(JobExists, match="already exists"):
         submit("sft-demo", {**sft_params, "MAX_STEPS": 99}, queue="dup-id-q", job_id="matrix-dup")
     assert first.info()["params"]["MAX_STEPS"] == sft_params["MAX_STEPS"]
-    assert get_redis().llen("dup-id-q") == 1
+    from deepe_tasks.queues import waiting_in
+
+    assert [w["id"] for w in waiting_in(get_redis(), "dup-id-q").waiting] == ["matrix-dup"]
     first.cancel()
 
 

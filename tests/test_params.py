@@ -90,6 +90,21 @@ def test_output_dir_must_stay_inside_storage(tmp_path: Path, output: str) -> Non
         resolve_params(parse_params({**BASE, "OUTPUT_DIR": output}), tmp_path / "root", "j")
 
 
+@pytest.mark.parametrize("output", ["models", "jobs", "jobs/abc", "."])
+def test_output_dir_cannot_replace_the_platforms_folders(tmp_path: Path, output: str) -> None:
+    with pytest.raises(InvalidParams, match="OUTPUT_DIR"):
+        resolve_params(parse_params({**BASE, "OUTPUT_DIR": output}), tmp_path, "j")
+
+
+def test_output_dir_that_holds_other_files_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "runs/mine").mkdir(parents=True)
+    (tmp_path / "runs/mine/notes.txt").write_text("keep me")
+    with pytest.raises(InvalidParams, match="already holds files that are not a deepe model"):
+        resolve_params(parse_params({**BASE, "OUTPUT_DIR": "runs/mine"}), tmp_path, "j")
+    (tmp_path / "runs/mine/deepe.json").write_text("{}")  # a previous model: replaced on publish
+    assert resolve_params(parse_params({**BASE, "OUTPUT_DIR": "runs/mine"}), tmp_path, "j").OUTPUT_DIR
+
+
 def test_output_dir_inside_storage_is_accepted(tmp_path: Path) -> None:
     p = resolve_params(parse_params({**BASE, "OUTPUT_DIR": str(tmp_path / "runs/a")}), tmp_path, "j")
     assert str(tmp_path / "runs/a") == p.OUTPUT_DIR
@@ -97,6 +112,6 @@ def test_output_dir_inside_storage_is_accepted(tmp_path: Path) -> None:
 
 def test_secrets_are_masked() -> None:
     masked = mask_secrets({"HF_TOKEN": "hf_abc", "api_key": "k", "db_password": "p", "LORA_RANK": 8,
-                           "nested": {"client_secret": "s"}, "empty_token": ""})
+                           "nested": {"client_secret": "s"}, "empty_token": "", "hubs": [{"token": "t"}, 3]})
     assert masked == {"HF_TOKEN": "***", "api_key": "***", "db_password": "***", "LORA_RANK": 8,
-                      "nested": {"client_secret": "***"}, "empty_token": ""}
+                      "nested": {"client_secret": "***"}, "empty_token": "", "hubs": [{"token": "***"}, 3]}

@@ -235,7 +235,8 @@ def test_redis_restarting_mid_job_loses_no_event(tmp_path: Path, slow_params: di
     server = RedisServer(appendonly=True, folder=tmp_path / "redis").start()
     monkeypatch.setenv("DEEPE_REDIS_URL", server.url)
     get_settings.cache_clear()
-    w = Worker("gpu", tmp_path / "worker.log", env={**FAST, "DEEPE_REDIS_URL": server.url})
+    # The outage is shorter than the lease, as it must be in a deployment (docs/reliability.md).
+    w = Worker("gpu", tmp_path / "worker.log", env={**FAST, "DEEPE_LEASE_TTL": "30", "DEEPE_REDIS_URL": server.url})
     try:
         w.start()
         job = submit("slow", {**slow_params, "MAX_STEPS": 30, "step_sleep": 0.3})
