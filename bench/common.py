@@ -77,13 +77,3 @@ def report(name: str, figures: dict[str, Any]) -> dict[str, Any]:
     out = {"bench": name, **figures, "machine": machine(), "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     print(json.dumps(out))
     return out
-
-
-def wait_until(predicate: Any, timeout: float = 120.0, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError("condition not met")

@@ -27,7 +27,7 @@ from .errors import (
     MethodNotFound,
 )
 from .methods import list_methods, load_method
-from .records import Event, JobStatus
+from .records import Event, JobRecord, JobStatus
 from .settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -46,23 +46,9 @@ class JobRef(BaseModel):
     status: JobStatus
 
 
-class JobInfo(BaseModel):
-    id: str
-    status: JobStatus
-    method: str
-    method_sha256: str
-    params: dict[str, Any]
-    output_dir: str
-    queue: str
-    priority: int | None = None
-    error: str | None = None
-    worker: str | None = None
-    submitted_at: float
-    started_at: float | None = None
-    finished_at: float | None = None
-    attempts: int = 0
-    time_limit: float | None = None
-    metrics: dict[str, Any] = Field(default_factory=dict, description="The final metrics.")
+class JobInfo(JobRecord):
+    """The job record (secrets masked) and its latest progress."""
+
     progress: Event | None = Field(None, description="The latest `log` event: step, max_steps, ETA, metrics.")
 
 

@@ -45,13 +45,18 @@ JOB_ENV_HIDDEN = frozenset({"DEEPE_REDIS_URL", "DEEPE_API_TOKENS", "REDIS_PASSWO
 PR_SET_PDEATHSIG = 1
 
 
+try:
+    # Loaded here, not between fork and exec, where a multi-threaded parent must not dlopen.
+    _LIBC: ctypes.CDLL | None = ctypes.CDLL("libc.so.6", use_errno=True)
+except OSError:
+    _LIBC = None
+
+
 def _job_process_setup(memory_gb: float | None) -> Callable[[], None]:
     def setup() -> None:
         # Get SIGKILL when the worker dies, so no orphan trains on beside a resumed attempt.
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        except OSError:
-            pass
+        if _LIBC is not None:
+            _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if memory_gb is not None:
             limit = int(memory_gb * 2**30)
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -307,10 +312,13 @@ class Supervisor:
                     next_renew = now + renew_every
                 if "cancel" not in stop_asked and self.client.exists(keys.cancel(self.record.id)):
                     stop_asked["cancel"] = now
-                if self.progress is not None:
-                    self.progress.report(now)
             except redis.RedisError as e:  # an outage must not end the job
                 log.warning("job %s: could not reach Redis: %s", self.record.id, e)
+            try:
+                if self.progress is not None:
+                    self.progress.report(now)
+            except Exception as e:  # Flower's view is a nicety: never let it end the job
+                log.warning("job %s: could not report progress: %s", self.record.id, e)
             if limit is not None and now - started >= limit:
                 stop_asked.setdefault("time-limit", now)
             if "preempt" not in stop_asked and worker_stopping():

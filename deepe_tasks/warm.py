@@ -45,7 +45,7 @@ class WarmSpare:
                 if self._spare is None and not self._closed:
                     try:
                         self._spare, self._spare_started = self._spawn(), time.time()
-                    except OSError as e:
+                    except Exception as e:  # never let the spare's thread die
                         log.warning("could not start a warm spare: %s", e)
             self._wake.wait(self.CHECK_INTERVAL)
             self._wake.clear()
