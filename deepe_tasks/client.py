@@ -10,7 +10,7 @@ from typing import Any
 
 from . import jobs, keys
 from .connection import get_redis, ping
-from .errors import InvalidJobState, InvalidParams
+from .errors import BrokerUnavailable, InvalidJobState, InvalidParams
 from .methods import load_method
 from .params import mask_secrets, parse_params, resolve_params
 from .records import Event, EventKind, JobRecord, JobStatus
@@ -57,7 +57,13 @@ def submit(
     jobs.create(client, record)
     client.xadd(keys.events(job_id), {"data": Event(
         kind=EventKind.QUEUED, job=job_id, message=f"{found.name} queued on {queue}").to_json()})
-    enqueue(record)
+    try:
+        enqueue(record)
+    except Exception as e:
+        # No message means no worker will ever take it: say so in the record, not just here.
+        error = f"The job could not be queued: {e}; submit it again."
+        jobs.update(client, job_id, status=JobStatus.FAILED, error=error, finished_at=time.time())
+        raise BrokerUnavailable(error) from e
     return Job(job_id)
 
 

@@ -63,13 +63,17 @@ def recent(client: redis.Redis, limit: int = 20) -> list[JobRecord]:
 # Set fields only while the status is one of ARGV[1] (comma-separated), and, when KEYS[2] is
 # given, only while that key does not exist: no lost updates between a cancel, a worker
 # picking the job up and a reaper requeueing it.
+# ARGV[2] is "add" or "rem" to move the job into or out of the running set (KEYS[2]) in the
+# same step, so that no crash can leave a running job the reaper does not see.
 _TRANSITION = """
 local status = redis.call('hget', KEYS[1], 'status')
 if not status then return 0 end
-if KEYS[2] and redis.call('exists', KEYS[2]) == 1 then return 0 end
+if KEYS[3] and redis.call('exists', KEYS[3]) == 1 then return 0 end
 for allowed in string.gmatch(ARGV[1], '[^,]+') do
   if allowed == status then
-    redis.call('hset', KEYS[1], unpack(ARGV, 2))
+    redis.call('hset', KEYS[1], unpack(ARGV, 4))
+    if ARGV[2] == 'add' then redis.call('sadd', KEYS[2], ARGV[3]) end
+    if ARGV[2] == 'rem' then redis.call('srem', KEYS[2], ARGV[3]) end
     return 1
   end
 end
@@ -78,9 +82,11 @@ return 0
 
 
 def transition(client: redis.Redis, job_id: str, allowed_from: set[JobStatus], *,
-               unless_exists: str | None = None, **fields: Any) -> bool:
-    """Set ``fields`` if the job's status is in ``allowed_from`` (and ``unless_exists`` is absent)."""
+               unless_exists: str | None = None, running: bool | None = None, **fields: Any) -> bool:
+    """Set ``fields`` if the job's status is in ``allowed_from`` (and ``unless_exists`` is absent);
+    with ``running``, also add the job to the running set (True) or remove it (False)."""
     flat = [item for pair in _encode(fields).items() for item in pair]
     allowed = ",".join(s.value for s in allowed_from)
-    names = [keys.job(job_id)] + ([unless_exists] if unless_exists else [])
-    return bool(client.eval(_TRANSITION, len(names), *names, allowed, *flat))
+    op = "" if running is None else ("add" if running else "rem")
+    names = [keys.job(job_id), keys.RUNNING] + ([unless_exists] if unless_exists else [])
+    return bool(client.eval(_TRANSITION, len(names), *names, allowed, op, job_id, *flat))

@@ -58,23 +58,27 @@ def requeue(client: redis.Redis, record: JobRecord, why: str, unless_exists: str
         message = (f"The job was interrupted {resumes} times (last: {why}) and DEEPE_MAX_RESUMES is "
                    f"{settings.max_resumes}; its last checkpoint is in the job folder. Find out why its "
                    "workers stop (memory, preemption), then submit it again.")
-        if not jobs.transition(client, record.id, {JobStatus.RUNNING}, unless_exists=unless_exists,
+        if not jobs.transition(client, record.id, {JobStatus.RUNNING}, unless_exists=unless_exists, running=False,
                                status=JobStatus.FAILED, error=message, finished_at=time.time()):
             return False
-        client.srem(keys.RUNNING, record.id)
         client.xadd(keys.events(record.id), {"data": Event(kind=EventKind.FAILED, job=record.id,
                                                            message=message).to_json()})
         return False
-    if not jobs.transition(client, record.id, {JobStatus.RUNNING}, unless_exists=unless_exists,
+    if not jobs.transition(client, record.id, {JobStatus.RUNNING}, unless_exists=unless_exists, running=False,
                            status=JobStatus.QUEUED):
         return False
-    client.srem(keys.RUNNING, record.id)
+    from .client import enqueue
+
+    # The event goes first, so that it precedes the next attempt's `started`.
     client.xadd(keys.events(record.id), {"data": Event(
         kind=EventKind.REQUEUED, job=record.id, message=f"requeued: {why}",
         metrics={"attempt": record.attempts}).to_json()})
-    from .client import enqueue
-
-    enqueue(record)
+    try:
+        enqueue(record)
+    except Exception:
+        # Back to running without a lease: the reaper tries again on its next round.
+        jobs.transition(client, record.id, {JobStatus.QUEUED}, running=True, status=JobStatus.RUNNING)
+        raise
     return True
 
 

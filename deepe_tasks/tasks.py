@@ -178,11 +178,10 @@ def _run_attempt(task: Any, client: redis.Redis, record: JobRecord, lease: Lease
     hostname = task.request.hostname or os.uname().nodename
     now = time.time()
     attempt = record.attempts + 1
-    if not jobs.transition(client, job_id, {JobStatus.QUEUED, JobStatus.RUNNING}, status=JobStatus.RUNNING,
-                           worker=hostname, started_at=now, attempts=attempt):
+    if not jobs.transition(client, job_id, {JobStatus.QUEUED, JobStatus.RUNNING}, running=True,
+                           status=JobStatus.RUNNING, worker=hostname, started_at=now, attempts=attempt):
         log.info("dropping job %s: it ended before it could start", job_id)
         return RunResult(status=jobs.status(client, job_id), phase="starting")
-    client.sadd(keys.RUNNING, job_id)
     source = client.get(keys.method_source(record.method_sha256))
     if source is None:
         publisher.emit(Event(kind=EventKind.STARTED, job=job_id, message=f"started on {hostname}",

@@ -157,3 +157,20 @@ def test_messages_with_missing_fields_are_refused_and_logged(matrix_worker: Work
     wait_for(lambda: no_args.id in matrix_worker.log(), timeout=30)
     assert "missing 1 required positional argument: 'job_id'" in matrix_worker.log()
     assert unknown.id in matrix_worker.log() and matrix_worker.alive()
+
+
+def test_a_job_whose_message_cannot_be_sent_is_recorded_as_failed(sft_params: dict[str, Any],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # A broker that refuses the publish (a fake, beside the real submits above).
+    from deepe_tasks import client as client_module
+    from deepe_tasks.errors import BrokerUnavailable
+
+    def refuse(record: Any) -> None:
+        raise ConnectionError("broker refused the publish")
+
+    monkeypatch.setattr(client_module, "enqueue", refuse)
+    with pytest.raises(BrokerUnavailable, match="could not be queued: broker refused the publish") as info:
+        submit("sft-demo", sft_params, queue="refused-q", job_id="unsent-1")
+    record = client_module.Job("unsent-1").info()
+    assert record["status"] == "failed" and "submit it again" in record["error"]
+    assert "submit it again" in str(info.value)
