@@ -7,23 +7,18 @@ records how it ended.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
-import resource
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import redis
 from celery import states
 from celery.exceptions import Ignore
-from celery.signals import worker_process_init, worker_process_shutdown
 
 from . import jobs, keys
 from .celery_app import app
@@ -32,105 +27,13 @@ from .errors import JobFailed, JobNotFound
 from .events import EventPublisher
 from .lease import Lease
 from .lifecycle import requeue, retry_redis, worker_stopping
+from .processes import crash_message, job_process, kill_group
 from .protocol import LOG_FILE, PREEMPT_SIGNAL, RESULT_FILE
 from .records import Event, EventKind, JobRecord, JobSpec, JobStatus, RunResult
 from .settings import get_settings
 from .storage import job_dir
-from .warm import WarmSpare
 
 log = logging.getLogger(__name__)
-
-TAIL_LINES = 15
-JOB_ENV_HIDDEN = frozenset({"DEEPE_REDIS_URL", "DEEPE_API_TOKENS", "REDIS_PASSWORD", "FLOWER_BASIC_AUTH"})
-PR_SET_PDEATHSIG = 1
-
-
-try:
-    # Loaded here, not between fork and exec, where a multi-threaded parent must not dlopen.
-    _LIBC: ctypes.CDLL | None = ctypes.CDLL("libc.so.6", use_errno=True)
-except OSError:
-    _LIBC = None
-
-
-def _job_process_setup(memory_gb: float | None) -> Callable[[], None]:
-    def setup() -> None:
-        # Get SIGKILL when the worker dies, so no orphan trains on beside a resumed attempt.
-        if _LIBC is not None:
-            _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if memory_gb is not None:
-            limit = int(memory_gb * 2**30)
-            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-    return setup
-
-
-def _tail(path: Path, lines: int = TAIL_LINES, max_bytes: int = 64 * 1024) -> str:
-    try:
-        with path.open("rb") as f:
-            f.seek(max(0, path.stat().st_size - max_bytes))
-            text = f.read().decode(errors="replace").rstrip().splitlines()
-    except OSError:
-        return ""
-    return "\n".join(text[-lines:])
-
-
-def _crash_message(returncode: int, log_path: Path) -> str:
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        why = f"was killed by {name}"
-        if name == "SIGKILL":
-            why += " (the kernel's out-of-memory killer does this when a job uses too much memory)"
-        elif name == "SIGSEGV":
-            why += " (a crash in native code, such as a CUDA or tokenizer library)"
-    else:
-        why = f"exited with code {returncode} before reporting a result (did the method call os._exit?)"
-    tail = _tail(log_path)
-    return f"The job process {why}." + (f" Last output:\n{tail}" if tail else "")
-
-
-def spawn_job_process() -> subprocess.Popen[str]:
-    """A new job process: it imports the training stack, then waits for its spec on stdin."""
-    settings = get_settings()
-    # The method is user code: it gets no deployment secrets (its Redis URL comes in the spec).
-    env = {k: v for k, v in os.environ.items() if k not in JOB_ENV_HIDDEN}
-    if settings.gpus is not None:
-        env["CUDA_VISIBLE_DEVICES"] = settings.gpus
-    return subprocess.Popen(
-        [sys.executable, "-m", "deepe_tasks.jobproc"],
-        stdin=subprocess.PIPE, text=True, env=env,
-        start_new_session=True,  # its own process group, so a kill takes its DataLoader workers too
-        preexec_fn=_job_process_setup(settings.job_memory_gb),
-    )
-
-
-_spare: WarmSpare | None = None
-
-
-@worker_process_init.connect
-def start_warm_spare(**_: Any) -> WarmSpare | None:
-    """In each pool process (or lazily, in other pools): keep a job process warm."""
-    global _spare
-    if _spare is None and get_settings().warm:
-        _spare = WarmSpare(spawn_job_process)
-    return _spare
-
-
-@worker_process_shutdown.connect
-def _close_warm_spare(**_: Any) -> None:
-    if _spare is not None:
-        _spare.close()
-
-
-def job_process() -> tuple[subprocess.Popen[str], float, bool]:
-    """The warm spare if there is one, else a fresh process: (process, its start time, warm)."""
-    spare = start_warm_spare()
-    taken = spare.take() if spare is not None else None
-    if taken is not None:
-        return taken[0], taken[1], True
-    return spawn_job_process(), time.time(), False
 
 
 @app.task(name="deepe.train", bind=True)
@@ -212,7 +115,7 @@ def _run_attempt(task: Any, client: redis.Redis, record: JobRecord, lease: Lease
     finally:
         # Whatever happened, nothing of this attempt (DataLoader workers, torchrun children)
         # outlives it.
-        _kill_group(proc)
+        kill_group(proc)
 
     result_path = folder / RESULT_FILE
     if result_path.exists():
@@ -233,7 +136,7 @@ def _run_attempt(task: Any, client: redis.Redis, record: JobRecord, lease: Lease
         return RunResult(status=JobStatus.QUEUED, phase="training")
     else:
         result = RunResult(status=JobStatus.FAILED, phase="running the job process",
-                           error=_crash_message(proc.returncode, folder / LOG_FILE))
+                           error=crash_message(proc.returncode, folder / LOG_FILE))
     return _finish(client, record, result, publisher, lease)
 
 
@@ -336,15 +239,9 @@ class Supervisor:
             pass
 
     def _kill(self) -> None:
-        _kill_group(self.proc)
+        kill_group(self.proc)
 
 
-def _kill_group(proc: subprocess.Popen[str]) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait()
 
 
 def _finish(client: redis.Redis, record: JobRecord, result: RunResult, publisher: EventPublisher,
