@@ -177,9 +177,9 @@ def jobs(limit: Annotated[int, typer.Option(help="How many.")] = 20, as_json: Js
     """List recent jobs, newest first."""
     import time
 
-    from .client import recent_jobs
+    from .client import list_jobs
 
-    records = recent_jobs(limit)
+    records, _ = list_jobs(limit=limit)
     if as_json:
         print_json([{"id": r.id, "method": r.method, "status": r.status.value, "queue": r.queue,
                      "submitted_at": r.submitted_at, "worker": r.worker} for r in records])

@@ -123,12 +123,12 @@ class Job:
                 raise TimeoutError(f"job {self.id} is still {status.value} after {timeout} s")
             time.sleep(poll)
 
-    def events(self, since: str = "0", follow: bool = False, idle_timeout: float | None = None) -> Iterator[Event]:
+    def events(self, since: str = "0", follow: bool = False) -> Iterator[Event]:
         """Replay events after stream id ``since``; with ``follow``, tail them until the job ends."""
         from .events import read_events
 
         jobs.status(get_redis(), self.id)  # a clear error for an unknown job
-        return read_events(get_redis(), self.id, since=since, follow=follow, idle_timeout=idle_timeout)
+        return read_events(get_redis(), self.id, since=since, follow=follow)
 
     def cancel(self, save: bool = False) -> JobStatus:
         """Cancel the job. A queued job never starts. A running one stops at its next step with a
@@ -149,10 +149,6 @@ class Job:
                 return JobStatus.CANCELLED
         # Running: the job process reads the flag at its next step and stops there.
         return self.status()
-
-
-def recent_jobs(limit: int = 20) -> list[JobRecord]:
-    return jobs.recent(get_redis(), limit)
 
 
 def list_jobs(status: JobStatus | None = None, method: str | None = None, limit: int = 20,

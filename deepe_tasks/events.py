@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -136,12 +135,8 @@ def read_events(
     since: str = "0",
     follow: bool = False,
     block_ms: int = 1000,
-    idle_timeout: float | None = None,
 ) -> Iterator[Event]:
-    """Replay a job's events after stream id ``since``; with ``follow``, tail until a final event.
-
-    ``idle_timeout`` ends a follow that has seen no event for that many seconds.
-    """
+    """Replay a job's events after stream id ``since``; with ``follow``, tail until a final event."""
     stream = keys.events(job_id)
     last = since
     start = "-" if since in ("0", "0-0", "-") else f"({since}"
@@ -152,18 +147,14 @@ def read_events(
             return
     if not follow:
         return
-    quiet_since = time.monotonic()
     while True:
         reply: Any = client.xread({stream: last or "0"}, block=block_ms, count=BATCH)
         if not reply:
-            if idle_timeout is not None and time.monotonic() - quiet_since > idle_timeout:
-                return
             # A reader that resumed after the final event (an SSE reconnect) ends here.
             status = client.hget(keys.job(job_id), "status")
             if status in FINAL_VALUES and not client.xread({stream: last or "0"}, count=1):
                 return
             continue
-        quiet_since = time.monotonic()
         for event in _decode(reply[0][1]):
             last = event.id or last
             yield event

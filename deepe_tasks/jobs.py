@@ -52,19 +52,11 @@ def status(client: redis.Redis, job_id: str) -> JobStatus:
     return JobStatus(value)
 
 
-def recent(client: redis.Redis, limit: int = 20) -> list[JobRecord]:
-    ids: list[str] = client.zrevrange(keys.JOBS_INDEX, 0, limit - 1)  # type: ignore[assignment]
-    pipe = client.pipeline()
-    for job_id in ids:
-        pipe.hgetall(keys.job(job_id))
-    return [JobRecord.from_redis(raw) for raw in pipe.execute() if raw]
-
-
-# Set fields only while the status is one of ARGV[1] (comma-separated), and, when KEYS[2] is
+# Set fields only while the status is one of ARGV[1] (comma-separated), and, when KEYS[3] is
 # given, only while that key does not exist: no lost updates between a cancel, a worker
-# picking the job up and a reaper requeueing it.
-# ARGV[2] is "add" or "rem" to move the job into or out of the running set (KEYS[2]) in the
-# same step, so that no crash can leave a running job the reaper does not see.
+# picking the job up and a reaper requeueing it. ARGV[2] is "add" or "rem" to move the job
+# (ARGV[3]) into or out of the running set (KEYS[2]) in the same step, so that no crash can
+# leave a running job the reaper does not see.
 _TRANSITION = """
 local status = redis.call('hget', KEYS[1], 'status')
 if not status then return 0 end

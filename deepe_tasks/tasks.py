@@ -22,6 +22,7 @@ from celery.exceptions import Ignore
 
 from . import jobs, keys
 from .celery_app import app
+from .client import Job
 from .connection import get_redis
 from .errors import JobFailed, JobNotFound
 from .events import EventPublisher
@@ -111,7 +112,7 @@ def _run_attempt(task: Any, client: redis.Redis, record: JobRecord, lease: Lease
         except BrokenPipeError:
             pass  # the process died before reading its job: reported below as a crash
         lease.renew()  # writing the spec may have waited for a spare still importing
-        ended_by = Supervisor(client, record, proc, lease, progress=FlowerProgress(task, client, job_id)).watch()
+        ended_by = Supervisor(client, record, proc, lease, progress=FlowerProgress(task, job_id)).watch()
     finally:
         # Whatever happened, nothing of this attempt (DataLoader workers, torchrun children)
         # outlives it.
@@ -149,9 +150,8 @@ class FlowerProgress:
 
     INTERVAL = 1.0
 
-    def __init__(self, task: Any, client: redis.Redis, job_id: str) -> None:
+    def __init__(self, task: Any, job_id: str) -> None:
         self.task = task
-        self.client = client
         self.job_id = job_id
         self.last_step: int | None = None
         self.next_report = 0.0
@@ -160,11 +160,8 @@ class FlowerProgress:
         if now < self.next_report:
             return
         self.next_report = now + self.INTERVAL
-        latest: Any = self.client.xrevrange(keys.events(self.job_id), count=1)
-        if not latest:
-            return
-        event = Event.from_json(latest[0][1]["data"])
-        if event.kind is not EventKind.LOG or event.step is None or event.step == self.last_step:
+        event = Job(self.job_id).progress()
+        if event is None or event.step is None or event.step == self.last_step:
             return
         self.last_step = event.step
         meta = {"job": self.job_id, "step": event.step, "max_steps": event.max_steps,

@@ -128,6 +128,15 @@ def worker() -> Iterator[Worker]:
     w.stop()
 
 
+@pytest.fixture
+def workers() -> Iterator[list[Worker]]:
+    """Workers that a test starts for itself (append them); all stopped at its end."""
+    started: list[Worker] = []
+    yield started
+    for w in started:
+        w.stop()
+
+
 def write_method(store: Path, name: str, source: str) -> str:
     (store / f"{name}.py").write_text(source)
     return name

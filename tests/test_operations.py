@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +19,6 @@ from deepe_tasks.embedded import free_port
 from tests.conftest import SLOW_METHOD, Worker, run_cli, wait_for, write_method
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def workers() -> Iterator[list[Worker]]:
-    started: list[Worker] = []
-    yield started
-    for w in started:
-        w.stop()
 
 
 def start(workers: list[Worker], queues: str, tmp_path: Path, **env: str) -> Worker:

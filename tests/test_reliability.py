@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,15 +30,6 @@ def slow_method(store: Path) -> str:
 @pytest.fixture
 def slow_params(sft_params: dict[str, object]) -> dict[str, object]:
     return {**sft_params, "MAX_STEPS": 24, "PromptInputColumn": "instruction", "PromptOutputColumn": "output"}
-
-
-@pytest.fixture
-def workers(tmp_path: Path) -> Iterator[list[Worker]]:
-    """Workers started by a test on its own queue; all stopped at the end."""
-    started: list[Worker] = []
-    yield started
-    for w in started:
-        w.stop()
 
 
 def start_worker(workers: list[Worker], queue: str, tmp_path: Path, **env: str) -> Worker:

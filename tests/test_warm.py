@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,22 +37,14 @@ def job_processes_of(worker: Worker) -> list[int]:
                   if (ppid in pool or ppid == root) and "deepe_tasks.jobproc" in cmdlines.get(pid, ""))
 
 
-@pytest.fixture
-def own_worker(tmp_path: Path) -> Iterator[list[Worker]]:
-    started: list[Worker] = []
-    yield started
-    for w in started:
-        w.stop()
-
-
 def started_event(job: Any) -> Any:
     return next(e for e in job.events() if e.kind is EventKind.STARTED)
 
 
 def test_a_job_is_handed_to_the_spare_that_was_started_before_it_was_submitted(
-        own_worker: list[Worker], tmp_path: Path, sft_params: dict[str, Any]) -> None:
+        workers: list[Worker], tmp_path: Path, sft_params: dict[str, Any]) -> None:
     w = Worker("warm-q", tmp_path / "worker.log").start()
-    own_worker.append(w)
+    workers.append(w)
     spare = wait_for(lambda: job_processes_of(w), timeout=60)[0]
     time.sleep(0.5)
     submitted = time.time()
@@ -66,9 +57,9 @@ def test_a_job_is_handed_to_the_spare_that_was_started_before_it_was_submitted(
     assert wait_for(lambda: [p for p in job_processes_of(w) if p != spare], timeout=60)
 
 
-def test_a_killed_spare_is_replaced(own_worker: list[Worker], tmp_path: Path, sft_params: dict[str, Any]) -> None:
+def test_a_killed_spare_is_replaced(workers: list[Worker], tmp_path: Path, sft_params: dict[str, Any]) -> None:
     w = Worker("warm-kill-q", tmp_path / "worker.log").start()
-    own_worker.append(w)
+    workers.append(w)
     first = wait_for(lambda: job_processes_of(w), timeout=60)[0]
     os.kill(first, signal.SIGKILL)
     replacement = wait_for(lambda: [p for p in job_processes_of(w) if p != first], timeout=30)[0]
@@ -78,10 +69,10 @@ def test_a_killed_spare_is_replaced(own_worker: list[Worker], tmp_path: Path, sf
     assert "warm spare" in w.log() and "died" in w.log()
 
 
-def test_no_warm_runs_each_job_in_a_process_started_for_it(own_worker: list[Worker], tmp_path: Path,
+def test_no_warm_runs_each_job_in_a_process_started_for_it(workers: list[Worker], tmp_path: Path,
                                                            sft_params: dict[str, Any]) -> None:
     w = Worker("cold-q", tmp_path / "worker.log", extra_args=["--no-warm"]).start()
-    own_worker.append(w)
+    workers.append(w)
     time.sleep(2)
     assert job_processes_of(w) == []
     submitted = time.time()
