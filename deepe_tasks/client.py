@@ -8,8 +8,10 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import redis
+
 from . import jobs, keys
-from .connection import get_redis, ping
+from .connection import get_redis, unreachable
 from .errors import BrokerUnavailable, InvalidJobState, InvalidParams
 from .methods import load_method
 from .params import mask_secrets, parse_params, resolve_params
@@ -51,12 +53,12 @@ def submit(
         output_dir=str(resolved.OUTPUT_DIR), queue=queue, priority=priority, time_limit=time_limit,
     )
     client = get_redis()
-    ping(client)
-    # The worker runs this exact source, whatever happens to the file afterwards.
-    client.set(keys.method_source(found.sha256), found.source)
-    jobs.create(client, record)
-    client.xadd(keys.events(job_id), {"data": Event(
-        kind=EventKind.QUEUED, job=job_id, message=f"{found.name} queued on {queue}").to_json()})
+    queued = Event(kind=EventKind.QUEUED, job=job_id, message=f"{found.name} queued on {queue}")
+    try:
+        # The worker runs this exact source, whatever happens to the file afterwards.
+        jobs.create(client, record, source=found.source, first_event=queued.to_json())
+    except (redis.ConnectionError, redis.TimeoutError) as e:
+        raise unreachable(client, e) from e
     try:
         enqueue(record)
     except Exception as e:

@@ -25,12 +25,10 @@ def get_redis(url: str | None = None) -> redis.Redis:
     return _client(url or settings.redis_url, ca)
 
 
-def ping(client: redis.Redis) -> None:
-    try:
-        client.ping()
-    except redis.RedisError as e:
-        raise BrokerUnavailable(
-            f"Redis at {client.connection_pool.connection_kwargs.get('host')}:"
-            f"{client.connection_pool.connection_kwargs.get('port')} cannot be reached ({e}); "
-            "start it, or point DEEPE_REDIS_URL at a running one."
-        ) from e
+def unreachable(client: redis.Redis, e: Exception) -> BrokerUnavailable:
+    """The error for a Redis that does not answer, naming it (without its password)."""
+    kwargs = client.connection_pool.connection_kwargs
+    return BrokerUnavailable(
+        f"Redis at {kwargs.get('host')}:{kwargs.get('port')} cannot be reached ({e}); "
+        "start it, or point DEEPE_REDIS_URL at a running one."
+    )

@@ -1,7 +1,8 @@
-"""The job process: one fresh process per attempt, started by the worker task.
+"""The job process: one fresh process per attempt.
 
-It imports the training stack first and only then reads its job spec from stdin, so a
-process can be started ahead of time and wait, warm, for a job.
+With a warm worker it is forked from the zygote (`zygote.py`), which has the training stack
+imported already. With `--no-warm` it is started for the job: it imports the stack, then
+reads its job spec from stdin.
 """
 
 from __future__ import annotations
@@ -77,10 +78,15 @@ def write_result(folder: Path, result: RunResult) -> None:
 
 
 def main() -> int:
-    runner.warm_up()  # the heavy imports happen here, before the job arrives
+    runner.warm_up()
     line = sys.stdin.readline()
     if not line:
-        return 0  # the worker closed our stdin without a job: a spare that is no longer needed
+        return 0  # the worker closed our stdin without a job
+    return run(line)
+
+
+def run(line: str) -> int:
+    """Run the job whose spec (JSON) is ``line``; how it ended goes to the job folder."""
     spec = JobSpec.model_validate_json(line)
     folder = job_dir(Path(spec.storage_root), spec.job_id)
     folder.mkdir(parents=True, exist_ok=True)

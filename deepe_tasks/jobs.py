@@ -11,16 +11,25 @@ from . import keys
 from .errors import JobExists, JobNotFound
 from .records import JobRecord, JobStatus
 
+# A new job in one step: refuse a taken id; else pin the method's source (KEYS[3]), write the
+# record (KEYS[1]), index it (KEYS[2]) and append its first event (KEYS[4]).
+_CREATE = """
+if redis.call('exists', KEYS[1]) == 1 then return 0 end
+redis.call('set', KEYS[3], ARGV[1])
+redis.call('hset', KEYS[1], unpack(ARGV, 5))
+redis.call('zadd', KEYS[2], ARGV[2], ARGV[3])
+redis.call('xadd', KEYS[4], '*', 'data', ARGV[4])
+return 1
+"""
 
-def create(client: redis.Redis, record: JobRecord) -> None:
-    """Write a new record; refuse an id that is already taken."""
-    key = keys.job(record.id)
-    if not client.hsetnx(key, "id", record.id):
+
+def create(client: redis.Redis, record: JobRecord, source: str, first_event: str) -> None:
+    """Write a new record, with its method's source pinned and its first event; refuse an id
+    that is already taken."""
+    flat = [item for pair in record.to_redis().items() for item in pair]
+    names = [keys.job(record.id), keys.JOBS_INDEX, keys.method_source(record.method_sha256), keys.events(record.id)]
+    if not client.eval(_CREATE, len(names), *names, source, record.submitted_at, record.id, first_event, *flat):
         raise JobExists(f"A job with id {record.id!r} already exists; submit without an id, or pick a new one.")
-    pipe = client.pipeline()
-    pipe.hset(key, mapping=record.to_redis())  # type: ignore[arg-type]
-    pipe.zadd(keys.JOBS_INDEX, {record.id: record.submitted_at})
-    pipe.execute()
 
 
 def get(client: redis.Redis, job_id: str) -> JobRecord:

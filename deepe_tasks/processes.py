@@ -9,7 +9,6 @@ import resource
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 from celery.signals import worker_process_init, worker_process_shutdown
 
 from .settings import get_settings
-from .warm import WarmSpare
+from .warm import ColdJob, JobProcess, WarmStart
 
 log = logging.getLogger(__name__)
 
@@ -72,51 +71,68 @@ def crash_message(returncode: int, log_path: Path) -> str:
     return f"The job process {why}." + (f" Last output:\n{last}" if last else "")
 
 
-def spawn_job_process() -> subprocess.Popen[str]:
-    """A new job process: it imports the training stack, then waits for its spec on stdin."""
+def _job_env() -> dict[str, str]:
     settings = get_settings()
     # The method is user code: it gets no deployment secrets (its Redis URL comes in the spec).
     env = {k: v for k, v in os.environ.items() if k not in JOB_ENV_HIDDEN}
     if settings.gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = settings.gpus
+    return env
+
+
+def spawn_job_process() -> subprocess.Popen[bytes]:
+    """A new job process: it imports the training stack, then reads its spec on stdin."""
     return subprocess.Popen(
-        [sys.executable, "-m", "deepe_tasks.jobproc"],
-        stdin=subprocess.PIPE, text=True, env=env,
+        [sys.executable, "-m", "deepe_tasks.jobproc"], stdin=subprocess.PIPE, env=_job_env(),
         start_new_session=True,  # its own process group, so a kill takes its DataLoader workers too
-        preexec_fn=_job_process_setup(settings.job_memory_gb),
+        preexec_fn=_job_process_setup(get_settings().job_memory_gb),
     )
 
 
-_spare: WarmSpare | None = None
+def spawn_zygote(cmd_fd: int, reply_fd: int) -> subprocess.Popen[bytes]:
+    """The zygote: it imports the training stack once and forks each job process from there."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "deepe_tasks.zygote", str(cmd_fd), str(reply_fd)],
+        stdin=subprocess.DEVNULL, pass_fds=(cmd_fd, reply_fd), env=_job_env(), start_new_session=True,
+        # Its job processes inherit the memory limit; they die with it, and it with the worker.
+        preexec_fn=_job_process_setup(get_settings().job_memory_gb),
+    )
+
+
+_warm: WarmStart | None = None
 
 
 @worker_process_init.connect
-def start_warm_spare(**_: Any) -> WarmSpare | None:
-    """In each pool process (or lazily, in other pools): keep a job process warm."""
-    global _spare
-    if _spare is None and get_settings().warm:
-        _spare = WarmSpare(spawn_job_process)
-    return _spare
+def start_warm(**_: Any) -> WarmStart | None:
+    """In each pool process (or lazily, in other pools): keep a zygote running."""
+    global _warm
+    if _warm is None and get_settings().warm:
+        _warm = WarmStart(spawn_zygote)
+    return _warm
 
 
 @worker_process_shutdown.connect
-def _close_warm_spare(**_: Any) -> None:
-    if _spare is not None:
-        _spare.close()
+def _close_warm(**_: Any) -> None:
+    if _warm is not None:
+        _warm.close()
 
 
-def job_process() -> tuple[subprocess.Popen[str], float, bool]:
-    """The warm spare if there is one, else a fresh process: (process, its start time, warm)."""
-    spare = start_warm_spare()
-    taken = spare.take() if spare is not None else None
-    if taken is not None:
-        return taken[0], taken[1], True
-    return spawn_job_process(), time.time(), False
+def job_process(keepalive: Callable[[], object]) -> JobProcess:
+    """A process for the next job, waiting for its spec: forked by the zygote, or else fresh.
+
+    While a zygote still imports the stack, ``keepalive`` renews the job's lease.
+    """
+    warm: WarmStart | None = start_warm()
+    forked = warm.take(keepalive, get_settings().lease_ttl / 3) if warm is not None else None
+    if forked is not None:
+        return forked
+    return ColdJob(spawn_job_process())
 
 
-def kill_group(proc: subprocess.Popen[str]) -> None:
+def kill_group(proc: JobProcess) -> None:
+    """Kill the job process and its process group (DataLoader workers, torchrun children)."""
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)  # even after the leader ended: its children may not have
     except (ProcessLookupError, PermissionError):
         pass
     proc.wait()

@@ -33,6 +33,7 @@ from .protocol import LOG_FILE, PREEMPT_SIGNAL, RESULT_FILE
 from .records import Event, EventKind, JobRecord, JobSpec, JobStatus, RunResult
 from .settings import get_settings
 from .storage import job_dir
+from .warm import JobProcess
 
 log = logging.getLogger(__name__)
 
@@ -100,18 +101,16 @@ def _run_attempt(task: Any, client: redis.Redis, record: JobRecord, lease: Lease
                    params=record.params, storage_root=str(settings.storage_root),
                    redis_url=settings.redis_url, worker=hostname, started_at=now,
                    time_limit=record.time_limit, checkpoint_minutes=settings.checkpoint_minutes)
-    proc, proc_started, warm = job_process()
+    proc = job_process(keepalive=lambda: _renew_quietly(lease))
     try:
-        jobs.update(client, job_id, pid=proc.pid)
         publisher.emit(Event(kind=EventKind.STARTED, job=job_id, message=f"started on {hostname}", metrics={
-            "attempt": attempt, "pid": proc.pid, "warm": warm, "process_started_at": proc_started}))
-        assert proc.stdin is not None
-        try:
-            proc.stdin.write(spec.model_dump_json() + "\n")
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass  # the process died before reading its job: reported below as a crash
-        lease.renew()  # writing the spec may have waited for a spare still importing
+            "attempt": attempt, "pid": proc.pid, "warm": proc.warm, "process_started_at": proc.started_at}))
+        jobs.update(client, job_id, pid=proc.pid)
+        publisher.flush(timeout=5)  # `started` goes before the job's own events
+        announced = proc.pid
+        proc.start(spec.model_dump_json())
+        if proc.pid != announced:  # the spare died just before the hand-over; another took the job
+            jobs.update(client, job_id, pid=proc.pid)
         ended_by = Supervisor(client, record, proc, lease, progress=FlowerProgress(task, job_id)).watch()
     finally:
         # Whatever happened, nothing of this attempt (DataLoader workers, torchrun children)
@@ -137,8 +136,15 @@ def _run_attempt(task: Any, client: redis.Redis, record: JobRecord, lease: Lease
         return RunResult(status=JobStatus.QUEUED, phase="training")
     else:
         result = RunResult(status=JobStatus.FAILED, phase="running the job process",
-                           error=crash_message(proc.returncode, folder / LOG_FILE))
+                           error=crash_message(proc.wait(), folder / LOG_FILE))
     return _finish(client, record, result, publisher, lease)
+
+
+def _renew_quietly(lease: Lease) -> None:
+    try:
+        lease.renew()
+    except redis.RedisError as e:  # the Supervisor retakes the lease once Redis is back
+        log.warning("job %s: could not renew its lease: %s", lease.job_id, e)
 
 
 class FlowerProgress:
@@ -180,7 +186,7 @@ class Supervisor:
     as a signal, so the job checkpoints and is requeued.
     """
 
-    def __init__(self, client: redis.Redis, record: JobRecord, proc: subprocess.Popen[str], lease: Lease,
+    def __init__(self, client: redis.Redis, record: JobRecord, proc: JobProcess, lease: Lease,
                  progress: FlowerProgress | None = None) -> None:
         self.client = client
         self.record = record
@@ -237,8 +243,6 @@ class Supervisor:
 
     def _kill(self) -> None:
         kill_group(self.proc)
-
-
 
 
 def _finish(client: redis.Redis, record: JobRecord, result: RunResult, publisher: EventPublisher,

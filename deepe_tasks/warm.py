@@ -1,13 +1,16 @@
-"""A warm spare: one job process started ahead of time, with the training stack imported.
+"""The worker's side of warm start: it keeps a zygote running and takes job processes from it.
 
-A job that arrives is handed to the spare (which then reads its spec on stdin), and a new
-spare starts warming at once. Each job still gets a fresh process and a fresh CUDA context:
-a spare imports torch but never touches CUDA.
+The zygote (`zygote.py`) imports the training stack once and forks a spare job process ahead
+of each job, so a job starts in milliseconds. This side restarts the zygote when it dies,
+and wraps a forked job process in a handle the Supervisor can wait on and kill.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import select
+import signal
 import subprocess
 import threading
 import time
@@ -15,60 +18,229 @@ from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
-Spawn = Callable[[], subprocess.Popen[str]]
+# Spawns the zygote with the two protocol pipes' far ends (cmd read end, reply write end).
+SpawnZygote = Callable[[int, int], subprocess.Popen[bytes]]
 
 
-class WarmSpare:
-    """Keeps one spare job process ready; replaces it when it is taken or dies."""
+class _Lines:
+    """Lines from a pipe, read without waiting past a timeout."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buffer = b""
+        self.eof = False
+
+    def read(self, timeout: float | None) -> str | None:
+        """The next line; None at EOF, or if none came within ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self.buffer:
+            if self.eof:
+                return None
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([self.fd], [], [], left)[0]:
+                return None
+            chunk = os.read(self.fd, 1 << 16)
+            if not chunk:
+                self.eof = True
+                return None
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return line.decode()
+
+
+class Zygote:
+    """One running zygote, seen from the worker: its pipes and the spare it announced last."""
+
+    def __init__(self, spawn: SpawnZygote) -> None:
+        cmd_r, self.cmd_w = os.pipe()
+        reply_r, reply_w = os.pipe()
+        try:
+            self.proc = spawn(cmd_r, reply_w)
+        finally:
+            os.close(cmd_r)
+            os.close(reply_w)
+        self.lines = _Lines(reply_r)
+        self.spare: tuple[int, float] | None = None
+        self.started = time.time()
+
+    def handle(self, line: str) -> tuple[str, int, str]:
+        """Parse a message; note a spare as it is announced."""
+        kind, pid, rest = (line.split(" ", 2) + ["", ""])[:3]
+        if kind == "spare":
+            self.spare = (int(pid), float(rest))
+        return kind, int(pid), rest
+
+    def next_spare(self, wait: float, keepalive: Callable[[], object],
+                   keepalive_every: float) -> tuple[int, float, bool] | None:
+        """The waiting spare as (pid, forked_at, was_ready); waits while the zygote imports,
+        calling ``keepalive`` every ``keepalive_every`` seconds."""
+        while (line := self.lines.read(0)) is not None:  # what was announced meanwhile
+            self.handle(line)
+        if self.spare is not None:
+            return (*self.spare, True)
+        deadline = time.monotonic() + wait
+        while self.spare is None and not self.lines.eof and time.monotonic() < deadline:
+            line = self.lines.read(keepalive_every)
+            if line is not None:
+                self.handle(line)
+            keepalive()
+        return None if self.spare is None else (*self.spare, False)
+
+    def close(self) -> None:
+        """Let the zygote go: it reads EOF, ends its spare and exits.
+
+        The reply pipe stays open: a job may still be reading from it.
+        """
+        try:
+            os.close(self.cmd_w)
+        except OSError:
+            pass
+
+
+class ForkedJob:
+    """A job process forked by the zygote: the part of ``subprocess.Popen`` the Supervisor uses."""
+
+    START_TIMEOUT = 60.0
+
+    def __init__(self, zygote: Zygote, pid: int, started_at: float, warm: bool) -> None:
+        self.zygote = zygote
+        self.pid = pid
+        self.started_at = started_at
+        self.warm = warm
+        self.returncode: int | None = None
+
+    def start(self, spec: str) -> None:
+        """Hand the job's spec to the spare; it starts training at once."""
+        try:
+            os.write(self.zygote.cmd_w, (spec + "\n").encode())
+        except OSError:
+            self.returncode = -signal.SIGKILL  # the zygote is gone, and its spare with it
+            return
+        while self.returncode is None:
+            line = self.zygote.lines.read(self.START_TIMEOUT)
+            if line is None:  # the zygote died, or does not answer
+                log.error("the zygote did not start job process %d; treating it as killed", self.pid)
+                self.returncode = -signal.SIGKILL
+                return
+            kind, pid, _ = self.zygote.handle(line)
+            if kind == "start":
+                self.pid = pid  # the same spare, unless it died just before the hand-over
+                self.zygote.spare = None
+                return
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.returncode is None:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            line = self.zygote.lines.read(left)
+            if line is None:
+                if self.zygote.lines.eof:  # the zygote died: its children got SIGKILL
+                    self.returncode = -signal.SIGKILL
+                    break
+                raise subprocess.TimeoutExpired("job process", timeout or 0)
+            kind, pid, rest = self.zygote.handle(line)
+            if kind == "exit" and pid == self.pid:
+                self.returncode = int(rest)
+        return self.returncode
+
+    def poll(self) -> int | None:
+        try:
+            return self.wait(0)
+        except subprocess.TimeoutExpired:
+            return None
+
+
+class ColdJob:
+    """A job process started for its job (``--no-warm``): it imports, then reads its spec on stdin."""
+
+    warm = False
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.started_at = time.time()
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    def start(self, spec: str) -> None:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write((spec + "\n").encode())
+            self.proc.stdin.close()
+        except BrokenPipeError:
+            pass  # it died before reading its job: the Supervisor reports the crash
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.proc.wait(timeout)
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+
+JobProcess = ForkedJob | ColdJob
+
+
+class WarmStart:
+    """Keeps a zygote running for this worker process; restarts it when it dies."""
 
     CHECK_INTERVAL = 1.0
 
-    def __init__(self, spawn: Spawn) -> None:
+    def __init__(self, spawn: SpawnZygote) -> None:
         self._spawn = spawn
-        self._spare: subprocess.Popen[str] | None = None
-        self._spare_started = 0.0
+        self._zygote: Zygote | None = None
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closed = False
-        # The spare is spawned from this long-lived thread: PR_SET_PDEATHSIG fires when the
+        # The zygote is spawned from this long-lived thread: PR_SET_PDEATHSIG fires when the
         # spawning *thread* ends, and this one ends only with the worker.
-        self._thread = threading.Thread(target=self._run, name="deepe-warm-spare", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="deepe-zygote", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._closed:
             with self._lock:
-                if self._spare is not None and self._spare.poll() is not None:
-                    log.warning("the warm spare (pid %d) died with code %s; replacing it",
-                                self._spare.pid, self._spare.returncode)
-                    self._spare = None
-                if self._spare is None and not self._closed:
+                z = self._zygote
+                if z is not None and z.proc.poll() is not None:
+                    log.warning("the zygote (pid %d) died with code %s; restarting it", z.proc.pid, z.proc.returncode)
+                    z.close()
+                    self._zygote = None
+                if self._zygote is None and not self._closed:
                     try:
-                        self._spare, self._spare_started = self._spawn(), time.time()
-                    except Exception as e:  # never let the spare's thread die
-                        log.warning("could not start a warm spare: %s", e)
+                        self._zygote = Zygote(self._spawn)
+                    except Exception as e:  # never let this thread die
+                        log.warning("could not start the zygote: %s", e)
             self._wake.wait(self.CHECK_INTERVAL)
             self._wake.clear()
 
-    def take(self) -> tuple[subprocess.Popen[str], float] | None:
-        """The spare and when it was started, if one is alive; a new one starts warming."""
+    def take(self, keepalive: Callable[[], object], keepalive_every: float, wait: float = 600.0) -> ForkedJob | None:
+        """A forked job process, waiting for its spec; None if the zygote cannot give one.
+
+        While the zygote still imports the stack, ``keepalive`` runs every ``keepalive_every`` s.
+        """
+        deadline = time.monotonic() + 30
+        while self._zygote is None and not self._closed and time.monotonic() < deadline:
+            time.sleep(0.05)  # the zygote is being (re)started
         with self._lock:
-            spare, started = self._spare, self._spare_started
-            self._spare = None
-        self._wake.set()
-        if spare is None or spare.poll() is not None:
+            z = self._zygote
+        if z is None:
             return None
-        return spare, started
+        spare = z.next_spare(wait, keepalive, keepalive_every)
+        if spare is None:
+            return None
+        pid, forked_at, ready = spare
+        return ForkedJob(z, pid, forked_at, warm=ready)
 
     @property
-    def pid(self) -> int | None:
+    def zygote_pid(self) -> int | None:
         with self._lock:
-            return self._spare.pid if self._spare is not None else None
+            return self._zygote.proc.pid if self._zygote is not None else None
 
     def close(self) -> None:
         self._closed = True
         self._wake.set()
         with self._lock:
-            spare, self._spare = self._spare, None
-        if spare is not None and spare.stdin is not None:
-            spare.stdin.close()  # a spare without a job exits quietly
+            z, self._zygote = self._zygote, None
+        if z is not None:
+            z.close()

@@ -16,9 +16,7 @@ from tests.conftest import Worker, wait_for
 pytestmark = pytest.mark.e2e
 
 
-def job_processes_of(worker: Worker) -> list[int]:
-    """The pids of the job processes under a worker (its pool child's children)."""
-    root = worker.process.proc.pid  # type: ignore[union-attr]
+def _process_table() -> tuple[dict[int, int], dict[int, str]]:
     parents: dict[int, int] = {}
     cmdlines: dict[int, str] = {}
     for entry in Path("/proc").iterdir():
@@ -32,9 +30,26 @@ def job_processes_of(worker: Worker) -> list[int]:
         fields = stat[stat.rindex(")") + 2:].split()
         if fields[0] != "Z":
             parents[int(entry.name)] = int(fields[1])
+    return parents, cmdlines
+
+
+def zygotes_of(worker: Worker) -> list[int]:
+    """The pids of the zygotes under a worker (children of its pool processes)."""
+    root = worker.process.proc.pid  # type: ignore[union-attr]
+    parents, cmdlines = _process_table()
     pool = {pid for pid, ppid in parents.items() if ppid == root}
     return sorted(pid for pid, ppid in parents.items()
-                  if (ppid in pool or ppid == root) and "deepe_tasks.jobproc" in cmdlines.get(pid, ""))
+                  if (ppid in pool or ppid == root) and "deepe_tasks.zygote" in cmdlines.get(pid, ""))
+
+
+def job_processes_of(worker: Worker) -> list[int]:
+    """The pids of the job processes under a worker: started for a job, or forked by a zygote."""
+    root = worker.process.proc.pid  # type: ignore[union-attr]
+    parents, cmdlines = _process_table()
+    pool = {pid for pid, ppid in parents.items() if ppid == root} | {root}
+    zygotes = set(zygotes_of(worker))
+    return sorted(pid for pid, ppid in parents.items()
+                  if ppid in zygotes or (ppid in pool and "deepe_tasks.jobproc" in cmdlines.get(pid, "")))
 
 
 def started_event(job: Any) -> Any:
@@ -53,8 +68,9 @@ def test_a_job_is_handed_to_the_spare_that_was_started_before_it_was_submitted(
     started = started_event(job)
     assert started.metrics["warm"] is True and started.metrics["pid"] == spare
     assert started.metrics["process_started_at"] < submitted
-    # A new spare is warming for the next job
+    # A new spare, forked from the same zygote, waits for the next job
     assert wait_for(lambda: [p for p in job_processes_of(w) if p != spare], timeout=60)
+    assert len(zygotes_of(w)) == 1
 
 
 def test_a_killed_spare_is_replaced(workers: list[Worker], tmp_path: Path, sft_params: dict[str, Any]) -> None:
@@ -69,12 +85,34 @@ def test_a_killed_spare_is_replaced(workers: list[Worker], tmp_path: Path, sft_p
     assert "warm spare" in w.log() and "died" in w.log()
 
 
+def test_a_killed_zygote_is_restarted_and_takes_its_spare_with_it(
+        workers: list[Worker], tmp_path: Path, sft_params: dict[str, Any]) -> None:
+    # Given a warm worker
+    w = Worker("zygote-kill-q", tmp_path / "worker.log").start()
+    workers.append(w)
+    spare = wait_for(lambda: job_processes_of(w), timeout=60)[0]
+    zygote = zygotes_of(w)[0]
+    # When its zygote is killed
+    killed_at = time.time()
+    os.kill(zygote, signal.SIGKILL)
+    # Then its spare dies with it, a new zygote starts, and jobs run on a spare of the new one
+    wait_for(lambda: not Path(f"/proc/{spare}").exists() or None, timeout=10)
+    new = wait_for(lambda: [z for z in zygotes_of(w) if z != zygote], timeout=30)[0]
+    job = submit("sft-demo", sft_params, queue="zygote-kill-q")
+    assert job.wait(timeout=120) is JobStatus.SUCCEEDED
+    started = started_event(job)
+    assert started.metrics["pid"] == job.info()["pid"] != spare
+    assert started.metrics["process_started_at"] > killed_at  # forked by the new zygote
+    assert zygotes_of(w) == [new]
+    assert "zygote" in w.log() and "restarting it" in w.log()
+
+
 def test_no_warm_runs_each_job_in_a_process_started_for_it(workers: list[Worker], tmp_path: Path,
                                                            sft_params: dict[str, Any]) -> None:
     w = Worker("cold-q", tmp_path / "worker.log", extra_args=["--no-warm"]).start()
     workers.append(w)
     time.sleep(2)
-    assert job_processes_of(w) == []
+    assert job_processes_of(w) == [] and zygotes_of(w) == []
     submitted = time.time()
     job = submit("sft-demo", sft_params, queue="cold-q")
     assert job.wait(timeout=120) is JobStatus.SUCCEEDED
