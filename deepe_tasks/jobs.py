@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
@@ -91,3 +92,46 @@ def transition(client: redis.Redis, job_id: str, allowed_from: set[JobStatus], *
     op = "" if running is None else ("add" if running else "rem")
     names = [keys.job(job_id), keys.RUNNING] + ([unless_exists] if unless_exists else [])
     return bool(client.eval(_TRANSITION, len(names), *names, allowed, op, job_id, *flat))
+
+
+# A worker takes a job in one step: the job must be queued or running (a redelivery after its
+# lease expired), and its lease free. Then the lease is ours, the job is running this attempt
+# on this worker, and the reply carries the record and the pinned source of its method.
+# (The source key is built from the record, so this script needs a single Redis, not a
+# cluster; Celery's Redis transport needs one anyway.)
+_CLAIM = """
+local status = redis.call('hget', KEYS[1], 'status')
+if not status then return {'missing', ''} end
+if status ~= 'queued' and status ~= 'running' then return {'ended', status} end
+if not redis.call('set', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {'leased', redis.call('get', KEYS[2]) or ''}
+end
+redis.call('hincrby', KEYS[1], 'attempts', 1)
+redis.call('hset', KEYS[1], 'status', 'running', 'worker', ARGV[4], 'started_at', ARGV[5], 'pid', ARGV[6])
+redis.call('sadd', KEYS[3], ARGV[3])
+local sha = redis.call('hget', KEYS[1], 'method_sha256') or ''
+return {'ok', redis.call('hgetall', KEYS[1]), redis.call('get', ARGV[7] .. sha)}
+"""
+
+
+@dataclass
+class Claim:
+    """What a worker got when it tried to take a job: ``ok``, or why not, and the detail."""
+
+    outcome: str  # "ok", "missing", "ended" (detail: its status) or "leased" (detail: the holder)
+    detail: str = ""
+    record: JobRecord | None = None
+    source: str | None = None  # None if the pinned source is gone from Redis
+
+
+def claim(client: redis.Redis, job_id: str, lease_key: str, token: str, ttl_ms: int, *,
+          worker: str, started_at: float, pid: int) -> Claim:
+    """Take the lease of a queued (or orphaned running) job and mark it running, atomically."""
+    names = [keys.job(job_id), lease_key, keys.RUNNING]
+    reply: Any = client.eval(_CLAIM, len(names), *names, token, ttl_ms, job_id, worker, started_at, pid,
+                             keys.method_source(""))
+    if reply[0] != "ok":
+        return Claim(outcome=reply[0], detail=reply[1])
+    flat = reply[1]
+    record = JobRecord.from_redis(dict(zip(flat[::2], flat[1::2], strict=True)))
+    return Claim(outcome="ok", record=record, source=reply[2])

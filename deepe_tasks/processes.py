@@ -117,13 +117,10 @@ def _close_warm(**_: Any) -> None:
         _warm.close()
 
 
-def job_process(keepalive: Callable[[], object]) -> JobProcess:
-    """A process for the next job, waiting for its spec: forked by the zygote, or else fresh.
-
-    While a zygote still imports the stack, ``keepalive`` renews the job's lease.
-    """
+def job_process() -> JobProcess:
+    """A process for the next job, waiting for its spec: the zygote's spare, or else a fresh one."""
     warm: WarmStart | None = start_warm()
-    forked = warm.take(keepalive, get_settings().lease_ttl / 3) if warm is not None else None
+    forked = warm.take() if warm is not None else None
     if forked is not None:
         return forked
     return ColdJob(spawn_job_process())

@@ -24,7 +24,7 @@ from . import jobs, keys
 from .celery_app import app
 from .client import Job
 from .connection import get_redis
-from .errors import JobFailed, JobNotFound
+from .errors import JobFailed
 from .events import EventPublisher
 from .lease import Lease
 from .lifecycle import requeue, retry_redis, worker_stopping
@@ -43,24 +43,44 @@ def train(self: Any, job_id: str, method: str = "") -> dict[str, Any]:
     """Run one attempt of a job; the job record and its events say how it went."""
     settings = get_settings()
     client = get_redis()
-    try:
-        record = jobs.get(client, job_id)
-    except JobNotFound:
-        log.error("dropping message for job %s: it has no job record", job_id)
-        raise Ignore() from None
-    if record.status.is_final:
-        log.info("dropping message for job %s: it is already %s", job_id, record.status.value)
-        raise Ignore()
+    hostname = self.request.hostname or os.uname().nodename
     lease = Lease(client, job_id, settings.lease_ttl)
-    if not lease.acquire():
-        log.warning("dropping message for job %s: %s holds its lease", job_id, lease.holder())
+    # A zygote's spare costs nothing until it is handed a job, so take it first: then the job
+    # starts the moment it is ours. (Without a zygote this starts a process, ended if unused.)
+    proc = job_process()
+    now = time.time()
+    try:
+        claim = jobs.claim(client, job_id, lease.key, lease.token, lease.ttl_ms,
+                           worker=hostname, started_at=now, pid=proc.pid)
+    except BaseException:
+        proc.discard()
+        raise
+    if claim.record is None:
+        proc.discard()
+        if claim.outcome == "missing":
+            log.error("dropping message for job %s: it has no job record", job_id)
+        elif claim.outcome == "ended":
+            log.info("dropping message for job %s: it is already %s", job_id, claim.detail)
+        else:
+            log.warning("dropping message for job %s: %s holds its lease", job_id, claim.detail)
         raise Ignore()
+    record = claim.record
+    started = Event(kind=EventKind.STARTED, job=job_id, message=f"started on {hostname}", metrics={
+        "attempt": record.attempts, "pid": proc.pid, "warm": proc.warm, "process_started_at": proc.started_at})
 
     folder = job_dir(settings.storage_root, job_id)
     folder.mkdir(parents=True, exist_ok=True)
     publisher = EventPublisher(client, job_id, jsonl=folder / "events.jsonl", max_buffer=settings.event_buffer)
+    publisher.emit(started)
     try:
-        result = _run_attempt(self, client, record, lease, publisher, folder)
+        if claim.source is None:
+            proc.discard()
+            result = _finish(client, record, RunResult(
+                status=JobStatus.FAILED, phase="loading the method",
+                error=f"The pinned source of {record.method} ({record.method_sha256[:12]}) "
+                      "is missing from Redis; submit the job again."), publisher, lease)
+        else:
+            result = _run_attempt(self, client, record, claim.source, proc, lease, publisher, folder)
     finally:
         publisher.close(timeout=300)
         retry_redis(lease.release)
@@ -76,36 +96,16 @@ def train(self: Any, job_id: str, method: str = "") -> dict[str, Any]:
             "metrics": result.metrics}
 
 
-def _run_attempt(task: Any, client: redis.Redis, record: JobRecord, lease: Lease, publisher: EventPublisher,
-                 folder: Path) -> RunResult:
+def _run_attempt(task: Any, client: redis.Redis, record: JobRecord, source: str, proc: JobProcess, lease: Lease,
+                 publisher: EventPublisher, folder: Path) -> RunResult:
     settings = get_settings()
     job_id = record.id
-    hostname = task.request.hostname or os.uname().nodename
-    now = time.time()
-    attempt = record.attempts + 1
-    if not jobs.transition(client, job_id, {JobStatus.QUEUED, JobStatus.RUNNING}, running=True,
-                           status=JobStatus.RUNNING, worker=hostname, started_at=now, attempts=attempt):
-        log.info("dropping job %s: it ended before it could start", job_id)
-        return RunResult(status=jobs.status(client, job_id), phase="starting")
-    source = client.get(keys.method_source(record.method_sha256))
-    if source is None:
-        publisher.emit(Event(kind=EventKind.STARTED, job=job_id, message=f"started on {hostname}",
-                             metrics={"attempt": attempt}))
-        result = RunResult(status=JobStatus.FAILED, phase="loading the method",
-                           error=f"The pinned source of {record.method} ({record.method_sha256[:12]}) "
-                                 "is missing from Redis; submit the job again.")
-        return _finish(client, record, result, publisher, lease)
-
     (folder / RESULT_FILE).unlink(missing_ok=True)
-    spec = JobSpec(job_id=job_id, method=record.method, method_sha256=record.method_sha256, source=str(source),
+    spec = JobSpec(job_id=job_id, method=record.method, method_sha256=record.method_sha256, source=source,
                    params=record.params, storage_root=str(settings.storage_root),
-                   redis_url=settings.redis_url, worker=hostname, started_at=now,
+                   redis_url=settings.redis_url, worker=record.worker or "", started_at=record.started_at or 0.0,
                    time_limit=record.time_limit, checkpoint_minutes=settings.checkpoint_minutes)
-    proc = job_process(keepalive=lambda: _renew_quietly(lease))
     try:
-        publisher.emit(Event(kind=EventKind.STARTED, job=job_id, message=f"started on {hostname}", metrics={
-            "attempt": attempt, "pid": proc.pid, "warm": proc.warm, "process_started_at": proc.started_at}))
-        jobs.update(client, job_id, pid=proc.pid)
         publisher.flush(timeout=5)  # `started` goes before the job's own events
         announced = proc.pid
         proc.start(spec.model_dump_json())
@@ -138,13 +138,6 @@ def _run_attempt(task: Any, client: redis.Redis, record: JobRecord, lease: Lease
         result = RunResult(status=JobStatus.FAILED, phase="running the job process",
                            error=crash_message(proc.wait(), folder / LOG_FILE))
     return _finish(client, record, result, publisher, lease)
-
-
-def _renew_quietly(lease: Lease) -> None:
-    try:
-        lease.renew()
-    except redis.RedisError as e:  # the Supervisor retakes the lease once Redis is back
-        log.warning("job %s: could not renew its lease: %s", lease.job_id, e)
 
 
 class FlowerProgress:
@@ -211,7 +204,7 @@ class Supervisor:
             now = time.monotonic()
             try:
                 if now >= next_renew:
-                    if not (self.lease.renew() or self.lease.retake(self.record.attempts + 1)):
+                    if not (self.lease.renew() or self.lease.retake(self.record.attempts)):
                         self._kill()  # another worker took the job over: never two trainers
                         return "lease-lost"
                     next_renew = now + renew_every

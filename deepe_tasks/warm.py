@@ -70,20 +70,17 @@ class Zygote:
             self.spare = (int(pid), float(rest))
         return kind, int(pid), rest
 
-    def next_spare(self, wait: float, keepalive: Callable[[], object],
-                   keepalive_every: float) -> tuple[int, float, bool] | None:
-        """The waiting spare as (pid, forked_at, was_ready); waits while the zygote imports,
-        calling ``keepalive`` every ``keepalive_every`` seconds."""
+    def next_spare(self, wait: float) -> tuple[int, float, bool] | None:
+        """The waiting spare as (pid, forked_at, was_ready); waits while the zygote imports."""
         while (line := self.lines.read(0)) is not None:  # what was announced meanwhile
             self.handle(line)
         if self.spare is not None:
             return (*self.spare, True)
         deadline = time.monotonic() + wait
         while self.spare is None and not self.lines.eof and time.monotonic() < deadline:
-            line = self.lines.read(keepalive_every)
+            line = self.lines.read(max(0.0, deadline - time.monotonic()))
             if line is not None:
                 self.handle(line)
-            keepalive()
         return None if self.spare is None else (*self.spare, False)
 
     def close(self) -> None:
@@ -149,6 +146,9 @@ class ForkedJob:
         except subprocess.TimeoutExpired:
             return None
 
+    def discard(self) -> None:
+        """Not needed after all: the spare stays with the zygote for the next job."""
+
 
 class ColdJob:
     """A job process started for its job (``--no-warm``): it imports, then reads its spec on stdin."""
@@ -177,6 +177,11 @@ class ColdJob:
 
     def poll(self) -> int | None:
         return self.proc.poll()
+
+    def discard(self) -> None:
+        """Not needed after all: end it."""
+        self.proc.kill()
+        self.proc.wait()
 
 
 JobProcess = ForkedJob | ColdJob
@@ -214,10 +219,10 @@ class WarmStart:
             self._wake.wait(self.CHECK_INTERVAL)
             self._wake.clear()
 
-    def take(self, keepalive: Callable[[], object], keepalive_every: float, wait: float = 600.0) -> ForkedJob | None:
-        """A forked job process, waiting for its spec; None if the zygote cannot give one.
+    def take(self, wait: float = 600.0) -> ForkedJob | None:
+        """The zygote's spare, waiting for its spec; None if the zygote cannot give one.
 
-        While the zygote still imports the stack, ``keepalive`` runs every ``keepalive_every`` s.
+        Nothing is used up until ``ForkedJob.start``: a job that is dropped leaves the spare.
         """
         deadline = time.monotonic() + 30
         while self._zygote is None and not self._closed and time.monotonic() < deadline:
@@ -226,7 +231,7 @@ class WarmStart:
             z = self._zygote
         if z is None:
             return None
-        spare = z.next_spare(wait, keepalive, keepalive_every)
+        spare = z.next_spare(wait)
         if spare is None:
             return None
         pid, forked_at, ready = spare
