@@ -1,8 +1,10 @@
 """p50 and p99 from submit to the `started` event, one warm worker, a trivial method, against a
 bare Celery task round trip (send to start) on the same Redis.
 
-A first job warms the worker up (its zygote imports the training stack), as the bare worker
-gets a warm-up task. Each job then runs in a process forked for it; 200 jobs by default.
+Both workers run side by side, and the two kinds of job alternate, so that drift on a shared
+machine hits both alike. A first job warms our worker up (its zygote imports the training
+stack), as the bare worker gets a warm-up task. Each of our jobs then runs in a process forked
+for it and ends at once.
 """
 
 from __future__ import annotations
@@ -21,51 +23,42 @@ raise SystemExit("trivial")
 '''
 
 
-def ours(ctx: dict, jobs: int) -> list[float]:
-    from deepe_tasks import EventKind, submit
-
-    write_method(ctx, "trivial", TRIVIAL)
-    submit("trivial", sft_params(ctx)).wait(timeout=120)  # warm up: the zygote imports the stack
-    latencies = []
-    for _ in range(jobs):
-        t0 = time.time()
-        job = submit("trivial", sft_params(ctx))
-        started = next(e for e in job.events(follow=True) if e.kind is EventKind.STARTED)
-        latencies.append(started.ts - t0)
-        job.wait(timeout=120)
-    return latencies
-
-
-def bare(ctx: dict, jobs: int) -> list[float]:
-    here = Path(__file__).resolve().parent
-    env = {**os.environ, "PYTHONPATH": str(here)}
-    worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "bare_app", "worker", "-Q", "bare",
-                               "--concurrency", "1", "--pool", "prefork", "--loglevel", "WARNING"],
-                              cwd=here, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        sys.path.insert(0, str(here))
-        from bare_app import app, started
-
-        app.control.ping(timeout=10)
-        time.sleep(2)
-        started.apply_async(queue="bare").get(timeout=60)  # warm up
-        latencies = []
-        for _ in range(jobs):
-            t0 = time.time()
-            latencies.append(started.apply_async(queue="bare").get(timeout=60) - t0)
-        return latencies
-    finally:
-        worker.terminate()
-        worker.wait(timeout=30)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--jobs", type=int, default=200)
+    parser.add_argument("--jobs", type=int, default=100)
     jobs = parser.parse_args().jobs
     with environment(workers=1) as ctx:
-        mine = ours(ctx, jobs)
-        theirs = bare(ctx, jobs)
+        from deepe_tasks import EventKind, submit
+
+        here = Path(__file__).resolve().parent
+        bare_worker = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "bare_app", "worker", "-Q", "bare", "--concurrency", "1",
+             "--pool", "prefork", "--loglevel", "WARNING"],
+            cwd=here, env={**os.environ, "PYTHONPATH": str(here)},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            sys.path.insert(0, str(here))
+            from bare_app import app, started
+
+            app.control.ping(timeout=10)
+            started.apply_async(queue="bare").get(timeout=60)  # warm up
+            write_method(ctx, "trivial", TRIVIAL)
+            submit("trivial", sft_params(ctx)).wait(timeout=120)  # warm up
+
+            mine, theirs = [], []
+            for _ in range(jobs):
+                t0 = time.time()
+                job = submit("trivial", sft_params(ctx))
+                event = next(e for e in job.events(follow=True) if e.kind is EventKind.STARTED)
+                mine.append(event.ts - t0)
+                job.wait(timeout=120)
+
+                t0 = time.time()
+                theirs.append(started.apply_async(queue="bare").get(timeout=60) - t0)
+        finally:
+            bare_worker.terminate()
+            bare_worker.wait(timeout=30)
+
         p50, p50_bare = percentile(mine, 50), percentile(theirs, 50)
         report("dispatch", {
             "ours_p50_ms": round(p50 * 1000, 1), "ours_p99_ms": round(percentile(mine, 99) * 1000, 1),

@@ -40,7 +40,7 @@ def makespan(workers: int) -> float:
         from deepe_tasks import JobStatus, submit
 
         write_method(ctx, "fixed", FIXED)
-        time.sleep(10)  # every worker's spare is warm
+        time.sleep(10)  # every worker's zygote has imported the training stack
         t0 = time.monotonic()
         jobs = [submit("fixed", sft_params(ctx, MAX_STEPS=4, STEP_SECONDS=0.5)) for _ in range(JOBS)]
         for job in jobs:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,13 +18,19 @@ from .records import FINAL_STATES, Event
 log = logging.getLogger(__name__)
 
 BATCH = 500
+QUIET = 1.0  # seconds without events after which the publisher's thread sleeps
 FINAL_VALUES = {s.value for s in FINAL_STATES}
+# A batch of events in one command: redis-py spends more time packing and parsing a pipeline
+# of XADDs than Redis spends running them.
+_XADD_MANY = "for i = 1, #ARGV do redis.call('xadd', KEYS[1], '*', 'data', ARGV[i]) end return #ARGV"
 
 
 class EventPublisher:
-    """Appends events to a job's Redis stream from a background thread, in pipelined batches.
+    """Appends events to a job's Redis stream from a background thread, in batches.
 
-    ``emit`` never touches the network, so a training step never waits on Redis. While Redis is
+    ``emit`` never touches the network, so a training step never waits on Redis. The thread
+    wakes every ``interval`` seconds and sends what gathered in one command; after a quiet
+    second it sleeps until the next event, so an idle publisher costs nothing. While Redis is
     unreachable, events wait in memory (up to ``max_buffer``; beyond that the oldest are kept in
     ``events.jsonl`` only) and are sent in order once it is back.
     """
@@ -43,9 +50,11 @@ class EventPublisher:
         self._jsonl = jsonl
         self._interval = interval
         self._incoming: deque[Event] = deque()
-        self._unsent: deque[Event] = deque(maxlen=max_buffer)
+        self._unsent: deque[str] = deque(maxlen=max_buffer)  # events as JSON, oldest first
+        self._xadd_many = client.register_script(_XADD_MANY)
         self._cond = threading.Condition()
         self._closed = False
+        self._sleeping = False  # quiet for a while: the next event must wake the thread
         self._idle = threading.Event()
         self._idle.set()
         if jsonl is not None:
@@ -57,7 +66,7 @@ class EventPublisher:
         with self._cond:
             self._idle.clear()
             self._incoming.append(event)
-            if len(self._incoming) >= BATCH:
+            if self._sleeping or len(self._incoming) >= BATCH:
                 self._cond.notify()
 
     def flush(self, timeout: float = 30.0) -> bool:
@@ -76,21 +85,29 @@ class EventPublisher:
 
     def _run(self) -> None:
         backoff = self._interval
+        last_event = time.monotonic()
         while True:
             with self._cond:
                 if not self._incoming and not self._unsent:
                     self._idle.set()
                     if self._closed:
                         return
-                    self._cond.wait(self._interval)
+                    if time.monotonic() - last_event > QUIET:
+                        self._sleeping = True
+                        self._cond.wait()  # until an event, a flush or a close
+                        self._sleeping = False
+                    else:
+                        self._cond.wait(self._interval)  # while events come, batch them
                 batch = list(self._incoming)
                 self._incoming.clear()
             if batch:
-                self.write_jsonl(batch)
-                overflow = len(self._unsent) + len(batch) - (self._unsent.maxlen or 0)
+                last_event = time.monotonic()
+                lines = [e.to_json() for e in batch]
+                self._append_jsonl(lines)
+                overflow = len(self._unsent) + len(lines) - (self._unsent.maxlen or 0)
                 if overflow > 0:
                     self.dropped += overflow
-                self._unsent.extend(batch)
+                self._unsent.extend(lines)
             if not self._unsent:
                 continue
             try:
@@ -106,21 +123,21 @@ class EventPublisher:
         stream = keys.events(self.job_id)
         while self._unsent:
             chunk = [self._unsent[i] for i in range(min(BATCH, len(self._unsent)))]
-            pipe = self._redis.pipeline(transaction=False)
-            for event in chunk:
-                pipe.xadd(stream, {"data": event.to_json()})
-            pipe.execute()
+            self._xadd_many(keys=[stream], args=chunk)  # all or none of them: a script is atomic
             for _ in chunk:
                 self._unsent.popleft()
             self.published += len(chunk)
 
     def write_jsonl(self, batch: list[Event]) -> None:
         """Append events to the job's events.jsonl only (the stream got them another way)."""
+        self._append_jsonl([e.to_json() for e in batch])
+
+    def _append_jsonl(self, lines: list[str]) -> None:
         if self._jsonl is None:
             return
         try:
             with self._jsonl.open("a", encoding="utf-8") as f:
-                f.write("".join(e.to_json() + "\n" for e in batch))
+                f.write("".join(line + "\n" for line in lines))
         except OSError as e:
             log.warning("could not append to %s: %s", self._jsonl, e)
 
