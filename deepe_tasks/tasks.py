@@ -66,7 +66,8 @@ def train(self: Any, job_id: str, method: str = "") -> dict[str, Any]:
         raise Ignore()
     record = claim.record
     started = Event(kind=EventKind.STARTED, job=job_id, message=f"started on {hostname}", metrics={
-        "attempt": record.attempts, "pid": proc.pid, "warm": proc.warm, "process_started_at": proc.started_at})
+        "attempt": record.attempts, "pid": proc.pid, "warm": proc.warm, "forked": proc.forked,
+        "process_started_at": proc.started_at})
 
     folder = job_dir(settings.storage_root, job_id)
     folder.mkdir(parents=True, exist_ok=True)

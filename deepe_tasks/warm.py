@@ -98,6 +98,7 @@ class ForkedJob:
     """A job process forked by the zygote: the part of ``subprocess.Popen`` the Supervisor uses."""
 
     START_TIMEOUT = 60.0
+    forked = True
 
     def __init__(self, zygote: Zygote, pid: int, started_at: float, warm: bool) -> None:
         self.zygote = zygote
@@ -154,6 +155,7 @@ class ColdJob:
     """A job process started for its job (``--no-warm``): it imports, then reads its spec on stdin."""
 
     warm = False
+    forked = False
 
     def __init__(self, proc: subprocess.Popen[bytes]) -> None:
         self.proc = proc

@@ -1,7 +1,9 @@
 """The GPU check: SFT-Demo and GRPO-Demo through a real worker, in 4-bit and not, on a CUDA GPU.
 
-Prints one JSON object: per run, its state, step time and peak GPU memory, and the GPU memory
-in use before and after each job (a job's memory must be freed when its process exits).
+Prints one JSON object: per run, its state, step time and peak GPU memory, whether its process
+was forked by the worker's zygote (`forked`), and the GPU memory in use before and after each
+job (a job's memory must be freed when its process exits). At least one job must run in a
+forked process: that is the fork-safety check (the zygote never touches CUDA; its children do).
 On a machine without CUDA it prints that it was skipped and exits 0.
 Run it as scripts/gpu-check.sh.
 """
@@ -77,7 +79,9 @@ def main() -> int:
                                           "LOAD_IN_4BIT": quantized, "LORA_RANK": 8, **extra})
                     state = job.wait(timeout=240)
                     info = job.info()
-                    logs = [e for e in job.events() if e.kind is EventKind.LOG]
+                    events = list(job.events())
+                    logs = [e for e in events if e.kind is EventKind.LOG]
+                    started = [e for e in events if e.kind is EventKind.STARTED]
                     after = gpu_used_mb()
                     freed = None if baseline is None or after is None else after - baseline <= FREED_TOLERANCE_MB
                     run = {"method": method, "load_in_4bit": quantized, "state": state.value,
@@ -85,10 +89,12 @@ def main() -> int:
                            "steps": len([e for e in logs if "loss" in e.metrics]),
                            "step_time_s": info["metrics"].get("step_time_s"),
                            "gpu_peak_mem_mb": info["metrics"].get("gpu_peak_mem_mb"),
-                           "gpu_used_mb_after": after, "memory_freed": freed}
+                           "gpu_used_mb_after": after, "memory_freed": freed,
+                           "forked": bool(started) and started[-1].metrics.get("forked") is True}
                     report["runs"].append(run)  # type: ignore[attr-defined]
                     ok = ok and state.value == "succeeded" and freed is not False
-            report["ok"] = ok
+            forked = [r for r in report["runs"] if r["forked"]]  # type: ignore[attr-defined]
+            report["ok"] = ok and bool(forked)
     print(json.dumps(report, indent=2))
     if not ok:
         print((work / "worker.log").read_text()[-3000:], file=sys.stderr)

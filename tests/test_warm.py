@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from deepe_tasks import EventKind, JobStatus, submit
-from tests.conftest import Worker, wait_for
+from tests.conftest import Worker, wait_for, write_method
 
 pytestmark = pytest.mark.e2e
 
@@ -66,7 +66,8 @@ def test_a_job_is_handed_to_the_spare_that_was_started_before_it_was_submitted(
     job = submit("sft-demo", sft_params, queue="warm-q")
     assert job.wait(timeout=120) is JobStatus.SUCCEEDED
     started = started_event(job)
-    assert started.metrics["warm"] is True and started.metrics["pid"] == spare
+    assert started.metrics["warm"] is True and started.metrics["forked"] is True
+    assert started.metrics["pid"] == spare
     assert started.metrics["process_started_at"] < submitted
     # A new spare, forked from the same zygote, waits for the next job
     assert wait_for(lambda: [p for p in job_processes_of(w) if p != spare], timeout=60)
@@ -117,4 +118,35 @@ def test_no_warm_runs_each_job_in_a_process_started_for_it(workers: list[Worker]
     job = submit("sft-demo", sft_params, queue="cold-q")
     assert job.wait(timeout=120) is JobStatus.SUCCEEDED
     started = started_event(job)
-    assert started.metrics["warm"] is False and started.metrics["process_started_at"] >= submitted
+    assert started.metrics["warm"] is False and started.metrics["forked"] is False
+    assert started.metrics["process_started_at"] >= submitted
+
+
+DRAW_METHOD = '''
+import os, random
+
+import numpy as np
+import torch
+
+# The job folder is the working directory: leave what a fresh process draws there.
+with open("draws.txt", "w") as f:
+    f.write(f"{os.getpid()} {random.random()} {np.random.random()} {torch.cuda.is_initialized()}")
+raise SystemExit("drawn")
+'''
+
+
+def test_forked_job_processes_draw_fresh_random_numbers(worker: Worker, store: Path, storage: Path,
+                                                        sft_params: dict[str, Any]) -> None:
+    # Given two jobs of a method that records what a fresh process draws
+    write_method(store, "draws", DRAW_METHOD)
+    # When both run, one after the other, in processes forked from the same warm zygote
+    draws = []
+    for _ in range(2):
+        job = submit("draws", sft_params)
+        assert job.wait(timeout=120) is JobStatus.FAILED
+        assert started_event(job).metrics["forked"] is True
+        draws.append((storage / "jobs" / job.id / "draws.txt").read_text().split())
+    # Then they are two processes that share no random state and no CUDA context
+    (pid_a, py_a, np_a, cuda_a), (pid_b, py_b, np_b, cuda_b) = draws
+    assert pid_a != pid_b and py_a != py_b and np_a != np_b
+    assert cuda_a == cuda_b == "False"
