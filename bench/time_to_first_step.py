@@ -48,10 +48,9 @@ def main() -> None:
         params = sft_params(ctx)
         from deepe_tasks import submit
 
-        submit("sft-demo", params).wait(timeout=180)  # first job: the worker warms up
+        submit("sft-demo", params).wait(timeout=180)  # first job: the worker's zygote imports the stack
         warm, local = [], []
         for _ in range(RUNS):
-            time.sleep(8)  # the next spare imports the training stack
             warm.append(ours(ctx, params))
             local.append(baseline(ctx, {**params, "OUTPUT_DIR": "models/local"}))
         report("time_to_first_step", {

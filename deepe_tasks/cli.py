@@ -257,7 +257,8 @@ def worker(
     gpus: Annotated[str | None, typer.Option(help="CUDA_VISIBLE_DEVICES for this worker's jobs.")] = None,
     name: Annotated[str | None, typer.Option(help="Celery node name, e.g. gpu0@%h.")] = None,
     loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO",
-    warm: Annotated[bool, typer.Option("--warm/--no-warm", help="Keep a job process warm.")] = True,
+    warm: Annotated[bool, typer.Option(
+        "--warm/--no-warm", help="Fork job processes from a warm zygote (--no-warm: start each cold).")] = True,
 ) -> None:
     """Start a worker: one job at a time, each in a fresh process."""
     if gpus is not None:

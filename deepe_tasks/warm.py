@@ -190,9 +190,15 @@ JobProcess = ForkedJob | ColdJob
 
 
 class WarmStart:
-    """Keeps a zygote running for this worker process; restarts it when it dies."""
+    """Keeps a zygote running for this worker process; restarts it when it dies.
+
+    A zygote that keeps dying young (a broken import, CUDA touched at import, a memory limit
+    too small for the stack) is given up after MAX_EARLY_DEATHS: jobs then start cold.
+    """
 
     CHECK_INTERVAL = 1.0
+    EARLY = 60.0  # seconds: a zygote that dies sooner died young
+    MAX_EARLY_DEATHS = 3
 
     def __init__(self, spawn: SpawnZygote) -> None:
         self._spawn = spawn
@@ -200,6 +206,7 @@ class WarmStart:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closed = False
+        self._early_deaths = 0
         # The zygote is spawned from this long-lived thread: PR_SET_PDEATHSIG fires when the
         # spawning *thread* ends, and this one ends only with the worker.
         self._thread = threading.Thread(target=self._run, name="deepe-zygote", daemon=True)
@@ -210,9 +217,16 @@ class WarmStart:
             with self._lock:
                 z = self._zygote
                 if z is not None and z.proc.poll() is not None:
-                    log.warning("the zygote (pid %d) died with code %s; restarting it", z.proc.pid, z.proc.returncode)
                     z.close()
                     self._zygote = None
+                    young = time.time() - z.started < self.EARLY
+                    self._early_deaths = self._early_deaths + 1 if young else 0
+                    if self._early_deaths >= self.MAX_EARLY_DEATHS:
+                        log.error("the zygote died %d times within %.0f s of its start (see its errors above); "
+                                  "job processes start cold from now on", self._early_deaths, self.EARLY)
+                        self._closed = True
+                        return
+                    log.warning("the zygote (pid %d) died with code %s; restarting it", z.proc.pid, z.proc.returncode)
                 if self._zygote is None and not self._closed:
                     try:
                         self._zygote = Zygote(self._spawn)

@@ -150,3 +150,25 @@ def test_forked_job_processes_draw_fresh_random_numbers(worker: Worker, store: P
     (pid_a, py_a, np_a, cuda_a), (pid_b, py_b, np_b, cuda_b) = draws
     assert pid_a != pid_b and py_a != py_b and np_a != np_b
     assert cuda_a == cuda_b == "False"
+
+
+def test_a_zygote_that_keeps_dying_young_is_given_up_and_jobs_start_cold(caplog: pytest.LogCaptureFixture) -> None:
+    # Given a zygote that dies at once, as one whose imports fail would
+    import subprocess
+    import sys
+
+    from deepe_tasks.warm import WarmStart
+
+    def spawn(cmd_fd: int, reply_fd: int) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"], pass_fds=(cmd_fd, reply_fd))
+
+    # When the worker side keeps it running
+    with caplog.at_level("WARNING", logger="deepe_tasks.warm"):
+        warm = WarmStart(spawn)
+        try:
+            # Then it is restarted, given up after a few early deaths, and no spare is offered
+            wait_for(lambda: "start cold from now on" in caplog.text, timeout=30)
+            assert warm.take(wait=1) is None
+        finally:
+            warm.close()
+    assert caplog.text.count("restarting it") == WarmStart.MAX_EARLY_DEATHS - 1
