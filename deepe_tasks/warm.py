@@ -110,7 +110,9 @@ class ForkedJob:
     def start(self, spec: str) -> None:
         """Hand the job's spec to the spare; it starts training at once."""
         try:
-            os.write(self.zygote.cmd_w, (spec + "\n").encode())
+            view = memoryview((spec + "\n").encode())
+            while view:  # a spec with a long method source can outgrow the pipe's buffer
+                view = view[os.write(self.zygote.cmd_w, view):]
         except OSError:
             self.returncode = -signal.SIGKILL  # the zygote is gone, and its spare with it
             return

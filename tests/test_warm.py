@@ -172,3 +172,18 @@ def test_a_zygote_that_keeps_dying_young_is_given_up_and_jobs_start_cold(caplog:
         finally:
             warm.close()
     assert caplog.text.count("restarting it") == WarmStart.MAX_EARLY_DEATHS - 1
+
+
+def test_a_method_larger_than_a_pipe_buffer_reaches_its_forked_process(worker: Worker, store: Path, storage: Path,
+                                                                       sft_params: dict[str, Any]) -> None:
+    # Given a method whose source is over 256 KiB, four times a pipe's buffer
+    source = DRAW_METHOD + "".join(f"# filler line {i:06d} " + "x" * 40 + "\n" for i in range(5000))
+    assert len(source) > 4 * 65536
+    write_method(store, "big", source)
+    # When it runs in a forked job process
+    job = submit("big", sft_params)
+    assert job.wait(timeout=120) is JobStatus.FAILED
+    # Then the whole source arrived and ran
+    assert started_event(job).metrics["forked"] is True
+    assert (storage / "jobs" / job.id / "draws.txt").exists()
+    assert "drawn" in job.info()["error"]
