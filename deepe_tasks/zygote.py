@@ -17,6 +17,7 @@ Run as ``python -m deepe_tasks.zygote CMD_FD REPLY_FD``; it exits when the worke
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import logging
@@ -150,10 +151,14 @@ class Zygote:
         except BaseException:
             traceback.print_exc()
         finally:
-            with contextlib.suppress(Exception):
+            # What a fresh process does at exit (the method's atexit hooks, logging's flush),
+            # but never unwinding into the zygote's own frames.
+            with contextlib.suppress(BaseException):
+                atexit._run_exitfuncs()
+            with contextlib.suppress(BaseException):
                 sys.stdout.flush()
                 sys.stderr.flush()
-            os._exit(code)  # never unwind into the zygote's own frames
+            os._exit(code)
 
 
 def _reseed() -> None:

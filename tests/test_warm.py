@@ -187,3 +187,24 @@ def test_a_method_larger_than_a_pipe_buffer_reaches_its_forked_process(worker: W
     assert started_event(job).metrics["forked"] is True
     assert (storage / "jobs" / job.id / "draws.txt").exists()
     assert "drawn" in job.info()["error"]
+
+
+ATEXIT_METHOD = '''
+import atexit
+
+# A method's exit hooks run when its process ends, as in a process started for it.
+atexit.register(lambda: open("atexit.txt", "w").write("ran"))
+raise SystemExit("done")
+'''
+
+
+def test_a_forked_job_process_runs_the_methods_exit_hooks(worker: Worker, store: Path, storage: Path,
+                                                          sft_params: dict[str, Any]) -> None:
+    # Given a method that registers an exit hook
+    write_method(store, "hooks", ATEXIT_METHOD)
+    # When it runs in a forked job process and its process ends
+    job = submit("hooks", sft_params)
+    assert job.wait(timeout=120) is JobStatus.FAILED
+    assert started_event(job).metrics["forked"] is True
+    # Then the hook ran
+    assert (storage / "jobs" / job.id / "atexit.txt").read_text() == "ran"
