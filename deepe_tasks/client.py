@@ -114,16 +114,27 @@ class Job:
                 return event
         return None
 
-    def wait(self, timeout: float | None = None, poll: float = 0.25) -> JobStatus:
-        """Block until the job ends; raise ``TimeoutError`` if it has not after ``timeout`` seconds."""
+    def wait(self, timeout: float | None = None, poll: float = 1.0) -> JobStatus:
+        """Block until the job ends; raise ``TimeoutError`` if it has not after ``timeout`` seconds.
+
+        It wakes at the job's final event, and reads the record at least every ``poll`` seconds
+        (a job can end without an event, when it could not be queued).
+        """
+        client = get_redis()
+        stream = keys.events(self.id)
+        newest: Any = client.xrevrange(stream, count=1)
+        last = newest[0][0] if newest else "0"  # read before the status: no event slips between
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             status = self.status()
             if status.is_final:
                 return status
-            if deadline is not None and time.monotonic() >= deadline:
+            block = poll if deadline is None else min(poll, deadline - time.monotonic())
+            if block <= 0:
                 raise TimeoutError(f"job {self.id} is still {status.value} after {timeout} s")
-            time.sleep(poll)
+            reply: Any = client.xread({stream: last}, block=max(1, int(block * 1000)), count=100)
+            if reply:
+                last = reply[0][1][-1][0]
 
     def events(self, since: str = "0", follow: bool = False) -> Iterator[Event]:
         """Replay events after stream id ``since``; with ``follow``, tail them until the job ends."""
