@@ -129,7 +129,8 @@ class Job:
             status = self.status()
             if status.is_final:
                 return status
-            block = poll if deadline is None else min(poll, deadline - time.monotonic())
+            # Never block near the client's socket timeout (10 s), whatever `poll` says.
+            block = min(poll, 5.0) if deadline is None else min(poll, 5.0, deadline - time.monotonic())
             if block <= 0:
                 raise TimeoutError(f"job {self.id} is still {status.value} after {timeout} s")
             reply: Any = client.xread({stream: last}, block=max(1, int(block * 1000)), count=100)
