@@ -27,7 +27,7 @@ return 1
 def create(client: redis.Redis, record: JobRecord, source: str, first_event: str) -> None:
     """Write a new record, with its method's source pinned and its first event; refuse an id
     that is already taken."""
-    flat = [item for pair in record.to_redis().items() for item in pair]
+    flat = _flat(record.to_redis())
     names = [keys.job(record.id), keys.JOBS_INDEX, keys.method_source(record.method_sha256), keys.events(record.id)]
     if not client.eval(_CREATE, len(names), *names, source, record.submitted_at, record.id, first_event, *flat):
         raise JobExists(f"A job with id {record.id!r} already exists; submit without an id, or pick a new one.")
@@ -45,6 +45,11 @@ def update(client: redis.Redis, job_id: str, **fields: Any) -> None:
     mapping = _encode(fields)
     if mapping:
         client.hset(keys.job(job_id), mapping=mapping)  # type: ignore[arg-type]
+
+
+def _flat(mapping: dict[str, str]) -> list[str]:
+    """A mapping as Redis script arguments: key, value, key, value…"""
+    return [item for pair in mapping.items() for item in pair]
 
 
 def _encode(fields: dict[str, Any]) -> dict[str, str]:
@@ -87,7 +92,7 @@ def transition(client: redis.Redis, job_id: str, allowed_from: set[JobStatus], *
                unless_exists: str | None = None, running: bool | None = None, **fields: Any) -> bool:
     """Set ``fields`` if the job's status is in ``allowed_from`` (and ``unless_exists`` is absent);
     with ``running``, also add the job to the running set (True) or remove it (False)."""
-    flat = [item for pair in _encode(fields).items() for item in pair]
+    flat = _flat(_encode(fields))
     allowed = ",".join(s.value for s in allowed_from)
     op = "" if running is None else ("add" if running else "rem")
     names = [keys.job(job_id), keys.RUNNING] + ([unless_exists] if unless_exists else [])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import resource
@@ -15,6 +14,7 @@ from typing import Any
 
 from celery.signals import worker_process_init, worker_process_shutdown
 
+from .protocol import die_with_parent
 from .settings import get_settings
 from .warm import ColdJob, JobProcess, WarmStart
 
@@ -22,21 +22,9 @@ log = logging.getLogger(__name__)
 
 TAIL_LINES = 15
 JOB_ENV_HIDDEN = frozenset({"DEEPE_REDIS_URL", "DEEPE_API_TOKENS", "REDIS_PASSWORD", "FLOWER_BASIC_AUTH"})
-PR_SET_PDEATHSIG = 1
-
-
-try:
-    # Loaded here, not between fork and exec, where a multi-threaded parent must not dlopen.
-    _LIBC: ctypes.CDLL | None = ctypes.CDLL("libc.so.6", use_errno=True)
-except OSError:
-    _LIBC = None
-
-
 def _job_process_setup(memory_gb: float | None) -> Callable[[], None]:
     def setup() -> None:
-        # Get SIGKILL when the worker dies, so no orphan trains on beside a resumed attempt.
-        if _LIBC is not None:
-            _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        die_with_parent()
         if memory_gb is not None:
             limit = int(memory_gb * 2**30)
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))

@@ -2,9 +2,59 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
+import select
 import signal
+import time
 
 RESULT_FILE = "result.json"  # in the job folder: how the attempt ended (a RunResult)
 LOG_FILE = "output.log"  # in the job folder: the job process's stdout and stderr
 # The worker sends this to a job process that should checkpoint and stop, to be resumed.
 PREEMPT_SIGNAL = signal.SIGUSR1
+
+PR_SET_PDEATHSIG = 1
+try:
+    # Loaded at import, not between fork and exec, where a multi-threaded parent must not dlopen.
+    _LIBC: ctypes.CDLL | None = ctypes.CDLL("libc.so.6", use_errno=True)
+except OSError:
+    _LIBC = None
+
+
+def die_with_parent() -> None:
+    """Get SIGKILL when the parent (thread) dies, so no orphan trains on beside a resumed attempt."""
+    if _LIBC is not None:
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data``: a spec with a long method source can outgrow a pipe's buffer."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class LineReader:
+    """Lines from a pipe, read without waiting past a timeout."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buffer = b""
+        self.eof = False
+
+    def read(self, timeout: float | None) -> str | None:
+        """The next line; None at EOF, or if none came within ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self.buffer:
+            if self.eof:
+                return None
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([self.fd], [], [], left)[0]:
+                return None
+            chunk = os.read(self.fd, 1 << 16)
+            if not chunk:
+                self.eof = True
+                return None
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return line.decode()

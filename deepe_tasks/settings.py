@@ -26,7 +26,8 @@ class Settings(BaseSettings):
     gpus: str | None = None
     # Bearer tokens of the HTTP API, comma-separated.
     api_tokens: str = ""
-    # Keep one job process warm (training stack imported, CUDA untouched); `--no-warm` turns it off.
+    # Fork job processes from a zygote that has the training stack imported (CUDA untouched);
+    # `--no-warm` starts each job process cold.
     warm: bool = True
     # A running job's lease; a heartbeat renews it every third of this.
     lease_ttl: float = Field(30.0, gt=1)

@@ -9,43 +9,18 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import signal
 import subprocess
 import threading
 import time
 from collections.abc import Callable
 
+from .protocol import LineReader, write_all
+
 log = logging.getLogger(__name__)
 
 # Spawns the zygote with the two protocol pipes' far ends (cmd read end, reply write end).
 SpawnZygote = Callable[[int, int], subprocess.Popen[bytes]]
-
-
-class _Lines:
-    """Lines from a pipe, read without waiting past a timeout."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.buffer = b""
-        self.eof = False
-
-    def read(self, timeout: float | None) -> str | None:
-        """The next line; None at EOF, or if none came within ``timeout`` seconds."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while b"\n" not in self.buffer:
-            if self.eof:
-                return None
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not select.select([self.fd], [], [], left)[0]:
-                return None
-            chunk = os.read(self.fd, 1 << 16)
-            if not chunk:
-                self.eof = True
-                return None
-            self.buffer += chunk
-        line, self.buffer = self.buffer.split(b"\n", 1)
-        return line.decode()
 
 
 class Zygote:
@@ -59,7 +34,7 @@ class Zygote:
         finally:
             os.close(cmd_r)
             os.close(reply_w)
-        self.lines = _Lines(reply_r)
+        self.lines = LineReader(reply_r)
         self.spare: tuple[int, float] | None = None
         self.started = time.time()
 
@@ -110,9 +85,7 @@ class ForkedJob:
     def start(self, spec: str) -> None:
         """Hand the job's spec to the spare; it starts training at once."""
         try:
-            view = memoryview((spec + "\n").encode())
-            while view:  # a spec with a long method source can outgrow the pipe's buffer
-                view = view[os.write(self.zygote.cmd_w, view):]
+            write_all(self.zygote.cmd_w, (spec + "\n").encode())
         except OSError:
             self.returncode = -signal.SIGKILL  # the zygote is gone, and its spare with it
             return
@@ -254,11 +227,6 @@ class WarmStart:
             return None
         pid, forked_at, ready = spare
         return ForkedJob(z, pid, forked_at, warm=ready)
-
-    @property
-    def zygote_pid(self) -> int | None:
-        with self._lock:
-            return self._zygote.proc.pid if self._zygote is not None else None
 
     def close(self) -> None:
         self._closed = True

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import logging
 import os
 import select
@@ -29,11 +28,10 @@ import time
 import traceback
 
 from . import jobproc, runner
+from .protocol import LineReader, die_with_parent, write_all
 
 log = logging.getLogger("deepe_tasks.zygote")
 
-PR_SET_PDEATHSIG = 1
-_LIBC = ctypes.CDLL("libc.so.6", use_errno=True)  # loaded once, before any fork
 
 
 class Spare:
@@ -44,11 +42,9 @@ class Spare:
         self.spec_fd = spec_fd
         self.forked_at = forked_at
 
-    def hand(self, line: bytes) -> None:
+    def hand(self, line: str) -> None:
         try:
-            view = memoryview(line)
-            while view:
-                view = view[os.write(self.spec_fd, view):]
+            write_all(self.spec_fd, (line + "\n").encode())
         finally:
             os.close(self.spec_fd)
 
@@ -66,7 +62,7 @@ class Zygote:
         signal.set_wakeup_fd(self.wake_w)  # SIGCHLD wakes the select below at once
         signal.signal(signal.SIGCHLD, lambda *_: None)
         spare = self.fork()
-        pending = b""
+        commands = LineReader(self.cmd_fd)
         while True:
             ready, _, _ = select.select([self.cmd_fd, self.wake_r], [], [], 1.0)
             if self.wake_r in ready:
@@ -74,20 +70,17 @@ class Zygote:
             spare = self.reap(spare)
             if self.cmd_fd not in ready:
                 continue
-            chunk = os.read(self.cmd_fd, 1 << 16)
-            if not chunk:
+            while (line := commands.read(0)) is not None:
+                spare = self.start(spare, line)
+            if commands.eof:
                 break  # the worker is gone or done with us
-            pending += chunk
-            while b"\n" in pending:
-                line, pending = pending.split(b"\n", 1)
-                spare = self.start(spare, line + b"\n")
         os.close(spare.spec_fd)  # the spare reads EOF and exits
         if self.job is not None:  # a worker that leaves a job running has crashed: end it too
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.job, signal.SIGKILL)
         return 0
 
-    def start(self, spare: Spare, line: bytes) -> Spare:
+    def start(self, spare: Spare, line: str) -> Spare:
         if self.job is not None:
             log.error("a job arrived while job process %d still runs; refusing it", self.job)
             return spare
@@ -137,7 +130,7 @@ class Zygote:
             # Its own process group, so a kill takes its DataLoader workers and not us; and
             # SIGKILL when the zygote dies, which it does when its worker dies.
             os.setsid()
-            _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            die_with_parent()
             if os.getppid() != self.pid:
                 os._exit(1)
             signal.set_wakeup_fd(-1)
