@@ -26,7 +26,7 @@ from .errors import (
     JobNotFound,
     MethodNotFound,
 )
-from .methods import list_methods, load_method
+from .methods import Method, list_methods, load_method
 from .records import Event, JobRecord, JobStatus
 from .settings import get_settings
 
@@ -81,9 +81,12 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 EVENT_STREAM = "text/event-stream"
 
 
-def _info(job_id: str) -> JobInfo:
-    job = client.Job(job_id)
-    return JobInfo(**job.info(), progress=job.progress())
+def _info(record: JobRecord) -> JobInfo:
+    return JobInfo(**client.masked(record), progress=client.Job(record.id).progress())
+
+
+def _method_info(m: Method) -> MethodInfo:
+    return MethodInfo(name=m.name, description=m.description, sha256=m.sha256, source=m.source)
 
 
 def create_app(tokens: list[str], insecure: bool = False) -> FastAPI:
@@ -132,12 +135,12 @@ def create_app(tokens: list[str], insecure: bool = False) -> FastAPI:
              limit: Annotated[int, Query(ge=1, le=500)] = 20, cursor: Annotated[str | None, Query(pattern=r"^\d+$")] = None) -> JobList:
         """Jobs, newest first."""
         records, next_cursor = client.list_jobs(status, method, limit, cursor)
-        return JobList(jobs=[_info(r.id) for r in records], next_cursor=next_cursor)
+        return JobList(jobs=[_info(r) for r in records], next_cursor=next_cursor)  # records read once
 
     @app.get("/jobs/{job_id}", response_model=JobInfo, dependencies=auth, responses={404: ERRORS[404]})
     def job(job_id: str) -> JobInfo:
         """The job record, with secrets masked, its final metrics and its latest progress."""
-        return _info(job_id)
+        return _info(client.Job(job_id).record())
 
     @app.get("/jobs/{job_id}/events", dependencies=auth, responses={
         200: {"description": "Server-Sent Events (each `id` is the stream id), or a JSON list with follow=false.",
@@ -166,13 +169,11 @@ def create_app(tokens: list[str], insecure: bool = False) -> FastAPI:
 
     @app.get("/methods", response_model=list[MethodInfo], dependencies=auth)
     def methods() -> list[MethodInfo]:
-        return [MethodInfo(name=m.name, description=m.description, sha256=m.sha256, source=m.source)
-                for m in list_methods(get_settings().method_root)]
+        return [_method_info(m) for m in list_methods(get_settings().method_root)]
 
     @app.get("/methods/{name}", response_model=MethodInfo, dependencies=auth, responses={404: ERRORS[404]})
     def method(name: str) -> MethodInfo:
-        m = load_method(get_settings().method_root, name)
-        return MethodInfo(name=m.name, description=m.description, sha256=m.sha256, source=m.source)
+        return _method_info(load_method(get_settings().method_root, name))
 
     @app.get("/healthz", response_model=Health, responses={503: {"model": Health}})
     def healthz() -> Any:

@@ -101,9 +101,7 @@ class Job:
 
     def info(self) -> dict[str, Any]:
         """The job record as a dict, with secret-looking parameters masked."""
-        data = self.record().model_dump(mode="json")
-        data["params"] = mask_secrets(data["params"])
-        return data
+        return masked(self.record())
 
     def progress(self) -> Event | None:
         """The job's latest `log` event: step, max_steps, ETA and metrics."""
@@ -163,6 +161,13 @@ class Job:
                 return JobStatus.CANCELLED
         # Running: the job process reads the flag at its next step and stops there.
         return self.status()
+
+
+def masked(record: JobRecord) -> dict[str, Any]:
+    """A job record as a dict, with secret-looking parameters masked."""
+    data = record.model_dump(mode="json")
+    data["params"] = mask_secrets(data["params"])
+    return data
 
 
 def list_jobs(status: JobStatus | None = None, method: str | None = None, limit: int = 20,
