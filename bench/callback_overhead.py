@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import environment, median, report, sft_params
+from common import environment, median, report, running_job, sft_params
 
 STEPS = 400
 BLOCK = 10
@@ -36,7 +36,7 @@ def step_times(ctx: dict[str, Any]) -> tuple[list[float], list[float]]:
     from deepe_tasks.local import local_runner
 
     client = redis.Redis.from_url(ctx["url"], decode_responses=True)
-    publisher = EventPublisher(client, "bench-callback")
+    publisher = EventPublisher(client, "bench-callback", running_job(client, "bench-callback"))
     runner = local_runner(ctx["work"] / "methods" / "sft-demo.py",
                           sft_params(ctx, MAX_STEPS=STEPS, OUTPUT_DIR="models/bench"), publisher.emit)
     ours = runner.callback
@@ -104,7 +104,7 @@ def callback_cpu_per_step(ctx: dict[str, Any], steps: int = 400, step_s: float =
     from deepe_tasks.records import JobSpec
 
     client = redis.Redis.from_url(ctx["url"], decode_responses=True)
-    publisher = EventPublisher(client, "bench-cpu")
+    publisher = EventPublisher(client, "bench-cpu", running_job(client, "bench-cpu"))
     spec = JobSpec(job_id="bench-cpu", method="bench", method_sha256="", source="", params={},
                    storage_root=str(ctx["work"]))
     callback = DeepeCallback("bench-cpu", publisher.emit, StopFlags(client, spec).check, 15)

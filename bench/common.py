@@ -77,3 +77,17 @@ def report(name: str, figures: dict[str, Any]) -> dict[str, Any]:
     out = {"bench": name, **figures, "machine": machine(), "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     print(json.dumps(out))
     return out
+
+
+def running_job(client: Any, job_id: str) -> int:
+    """A job record that is running its first attempt, so that its events are accepted (they are
+    fenced: only the current attempt's reach the stream). Returns the attempt."""
+    from deepe_tasks import jobstore
+    from deepe_tasks.records import Event, EventKind, JobRecord
+
+    record = JobRecord(id=job_id, method="bench", method_sha256="0", params={}, output_dir="", queue="bench")
+    jobstore.create(client, record, "", Event(kind=EventKind.QUEUED, job=job_id))
+    claim = jobstore.claim(client, job_id, "bench", 3_600_000, Event(kind=EventKind.STARTED, job=job_id),
+                           worker="bench", started_at=0.0, pid=0)
+    assert claim.record is not None
+    return claim.record.attempts

@@ -6,7 +6,7 @@ import threading
 import time
 from typing import Any
 
-from common import environment, percentile, report
+from common import environment, percentile, report, running_job
 
 N = 50_000
 LAG_EVENTS = 5_000
@@ -17,7 +17,7 @@ def publisher_rate(client: Any) -> float:
     from deepe_tasks.events import EventPublisher
     from deepe_tasks.records import Event, EventKind
 
-    publisher = EventPublisher(client, "bench-rate")
+    publisher = EventPublisher(client, "bench-rate", running_job(client, "bench-rate"))
     events = [Event(kind=EventKind.LOG, job="bench-rate", step=i, max_steps=N, metrics={"loss": 1.0 / (i + 1)})
               for i in range(N)]
     t0 = time.perf_counter()
@@ -25,7 +25,7 @@ def publisher_rate(client: Any) -> float:
         publisher.emit(e)
     publisher.close(timeout=120)
     elapsed = time.perf_counter() - t0
-    assert client.xlen("deepe:events:bench-rate") == N
+    assert client.xlen("deepe:events:bench-rate") == N + 2  # with `queued` and `started`
     return N / elapsed
 
 
@@ -56,7 +56,7 @@ def follower_lag(client: Any) -> list[float]:
     reader = threading.Thread(target=follow)
     reader.start()
     ready.wait()
-    publisher = EventPublisher(client, "bench-lag")
+    publisher = EventPublisher(client, "bench-lag", running_job(client, "bench-lag"))
     for i in range(LAG_EVENTS):
         publisher.emit(Event(kind=EventKind.LOG, job="bench-lag", step=i))
         time.sleep(1 / LAG_RATE)

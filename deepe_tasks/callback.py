@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .records import Event, EventKind
+from .storage import CHECKPOINT_DONE
 
 Emit = Callable[[Event], None]
-# Why a run should stop: "cancel", "cancel-save", "preempt", "time-limit"; None to go on.
+# Why a run should stop: "cancel", "cancel-save", "preempt", "cut-off", "time-limit"; None to go on.
 StopCheck = Callable[[], str | None]
 
 
@@ -72,4 +75,9 @@ class DeepeCallback(TrainerCallback):
     def on_save(self, args: TrainingArguments, state: TrainerState,
                 control: TrainerControl, **kwargs: Any) -> None:
         self._last_checkpoint = time.monotonic()
+        # The trainer calls this once the checkpoint is written whole: only a checkpoint with
+        # this mark is ever resumed from.
+        folder = Path(args.output_dir or ".") / f"checkpoint-{state.global_step}"
+        if folder.is_dir():
+            (folder / CHECKPOINT_DONE).write_text(json.dumps({"job": self.job_id, "step": state.global_step}))
         self._event(EventKind.CHECKPOINT, state, message=f"checkpoint at step {state.global_step}")

@@ -31,10 +31,11 @@ def make_app(settings: Settings) -> Celery:
         },
         result_backend_transport_options={"visibility_timeout": settings.visibility_timeout},
         broker_connection_retry_on_startup=True,
-        # Flower sees every state, and the args of each task.
+        # Flower sees every state, and the args of each task. The task records STARTED itself,
+        # once it owns the job: a duplicate delivery never touches the result backend.
         worker_send_task_events=True,
         task_send_sent_event=True,
-        task_track_started=True,
+        task_track_started=False,
         result_extended=True,
         task_default_queue=settings.queue,
         broker_use_ssl=redis_ssl_options(settings),

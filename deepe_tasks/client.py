@@ -10,9 +10,9 @@ from typing import Any
 
 import redis
 
-from . import jobs, keys
+from . import jobstore, keys
 from .connection import get_redis, unreachable
-from .errors import BrokerUnavailable, InvalidJobState, InvalidParams
+from .errors import BrokerUnavailable, InvalidParams
 from .methods import load_method
 from .params import mask_secrets, parse_params, resolve_params
 from .records import Event, EventKind, JobRecord, JobStatus
@@ -56,7 +56,7 @@ def submit(
     queued = Event(kind=EventKind.QUEUED, job=job_id, message=f"{found.name} queued on {queue}")
     try:
         # The worker runs this exact source, whatever happens to the file afterwards.
-        jobs.create(client, record, source=found.source, first_event=queued.to_json())
+        jobstore.create(client, record, source=found.source, first_event=queued)
     except (redis.ConnectionError, redis.TimeoutError) as e:
         raise unreachable(client, e) from e
     try:
@@ -64,7 +64,7 @@ def submit(
     except Exception as e:
         # No message means no worker will ever take it: say so in the record, not just here.
         error = f"The job could not be queued: {e}; submit it again."
-        jobs.update(client, job_id, status=JobStatus.FAILED, error=error, finished_at=time.time())
+        jobstore.fail_queued(client, job_id, error)
         raise BrokerUnavailable(error) from e
     return Job(job_id)
 
@@ -94,10 +94,10 @@ class Job:
         return f"Job({self.id!r})"
 
     def record(self) -> JobRecord:
-        return jobs.get(get_redis(), self.id)
+        return jobstore.get(get_redis(), self.id)
 
     def status(self) -> JobStatus:
-        return jobs.status(get_redis(), self.id)
+        return jobstore.status(get_redis(), self.id)
 
     def info(self) -> dict[str, Any]:
         """The job record as a dict, with secret-looking parameters masked."""
@@ -139,28 +139,19 @@ class Job:
         """Replay events after stream id ``since``; with ``follow``, tail them until the job ends."""
         from .events import read_events
 
-        jobs.status(get_redis(), self.id)  # a clear error for an unknown job
+        jobstore.status(get_redis(), self.id)  # a clear error for an unknown job
         return read_events(get_redis(), self.id, since=since, follow=follow)
 
     def cancel(self, save: bool = False) -> JobStatus:
         """Cancel the job. A queued job never starts. A running one stops at its next step with a
         checkpoint; with ``save``, its model is also published, marked partial in deepe.json."""
-        client = get_redis()
-        status = self.status()
-        if status.is_final:
-            raise InvalidJobState(f"Job {self.id} is already {status.value}; only queued or running jobs can be cancelled.")
-        client.set(keys.cancel(self.id), "save" if save else "cancel", ex=30 * 24 * 3600)
-        if status is JobStatus.QUEUED:
+        status = jobstore.cancel(get_redis(), self.id, save)
+        if status is JobStatus.CANCELLED:  # it was queued: its message is dropped unread
             from .celery_app import app_for
 
-            if jobs.transition(client, self.id, {JobStatus.QUEUED}, status=JobStatus.CANCELLED,
-                               finished_at=time.time(), error="cancelled before it started"):
-                app_for(get_settings().redis_url).control.revoke(self.id)
-                client.xadd(keys.events(self.id), {"data": Event(
-                    kind=EventKind.CANCELLED, job=self.id, message="cancelled before it started").to_json()})
-                return JobStatus.CANCELLED
+            app_for(get_settings().redis_url).control.revoke(self.id)
         # Running: the job process reads the flag at its next step and stops there.
-        return self.status()
+        return status
 
 
 def masked(record: JobRecord) -> dict[str, Any]:

@@ -47,8 +47,9 @@ class RedisServer:
     """A private redis-server on a free loopback port, in a folder of its own."""
 
     def __init__(self, port: int | None = None, appendonly: bool = False, folder: Path | None = None,
-                 password: str | None = None) -> None:
+                 password: str | None = None, bind: tuple[str, ...] = ("127.0.0.1",)) -> None:
         self.port = port or free_port()
+        self.bind = bind  # loopback, and the addresses of test hosts (tests/netns.py)
         self.appendonly = appendonly
         self.password = password
         self.folder = folder or Path(tempfile.mkdtemp(prefix="deepe-redis-"))
@@ -56,16 +57,22 @@ class RedisServer:
 
     @property
     def url(self) -> str:
+        return self.url_at("127.0.0.1")
+
+    def url_at(self, host: str) -> str:
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        return f"redis://{auth}{host}:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         self.folder.mkdir(parents=True, exist_ok=True)
-        args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+        args = [redis_server_binary(), "--port", str(self.port), "--bind", *self.bind,
                 "--dir", str(self.folder), "--save", "", "--daemonize", "no",
                 "--appendonly", "yes" if self.appendonly else "no", "--logfile", str(self.folder / "redis.log")]
         if self.password:
             args += ["--requirepass", self.password]
+        elif self.bind != ("127.0.0.1",):
+            # Test hosts reach it over their own veth links only (tests/netns.py).
+            args += ["--protected-mode", "no"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout
@@ -104,8 +111,9 @@ class WorkerProcess:
 
     def __init__(self, env: dict[str, str], queues: str = "gpu", name: str | None = None,
                  log_file: Path | None = None, extra_args: list[str] | None = None,
-                 command: list[str] | None = None) -> None:
+                 command: list[str] | None = None, prefix: list[str] | None = None) -> None:
         self.env = {**os.environ, **env}
+        self.prefix = prefix or []  # e.g. `ip netns exec HOST`: the worker runs on a test host
         self.queues = queues
         self.name = name or f"deepe-{os.getpid()}-{free_port()}@%h"
         self.log_file = log_file
@@ -118,7 +126,7 @@ class WorkerProcess:
     def start(self) -> WorkerProcess:
         out = self.log_file.open("ab") if self.log_file else subprocess.DEVNULL
         self.proc = subprocess.Popen(
-            [*self.command, *self.extra_args],
+            [*self.prefix, *self.command, *self.extra_args],
             env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
         return self

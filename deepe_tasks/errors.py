@@ -41,3 +41,7 @@ class JobFailed(DeepeError):
 
 class BrokerUnavailable(DeepeError):
     """Raised when Redis cannot be reached."""
+
+
+class AttemptFenced(DeepeError):
+    """Raised when an attempt finds that another attempt owns its job now (its lease was lost)."""

@@ -6,13 +6,13 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import redis
 
-from . import keys
+from . import jobstore, keys
 from .records import FINAL_STATES, Event
 
 log = logging.getLogger(__name__)
@@ -20,38 +20,52 @@ log = logging.getLogger(__name__)
 BATCH = 500
 QUIET = 1.0  # seconds without events after which the publisher's thread sleeps
 FINAL_VALUES = {s.value for s in FINAL_STATES}
-# A batch of events in one command: redis-py spends more time packing and parsing a pipeline
-# of XADDs than Redis spends running them.
-_XADD_MANY = "for i = 1, #ARGV do redis.call('xadd', KEYS[1], '*', 'data', ARGV[i]) end return #ARGV"
+
+
+def append_jsonl(path: Path | None, lines: list[str]) -> None:
+    """Append JSON lines to a job's events.jsonl (the copy of its events on shared storage)."""
+    if path is None or not lines:
+        return
+    try:
+        with path.open("a", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in lines))
+    except OSError as e:
+        log.warning("could not append to %s: %s", path, e)
 
 
 class EventPublisher:
-    """Appends events to a job's Redis stream from a background thread, in batches.
+    """Appends one attempt's events to its job's Redis stream from a background thread, in batches.
 
     ``emit`` never touches the network, so a training step never waits on Redis. The thread
-    wakes every ``interval`` seconds and sends what gathered in one command; after a quiet
-    second it sleeps until the next event, so an idle publisher costs nothing. While Redis is
-    unreachable, events wait in memory (up to ``max_buffer``; beyond that the oldest are kept in
-    ``events.jsonl`` only) and are sent in order once it is back.
+    wakes every ``interval`` seconds and sends what gathered in one fenced command
+    (`jobstore.append`); after a quiet second it sleeps until the next event, so an idle
+    publisher costs nothing. While Redis is unreachable, events wait in memory (up to
+    ``max_buffer``; beyond that the oldest are kept in ``events.jsonl`` only) and are sent in
+    order once it is back. Each event has a sequence number, so a batch sent again after a
+    timeout is appended once. Once Redis says the attempt is fenced off (another attempt owns
+    the job), every buffered and later event is dropped and ``on_fenced`` is called.
     """
 
     def __init__(
         self,
         client: redis.Redis,
         job_id: str,
+        attempt: int,
         jsonl: Path | None = None,
         max_buffer: int = 100_000,
         interval: float = 0.05,
+        on_fenced: Callable[[], None] | None = None,
     ) -> None:
         self.job_id = job_id
-        self.published = 0
-        self.dropped = 0
+        self.attempt = attempt
+        self.fenced = False
         self._redis = client
         self._jsonl = jsonl
         self._interval = interval
+        self._on_fenced = on_fenced
+        self._seq = 0
         self._incoming: deque[Event] = deque()
-        self._unsent: deque[str] = deque(maxlen=max_buffer)  # events as JSON, oldest first
-        self._xadd_many = client.register_script(_XADD_MANY)
+        self._unsent: deque[tuple[int, str]] = deque(maxlen=max_buffer)  # (seq, JSON), oldest first
         self._cond = threading.Condition()
         self._closed = False
         self._sleeping = False  # quiet for a while: the next event must wake the thread
@@ -63,6 +77,7 @@ class EventPublisher:
         self._thread.start()
 
     def emit(self, event: Event) -> None:
+        event.attempt = self.attempt
         with self._cond:
             self._idle.clear()
             self._incoming.append(event)
@@ -70,7 +85,8 @@ class EventPublisher:
                 self._cond.notify()
 
     def flush(self, timeout: float = 30.0) -> bool:
-        """Wait until every event so far is in Redis; False if Redis stayed away past ``timeout``."""
+        """Wait until every event so far is in Redis (or dropped, if fenced off); False if Redis
+        stayed away past ``timeout``."""
         with self._cond:
             self._cond.notify()
         return self._idle.wait(timeout)
@@ -81,7 +97,7 @@ class EventPublisher:
             self._closed = True
             self._cond.notify()
         self._thread.join(timeout=5)
-        return sent
+        return sent and not self.fenced
 
     def _run(self) -> None:
         backoff = self._interval
@@ -103,11 +119,11 @@ class EventPublisher:
             if batch:
                 last_event = time.monotonic()
                 lines = [e.to_json() for e in batch]
-                self._append_jsonl(lines)
-                overflow = len(self._unsent) + len(lines) - (self._unsent.maxlen or 0)
-                if overflow > 0:
-                    self.dropped += overflow
-                self._unsent.extend(lines)
+                append_jsonl(self._jsonl, lines)
+                if not self.fenced:
+                    first = self._seq + 1
+                    self._seq += len(lines)
+                    self._unsent.extend(enumerate(lines, start=first))
             if not self._unsent:
                 continue
             try:
@@ -120,26 +136,21 @@ class EventPublisher:
                 backoff = min(backoff * 2, 2.0)
 
     def _send(self) -> None:
-        stream = keys.events(self.job_id)
         while self._unsent:
             chunk = [self._unsent[i] for i in range(min(BATCH, len(self._unsent)))]
-            self._xadd_many(keys=[stream], args=chunk)  # all or none of them: a script is atomic
+            # All or none of them (a script is atomic), and none already there.
+            if jobstore.append(self._redis, self.job_id, self.attempt, chunk) < 0:
+                self._fence()
+                return
             for _ in chunk:
                 self._unsent.popleft()
-            self.published += len(chunk)
 
-    def write_jsonl(self, batch: list[Event]) -> None:
-        """Append events to the job's events.jsonl only (the stream got them another way)."""
-        self._append_jsonl([e.to_json() for e in batch])
-
-    def _append_jsonl(self, lines: list[str]) -> None:
-        if self._jsonl is None:
-            return
-        try:
-            with self._jsonl.open("a", encoding="utf-8") as f:
-                f.write("".join(line + "\n" for line in lines))
-        except OSError as e:
-            log.warning("could not append to %s: %s", self._jsonl, e)
+    def _fence(self) -> None:
+        log.error("job %s: attempt %d was replaced by another; its events are dropped", self.job_id, self.attempt)
+        self.fenced = True
+        self._unsent.clear()
+        if self._on_fenced is not None:
+            self._on_fenced()
 
 
 def _decode(entries: list[Any]) -> list[Event]:

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import redis
 
-from . import keys, runner
+from . import jobstore, keys, runner
 from .events import EventPublisher
-from .protocol import LOG_FILE, PREEMPT_SIGNAL, RESULT_FILE
+from .protocol import CUTOFF_SIGNAL, FENCED_EXIT, LOG_FILE, PREEMPT_SIGNAL, RESULT_FILE
 from .records import JobSpec, JobStatus, RunResult
 from .settings import get_settings, redis_ssl_options
-from .storage import job_dir
+from .storage import attempt_dir, job_dir
 
 CANCEL_READ_INTERVAL = 1.0
 
@@ -39,24 +39,24 @@ def _redirect_output(folder: Path) -> None:
 class StopFlags:
     """Why this job should stop, checked by the callback on every step.
 
-    Preemption arrives as a signal from the worker and the time limit is a clock: neither
-    costs anything. The cancel flag is in Redis, read at most once a second.
+    Preemption and a lost lease arrive as signals from the worker and the time limit is a
+    clock: none costs anything. The cancel flag is in Redis, read at most once a second.
     """
 
     def __init__(self, client: redis.Redis, spec: JobSpec) -> None:
         self.client = client
         self.key = keys.cancel(spec.job_id)
         self.deadline = time.monotonic() + spec.time_limit if spec.time_limit else None
-        self.preempted = False
+        self.signalled: str | None = None
         self._next_read = 0.0
         self._cancel: str | None = None
 
-    def preempt(self, signum: int, frame: object) -> None:
-        self.preempted = True
+    def on_signal(self, signum: int, frame: object) -> None:
+        self.signalled = "cut-off" if signum == CUTOFF_SIGNAL else "preempt"
 
     def check(self) -> str | None:
-        if self.preempted:
-            return "preempt"
+        if self.signalled:
+            return self.signalled
         now = time.monotonic()
         if self.deadline is not None and now >= self.deadline:
             return "time-limit"
@@ -69,6 +69,33 @@ class StopFlags:
             if value is not None:
                 self._cancel = "cancel-save" if value == "save" else "cancel"
         return self._cancel
+
+
+class PublishFence:
+    """The last step before a model is renamed into OUTPUT_DIR: is this attempt still the job's?
+
+    It waits (up to one lease TTL) while Redis is unreachable or the lease is about to expire,
+    and says no once another attempt owns the job, or if Redis never answered.
+    """
+
+    MIN_LEASE_MS = 1000
+
+    def __init__(self, client: redis.Redis, spec: JobSpec) -> None:
+        self.client = client
+        self.spec = spec
+
+    def __call__(self) -> bool:
+        deadline = time.monotonic() + self.spec.lease_ttl
+        while True:
+            try:
+                answer = jobstore.check_current(self.client, self.spec.job_id, self.spec.attempt, self.MIN_LEASE_MS)
+                if answer is not jobstore.PublishCheck.LEASE_SHORT:
+                    return answer is jobstore.PublishCheck.OK
+            except redis.RedisError as e:
+                logging.warning("the publish check could not reach Redis: %s", e)
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.25)
 
 
 def write_result(folder: Path, result: RunResult) -> None:
@@ -85,36 +112,50 @@ def main() -> int:
     return run(line)
 
 
+def _fenced() -> None:
+    # Another attempt owns the job: this one must not write another byte anywhere.
+    logging.error("this attempt was replaced by another (its lease was lost); it stops now")
+    sys.stderr.flush()
+    os._exit(FENCED_EXIT)
+
+
+def _client(spec: JobSpec, timeout: float) -> redis.Redis:
+    settings = get_settings().model_copy(update={"redis_url": spec.redis_url or ""})
+    return redis.Redis.from_url(spec.redis_url or "", username=spec.redis_username, password=spec.redis_password,
+                                decode_responses=True, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                **(redis_ssl_options(settings) or {}))
+
+
 def run(line: str) -> int:
-    """Run the job whose spec (JSON) is ``line``; how it ended goes to the job folder."""
+    """Run the job whose spec (JSON) is ``line``; how it ended goes to the attempt's folder."""
     spec = JobSpec.model_validate_json(line)
     folder = job_dir(Path(spec.storage_root), spec.job_id)
-    folder.mkdir(parents=True, exist_ok=True)
+    attempt = attempt_dir(Path(spec.storage_root), spec.job_id, spec.attempt)
+    attempt.mkdir(parents=True, exist_ok=True)
     os.chdir(folder)  # stray relative writes of a method land in its job folder
     _redirect_output(folder)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    tls = redis_ssl_options(get_settings().model_copy(update={"redis_url": spec.redis_url or ""}))
-    client = redis.Redis.from_url(spec.redis_url or "", decode_responses=True,
-                                  socket_timeout=5, socket_connect_timeout=2, **(tls or {}))
-    publisher = EventPublisher(client, spec.job_id, jsonl=folder / "events.jsonl")
+    client = _client(spec, timeout=5)
+    publisher = EventPublisher(client, spec.job_id, spec.attempt, jsonl=folder / "events.jsonl", on_fenced=_fenced)
     # The cancel flag is read on the training thread: during an outage that read must fail
     # fast, not stall a step for the usual timeouts.
-    flag_client = redis.Redis.from_url(spec.redis_url or "", decode_responses=True, socket_timeout=0.2,
-                                       socket_connect_timeout=0.2, **(tls or {}))
-    flags = StopFlags(flag_client, spec)
-    signal.signal(PREEMPT_SIGNAL, flags.preempt)
+    flags = StopFlags(_client(spec, timeout=0.2), spec)
+    signal.signal(PREEMPT_SIGNAL, flags.on_signal)
+    signal.signal(CUTOFF_SIGNAL, flags.on_signal)
 
     try:
-        result = runner.Runner(spec, publisher.emit, flags.check).run()
+        result = runner.Runner(spec, publisher.emit, flags.check, may_publish=PublishFence(client, spec)).run()
     except BaseException as e:  # the runner reports method errors itself; this is for its own
         logging.exception("the runner failed")
         result = RunResult(status=JobStatus.FAILED, phase="running the job",
                            error=f"The job process failed outside the method: {type(e).__name__}: {e}")
-    # The worker writes the final event; ours must be in the stream before it.
-    if not publisher.close(timeout=300):
+    # The worker writes the final event; ours must be in the stream before it. Cut off from
+    # Redis, this attempt waits no longer than the worker will for it to stop.
+    wait = spec.lease_ttl if flags.signalled == "cut-off" else 300
+    if not publisher.close(timeout=wait):
         logging.warning("some events reached events.jsonl but not Redis")
-    write_result(folder, result)
+    write_result(attempt, result)
     sys.stdout.flush()
     sys.stderr.flush()
     return 0

@@ -10,21 +10,19 @@ import logging
 import os
 import tempfile
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import redis
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
-from . import jobs, keys
+from . import credentials, jobstore, keys
 from .connection import get_redis
-from .records import Event, EventKind, JobRecord, JobStatus
+from .errors import JobNotFound
+from .records import JobRecord, JobStatus
 from .settings import get_settings
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 def stop_flag(pid: int) -> Path:
@@ -37,71 +35,49 @@ def worker_stopping() -> bool:
     return stop_flag(os.getpid()).exists() or stop_flag(os.getppid()).exists()
 
 
-def retry_redis(fn: Callable[[], T], timeout: float = 300.0) -> T:
-    """Call ``fn`` until Redis answers, for writes that must not be lost to a restart."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return fn()
-        except redis.RedisError as e:
-            if time.monotonic() > deadline:
-                raise
-            log.warning("Redis is unreachable (%s); retrying", e)
-            time.sleep(1.0)
-
-
-def requeue(client: redis.Redis, record: JobRecord, why: str, unless_exists: str | None = None) -> bool:
-    """Put a running job back on its queue, or fail it once it used up its resumes."""
-    settings = get_settings()
-    resumes = record.attempts  # each attempt after the first is a resume
-    if resumes > settings.max_resumes:
-        message = (f"The job was interrupted {resumes} times (last: {why}) and DEEPE_MAX_RESUMES is "
-                   f"{settings.max_resumes}; its last checkpoint is in the job folder. Find out why its "
-                   "workers stop (memory, preemption), then submit it again.")
-        if not jobs.transition(client, record.id, {JobStatus.RUNNING}, unless_exists=unless_exists, running=False,
-                               status=JobStatus.FAILED, error=message, finished_at=time.time()):
-            return False
-        client.xadd(keys.events(record.id), {"data": Event(kind=EventKind.FAILED, job=record.id,
-                                                           message=message).to_json()})
-        return False
-    if not jobs.transition(client, record.id, {JobStatus.RUNNING}, unless_exists=unless_exists, running=False,
-                           status=JobStatus.QUEUED):
-        return False
+def send_again(client: redis.Redis, record: JobRecord) -> None:
+    """Send a requeued job's message; if that fails, hand the job back to the reaper."""
     from .client import enqueue
 
-    # The event goes first, so that it precedes the next attempt's `started`.
-    client.xadd(keys.events(record.id), {"data": Event(
-        kind=EventKind.REQUEUED, job=record.id, message=f"requeued: {why}",
-        metrics={"attempt": record.attempts}).to_json()})
     try:
         enqueue(record)
     except Exception:
-        # Back to running without a lease: the reaper tries again on its next round.
-        jobs.transition(client, record.id, {JobStatus.QUEUED}, running=True, status=JobStatus.RUNNING)
+        # Back to running without a lease: the reaper requeues it again on its next round.
+        jobstore.unqueue(client, record.id, record.attempts)
         raise
-    return True
 
 
 def reap_once(client: redis.Redis) -> list[str]:
     """Requeue every running job whose lease has expired; return their ids."""
+    max_resumes = get_settings().max_resumes
     requeued = []
     for job_id in client.smembers(keys.RUNNING):
         job_id = str(job_id)
         if client.exists(keys.lease(job_id)):
             continue
         try:
-            record = jobs.get(client, job_id)
-        except Exception:
-            client.srem(keys.RUNNING, job_id)
+            record = jobstore.get(client, job_id)
+        except JobNotFound:
+            jobstore.forget_running(client, job_id)
             continue
         if record.status is not JobStatus.RUNNING:
-            client.srem(keys.RUNNING, job_id)
+            jobstore.forget_running(client, job_id)
             continue
         # The lease check is repeated atomically with the change: a worker that just took
-        # the job over keeps it.
-        if requeue(client, record, f"its worker {record.worker} was lost", unless_exists=keys.lease(job_id)):
-            log.warning("requeued job %s: its worker %s was lost", job_id, record.worker)
+        # the job over, or renewed its lease, keeps it.
+        outcome = jobstore.requeue(client, record, f"its worker {record.worker} was lost", max_resumes,
+                                   lease_must_be_gone=True)
+        if outcome in (jobstore.RequeueOutcome.STALE, jobstore.RequeueOutcome.LEASED):
+            continue
+        log.warning("job %s: its worker %s was lost; %s", job_id, record.worker, outcome.value)
+        if outcome is jobstore.RequeueOutcome.QUEUED:
+            send_again(client, record)
             requeued.append(job_id)
+        # The lost attempt is fenced off now: its Redis user goes too, with its connections.
+        try:
+            credentials.revoke(client, job_id, record.attempts)
+        except redis.RedisError as e:
+            log.warning("job %s: could not delete the Redis user of attempt %d: %s", job_id, record.attempts, e)
     return requeued
 
 

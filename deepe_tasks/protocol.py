@@ -8,10 +8,15 @@ import select
 import signal
 import time
 
-RESULT_FILE = "result.json"  # in the job folder: how the attempt ended (a RunResult)
+RESULT_FILE = "result.json"  # in the attempt's folder: how the attempt ended (a RunResult)
 LOG_FILE = "output.log"  # in the job folder: the job process's stdout and stderr
 # The worker sends this to a job process that should checkpoint and stop, to be resumed.
 PREEMPT_SIGNAL = signal.SIGUSR1
+# ... and this one when it could not renew the job's lease for a whole TTL: the job checkpoints
+# and stops, so that it never trains beside the attempt that replaces it.
+CUTOFF_SIGNAL = signal.SIGUSR2
+# The exit code of a job process that found itself replaced by another attempt.
+FENCED_EXIT = 75
 
 PR_SET_PDEATHSIG = 1
 try:

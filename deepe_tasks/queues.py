@@ -8,7 +8,7 @@ from typing import Any
 
 import redis
 
-from . import jobs, keys
+from . import jobstore, keys
 
 # Celery's Redis transport keeps one list per priority step: "gpu" for 0 (the highest), then
 # "gpu:1" … "gpu:9" (celery_app sets sep=":" and priority steps 0-9).
@@ -50,7 +50,7 @@ def overview(client: redis.Redis, active_queues: dict[str, list[dict[str, Any]]]
     running: Any = client.smembers(keys.RUNNING)
     for job_id in running:
         try:
-            record = jobs.get(client, str(job_id))
+            record = jobstore.get(client, str(job_id))
         except Exception:
             continue
         infos.setdefault(record.queue, QueueInfo(record.queue)).running.append(record.id)

@@ -61,6 +61,7 @@ class Event(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     message: str = ""
     eta_s: float | None = None
+    attempt: int | None = None  # the attempt that wrote it; None for events before the first
     id: str | None = None
 
     def to_json(self) -> str:
@@ -126,7 +127,12 @@ class JobSpec(BaseModel):
     source: str
     params: dict[str, Any]
     storage_root: str
+    attempt: int = 1  # the fencing token: every write of this attempt carries it
+    lease_ttl: float = 30.0
+    # The attempt's own Redis credential (docs/reliability.md, "What a method can reach").
     redis_url: str | None = None
+    redis_username: str | None = None
+    redis_password: str | None = None
     worker: str = ""
     started_at: float = Field(default_factory=time.time)
     time_limit: float | None = None

@@ -16,17 +16,18 @@ import socket
 import time
 import traceback
 import types
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 from . import phases
 from .callback import DeepeCallback, Emit, StopCheck
-from .errors import MethodContractError
+from .errors import AttemptFenced, MethodContractError
 from .methods import check_source
 from .params import TrainParams, mask_secrets
 from .records import Event, EventKind, JobSpec, JobStatus, RunResult
-from .storage import MANIFEST, job_dir, publish, staging_dir
+from .storage import MANIFEST, attempt_dir, latest_checkpoint, publish, staging_dir
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +92,10 @@ def _describe(exc: BaseException, phase: str, filename: str) -> str:
 class Runner:
     """Runs one attempt of one job. ``should_stop`` is read by the callback to honour cancels."""
 
-    def __init__(self, spec: JobSpec, emit: Emit, should_stop: StopCheck | None = None) -> None:
+    def __init__(self, spec: JobSpec, emit: Emit, should_stop: StopCheck | None = None,
+                 may_publish: Callable[[], bool] | None = None) -> None:
         self.spec = spec
+        self.may_publish = may_publish  # the last check before the model is renamed into place
         self.emit = emit
         self.params = TrainParams.model_validate(spec.params)
         self.filename = f"{spec.method}.py"
@@ -100,7 +103,7 @@ class Runner:
         self.tracker = phases.PhaseTracker(spec.job_id, emit)
         self.namespace: dict[str, Any] = {}
         self.timings: dict[str, float] = {}
-        self.checkpoint_dir = job_dir(Path(spec.storage_root), spec.job_id) / "checkpoints"
+        self.checkpoint_dir = attempt_dir(Path(spec.storage_root), spec.job_id, spec.attempt) / "checkpoints"
 
     def run(self) -> RunResult:
         t0 = time.monotonic()
@@ -118,6 +121,9 @@ class Runner:
         stopped = {
             "cancel": RunResult(status=JobStatus.CANCELLED, error=f"cancelled at step {step}"),
             "preempt": RunResult(status=JobStatus.QUEUED, error=f"stopped at step {step} to be resumed"),
+            "cut-off": RunResult(status=JobStatus.QUEUED, error=(
+                f"stopped at step {step}: its worker could not reach Redis for DEEPE_LEASE_TTL="
+                f"{self.spec.lease_ttl:g} s")),
             "time-limit": RunResult(status=JobStatus.FAILED, error=(
                 f"time limit of {self.spec.time_limit:g} s reached at step {step}; the checkpoint is kept "
                 "in the job folder. Submit again with a longer time_limit, or fewer MAX_STEPS."
@@ -130,6 +136,8 @@ class Runner:
             t2 = time.monotonic()
             self.tracker.enter(phases.SAVING, EventKind.SAVING, "saving the model and tokenizer")
             output = self._save(trainer, metrics, save_started=t2, partial=partial)
+        except AttemptFenced as e:
+            return RunResult(status=JobStatus.QUEUED, phase=phases.SAVING, metrics=metrics, step=step, error=str(e))
         except Exception as e:
             log.exception("saving failed")
             return self._failed(phases.SAVING, _describe(e, phases.SAVING, self.filename))
@@ -205,16 +213,9 @@ class Runner:
             trainer.add_callback(self.callback)
         return trainer
 
-    def latest_checkpoint(self) -> Path | None:
-        if not self.checkpoint_dir.is_dir():
-            return None
-        found = [p for p in self.checkpoint_dir.glob("checkpoint-*")
-                 if p.is_dir() and p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").exists()]
-        return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
-
     def _train(self, trainer: Any) -> dict[str, Any]:
         self.tracker.enter(phases.TRAINING, EventKind.TRAINING, "training")
-        resume = self.latest_checkpoint()
+        resume = latest_checkpoint(Path(self.spec.storage_root), self.spec.job_id)
         if resume is not None:
             step = int(resume.name.split("-")[-1])
             self.emit(Event(kind=EventKind.RESUMED, job=self.spec.job_id, step=step,
@@ -238,7 +239,7 @@ class Runner:
 
     def _save(self, trainer: Any, metrics: dict[str, Any], save_started: float, partial: bool = False) -> Path:
         target = Path(self.params.OUTPUT_DIR or ".")
-        staging = staging_dir(target, self.spec.job_id)
+        staging = staging_dir(target, f"{self.spec.job_id}-a{self.spec.attempt}")
         model = self.namespace["model"]
         # The trainer may have wrapped the model (peft, accelerate): save what it trained.
         trained = getattr(trainer, "model", None) or model
@@ -258,6 +259,7 @@ class Runner:
             "job": self.spec.job_id,
             "method": self.spec.method,
             "method_sha256": self.spec.method_sha256,
+            "attempt": self.spec.attempt,
             "params": mask_secrets(self.params.as_dict()),
             "metrics": metrics,
             "steps": trainer.state.global_step,
@@ -270,5 +272,9 @@ class Runner:
             "timings": self.timings,
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        if self.may_publish is not None and not self.may_publish():
+            shutil.rmtree(staging, ignore_errors=True)
+            raise AttemptFenced(f"attempt {self.spec.attempt} no longer owns job {self.spec.job_id} (its lease was "
+                                "lost); its model was not published")
         publish(staging, target)
         return target

@@ -14,8 +14,24 @@ def job_dir(storage_root: Path, job_id: str) -> Path:
     return storage_root / "jobs" / job_id
 
 
-def events_file(storage_root: Path, job_id: str) -> Path:
-    return job_dir(storage_root, job_id) / "events.jsonl"
+def attempt_dir(storage_root: Path, job_id: str, attempt: int) -> Path:
+    """What one attempt writes: its checkpoints and its result. No two attempts share a file."""
+    return job_dir(storage_root, job_id) / "attempts" / str(attempt)
+
+
+CHECKPOINT_DONE = "deepe-checkpoint.json"  # written into a checkpoint once it is complete
+
+
+def latest_checkpoint(storage_root: Path, job_id: str) -> Path | None:
+    """The newest complete checkpoint of any attempt of the job (the highest step; on a tie, the
+    latest attempt's)."""
+    found = []
+    for marker in (job_dir(storage_root, job_id) / "attempts").glob(f"*/checkpoints/checkpoint-*/{CHECKPOINT_DONE}"):
+        folder = marker.parent
+        step, attempt = folder.name.split("-")[-1], folder.parent.parent.name
+        if step.isdigit() and attempt.isdigit():
+            found.append((int(step), int(attempt), folder))
+    return max(found, default=(0, 0, None))[2]
 
 
 def staging_dir(target: Path, job_id: str) -> Path:

@@ -1,8 +1,9 @@
 """The Celery task that runs one job attempt in a fresh, non-daemonic job process.
 
-The worker process itself never imports torch or touches CUDA: it spawns the job process,
-keeps the lease alive while it runs, relays cancels, time limits and shutdowns to it, and
-records how it ended.
+The worker process itself never imports torch or touches CUDA: it claims the job (a new
+attempt, with its fencing token), hands the job process its spec and its own Redis user,
+supervises it (`supervisor.py`), and records how it ended, through `jobstore`, only while the
+attempt is still the job's.
 """
 
 from __future__ import annotations
@@ -10,81 +11,82 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
-import subprocess
 import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from celery import states
 from celery.exceptions import Ignore
 
-from . import jobs, keys
+from . import credentials, jobstore
 from .celery_app import app
 from .client import Job
 from .connection import get_redis
 from .errors import JobFailed
-from .events import EventPublisher
-from .lease import Lease
-from .lifecycle import requeue, retry_redis, worker_stopping
+from .events import append_jsonl
+from .lifecycle import send_again
 from .processes import crash_message, job_process, kill_group
-from .protocol import LOG_FILE, PREEMPT_SIGNAL, RESULT_FILE
-from .records import Event, EventKind, JobRecord, JobSpec, JobStatus, RunResult
+from .protocol import LOG_FILE, RESULT_FILE
+from .records import Event, EventKind, JobSpec, JobStatus, RunResult
 from .settings import get_settings
-from .storage import job_dir
+from .storage import attempt_dir, job_dir
+from .supervisor import Attempt, Supervisor
 from .warm import JobProcess
 
 log = logging.getLogger(__name__)
-
+T = TypeVar("T")
 
 @app.task(name="deepe.train", bind=True)
 def train(self: Any, job_id: str, method: str = "") -> dict[str, Any]:
     """Run one attempt of a job; the job record and its events say how it went."""
     settings = get_settings()
-    client = get_redis()
     hostname = self.request.hostname or os.uname().nodename
-    lease = Lease(client, job_id, settings.lease_ttl)
+    holder = f"{hostname}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     # A zygote's spare costs nothing until it is handed a job, so take it first: then the job
     # starts the moment it is ours. (Without a zygote this starts a process, ended if unused.)
     proc = job_process()
-    now = time.time()
+    started = Event(kind=EventKind.STARTED, job=job_id, message=f"started on {hostname}", metrics={
+        "pid": proc.pid, "warm": proc.warm, "forked": proc.forked, "process_started_at": proc.started_at})
     try:
-        claim = jobs.claim(client, job_id, lease.key, lease.token, lease.ttl_ms,
-                           worker=hostname, started_at=now, pid=proc.pid)
+        claim = jobstore.claim(get_redis(), job_id, holder, int(settings.lease_ttl * 1000), started,
+                               worker=hostname, started_at=time.time(), pid=proc.pid)
     except BaseException:
         proc.discard()
         raise
     if claim.record is None:
+        # A duplicate or late delivery: it touches nothing, not even Celery's result backend.
         proc.discard()
-        if claim.outcome == "missing":
+        if claim.outcome is jobstore.ClaimOutcome.MISSING:
             log.error("dropping message for job %s: it has no job record", job_id)
-        elif claim.outcome == "ended":
+        elif claim.outcome is jobstore.ClaimOutcome.ENDED:
             log.info("dropping message for job %s: it is already %s", job_id, claim.detail)
         else:
             log.warning("dropping message for job %s: %s holds its lease", job_id, claim.detail)
         raise Ignore()
-    record = claim.record
-    started = Event(kind=EventKind.STARTED, job=job_id, message=f"started on {hostname}", metrics={
-        "attempt": record.attempts, "pid": proc.pid, "warm": proc.warm, "forked": proc.forked,
-        "process_started_at": proc.started_at})
-
+    attempt = Attempt(claim.record, holder, settings)
+    self.update_state(state=states.STARTED, meta={"job": job_id, "attempt": attempt.number})
     folder = job_dir(settings.storage_root, job_id)
-    folder.mkdir(parents=True, exist_ok=True)
-    publisher = EventPublisher(client, job_id, jsonl=folder / "events.jsonl", max_buffer=settings.event_buffer)
-    publisher.emit(started)
+    attempt_dir(settings.storage_root, job_id, attempt.number).mkdir(parents=True, exist_ok=True)
+    started.attempt = started.metrics["attempt"] = attempt.number
+    append_jsonl(folder / "events.jsonl", [started.to_json()])
+    if attempt.number > 1:
+        _best_effort(lambda: credentials.revoke(attempt.client, job_id, attempt.number - 1))
     try:
         if claim.source is None:
             proc.discard()
-            result = _finish(client, record, RunResult(
+            result = _end(attempt, RunResult(
                 status=JobStatus.FAILED, phase="loading the method",
-                error=f"The pinned source of {record.method} ({record.method_sha256[:12]}) "
-                      "is missing from Redis; submit the job again."), publisher, lease)
+                error=f"The pinned source of {attempt.record.method} ({attempt.record.method_sha256[:12]}) "
+                      "is missing from Redis; submit the job again."), folder)
         else:
-            result = _run_attempt(self, client, record, claim.source, proc, lease, publisher, folder)
+            result = _run_attempt(self, attempt, claim.source, proc, folder)
     finally:
-        publisher.close(timeout=300)
-        retry_redis(lease.release)
+        attempt.drop_credential()
+    if result is None:  # fenced off: another attempt owns the job and its Celery state
+        raise Ignore()
     if result.status is JobStatus.FAILED:
         raise JobFailed(result.error or "the job failed")
     if result.status is JobStatus.CANCELLED:
@@ -97,28 +99,30 @@ def train(self: Any, job_id: str, method: str = "") -> dict[str, Any]:
             "metrics": result.metrics}
 
 
-def _run_attempt(task: Any, client: redis.Redis, record: JobRecord, source: str, proc: JobProcess, lease: Lease,
-                 publisher: EventPublisher, folder: Path) -> RunResult:
-    settings = get_settings()
-    job_id = record.id
-    (folder / RESULT_FILE).unlink(missing_ok=True)
-    spec = JobSpec(job_id=job_id, method=record.method, method_sha256=record.method_sha256, source=source,
-                   params=record.params, storage_root=str(settings.storage_root),
-                   redis_url=settings.redis_url, worker=record.worker or "", started_at=record.started_at or 0.0,
-                   time_limit=record.time_limit, checkpoint_minutes=settings.checkpoint_minutes)
+def _run_attempt(task: Any, attempt: Attempt, source: str, proc: JobProcess, folder: Path) -> RunResult | None:
+    settings = attempt.settings
+    record = attempt.record
+    own = attempt_dir(settings.storage_root, record.id, attempt.number)
     try:
-        publisher.flush(timeout=5)  # `started` goes before the job's own events
+        credential = attempt.credential.create()
+        spec = JobSpec(job_id=record.id, method=record.method, method_sha256=record.method_sha256, source=source,
+                       params=record.params, storage_root=str(settings.storage_root), attempt=attempt.number,
+                       lease_ttl=settings.lease_ttl, redis_url=credential.url, redis_username=credential.username,
+                       redis_password=credential.password, worker=record.worker or "",
+                       started_at=record.started_at or 0.0, time_limit=record.time_limit,
+                       checkpoint_minutes=settings.checkpoint_minutes)
         announced = proc.pid
         proc.start(spec.model_dump_json())
         if proc.pid != announced:  # the spare died just before the hand-over; another took the job
-            jobs.update(client, job_id, pid=proc.pid)
-        ended_by = Supervisor(client, record, proc, lease, progress=FlowerProgress(task, job_id)).watch()
+            jobstore.set_pid(attempt.client, record.id, attempt.number, proc.pid)
+        ended_by = Supervisor(attempt, proc, progress=FlowerProgress(task, record.id).report).watch()
     finally:
         # Whatever happened, nothing of this attempt (DataLoader workers, torchrun children)
         # outlives it.
         kill_group(proc)
-
-    result_path = folder / RESULT_FILE
+    if ended_by == "fenced":
+        return None
+    result_path = own / RESULT_FILE
     if result_path.exists():
         result = RunResult.model_validate_json(result_path.read_text())
     elif ended_by == "cancel":
@@ -132,13 +136,13 @@ def _run_attempt(task: Any, client: redis.Redis, record: JobRecord, source: str,
     elif ended_by == "preempt":
         result = RunResult(status=JobStatus.QUEUED, phase="training",
                            error="the worker shut down and the job did not checkpoint in time")
-    elif ended_by == "lease-lost":
-        log.error("job %s: lost its lease to %s; this attempt was stopped", job_id, lease.holder())
-        return RunResult(status=JobStatus.QUEUED, phase="training")
+    elif ended_by == "cut-off":
+        result = RunResult(status=JobStatus.QUEUED, phase="training",
+                           error=f"its worker could not reach Redis for DEEPE_LEASE_TTL={settings.lease_ttl:g} s")
     else:
         result = RunResult(status=JobStatus.FAILED, phase="running the job process",
                            error=crash_message(proc.wait(), folder / LOG_FILE))
-    return _finish(client, record, result, publisher, lease)
+    return _end(attempt, result, folder)
 
 
 class FlowerProgress:
@@ -172,103 +176,53 @@ class FlowerProgress:
         self.task.send_event("task-progress", result=json.dumps(meta), **meta)
 
 
-class Supervisor:
-    """Waits for the job process: renews the lease, and stops the job when it must.
-
-    A cancel or time limit is read by the job itself at its next step; if it has not stopped
-    after DEEPE_CANCEL_GRACE seconds, its process group is killed. A worker shutdown is relayed
-    as a signal, so the job checkpoints and is requeued.
-    """
-
-    def __init__(self, client: redis.Redis, record: JobRecord, proc: JobProcess, lease: Lease,
-                 progress: FlowerProgress | None = None) -> None:
-        self.client = client
-        self.record = record
-        self.proc = proc
-        self.lease = lease
-        self.progress = progress
-        self.settings = get_settings()
-
-    def watch(self) -> str | None:
-        grace = self.settings.cancel_grace
-        renew_every = self.settings.lease_ttl / 3
-        started = time.monotonic()
-        next_renew = started + renew_every
-        stop_asked: dict[str, float] = {}
-        limit = self.record.time_limit
-        while True:
-            try:
-                self.proc.wait(timeout=0.25)
-                return next(iter(stop_asked), None)
-            except subprocess.TimeoutExpired:
-                pass
-            now = time.monotonic()
-            try:
-                if now >= next_renew:
-                    if not (self.lease.renew() or self.lease.retake(self.record.attempts)):
-                        self._kill()  # another worker took the job over: never two trainers
-                        return "lease-lost"
-                    next_renew = now + renew_every
-                if "cancel" not in stop_asked and self.client.exists(keys.cancel(self.record.id)):
-                    stop_asked["cancel"] = now
-            except redis.RedisError as e:  # an outage must not end the job
-                log.warning("job %s: could not reach Redis: %s", self.record.id, e)
-            try:
-                if self.progress is not None:
-                    self.progress.report(now)
-            except Exception as e:  # Flower's view is a nicety: never let it end the job
-                log.warning("job %s: could not report progress: %s", self.record.id, e)
-            if limit is not None and now - started >= limit:
-                stop_asked.setdefault("time-limit", now)
-            if "preempt" not in stop_asked and worker_stopping():
-                stop_asked["preempt"] = now
-                log.warning("job %s: the worker is shutting down; checkpointing to requeue", self.record.id)
-                self._signal(PREEMPT_SIGNAL)
-            if stop_asked and now - min(stop_asked.values()) > grace:
-                log.warning("job %s did not stop within %.0f s; killing it", self.record.id, grace)
-                self._kill()
-                return min(stop_asked, key=lambda k: stop_asked[k])
-
-    def _signal(self, sig: signal.Signals) -> None:
+def _retry(fn: Callable[[], T], timeout: float) -> T:
+    """Call ``fn`` until Redis answers or ``timeout`` passes (then its error is raised)."""
+    deadline = time.monotonic() + timeout
+    while True:
         try:
-            os.kill(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
+            return fn()
+        except redis.RedisError as e:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("Redis is unreachable (%s); retrying", e)
+            time.sleep(1.0)
 
-    def _kill(self) -> None:
-        kill_group(self.proc)
+
+def _best_effort(fn: Callable[[], object]) -> None:
+    try:
+        fn()
+    except redis.RedisError as e:
+        log.warning("%s", e)
 
 
-def _finish(client: redis.Redis, record: JobRecord, result: RunResult, publisher: EventPublisher,
-            lease: Lease) -> RunResult:
-    job_id = record.id
-    if not retry_redis(lease.held):
-        # Another worker took the job over (after an outage longer than the lease): it owns
-        # the job's state now.
-        log.error("job %s: this attempt lost its lease; not recording its end", job_id)
-        return result.model_copy(update={"status": JobStatus.QUEUED})
+def _end(attempt: Attempt, result: RunResult, folder: Path) -> RunResult | None:
+    """Record how the attempt ended, if it still owns the job; None if another attempt does."""
+    job_id = attempt.job_id
     if result.status is JobStatus.QUEUED:
-        fresh = retry_redis(lambda: jobs.get(client, job_id))
-        publisher.flush(timeout=300)
-        # Free the lease first: the requeued message may reach an idle worker at once.
-        retry_redis(lease.release)
-        retry_redis(lambda: requeue(client, fresh, result.error or "the worker shut down"))
-        return result
+        try:
+            # Cut off, wait about a lease for Redis; beyond that the reaper requeues the job.
+            outcome = _retry(lambda: attempt.requeue(result.error or "the worker shut down"),
+                             timeout=attempt.settings.lease_ttl)
+        except redis.RedisError:
+            log.error("job %s: Redis stayed away; the reaper will requeue the job", job_id)
+            return None
+        if outcome is jobstore.RequeueOutcome.STALE:
+            log.error("job %s: attempt %d was replaced by another; not recording its end", job_id, attempt.number)
+            return None
+        if outcome is jobstore.RequeueOutcome.QUEUED:
+            send_again(attempt.client, attempt.record)
+            return result
+        status = JobStatus.CANCELLED if outcome is jobstore.RequeueOutcome.CANCELLED else JobStatus.FAILED
+        return result.model_copy(update={"status": status})
     kind = {JobStatus.SUCCEEDED: EventKind.SUCCEEDED, JobStatus.CANCELLED: EventKind.CANCELLED}.get(
         result.status, EventKind.FAILED)
     message = result.error or (f"model saved to {result.output_dir}" if result.output_dir else "")
-    final = Event(kind=kind, job=job_id, step=result.step, metrics=result.metrics, message=message)
-    publisher.flush(timeout=300)  # every earlier event goes first
-
-    def record_end() -> None:
-        # One transaction: whoever sees the final event sees the final record, and the reverse.
-        pipe = client.pipeline(transaction=True)
-        pipe.xadd(keys.events(job_id), {"data": final.to_json()})
-        jobs.update(pipe, job_id, status=result.status, error=result.error, finished_at=time.time(),
-                    metrics=result.metrics, output_dir=result.output_dir)
-        pipe.srem(keys.RUNNING, job_id)
-        pipe.execute()
-
-    retry_redis(record_end)
-    publisher.write_jsonl([final])
+    final = Event(kind=kind, job=job_id, step=result.step, metrics=result.metrics, message=message,
+                  attempt=attempt.number)
+    # The job process flushed its events before it exited: the final event comes after them.
+    if not _retry(lambda: attempt.finish(result, final), timeout=300):
+        log.error("job %s: attempt %d was replaced by another; not recording its end", job_id, attempt.number)
+        return None
+    append_jsonl(folder / "events.jsonl", [final.to_json()])
     return result

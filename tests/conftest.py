@@ -92,12 +92,13 @@ class Worker:
     """A real Celery worker process and its log, for assertions and for post-mortems."""
 
     def __init__(self, queues: str, log_file: Path, extra_args: list[str] | None = None,
-                 command: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+                 command: list[str] | None = None, env: dict[str, str] | None = None,
+                 prefix: list[str] | None = None) -> None:
         from deepe_tasks.embedded import WorkerProcess
 
         self.log_file = log_file
         self.process = WorkerProcess(env or {}, queues=queues, log_file=log_file, extra_args=extra_args,
-                                     command=command)
+                                     command=command, prefix=prefix)
 
     def start(self) -> Worker:
         self.process.start()
@@ -197,3 +198,25 @@ SLOW_METHOD = TRL_SNIPPET.replace("callbacks=[callback],", "callbacks=[callback,
     "from trl import SFTConfig, SFTTrainer\nimport time\nfrom transformers import TrainerCallback\n\n"
     "class Slow(TrainerCallback):\n    def on_step_end(self, *args, **kwargs):\n"
     "        time.sleep(float(params.get('step_sleep', 0.25)))\n")
+
+# The slow method, whose final save (the tokenizer's, after the model's) takes `save_sleep`
+# seconds, so that a fault can strike in the middle of it.
+SLOW_SAVE = SLOW_METHOD.replace("callbacks=[callback, Slow()],", "callbacks=[callback, Slow(), EndOfTraining()],") + '''
+class EndOfTraining(TrainerCallback):
+    def on_train_end(self, *args, **kwargs):
+        global training_over
+        training_over = True
+
+
+training_over = False
+_save = tokenizer.save_pretrained
+
+
+def _slow_save(*args, **kwargs):
+    if training_over:  # the final save only, not the checkpoints'
+        time.sleep(float(params.get("save_sleep", 0)))
+    return _save(*args, **kwargs)
+
+
+tokenizer.save_pretrained = _slow_save
+'''

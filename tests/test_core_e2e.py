@@ -97,9 +97,13 @@ def test_events_replay_from_the_start_and_from_any_id(worker: Worker, sft_params
     rest = list(job.events(since=middle.id or ""))
     assert [e.id for e in rest] == [e.id for e in everything if (e.id or "") > (middle.id or "")]
     assert [e.id for e in job.events(follow=True)] == [e.id for e in everything]
-    # Readers in any language: one field, `data`, holding one JSON event
+    # Readers in any language: `data` holds one JSON event; `a` and `s` say which attempt wrote
+    # it and its number within that attempt (0 for the platform's own events)
     raw = get_redis().xrange(f"deepe:events:{job.id}")
-    assert all(set(fields) == {"data"} for _, fields in raw)
+    assert all(set(fields) == {"data", "a", "s"} for _, fields in raw)
+    assert all(json.loads(f["data"])["attempt"] in (None, int(f["a"])) for _, f in raw)
+    own = [int(f["s"]) for _, f in raw if f["s"] != "0"]
+    assert own == list(range(1, len(own) + 1))
     first = json.loads(raw[0][1]["data"])
     assert {"kind", "job", "ts", "step", "max_steps", "metrics", "message"} <= set(first)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from deepe_tasks import EventKind, Job, JobStatus, submit
-from tests.conftest import SLOW_METHOD, Worker, wait_for, write_method
+from tests.conftest import SLOW_METHOD, SLOW_SAVE, Worker, wait_for, write_method
 
 pytestmark = pytest.mark.e2e
 
@@ -127,7 +127,8 @@ def test_a_job_that_keeps_losing_its_worker_fails_after_max_resumes(
 
 def test_a_duplicate_delivery_never_trains_the_job_twice(workers: list[Worker], tmp_path: Path,
                                                          slow_params: dict[str, object]) -> None:
-    from deepe_tasks import jobs
+    from deepe_tasks import jobstore
+    from deepe_tasks.celery_app import app
     from deepe_tasks.client import enqueue
     from deepe_tasks.connection import get_redis
 
@@ -135,15 +136,18 @@ def test_a_duplicate_delivery_never_trains_the_job_twice(workers: list[Worker], 
     start_worker(workers, "dup-q", tmp_path)
     job = submit("slow", {**slow_params, "MAX_STEPS": 12}, queue="dup-q")
     wait_for_event(job, EventKind.TRAINING)
-    enqueue(jobs.get(get_redis(), job.id))  # the same message, a second time
+    enqueue(jobstore.get(get_redis(), job.id))  # the same message, a second time
     assert job.wait(timeout=120) is JobStatus.SUCCEEDED
-    time.sleep(1)
-    enqueue(jobs.get(get_redis(), job.id))  # and once more, late, after it finished
-    time.sleep(3)
+    wait_for(lambda: app.AsyncResult(job.id).state == "SUCCESS", timeout=30)
+    record = job.info()
+    enqueue(jobstore.get(get_redis(), job.id))  # and once more, late, after it finished
+    wait_for(lambda: "it is already succeeded" in "".join(w.log() for w in workers), timeout=60)
     assert kinds(job).count(EventKind.STARTED) == 1
     assert log_steps(job) == list(range(1, 13))
-    logs = "".join(w.log() for w in workers)
-    assert "holds its lease" in logs and "it is already succeeded" in logs
+    assert "holds its lease" in "".join(w.log() for w in workers)
+    # The late duplicate touched nothing: neither the job nor Celery's state of it
+    assert job.info() == record
+    assert app.AsyncResult(job.id).state == "SUCCESS"
 
 
 def test_sigterm_checkpoints_requeues_and_the_job_resumes(workers: list[Worker], tmp_path: Path,
@@ -175,7 +179,7 @@ def test_cancelling_a_running_job_stops_it_at_a_step_with_a_checkpoint(
     assert EventKind.CHECKPOINT in [e.kind for e in events]
     assert max(log_steps(job)) < 24
     assert not Path(job.info()["output_dir"]).exists()  # no final model
-    assert list((storage / "jobs" / job.id / "checkpoints").glob("checkpoint-*"))
+    assert list((storage / "jobs" / job.id / "attempts" / "1" / "checkpoints").glob("checkpoint-*"))
     assert process_gone(pid)
 
 
@@ -186,6 +190,23 @@ def test_cancel_with_save_publishes_a_partial_model(worker: Worker, slow_params:
     assert job.wait(timeout=60) is JobStatus.CANCELLED
     manifest = json.loads((Path(job.info()["output_dir"]) / "deepe.json").read_text())
     assert manifest["partial"] is True and manifest["steps"] < 24
+
+
+def test_a_cancel_with_save_gets_the_grace_again_once_saving_began(
+        workers: list[Worker], tmp_path: Path, store: Path, slow_params: dict[str, object]) -> None:
+    # Given a job whose steps and final save each take longer than half the cancel grace
+    write_method(store, "slowsave", SLOW_SAVE)
+    start_worker(workers, "csgrace-q", tmp_path, DEEPE_CANCEL_GRACE="3")
+    job = submit("slowsave", {**slow_params, "step_sleep": 1.5, "save_sleep": 2}, queue="csgrace-q")
+    wait_for_event(job, EventKind.LOG, count=2)
+    # When it is cancelled with save: reaching the step, the checkpoint and the save together
+    # take longer than DEEPE_CANCEL_GRACE, the save alone does not
+    job.cancel(save=True)
+    # Then the save is not cut short: the partial model is published
+    assert job.wait(timeout=60) is JobStatus.CANCELLED
+    assert "the partial model was saved" in job.info()["error"]
+    manifest = json.loads((Path(job.info()["output_dir"]) / "deepe.json").read_text())
+    assert manifest["partial"] is True
 
 
 HANGS_IN_A_STEP = SLOW_METHOD.replace(
@@ -215,7 +236,7 @@ def test_the_time_limit_stops_training_keeps_a_checkpoint_and_fails_the_job(
     error = job.info()["error"]
     step = max(log_steps(job))
     assert f"time limit of 4 s reached at step {step}" in error
-    assert list((storage / "jobs" / job.id / "checkpoints").glob(f"checkpoint-{step}"))
+    assert list((storage / "jobs" / job.id / "attempts" / "1" / "checkpoints").glob(f"checkpoint-{step}"))
 
 
 def test_redis_restarting_mid_job_loses_no_event(tmp_path: Path, slow_params: dict[str, object],

@@ -1,0 +1,168 @@
+"""The worker's side of one running attempt: its lease, its credential, and when it must stop."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from functools import lru_cache
+
+import redis
+
+from . import credentials, jobstore, keys
+from .lifecycle import worker_stopping
+from .processes import kill_group
+from .protocol import CUTOFF_SIGNAL, PREEMPT_SIGNAL
+from .records import Event, EventKind, JobRecord, RunResult
+from .settings import Settings, get_settings, redis_ssl_options
+from .warm import JobProcess
+
+log = logging.getLogger(__name__)
+
+
+@lru_cache(maxsize=8)
+def lease_client(url: str, timeout: float) -> redis.Redis:
+    """A client that gives up fast: a worker cut off from Redis must notice within its lease."""
+    tls = get_settings().model_copy(update={"redis_url": url})
+    return redis.Redis.from_url(url, decode_responses=True, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                **(redis_ssl_options(tls) or {}))
+
+
+def client_for(settings: Settings) -> redis.Redis:
+    return lease_client(settings.redis_url, min(5.0, max(0.5, settings.lease_ttl / 6)))
+
+
+class Attempt:
+    """One attempt of a job, as its worker holds it: the fencing token (``record.attempts``),
+    the lease, and the attempt's own Redis user."""
+
+    def __init__(self, record: JobRecord, holder: str, settings: Settings) -> None:
+        self.record = record
+        self.job_id = record.id
+        self.number = record.attempts
+        self.holder = holder
+        self.settings = settings
+        self.client = client_for(settings)
+        self.ttl_ms = int(settings.lease_ttl * 1000)
+        self.credential = credentials.AttemptCredential(self.client, settings.redis_url, record.id, record.attempts)
+
+    def renew(self) -> jobstore.Renewal:
+        return jobstore.renew(self.client, self.job_id, self.number, self.holder, self.ttl_ms)
+
+    def finish(self, result: RunResult, final: Event) -> bool:
+        return jobstore.finish(self.client, self.job_id, self.number, final, status=result.status, error=result.error,
+                               metrics=result.metrics, output_dir=result.output_dir)
+
+    def requeue(self, why: str) -> jobstore.RequeueOutcome:
+        return jobstore.requeue(self.client, self.record, why, self.settings.max_resumes, lease_must_be_gone=False)
+
+    def drop_credential(self) -> None:
+        """Delete the attempt's Redis user (which closes its connections); best effort: the
+        next claim and the reaper delete it too."""
+        try:
+            self.credential.delete()
+        except redis.RedisError as e:
+            log.warning("job %s: could not delete the Redis user of attempt %d: %s", self.job_id, self.number, e)
+
+
+class Supervisor:
+    """Waits for the job process: renews the lease, and stops the job when it must.
+
+    A cancel or time limit is read by the job itself at its next step; if it has not stopped
+    after DEEPE_CANCEL_GRACE seconds, its process group is killed (a cancel that saves gets the
+    grace again once saving began). A worker shutdown is relayed as a signal, so the job
+    checkpoints and is requeued. A worker that cannot renew the lease for one whole
+    DEEPE_LEASE_TTL tells the job to checkpoint and stop, since another worker may take the
+    job over from then on; one that finds the job taken over kills it at once.
+    """
+
+    def __init__(self, attempt: Attempt, proc: JobProcess, progress: Callable[[float], None] | None = None) -> None:
+        self.attempt = attempt
+        self.proc = proc
+        self.progress = progress
+        self.settings = attempt.settings
+        self.client = attempt.client
+        self.job_id = attempt.job_id
+        self.stop_asked: dict[str, float] = {}
+        self.save_on_cancel = False
+        self.saving_seen = False
+
+    def watch(self) -> str | None:
+        """Wait for the job process to end; return why it was stopped (None: it ended by itself)."""
+        ttl, grace = self.settings.lease_ttl, self.settings.cancel_grace
+        renew_every = ttl / 3
+        last_renewed = started = time.monotonic()
+        next_renew = started + renew_every
+        troubled = False  # Redis failed since the last renewal: the attempt's user may be gone
+        limit = self.attempt.record.time_limit
+        while True:
+            try:
+                self.proc.wait(timeout=0.25)
+                return self._first_reason()
+            except subprocess.TimeoutExpired:
+                pass
+            now = time.monotonic()
+            try:
+                if now >= next_renew:
+                    if self.attempt.renew() is jobstore.Renewal.FENCED:
+                        log.error("job %s: attempt %d was replaced by another; stopping it now",
+                                  self.job_id, self.attempt.number)
+                        kill_group(self.proc)  # never two trainers
+                        return "fenced"
+                    last_renewed, next_renew = now, now + renew_every
+                    if troubled and self.attempt.credential.scoped:
+                        self.attempt.credential.ensure()  # a restarted Redis forgot ACL users
+                    troubled = False
+                self._read_cancel(now)
+            except redis.RedisError as e:
+                troubled = True
+                next_renew = min(next_renew, now + 1.0)
+                log.warning("job %s: could not reach Redis: %s", self.job_id, e)
+            now = time.monotonic()
+            if now - last_renewed >= ttl and "cut-off" not in self.stop_asked:
+                log.error("job %s: no lease renewal for DEEPE_LEASE_TTL=%g s; another worker may take the job over, "
+                          "so this attempt checkpoints and stops", self.job_id, ttl)
+                self._ask("cut-off", now, CUTOFF_SIGNAL)
+            try:
+                if self.progress is not None:
+                    self.progress(now)
+            except Exception as e:  # Flower's view is a nicety: never let it end the job
+                log.warning("job %s: could not report progress: %s", self.job_id, e)
+            if limit is not None and now - started >= limit:
+                self.stop_asked.setdefault("time-limit", now)
+            if "preempt" not in self.stop_asked and worker_stopping():
+                log.warning("job %s: the worker is shutting down; checkpointing to requeue", self.job_id)
+                self._ask("preempt", now, PREEMPT_SIGNAL)
+            if self.stop_asked and now - min(self.stop_asked.values()) > grace:
+                log.warning("job %s did not stop within %.0f s; killing it", self.job_id, grace)
+                kill_group(self.proc)
+                return self._first_reason()
+
+    def _first_reason(self) -> str | None:
+        return min(self.stop_asked, key=lambda k: self.stop_asked[k]) if self.stop_asked else None
+
+    def _ask(self, reason: str, now: float, sig: signal.Signals) -> None:
+        self.stop_asked[reason] = now
+        try:
+            os.kill(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def _read_cancel(self, now: float) -> None:
+        if "cancel" not in self.stop_asked:
+            flag = self.client.get(keys.cancel(self.job_id))
+            if flag is not None:
+                self.stop_asked["cancel"] = now
+                self.save_on_cancel = flag == "save"
+        elif self.save_on_cancel and not self.saving_seen and self._saving():
+            # Saving a model takes its own time: the grace starts again when it begins.
+            self.saving_seen = True
+            self.stop_asked["cancel"] = now
+
+    def _saving(self) -> bool:
+        recent: list[tuple[str, dict[str, str]]] = self.client.xrevrange(  # type: ignore[assignment]
+            keys.events(self.job_id), count=10)
+        return any(Event.from_json(fields["data"]).kind is EventKind.SAVING for _, fields in recent)
