@@ -201,14 +201,10 @@ SLOW_METHOD = TRL_SNIPPET.replace("callbacks=[callback],", "callbacks=[callback,
 
 # The slow method, whose final save (the tokenizer's, after the model's) takes `save_sleep`
 # seconds, so that a fault can strike in the middle of it.
-SLOW_SAVE = SLOW_METHOD.replace("callbacks=[callback, Slow()],", "callbacks=[callback, Slow(), EndOfTraining()],") + '''
-class EndOfTraining(TrainerCallback):
-    def on_train_end(self, *args, **kwargs):
-        global training_over
-        training_over = True
-
-
-training_over = False
+SLOW_SAVE = SLOW_METHOD.replace("callbacks=[callback, Slow()],", "callbacks=[callback, Slow(), EndOfTraining()],").replace(
+    "class Slow(TrainerCallback):",
+    "training_over = False\n\nclass EndOfTraining(TrainerCallback):\n    def on_train_end(self, *args, **kwargs):\n"
+    "        global training_over\n        training_over = True\n\nclass Slow(TrainerCallback):") + '''
 _save = tokenizer.save_pretrained
 
 

@@ -213,8 +213,11 @@ def test_a_stale_attempt_paused_in_its_final_save_never_publishes(
     wait_for(lambda: gone(old_pid), timeout=TTL + 30)
     result = json.loads((storage / "jobs" / job.id / "attempts" / "1" / "result.json").read_text())
     assert result["status"] == "queued" and "was not published" in result["error"]
-    assert redis_view(job) == before_redis and storage_view(job) == before_storage
-    assert not list(Path(job.info()["output_dir"]).parent.glob(f".*staging-{job.id}-a1-*"))
+    assert redis_view(job) == before_redis
+    # The published model is untouched, and the stale attempt took its staging folder away
+    after = storage_view(job)
+    assert {k: after[k] for k in ("manifest", "inode", "mtime")} == {k: before_storage[k] for k in ("manifest", "inode", "mtime")}
+    assert after["entries"] == [Path(job.info()["output_dir"]).name]
     # and its worker, once it wakes too, writes nothing either
     heal_and_check_silence(cluster, job, cut_off)
 
