@@ -83,8 +83,13 @@ class PublishFence:
     def __init__(self, client: redis.Redis, spec: JobSpec) -> None:
         self.client = client
         self.spec = spec
+        self.refused = False
 
     def __call__(self) -> bool:
+        self.refused = not self._current()
+        return not self.refused
+
+    def _current(self) -> bool:
         deadline = time.monotonic() + self.spec.lease_ttl
         while True:
             try:
@@ -144,15 +149,16 @@ def run(line: str) -> int:
     signal.signal(PREEMPT_SIGNAL, flags.on_signal)
     signal.signal(CUTOFF_SIGNAL, flags.on_signal)
 
+    fence = PublishFence(client, spec)
     try:
-        result = runner.Runner(spec, publisher.emit, flags.check, may_publish=PublishFence(client, spec)).run()
+        result = runner.Runner(spec, publisher.emit, flags.check, may_publish=fence).run()
     except BaseException as e:  # the runner reports method errors itself; this is for its own
         logging.exception("the runner failed")
         result = RunResult(status=JobStatus.FAILED, phase="running the job",
                            error=f"The job process failed outside the method: {type(e).__name__}: {e}")
     # The worker writes the final event; ours must be in the stream before it. Cut off from
-    # Redis, this attempt waits no longer than the worker will for it to stop.
-    wait = spec.lease_ttl if flags.signalled == "cut-off" else 300
+    # Redis, or refused as stale, this attempt waits no longer than a lease for it.
+    wait = spec.lease_ttl if flags.signalled == "cut-off" or fence.refused else 300
     if not publisher.close(timeout=wait):
         logging.warning("some events reached events.jsonl but not Redis")
     write_result(attempt, result)

@@ -27,7 +27,7 @@ from .errors import AttemptFenced, MethodContractError
 from .methods import check_source
 from .params import TrainParams, mask_secrets
 from .records import Event, EventKind, JobSpec, JobStatus, RunResult
-from .storage import MANIFEST, attempt_dir, latest_checkpoint, publish, staging_dir
+from .storage import MANIFEST, attempt_dir, latest_checkpoint, publish, remove_staging, staging_dir
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ class Runner:
 
     def _save(self, trainer: Any, metrics: dict[str, Any], save_started: float, partial: bool = False) -> Path:
         target = Path(self.params.OUTPUT_DIR or ".")
-        staging = staging_dir(target, f"{self.spec.job_id}-a{self.spec.attempt}")
+        staging = staging_dir(target, self.spec.job_id, self.spec.attempt)
         model = self.namespace["model"]
         # The trainer may have wrapped the model (peft, accelerate): save what it trained.
         trained = getattr(trainer, "model", None) or model
@@ -277,4 +277,6 @@ class Runner:
             raise AttemptFenced(f"attempt {self.spec.attempt} no longer owns job {self.spec.job_id} (its lease was "
                                 "lost); its model was not published")
         publish(staging, target)
+        # What earlier attempts of this job staged is stale: they were fenced off or lost.
+        remove_staging(target, self.spec.job_id, range(1, self.spec.attempt))
         return target

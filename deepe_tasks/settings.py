@@ -29,7 +29,8 @@ class Settings(BaseSettings):
     # Fork job processes from a zygote that has the training stack imported (CUDA untouched);
     # `--no-warm` starts each job process cold.
     warm: bool = True
-    # A running job's lease; a heartbeat renews it every third of this.
+    # The longest Redis outage a running job rides out; its worker renews the job's lease every
+    # third of this (see `lease_key_ms`).
     lease_ttl: float = Field(30.0, gt=1)
     # How long a running job may take to stop after a cancel before it is killed.
     cancel_grace: float = Field(60.0, ge=0)
@@ -48,6 +49,26 @@ class Settings(BaseSettings):
     @property
     def api_token_list(self) -> list[str]:
         return [t.strip() for t in self.api_tokens.split(",") if t.strip()]
+
+    @property
+    def redis_call_timeout(self) -> float:
+        """How long the worker waits for one lease renewal or cancel read."""
+        return min(2.0, max(0.5, self.lease_ttl / 6))
+
+    @property
+    def cutoff_s(self) -> float:
+        """A worker that has not reached Redis for this long stops its trainer. A call in flight
+        when an outage ends can take one more call timeout to fail, so an outage shorter than
+        DEEPE_LEASE_TTL never stops a job."""
+        return self.lease_ttl + self.redis_call_timeout + 0.5
+
+    @property
+    def lease_key_ms(self) -> int:
+        """How long Redis keeps a lease after its last renewal: up to a third of the TTL may pass
+        between a renewal and the worker's last contact with Redis, then `cutoff_s` until the
+        worker stops its trainer, then a third of the TTL for the trainer to reach a step
+        boundary before another worker can take the job over."""
+        return int((self.lease_ttl / 3 + self.cutoff_s + self.lease_ttl / 3) * 1000)
 
     @property
     def storage_root(self) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 MANIFEST = "deepe.json"  # written beside every published model
@@ -34,12 +35,25 @@ def latest_checkpoint(storage_root: Path, job_id: str) -> Path | None:
     return max(found, default=(0, 0, None))[2]
 
 
-def staging_dir(target: Path, job_id: str) -> Path:
-    """A fresh folder beside ``target``, on the same file system, so the final rename is atomic."""
+def _staging_prefix(target: Path, job_id: str, attempt: int) -> str:
+    return f".{target.name}.staging-{job_id}-a{attempt}-"
+
+
+def staging_dir(target: Path, job_id: str, attempt: int) -> Path:
+    """A fresh folder of the attempt's beside ``target``, on the same file system, so the final
+    rename is atomic."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.staging-{job_id}-{uuid.uuid4().hex[:8]}"
+    staging = target.parent / f"{_staging_prefix(target, job_id, attempt)}{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     return staging
+
+
+def remove_staging(target: Path, job_id: str, attempts: Iterable[int]) -> None:
+    """Remove what these attempts of the job staged beside ``target`` and never published (an
+    attempt killed or fenced off in its final save)."""
+    for attempt in attempts:
+        for folder in target.parent.glob(f"{_staging_prefix(target, job_id, attempt)}*"):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _fsync_tree(root: Path) -> None:

@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from functools import lru_cache
@@ -22,6 +23,8 @@ from .warm import JobProcess
 
 log = logging.getLogger(__name__)
 
+PROGRESS_INTERVAL = 1.0  # seconds between Flower progress reports
+
 
 @lru_cache(maxsize=8)
 def lease_client(url: str, timeout: float) -> redis.Redis:
@@ -32,7 +35,7 @@ def lease_client(url: str, timeout: float) -> redis.Redis:
 
 
 def client_for(settings: Settings) -> redis.Redis:
-    return lease_client(settings.redis_url, min(5.0, max(0.5, settings.lease_ttl / 6)))
+    return lease_client(settings.redis_url, settings.redis_call_timeout)
 
 
 class Attempt:
@@ -46,7 +49,7 @@ class Attempt:
         self.holder = holder
         self.settings = settings
         self.client = client_for(settings)
-        self.ttl_ms = int(settings.lease_ttl * 1000)
+        self.ttl_ms = settings.lease_key_ms
         self.credential = credentials.AttemptCredential(self.client, settings.redis_url, record.id, record.attempts)
 
     def renew(self) -> jobstore.Renewal:
@@ -74,12 +77,12 @@ class Supervisor:
     A cancel or time limit is read by the job itself at its next step; if it has not stopped
     after DEEPE_CANCEL_GRACE seconds, its process group is killed (a cancel that saves gets the
     grace again once saving began). A worker shutdown is relayed as a signal, so the job
-    checkpoints and is requeued. A worker that cannot renew the lease for one whole
-    DEEPE_LEASE_TTL tells the job to checkpoint and stop, since another worker may take the
-    job over from then on; one that finds the job taken over kills it at once.
+    checkpoints and is requeued. A worker that cannot reach Redis for a whole DEEPE_LEASE_TTL
+    (`Settings.cutoff_s`) tells the job to checkpoint and stop, before its lease can expire
+    and another worker take the job over; one that finds the job taken over kills it at once.
     """
 
-    def __init__(self, attempt: Attempt, proc: JobProcess, progress: Callable[[float], None] | None = None) -> None:
+    def __init__(self, attempt: Attempt, proc: JobProcess, progress: Callable[[], None] | None = None) -> None:
         self.attempt = attempt
         self.proc = proc
         self.progress = progress
@@ -87,14 +90,38 @@ class Supervisor:
         self.client = attempt.client
         self.job_id = attempt.job_id
         self.stop_asked: dict[str, float] = {}
+        self.last_renewed = time.monotonic()
         self.save_on_cancel = False
         self.saving_seen = False
 
     def watch(self) -> str | None:
         """Wait for the job process to end; return why it was stopped (None: it ended by itself)."""
-        ttl, grace = self.settings.lease_ttl, self.settings.cancel_grace
+        done = threading.Event()
+        if self.progress is not None:
+            # On a thread of its own: Flower's view goes through Celery's connections, whose
+            # waits during a partition must never delay the lease and stop decisions here.
+            threading.Thread(target=self._report_progress, args=(self.progress, done), daemon=True,
+                             name=f"deepe-progress-{self.job_id}").start()
+        try:
+            return self._watch()
+        finally:
+            done.set()
+
+    def _report_progress(self, report: Callable[[], None], done: threading.Event) -> None:
+        while not done.wait(PROGRESS_INTERVAL):
+            # Only while the lease is fresh: a report of an attempt that may have lost the job
+            # could reach Celery's result backend after its replacement finished.
+            if time.monotonic() - self.last_renewed > self.settings.lease_ttl / 2:
+                continue
+            try:
+                report()
+            except Exception as e:  # Flower's view is a nicety: never let it end the job
+                log.warning("job %s: could not report progress: %s", self.job_id, e)
+
+    def _watch(self) -> str | None:
+        ttl, grace, cutoff = self.settings.lease_ttl, self.settings.cancel_grace, self.settings.cutoff_s
         renew_every = ttl / 3
-        last_renewed = started = time.monotonic()
+        self.last_renewed = last_contact = started = time.monotonic()
         next_renew = started + renew_every
         troubled = False  # Redis failed since the last renewal: the attempt's user may be gone
         limit = self.attempt.record.time_limit
@@ -112,25 +139,21 @@ class Supervisor:
                                   self.job_id, self.attempt.number)
                         kill_group(self.proc)  # never two trainers
                         return "fenced"
-                    last_renewed, next_renew = now, now + renew_every
+                    self.last_renewed, next_renew = now, now + renew_every
                     if troubled and self.attempt.credential.scoped:
                         self.attempt.credential.ensure()  # a restarted Redis forgot ACL users
                     troubled = False
                 self._read_cancel(now)
+                last_contact = time.monotonic()
             except redis.RedisError as e:
                 troubled = True
-                next_renew = min(next_renew, now + 1.0)
+                next_renew = min(next_renew, time.monotonic() + 0.25)  # renew as soon as Redis is back
                 log.warning("job %s: could not reach Redis: %s", self.job_id, e)
             now = time.monotonic()
-            if now - last_renewed >= ttl and "cut-off" not in self.stop_asked:
-                log.error("job %s: no lease renewal for DEEPE_LEASE_TTL=%g s; another worker may take the job over, "
-                          "so this attempt checkpoints and stops", self.job_id, ttl)
+            if now - last_contact >= cutoff and "cut-off" not in self.stop_asked:
+                log.error("job %s: Redis unreachable for %.1f s (DEEPE_LEASE_TTL=%g s); another worker may take the "
+                          "job over, so this attempt checkpoints and stops", self.job_id, now - last_contact, ttl)
                 self._ask("cut-off", now, CUTOFF_SIGNAL)
-            try:
-                if self.progress is not None:
-                    self.progress(now)
-            except Exception as e:  # Flower's view is a nicety: never let it end the job
-                log.warning("job %s: could not report progress: %s", self.job_id, e)
             if limit is not None and now - started >= limit:
                 self.stop_asked.setdefault("time-limit", now)
             if "preempt" not in self.stop_asked and worker_stopping():

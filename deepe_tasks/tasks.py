@@ -32,7 +32,7 @@ from .processes import crash_message, job_process, kill_group
 from .protocol import LOG_FILE, RESULT_FILE
 from .records import Event, EventKind, JobSpec, JobStatus, RunResult
 from .settings import get_settings
-from .storage import attempt_dir, job_dir
+from .storage import attempt_dir, job_dir, remove_staging
 from .supervisor import Attempt, Supervisor
 from .warm import JobProcess
 
@@ -51,7 +51,7 @@ def train(self: Any, job_id: str, method: str = "") -> dict[str, Any]:
     started = Event(kind=EventKind.STARTED, job=job_id, message=f"started on {hostname}", metrics={
         "pid": proc.pid, "warm": proc.warm, "forked": proc.forked, "process_started_at": proc.started_at})
     try:
-        claim = jobstore.claim(get_redis(), job_id, holder, int(settings.lease_ttl * 1000), started,
+        claim = jobstore.claim(get_redis(), job_id, holder, settings.lease_key_ms, started,
                                worker=hostname, started_at=time.time(), pid=proc.pid)
     except BaseException:
         proc.discard()
@@ -118,8 +118,9 @@ def _run_attempt(task: Any, attempt: Attempt, source: str, proc: JobProcess, fol
         ended_by = Supervisor(attempt, proc, progress=FlowerProgress(task, record.id).report).watch()
     finally:
         # Whatever happened, nothing of this attempt (DataLoader workers, torchrun children)
-        # outlives it.
+        # outlives it, nor what it staged and did not publish.
         kill_group(proc)
+        remove_staging(Path(record.output_dir), record.id, [attempt.number])
     if ended_by == "fenced":
         return None
     result_path = own / RESULT_FILE
@@ -148,22 +149,16 @@ def _run_attempt(task: Any, attempt: Attempt, source: str, proc: JobProcess, fol
 class FlowerProgress:
     """Shows training progress in Flower: a PROGRESS state and `task-progress` events.
 
-    It reads the job's latest event at most once a second, from the worker side, so the
-    job process itself does nothing extra.
+    The supervisor calls it about once a second, from the worker side, so the job process
+    itself does nothing extra.
     """
-
-    INTERVAL = 1.0
 
     def __init__(self, task: Any, job_id: str) -> None:
         self.task = task
         self.job_id = job_id
         self.last_step: int | None = None
-        self.next_report = 0.0
 
-    def report(self, now: float) -> None:
-        if now < self.next_report:
-            return
-        self.next_report = now + self.INTERVAL
+    def report(self) -> None:
         event = Job(self.job_id).progress()
         if event is None or event.step is None or event.step == self.last_step:
             return

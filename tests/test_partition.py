@@ -309,3 +309,90 @@ def test_the_harness_really_partitions(cluster: Cluster) -> None:
     cluster.host.heal()
     wait_for(lambda: subprocess.run(cluster.host.command(probe), capture_output=True, timeout=30).returncode == 0,
              timeout=15)
+
+
+def wait_just_before_a_renewal(job: Job, renew_every: float) -> None:
+    """Return when the job's lease is about to be renewed: an outage that starts now is the
+    longest its worker has to ride out (no renewal for the most time)."""
+    from deepe_tasks import keys
+    from deepe_tasks.connection import get_redis
+
+    r = get_redis()
+    last = r.pttl(keys.lease(job.id))
+    while True:
+        now = r.pttl(keys.lease(job.id))
+        if now > last + 300:  # renewed just now
+            break
+        last = now
+        time.sleep(0.02)
+    time.sleep(renew_every - 0.2)
+
+
+def test_an_outage_shorter_than_the_lease_never_costs_the_attempt(
+        tmp_path: Path, params: dict[str, object], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a job on a worker with a 6 s lease, renewed every 2 s, against a Redis with its AOF on
+    ttl = 6.0
+    server = RedisServer(appendonly=True, folder=tmp_path / "redis").start()
+    monkeypatch.setenv("DEEPE_REDIS_URL", server.url)
+    get_settings.cache_clear()
+    w = Worker("gpu", tmp_path / "worker.log", env={**FAST, "DEEPE_LEASE_TTL": f"{ttl:g}",
+                                                    "DEEPE_REDIS_URL": server.url})
+    try:
+        w.start()
+        job = submit("slow", {**params, "MAX_STEPS": 60})
+        wait_for_event(job, EventKind.LOG, count=3)
+        # When Redis goes away for almost the whole lease, starting just before a renewal
+        wait_just_before_a_renewal(job, ttl / 3)
+        server.stop()
+        time.sleep(ttl - 0.5)
+        server.start()
+        # Then the job rides it out: one attempt, never requeued, every step once
+        assert job.wait(timeout=180) is JobStatus.SUCCEEDED, job.info()["error"]
+        assert job.info()["attempts"] == 1
+        kinds = [e.kind for e in events(job)]
+        assert EventKind.REQUEUED not in kinds and kinds.count(EventKind.STARTED) == 1
+        assert [e.step for e in events(job) if e.kind is EventKind.LOG and "loss" in e.metrics] == list(range(1, 61))
+    finally:
+        w.stop()
+        server.stop()
+        monkeypatch.undo()
+        get_settings.cache_clear()
+
+
+HANG_S = 12.0  # longer than the job process's Redis timeouts (5 s), shorter than the lease
+
+
+def test_a_hung_redis_never_gets_an_event_twice(tmp_path: Path, params: dict[str, object],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from deepe_tasks import keys
+    from deepe_tasks.connection import get_redis
+
+    # Given a job training against a private Redis
+    server = RedisServer(folder=tmp_path / "redis").start()
+    monkeypatch.setenv("DEEPE_REDIS_URL", server.url)
+    get_settings.cache_clear()
+    w = Worker("gpu", tmp_path / "worker.log", env={**FAST, "DEEPE_LEASE_TTL": "30", "DEEPE_REDIS_URL": server.url})
+    try:
+        w.start()
+        job = submit("slow", {**params, "MAX_STEPS": 60})
+        wait_for_event(job, EventKind.LOG, count=3)
+        # When Redis hangs (SIGSTOP) long enough for the publisher's batch to time out on the
+        # client and be sent again, then wakes up and runs both copies
+        assert server.proc is not None
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        try:
+            time.sleep(HANG_S)
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        # Then every step's event is in the stream once, in order, and no entry is repeated
+        assert job.wait(timeout=180) is JobStatus.SUCCEEDED, job.info()["error"]
+        assert [e.step for e in events(job) if e.kind is EventKind.LOG and "loss" in e.metrics] == list(range(1, 61))
+        raw = get_redis().xrange(keys.events(job.id))
+        numbered = [(f["a"], f["s"]) for _, f in raw if f["s"] != "0"]
+        assert len(numbered) == len(set(numbered))
+        assert job.info()["attempts"] == 1
+    finally:
+        w.stop()
+        server.stop()
+        monkeypatch.undo()
+        get_settings.cache_clear()
