@@ -103,7 +103,8 @@ def create_app(tokens: list[str], insecure: bool = False) -> FastAPI:
         if not tokens:
             return
         given = credentials.credentials if credentials else ""
-        if not any(secrets.compare_digest(given, t) for t in tokens):
+        # As bytes: compare_digest refuses str with non-ASCII characters (a header can carry them).
+        if not any(secrets.compare_digest(given.encode(), t.encode()) for t in tokens):
             raise HTTPException(401, "A valid `Authorization: Bearer <token>` header is required.",
                                 headers={"WWW-Authenticate": "Bearer"})
 

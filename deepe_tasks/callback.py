@@ -18,6 +18,11 @@ Emit = Callable[[Event], None]
 StopCheck = Callable[[], str | None]
 
 
+class TrainingComplete(Exception):
+    """Raised when a resume starts from a checkpoint taken at the last step: nothing is left to
+    train (the trainer would otherwise take one step more than MAX_STEPS)."""
+
+
 class DeepeCallback(TrainerCallback):
     """Turns ``on_log`` and friends into events; checkpoints on a timer; stops when asked.
 
@@ -50,6 +55,8 @@ class DeepeCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState,
                        control: TrainerControl, **kwargs: Any) -> None:
+        if 0 < state.max_steps <= state.global_step:
+            raise TrainingComplete(f"the checkpoint is at step {state.global_step} of {state.max_steps}")
         self._t0 = time.monotonic()
         self._step0 = state.global_step
         self._last_checkpoint = self._t0

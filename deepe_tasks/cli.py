@@ -173,7 +173,7 @@ def logs(
 
 
 @app.command()
-def jobs(limit: Annotated[int, typer.Option(help="How many.")] = 20, as_json: JsonOpt = False) -> None:
+def jobs(limit: Annotated[int, typer.Option(help="How many.", min=1, max=500)] = 20, as_json: JsonOpt = False) -> None:
     """List recent jobs, newest first."""
     import time
 
@@ -199,14 +199,16 @@ def queues(
     """Show each queue: its length, the jobs waiting in it (in start order) and its workers."""
     from dataclasses import asdict
 
+    from . import validate
     from .celery_app import app_for
     from .connection import get_redis
     from .queues import overview, waiting_in
 
+    extra = [validate.queue_name(q) for q in queue or []]
     client = get_redis()
     active = app_for(get_settings().redis_url).control.inspect(timeout=1.0).active_queues()
     infos = {i.name: i for i in overview(client, active)}
-    for name in [get_settings().queue, *(queue or [])]:
+    for name in [get_settings().queue, *extra]:
         infos.setdefault(name, waiting_in(client, name))
     rows = sorted(infos.values(), key=lambda i: i.name)
     if as_json:
@@ -266,10 +268,11 @@ def worker(
     if not warm:
         os.environ["DEEPE_WARM"] = "false"
     get_settings.cache_clear()
+    from . import validate
     from .celery_app import app as celery_app
 
-    argv = ["worker", "--loglevel", loglevel, "--concurrency", "1",
-            "-Q", queues or get_settings().queue]
+    consumed = ",".join(validate.queue_names(queues or get_settings().queue))
+    argv = ["worker", "--loglevel", loglevel, "--concurrency", "1", "-Q", consumed]
     if name:
         argv += ["--hostname", name]
     celery_app.worker_main(argv)
@@ -307,10 +310,14 @@ def main() -> None:
     except DeepeError as e:
         show_error(str(e))
         sys.exit(EXIT_USAGE)
-    except redis.RedisError as e:
+    except (redis.ConnectionError, redis.TimeoutError) as e:
         show_error(f"Redis at {safe_url(get_settings().redis_url)} cannot be reached ({e}); start it, "
                    "or point DEEPE_REDIS_URL at a running one.")
         sys.exit(EXIT_USAGE)
+    except redis.RedisError as e:
+        show_error(f"Redis at {safe_url(get_settings().redis_url)} refused the request ({e}); "
+                   "check that DEEPE_REDIS_URL names deepe's Redis and that its user may run it.")
+        sys.exit(EXIT_FAILED)
 
 
 if __name__ == "__main__":

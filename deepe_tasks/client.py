@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -10,7 +9,7 @@ from typing import Any
 
 import redis
 
-from . import jobstore, keys
+from . import jobstore, keys, validate
 from .connection import get_redis, unreachable
 from .errors import BrokerUnavailable, InvalidParams
 from .methods import load_method
@@ -20,7 +19,6 @@ from .settings import get_settings
 
 TASK_NAME = "deepe.train"
 DEFAULT_PRIORITY = 5
-JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 def submit(
@@ -38,16 +36,13 @@ def submit(
     """
     settings = get_settings()
     found = load_method(settings.method_root, method)
-    if job_id is not None and not JOB_ID_RE.match(job_id):
-        raise InvalidParams(f"job id {job_id!r} is not valid; use 1 to 128 letters, digits, '_', '-' or '.', "
-                            "starting with a letter or digit (it names a folder and Redis keys).")
-    job_id = job_id or uuid.uuid4().hex
-    if priority is not None and not (isinstance(priority, int) and 0 <= priority <= 9):
+    job_id = validate.job_id(job_id) if job_id is not None else uuid.uuid4().hex
+    if priority is not None and not (isinstance(priority, int) and not isinstance(priority, bool)
+                                     and 0 <= priority <= 9):
         raise InvalidParams(f"priority={priority!r} is not valid; allowed: an integer from 0 (highest) to 9.")
-    if time_limit is not None and not (isinstance(time_limit, (int, float)) and time_limit > 0):
-        raise InvalidParams(f"time_limit={time_limit!r} is not valid; allowed: a number of seconds > 0.")
-    resolved = resolve_params(parse_params(params), settings.storage_root, job_id)
-    queue = queue or settings.queue
+    time_limit = validate.time_limit(time_limit)
+    queue = validate.queue_name(queue or settings.queue)
+    resolved = resolve_params(parse_params(validate.params(params)), settings.storage_root, job_id)
     record = JobRecord(
         id=job_id, method=found.name, method_sha256=found.sha256, params=resolved.as_dict(),
         output_dir=str(resolved.OUTPUT_DIR), queue=queue, priority=priority, time_limit=time_limit,
@@ -139,6 +134,7 @@ class Job:
         """Replay events after stream id ``since``; with ``follow``, tail them until the job ends."""
         from .events import read_events
 
+        since = validate.stream_id(since)  # before the first event: a stream must not break after a 200
         jobstore.status(get_redis(), self.id)  # a clear error for an unknown job
         return read_events(get_redis(), self.id, since=since, follow=follow)
 
@@ -166,7 +162,7 @@ def list_jobs(status: JobStatus | None = None, method: str | None = None, limit:
     """Jobs newest first, filtered; ``cursor`` continues a previous page (None when done)."""
     client = get_redis()
     found: list[JobRecord] = []
-    offset = int(cursor or 0)
+    offset = validate.cursor(cursor or 0)
     page = max(limit * 4, 100)
     while len(found) < limit:
         ids: Any = client.zrevrange(keys.JOBS_INDEX, offset, offset + page - 1)

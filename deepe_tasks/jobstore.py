@@ -57,6 +57,11 @@ _CLAIM = _CURRENT + """
 local status = redis.call('hget', KEYS[1], 'status')
 if not status then return {'missing', ''} end
 if status ~= 'queued' and status ~= 'running' then return {'ended', status} end
+-- All or nothing: every key this step writes must hold its own type, or nothing is written.
+for i, want in ipairs({'hash', 'string', 'set', 'stream'}) do
+  local t = redis.call('type', KEYS[i])['ok']
+  if t ~= 'none' and t ~= want then return {'corrupt', KEYS[i] .. ' is a ' .. t} end
+end
 local holder = redis.call('get', KEYS[2])
 if holder then return {'leased', holder} end
 local attempt = redis.call('hincrby', KEYS[1], 'attempts', 1)
@@ -252,6 +257,7 @@ class ClaimOutcome(str, Enum):
     MISSING = "missing"  # no record
     ENDED = "ended"  # detail: its final status
     LEASED = "leased"  # detail: the lease's holder
+    CORRUPT = "corrupt"  # detail: which key has the wrong type (nothing was written)
 
 
 @dataclass

@@ -147,6 +147,11 @@ def resolve_params(params: TrainParams, storage_root: Path, job_id: str) -> Trai
             f"OUTPUT_DIR={params.OUTPUT_DIR!r} would replace or sit in a folder the platform uses "
             "(jobs/, or all of models/); give a folder of its own, such as 'models/my-run'."
         )
+    if output.exists() and not output.is_dir():
+        raise InvalidParams(
+            f"OUTPUT_DIR={params.OUTPUT_DIR!r} ({output}) is a file; the model is published as a folder "
+            "there, so give a new folder, such as 'models/my-run'."
+        )
     if output.is_dir() and any(output.iterdir()) and not (output / MANIFEST).exists():
         raise InvalidParams(
             f"OUTPUT_DIR={params.OUTPUT_DIR!r} ({output}) already holds files that are not a deepe model; "

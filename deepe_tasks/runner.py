@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import phases
-from .callback import DeepeCallback, Emit, StopCheck
+from .callback import DeepeCallback, Emit, StopCheck, TrainingComplete
 from .errors import AttemptFenced, MethodContractError
 from .methods import check_source
 from .params import TrainParams, mask_secrets
@@ -222,6 +222,8 @@ class Runner:
                             message=f"resumed from the checkpoint at step {step}"))
         try:
             output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        except TrainingComplete:
+            return {}  # the model holds the checkpoint's weights: it goes straight to saving
         except BaseException as e:
             if isinstance(e, KeyboardInterrupt):
                 raise
@@ -240,6 +242,23 @@ class Runner:
     def _save(self, trainer: Any, metrics: dict[str, Any], save_started: float, partial: bool = False) -> Path:
         target = Path(self.params.OUTPUT_DIR or ".")
         staging = staging_dir(target, self.spec.job_id, self.spec.attempt)
+        try:
+            self._stage(trainer, staging, metrics, save_started, partial)
+            if self.may_publish is not None and not self.may_publish():
+                raise AttemptFenced(f"attempt {self.spec.attempt} no longer owns job {self.spec.job_id} (its lease "
+                                    "was lost); its model was not published")
+            publish(staging, target)
+        except BaseException:
+            # A full disk, a fenced attempt: nothing half-written stays beside OUTPUT_DIR.
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        # What earlier attempts of this job staged is stale: they were fenced off or lost.
+        remove_staging(target, self.spec.job_id, range(1, self.spec.attempt))
+        return target
+
+    def _stage(self, trainer: Any, staging: Path, metrics: dict[str, Any], save_started: float,
+               partial: bool) -> None:
+        """Write the model, the tokenizer and the manifest into ``staging``."""
         model = self.namespace["model"]
         # The trainer may have wrapped the model (peft, accelerate): save what it trained.
         trained = getattr(trainer, "model", None) or model
@@ -248,12 +267,8 @@ class Runner:
             trained = accelerator.unwrap_model(trained)
         if not callable(getattr(trained, "save_pretrained", None)):
             trained = model
-        try:
-            trained.save_pretrained(str(staging))
-            self.namespace["tokenizer"].save_pretrained(str(staging))
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        trained.save_pretrained(str(staging))
+        self.namespace["tokenizer"].save_pretrained(str(staging))
         self.timings["save_s"] = round(time.monotonic() - save_started, 3)
         manifest = {
             "job": self.spec.job_id,
@@ -272,11 +287,3 @@ class Runner:
             "timings": self.timings,
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-        if self.may_publish is not None and not self.may_publish():
-            shutil.rmtree(staging, ignore_errors=True)
-            raise AttemptFenced(f"attempt {self.spec.attempt} no longer owns job {self.spec.job_id} (its lease was "
-                                "lost); its model was not published")
-        publish(staging, target)
-        # What earlier attempts of this job staged is stale: they were fenced off or lost.
-        remove_staging(target, self.spec.job_id, range(1, self.spec.attempt))
-        return target

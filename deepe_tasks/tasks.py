@@ -63,24 +63,28 @@ def train(self: Any, job_id: str, method: str = "") -> dict[str, Any]:
             log.error("dropping message for job %s: it has no job record", job_id)
         elif claim.outcome is jobstore.ClaimOutcome.ENDED:
             log.info("dropping message for job %s: it is already %s", job_id, claim.detail)
+        elif claim.outcome is jobstore.ClaimOutcome.CORRUPT:
+            log.error("dropping message for job %s: %s, so it was not started; delete or repair that key",
+                      job_id, claim.detail)
         else:
             log.warning("dropping message for job %s: %s holds its lease", job_id, claim.detail)
         raise Ignore()
     attempt = Attempt(claim.record, holder, settings)
     self.update_state(state=states.STARTED, meta={"job": job_id, "attempt": attempt.number})
     folder = job_dir(settings.storage_root, job_id)
-    attempt_dir(settings.storage_root, job_id, attempt.number).mkdir(parents=True, exist_ok=True)
     started.attempt = started.metrics["attempt"] = attempt.number
-    append_jsonl(folder / "events.jsonl", [started.to_json()])
     if attempt.number > 1:
         _best_effort(lambda: credentials.revoke(attempt.client, job_id, attempt.number - 1))
     try:
-        if claim.source is None:
+        unwritable = _storage_problem(attempt_dir(settings.storage_root, job_id, attempt.number))
+        append_jsonl(folder / "events.jsonl", [started.to_json()])
+        if unwritable or claim.source is None:
             proc.discard()
             result = _end(attempt, RunResult(
-                status=JobStatus.FAILED, phase="loading the method",
-                error=f"The pinned source of {attempt.record.method} ({attempt.record.method_sha256[:12]}) "
-                      "is missing from Redis; submit the job again."), folder)
+                status=JobStatus.FAILED, phase="preparing the job folder" if unwritable else "loading the method",
+                error=unwritable or f"The pinned source of {attempt.record.method} "
+                                    f"({attempt.record.method_sha256[:12]}) is missing from Redis; submit the job again."),
+                folder)
         else:
             result = _run_attempt(self, attempt, claim.source, proc, folder)
     finally:
@@ -169,6 +173,22 @@ class FlowerProgress:
         # Flower keeps the standard task fields only; `result` is one, so the figures show in
         # its task list and its API while the job trains.
         self.task.send_event("task-progress", result=json.dumps(meta), **meta)
+
+
+def _storage_problem(own: Path) -> str | None:
+    """Why the attempt's folder on the shared storage cannot be written, or None if it can: a
+    job that cannot write there fails at once, naming the storage, rather than being retried
+    as if its worker had been lost."""
+    try:
+        own.mkdir(parents=True, exist_ok=True)
+        probe = own / ".deepe-write-check"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        return (f"The job folder {own} cannot be written ({e.strerror or e}): DEEPE_STORAGE="
+                f"{get_settings().storage_root} must be a writable shared mount on every worker. Fix the mount "
+                "(or the worker's DEEPE_STORAGE), then submit the job again.")
+    return None
 
 
 def _retry(fn: Callable[[], T], timeout: float) -> T:

@@ -95,6 +95,29 @@ def test_claim_is_refused_while_leased_and_for_ended_or_missing_jobs(r: redis.Re
     assert snapshot(r, done) == before
 
 
+def test_a_claim_is_all_or_nothing_when_a_key_it_writes_has_the_wrong_type(r: redis.Redis) -> None:
+    # Given a running set that something turned into a list (it must never happen: queue names
+    # are validated; this is the last line of defence)
+    job_id = new_job(r)
+    if r.exists(keys.RUNNING):
+        r.rename(keys.RUNNING, f"{keys.RUNNING}:saved")
+    r.lpush(keys.RUNNING, "x")
+    try:
+        before = snapshot_without_running(r, job_id)
+        # When a worker claims the job, it is refused and nothing is written
+        got = claim(r, job_id)
+        assert got.outcome is ClaimOutcome.CORRUPT and "deepe:running is a list" in got.detail
+        assert snapshot_without_running(r, job_id) == before
+    finally:
+        r.delete(keys.RUNNING)
+        if r.exists(f"{keys.RUNNING}:saved"):
+            r.rename(f"{keys.RUNNING}:saved", keys.RUNNING)
+
+
+def snapshot_without_running(r: redis.Redis, job_id: str) -> tuple[object, ...]:
+    return (r.hgetall(keys.job(job_id)), stream(r, job_id), r.get(keys.lease(job_id)))
+
+
 def test_a_claim_after_the_lease_expired_fences_off_the_old_attempt(r: redis.Redis) -> None:
     # Given attempt 1 lost its lease (a partition) while its job still reads running
     job_id = new_job(r)

@@ -128,9 +128,12 @@ def test_a_job_that_keeps_losing_its_worker_fails_after_max_resumes(
 def test_a_duplicate_delivery_never_trains_the_job_twice(workers: list[Worker], tmp_path: Path,
                                                          slow_params: dict[str, object]) -> None:
     from deepe_tasks import jobstore
-    from deepe_tasks.celery_app import app
+    from deepe_tasks.celery_app import app_for
     from deepe_tasks.client import enqueue
     from deepe_tasks.connection import get_redis
+    from deepe_tasks.settings import get_settings
+
+    app = app_for(get_settings().redis_url)
 
     start_worker(workers, "dup-q", tmp_path)
     start_worker(workers, "dup-q", tmp_path)

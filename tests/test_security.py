@@ -58,7 +58,8 @@ def test_a_method_gets_a_user_of_its_own_that_reaches_only_its_jobs_keys(
     try:
         w.start()
         # When a method looks around
-        job = submit("probe", {**sft_params, "MAX_STEPS": 2}, queue="probe-q")
+        job = submit("probe", {**sft_params, "MAX_STEPS": 2, "PromptInputColumn": "instruction",
+                               "PromptOutputColumn": "output"}, queue="probe-q")
         assert job.wait(timeout=180) is JobStatus.SUCCEEDED, job.info()["error"]
         probe = json.loads((storage / "jobs" / job.id / "probe.json").read_text())
         # Then it connected as its attempt's own user and never saw the worker's password
