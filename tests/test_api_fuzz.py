@@ -24,3 +24,23 @@ def test_no_route_answers_with_a_server_error(case: schemathesis.Case) -> None:
         case.query = {**(case.query or {}), "follow": "false"}  # a live follow waits for a worker
     response = case.call(headers={"Authorization": f"Bearer {TOKEN}"})
     assert response.status_code < 500, (case.method, case.path, response.status_code, response.text[:500])
+
+
+class Workflow(schema.as_state_machine()):  # type: ignore[misc]
+    """Stateful fuzzing along the links schemathesis infers (submit → read → events → cancel)."""
+
+    def get_call_kwargs(self, case: schemathesis.Case) -> dict[str, object]:
+        return {"headers": {"Authorization": f"Bearer {TOKEN}"}}
+
+    def before_call(self, case: schemathesis.Case) -> None:
+        if case.path == "/jobs/{job_id}/events":
+            case.query = {**(case.query or {}), "follow": "false"}
+
+    def validate_response(self, response: object, case: schemathesis.Case, **kwargs: object) -> None:
+        status = getattr(response, "status_code", 0)
+        assert status < 500, (case.method, case.path, status, getattr(response, "text", "")[:500])
+
+
+TestStatefulWorkflow = Workflow.TestCase
+TestStatefulWorkflow.settings = settings(max_examples=25, stateful_step_count=5, deadline=None,
+                                         suppress_health_check=list(HealthCheck))

@@ -42,3 +42,12 @@ def test_the_worked_example_in_docs_methods_runs_as_a_method(tiny_model: Path, t
     assert result.status is JobStatus.SUCCEEDED, result.error
     assert [e.step for e in events if e.kind is EventKind.LOG and "loss" in e.metrics] == [1, 2, 3]
     assert check_output(Path(result.output_dir or "")) == []
+
+
+def test_the_bad_input_table_in_docs_reliability_is_the_one_the_tests_check() -> None:
+    from tests.test_hostile_input import table
+
+    text = (ROOT / "docs" / "reliability.md").read_text()
+    match = re.search(r"<!-- bad-input-table -->\n(.*?)\n<!-- /bad-input-table -->", text, flags=re.DOTALL)
+    assert match, "docs/reliability.md lost its bad-input table"
+    assert match.group(1) == table(), "regenerate it: python -m tests.test_hostile_input"
