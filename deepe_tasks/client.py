@@ -56,6 +56,7 @@ def submit(
         raise unreachable(client, e) from e
     try:
         enqueue(record)
+        jobstore.sent(client, job_id)
     except Exception as e:
         # No message means no worker will ever take it: say so in the record, not just here.
         error = f"The job could not be queued: {e}; submit it again."

@@ -21,14 +21,15 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
-from . import keys
+from . import jobstore, keys
 
 log = logging.getLogger(__name__)
 
 # What the job process does with Redis: the fenced scripts (publisher, publish check), reading
 # the cancel flag, and connecting.
-COMMANDS = ("+ping", "+hello", "+auth", "+eval", "+evalsha", "+script|load", "+hget", "+xrevrange", "+xadd",
-            "+get", "+pttl")
+# EVALSHA only: the worker loads the scripts, so a method cannot run Lua of its own (a script
+# that never ends would stall Redis for everyone).
+COMMANDS = ("+ping", "+hello", "+auth", "+select", "+evalsha", "+hget", "+xrevrange", "+xadd", "+get", "+pttl")
 
 
 def username(job_id: str, attempt: int) -> str:
@@ -83,6 +84,8 @@ class AttemptCredential:
     def ensure(self) -> None:
         """(Re)make the user, as after a Redis restart; the same password, so nothing changes for
         the job process but that it can connect again."""
+        for script in jobstore.JOB_SCRIPTS:
+            self.client.script_load(script)
         self.client.execute_command("ACL", "SETUSER", self.username, "reset", "on", f">{self.password}",
                                     *rules(self.job_id))
 

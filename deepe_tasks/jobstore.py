@@ -13,6 +13,7 @@ the platform's events): a batch sent again after a timeout is never appended twi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -35,14 +36,29 @@ end
 local function event(stream, data, attempt)
   redis.pcall('xadd', stream, '*', 'data', data, 'a', attempt, 's', 0)
 end
+-- All or nothing: before a step writes, every key it writes must hold its own type (or none),
+-- since Redis does not undo the writes of a script that fails half-way. Pairs: key, type.
+local function mistyped(pairs)
+  for i = 1, #pairs, 2 do
+    local t = redis.call('type', pairs[i])['ok']
+    if t ~= 'none' and t ~= pairs[i + 1] then return pairs[i] .. ' is a ' .. t end
+  end
+  return false
+end
 """
 
-# KEYS: job, index, source, events. ARGV: source, submitted_at, id, first event, fields…
+# The job is also put in the unsent set until its message is sent (`sent`): a client that dies
+# in between leaves it to the reaper, which sends it. A create sent again after a lost reply
+# finds its own record (same submit time) and succeeds.
+# KEYS: job, index, source, events, unsent. ARGV: source, submitted_at, id, first event, fields…
 _CREATE = _CURRENT + """
-if redis.call('exists', KEYS[1]) == 1 then return 0 end
+if redis.call('exists', KEYS[1]) == 1 then
+  return redis.call('hget', KEYS[1], 'submitted_at') == ARGV[2] and 1 or 0
+end
 redis.call('set', KEYS[3], ARGV[1])
 redis.call('hset', KEYS[1], unpack(ARGV, 5))
 redis.call('zadd', KEYS[2], ARGV[2], ARGV[3])
+redis.call('zadd', KEYS[5], ARGV[2], ARGV[3])
 event(KEYS[4], ARGV[4], 0)
 return 1
 """
@@ -51,25 +67,30 @@ return 1
 # step: the attempt count goes up (the new fencing token), the lease is "ATTEMPT:HOLDER", the
 # job is running on this worker, in the running set, with its `started` event; the reply
 # carries the record and the method's pinned source.
-# KEYS: job, lease, running, events. ARGV: holder, ttl_ms, id, worker, started_at, pid,
+# The same claim sent again after a lost reply (the lease is this holder's) gets the same answer.
+# KEYS: job, lease, running, events, unsent. ARGV: holder, ttl_ms, id, worker, started_at, pid,
 # source key prefix, started event (with "@ATTEMPT@" for the attempt).
 _CLAIM = _CURRENT + """
 local status = redis.call('hget', KEYS[1], 'status')
 if not status then return {'missing', ''} end
 if status ~= 'queued' and status ~= 'running' then return {'ended', status} end
--- All or nothing: every key this step writes must hold its own type, or nothing is written.
-for i, want in ipairs({'hash', 'string', 'set', 'stream'}) do
-  local t = redis.call('type', KEYS[i])['ok']
-  if t ~= 'none' and t ~= want then return {'corrupt', KEYS[i] .. ' is a ' .. t} end
-end
+local bad = mistyped({KEYS[1], 'hash', KEYS[2], 'string', KEYS[3], 'set', KEYS[4], 'stream', KEYS[5], 'zset'})
+if bad then return {'corrupt', bad} end
+local sha = redis.call('hget', KEYS[1], 'method_sha256') or ''
 local holder = redis.call('get', KEYS[2])
-if holder then return {'leased', holder} end
+if holder then
+  if status == 'running' and holder == redis.call('hget', KEYS[1], 'attempts') .. ':' .. ARGV[1] then
+    return {'ok', redis.call('hgetall', KEYS[1]), redis.call('get', ARGV[7] .. sha)}
+  end
+  return {'leased', holder}
+end
 local attempt = redis.call('hincrby', KEYS[1], 'attempts', 1)
 redis.call('set', KEYS[2], attempt .. ':' .. ARGV[1], 'PX', ARGV[2])
 redis.call('hset', KEYS[1], 'status', 'running', 'worker', ARGV[4], 'started_at', ARGV[5], 'pid', ARGV[6])
+redis.call('hdel', KEYS[1], 'last_step')  -- the job moved on: an older step is not answered again
 redis.call('sadd', KEYS[3], ARGV[3])
+redis.call('zrem', KEYS[5], ARGV[3])
 event(KEYS[4], (string.gsub(ARGV[8], '"@ATTEMPT@"', tostring(attempt))), attempt)
-local sha = redis.call('hget', KEYS[1], 'method_sha256') or ''
 return {'ok', redis.call('hgetall', KEYS[1]), redis.call('get', ARGV[7] .. sha)}
 """
 
@@ -120,11 +141,16 @@ if redis.call('pttl', ARGV[2]) < tonumber(ARGV[4]) then return -1 end
 return 1
 """
 
-# The current attempt ends the job. KEYS: job, running, lease, events.
-# ARGV: attempt, id, final event, fields…
+# The current attempt ends the job; the same finish sent again after a lost reply succeeds
+# again, writing nothing. KEYS: job, running, lease, events. ARGV: attempt, id, final event,
+# status, other fields…
 _FINISH = _CURRENT + """
+local step = 'finish:' .. ARGV[1] .. ':' .. ARGV[4]
+if redis.call('hget', KEYS[1], 'last_step') == step then return 1 end
 if not current(KEYS[1], ARGV[1]) then return 0 end
-redis.call('hset', KEYS[1], unpack(ARGV, 4))
+local bad = mistyped({KEYS[1], 'hash', KEYS[2], 'set', KEYS[4], 'stream'})
+if bad then return redis.error_reply('the job was not finished: ' .. bad) end
+redis.call('hset', KEYS[1], 'last_step', step, 'status', ARGV[4], unpack(ARGV, 5))
 redis.call('srem', KEYS[2], ARGV[2])
 redis.call('del', KEYS[3])
 event(KEYS[4], ARGV[3], ARGV[1])
@@ -135,47 +161,42 @@ return 1
 # (the attempt itself asks, with ARGV[3] = '0'), or its lease expired (the reaper asks, with
 # ARGV[3] = '1', and a live lease wins). A plain cancel that waits makes it cancelled; past
 # DEEPE_MAX_RESUMES it fails; else it is queued again.
-# KEYS: job, running, lease, events, cancel. ARGV: attempt, id, lease must be gone, max
-# resumes, now, cancelled error, cancelled event, failed error, failed event, requeued event.
+# A requeued job goes into the unsent set until its message is sent. The same requeue sent
+# again after a lost reply gets the same answer, writing nothing.
+# KEYS: job, running, lease, events, cancel, unsent. ARGV: attempt, id, lease must be gone,
+# max resumes, now, cancelled error, cancelled event, failed error, failed event, requeued event.
 _REQUEUE = _CURRENT + """
+local last = redis.call('hget', KEYS[1], 'last_step') or ''
+local mine = 'requeue:' .. ARGV[1] .. ':'
+if string.sub(last, 1, #mine) == mine then return string.sub(last, #mine + 1) end
 if not current(KEYS[1], ARGV[1]) then return 'stale' end
 if ARGV[3] == '1' and redis.call('exists', KEYS[3]) == 1 then return 'leased' end
+local bad = mistyped({KEYS[1], 'hash', KEYS[2], 'set', KEYS[4], 'stream', KEYS[6], 'zset'})
+if bad then return redis.error_reply('the job was not requeued: ' .. bad) end
 redis.call('del', KEYS[3])
 redis.call('srem', KEYS[2], ARGV[2])
+local outcome, fields, data = 'queued', {'status', 'queued'}, ARGV[10]
 if redis.call('get', KEYS[5]) == 'cancel' then
-  redis.call('hset', KEYS[1], 'status', 'cancelled', 'error', ARGV[6], 'finished_at', ARGV[5])
-  event(KEYS[4], ARGV[7], ARGV[1])
-  return 'cancelled'
+  outcome, fields, data = 'cancelled', {'status', 'cancelled', 'error', ARGV[6], 'finished_at', ARGV[5]}, ARGV[7]
+elseif tonumber(ARGV[1]) > tonumber(ARGV[4]) then
+  outcome, fields, data = 'failed', {'status', 'failed', 'error', ARGV[8], 'finished_at', ARGV[5]}, ARGV[9]
+else
+  redis.call('zadd', KEYS[6], ARGV[5], ARGV[2])
 end
-if tonumber(ARGV[1]) > tonumber(ARGV[4]) then
-  redis.call('hset', KEYS[1], 'status', 'failed', 'error', ARGV[8], 'finished_at', ARGV[5])
-  event(KEYS[4], ARGV[9], ARGV[1])
-  return 'failed'
-end
-redis.call('hset', KEYS[1], 'status', 'queued')
-event(KEYS[4], ARGV[10], ARGV[1])
-return 'queued'
-"""
-
-# The requeued job's message could not be sent: back to running without a lease, so that the
-# reaper requeues it again on its next round. KEYS: job, running. ARGV: attempt, id.
-_UNQUEUE = """
-if redis.call('hget', KEYS[1], 'status') ~= 'queued' or redis.call('hget', KEYS[1], 'attempts') ~= ARGV[1] then
-  return 0
-end
-redis.call('hset', KEYS[1], 'status', 'running')
-redis.call('sadd', KEYS[2], ARGV[2])
-return 1
+redis.call('hset', KEYS[1], 'last_step', mine .. outcome, unpack(fields))
+event(KEYS[4], data, ARGV[1])
+return outcome
 """
 
 # A cancel: always leaves the flag (the running attempt reads it); a queued job is cancelled
-# at once. KEYS: job, cancel, events. ARGV: flag, flag ttl, now, error, event.
+# at once. KEYS: job, cancel, events, unsent. ARGV: flag, flag ttl, now, error, event.
 _CANCEL = _CURRENT + """
 local status = redis.call('hget', KEYS[1], 'status')
 if not status then return 'missing' end
 if status ~= 'queued' and status ~= 'running' then return 'ended:' .. status end
 redis.call('set', KEYS[2], ARGV[1], 'EX', ARGV[2])
 if status == 'queued' then
+  redis.call('zrem', KEYS[4], redis.call('hget', KEYS[1], 'id'))
   redis.call('hset', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[3], 'error', ARGV[4])
   event(KEYS[3], ARGV[5], redis.call('hget', KEYS[1], 'attempts') or 0)
   return 'cancelled'
@@ -183,9 +204,11 @@ end
 return 'running'
 """
 
-# A queued job whose message could not be sent fails. KEYS: job, events. ARGV: now, error, event.
+# A queued job whose message could not be sent fails. KEYS: job, events, unsent. ARGV: now,
+# error, event.
 _FAIL_QUEUED = _CURRENT + """
 if redis.call('hget', KEYS[1], 'status') ~= 'queued' then return 0 end
+redis.call('zrem', KEYS[3], redis.call('hget', KEYS[1], 'id'))
 redis.call('hset', KEYS[1], 'status', 'failed', 'finished_at', ARGV[1], 'error', ARGV[2])
 event(KEYS[2], ARGV[3], redis.call('hget', KEYS[1], 'attempts') or 0)
 return 1
@@ -206,6 +229,20 @@ return 1
 
 CANCEL_FLAG_TTL = 30 * 24 * 3600
 ATTEMPT_PLACEHOLDER = "@ATTEMPT@"
+
+
+# The scripts a job process runs, by EVALSHA only: the worker loads them (`credentials`).
+JOB_SCRIPTS = (APPEND, CHECK)
+_SHAS = {script: hashlib.sha1(script.encode()).hexdigest() for script in JOB_SCRIPTS}
+
+
+def _loaded(client: redis.Redis, script: str, numkeys: int, *args: Any) -> Any:
+    """Run a job script by its hash, loading it first where this client may (not a job process's)."""
+    try:
+        return client.evalsha(_SHAS[script], numkeys, *args)
+    except redis.exceptions.NoScriptError:
+        client.script_load(script)
+        return client.evalsha(_SHAS[script], numkeys, *args)
 
 
 def _flat(mapping: dict[str, str]) -> list[str]:
@@ -246,7 +283,8 @@ def status(client: redis.Redis, job_id: str) -> JobStatus:
 def create(client: redis.Redis, record: JobRecord, source: str, first_event: Event) -> None:
     """queued: write a new record, with its method's source pinned and its first event; refuse an
     id that is already taken."""
-    names = [keys.job(record.id), keys.JOBS_INDEX, keys.method_source(record.method_sha256), keys.events(record.id)]
+    names = [keys.job(record.id), keys.JOBS_INDEX, keys.method_source(record.method_sha256), keys.events(record.id),
+             keys.UNSENT]
     if not client.eval(_CREATE, len(names), *names, source, record.submitted_at, record.id,
                        first_event.to_json(), *_flat(record.to_redis())):
         raise JobExists(f"A job with id {record.id!r} already exists; submit without an id, or pick a new one.")
@@ -275,7 +313,7 @@ def claim(client: redis.Redis, job_id: str, holder: str, ttl_ms: int, started: E
     """queued (or running, lease expired) → running: a new attempt with the next fencing token."""
     data = started.model_dump(mode="json", exclude={"id"})
     data["attempt"] = data["metrics"]["attempt"] = ATTEMPT_PLACEHOLDER
-    names = [keys.job(job_id), keys.lease(job_id), keys.RUNNING, keys.events(job_id)]
+    names = [keys.job(job_id), keys.lease(job_id), keys.RUNNING, keys.events(job_id), keys.UNSENT]
     reply: Any = client.eval(_CLAIM, len(names), *names, holder, ttl_ms, job_id, worker, started_at, pid,
                              keys.method_source(""), json.dumps(data, separators=(",", ":")))
     if reply[0] != ClaimOutcome.OK.value:
@@ -305,7 +343,7 @@ def append(client: redis.Redis, job_id: str, attempt: int, events: list[tuple[in
     """Append the current attempt's events, given as (sequence number, JSON) with rising numbers,
     each once; -1 if the attempt is fenced off (then nothing was appended)."""
     flat = [item for pair in events for item in pair]
-    return int(client.eval(APPEND, 1, keys.events(job_id), keys.job(job_id), attempt, *flat))
+    return int(_loaded(client, APPEND, 1, keys.events(job_id), keys.job(job_id), attempt, *flat))
 
 
 class PublishCheck(int, Enum):
@@ -316,16 +354,16 @@ class PublishCheck(int, Enum):
 
 def check_current(client: redis.Redis, job_id: str, attempt: int, min_ttl_ms: int) -> PublishCheck:
     """Whether ``attempt`` is the job's current one with at least ``min_ttl_ms`` of lease left."""
-    return PublishCheck(int(client.eval(CHECK, 0, keys.job(job_id), keys.lease(job_id), attempt, min_ttl_ms)))
+    return PublishCheck(int(_loaded(client, CHECK, 0, keys.job(job_id), keys.lease(job_id), attempt, min_ttl_ms)))
 
 
 def finish(client: redis.Redis, job_id: str, attempt: int, final: Event, *, status: JobStatus,
            error: str | None, metrics: dict[str, Any], output_dir: str | None) -> bool:
     """running → succeeded, failed or cancelled, by the current attempt; False if fenced off."""
-    fields = _encode({"status": status, "error": error, "finished_at": time.time(), "metrics": metrics,
-                      "output_dir": output_dir})
+    fields = _encode({"error": error, "finished_at": time.time(), "metrics": metrics, "output_dir": output_dir})
     names = [keys.job(job_id), keys.RUNNING, keys.lease(job_id), keys.events(job_id)]
-    return bool(client.eval(_FINISH, len(names), *names, attempt, job_id, final.to_json(), *_flat(fields)))
+    return bool(client.eval(_FINISH, len(names), *names, attempt, job_id, final.to_json(), status.value,
+                            *_flat(fields)))
 
 
 class RequeueOutcome(str, Enum):
@@ -347,7 +385,8 @@ def requeue(client: redis.Redis, record: JobRecord, why: str, max_resumes: int, 
               "then submit it again.")
     requeued = Event(kind=EventKind.REQUEUED, job=job_id, attempt=attempt, message=f"requeued: {why}",
                      metrics={"attempt": attempt})
-    names = [keys.job(job_id), keys.RUNNING, keys.lease(job_id), keys.events(job_id), keys.cancel(job_id)]
+    names = [keys.job(job_id), keys.RUNNING, keys.lease(job_id), keys.events(job_id), keys.cancel(job_id),
+             keys.UNSENT]
     reply = client.eval(
         _REQUEUE, len(names), *names, attempt, job_id, int(lease_must_be_gone), max_resumes, time.time(),
         cancelled, Event(kind=EventKind.CANCELLED, job=job_id, attempt=attempt, message=cancelled).to_json(),
@@ -355,9 +394,14 @@ def requeue(client: redis.Redis, record: JobRecord, why: str, max_resumes: int, 
     return RequeueOutcome(reply)
 
 
-def unqueue(client: redis.Redis, job_id: str, attempt: int) -> bool:
-    """queued → running without a lease, after a requeued job's message could not be sent."""
-    return bool(client.eval(_UNQUEUE, 2, keys.job(job_id), keys.RUNNING, attempt, job_id))
+def sent(client: redis.Redis, job_id: str) -> None:
+    """The queued job's message is on its way: the reaper need not send it."""
+    client.zrem(keys.UNSENT, job_id)
+
+
+def unsent(client: redis.Redis, before: float) -> list[str]:
+    """Jobs queued (or requeued) before ``before`` whose message was never sent."""
+    return [str(j) for j in client.zrangebyscore(keys.UNSENT, 0, before)]
 
 
 def cancel(client: redis.Redis, job_id: str, save: bool) -> JobStatus:
@@ -365,7 +409,7 @@ def cancel(client: redis.Redis, job_id: str, save: bool) -> JobStatus:
     (queued → cancelled). Returns the job's status after it."""
     message = "cancelled before it started"
     event = Event(kind=EventKind.CANCELLED, job=job_id, message=message)
-    names = [keys.job(job_id), keys.cancel(job_id), keys.events(job_id)]
+    names = [keys.job(job_id), keys.cancel(job_id), keys.events(job_id), keys.UNSENT]
     reply = str(client.eval(_CANCEL, len(names), *names, "save" if save else "cancel", CANCEL_FLAG_TTL,
                             time.time(), message, event.to_json()))
     if reply == "missing":
@@ -378,7 +422,7 @@ def cancel(client: redis.Redis, job_id: str, save: bool) -> JobStatus:
 def fail_queued(client: redis.Redis, job_id: str, error: str) -> bool:
     """queued → failed: the job's message could not be sent."""
     event = Event(kind=EventKind.FAILED, job=job_id, message=error)
-    return bool(client.eval(_FAIL_QUEUED, 2, keys.job(job_id), keys.events(job_id), time.time(), error,
+    return bool(client.eval(_FAIL_QUEUED, 3, keys.job(job_id), keys.events(job_id), keys.UNSENT, time.time(), error,
                             event.to_json()))
 
 

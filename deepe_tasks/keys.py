@@ -5,6 +5,7 @@ from __future__ import annotations
 PREFIX = "deepe"
 JOBS_INDEX = f"{PREFIX}:jobs"  # sorted set: job id -> submit time
 RUNNING = f"{PREFIX}:running"  # set: ids of the jobs that a worker has started
+UNSENT = f"{PREFIX}:unsent"  # sorted set: queued job id -> when; its Celery message is not sent yet
 
 
 def job(job_id: str) -> str:

@@ -10,6 +10,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,50 +36,78 @@ def worker_stopping() -> bool:
     return stop_flag(os.getpid()).exists() or stop_flag(os.getppid()).exists()
 
 
+# A queued job whose message was not sent this long after it was queued: its sender died or
+# could not reach the broker, and the reaper sends it.
+UNSENT_GRACE = 60.0
+
+
 def send_again(client: redis.Redis, record: JobRecord) -> None:
-    """Send a requeued job's message; if that fails, hand the job back to the reaper."""
+    """Send a requeued job's message. If that fails, the job stays in the unsent set, and a
+    reaper sends it later."""
     from .client import enqueue
 
-    try:
-        enqueue(record)
-    except Exception:
-        # Back to running without a lease: the reaper requeues it again on its next round.
-        jobstore.unqueue(client, record.id, record.attempts)
-        raise
+    enqueue(record)
+    jobstore.sent(client, record.id)
 
 
 def reap_once(client: redis.Redis) -> list[str]:
-    """Requeue every running job whose lease has expired; return their ids."""
+    """Requeue every running job whose lease has expired, and send the messages of queued jobs
+    that never got one; return the ids of the jobs sent."""
     max_resumes = get_settings().max_resumes
     requeued = []
     for job_id in client.smembers(keys.RUNNING):
         job_id = str(job_id)
-        if client.exists(keys.lease(job_id)):
-            continue
+        try:
+            if _reap(client, job_id, max_resumes):
+                requeued.append(job_id)
+        except Exception as e:  # one job's trouble must not stop the round
+            log.warning("reaper: job %s: %s", job_id, e)
+    for job_id in jobstore.unsent(client, before=time.time() - UNSENT_GRACE):
         try:
             record = jobstore.get(client, job_id)
+            if record.status is JobStatus.QUEUED:
+                log.warning("job %s was queued without a message; sending it", job_id)
+                send_again(client, record)
+                requeued.append(job_id)
+            else:
+                jobstore.sent(client, job_id)
         except JobNotFound:
-            jobstore.forget_running(client, job_id)
-            continue
-        if record.status is not JobStatus.RUNNING:
-            jobstore.forget_running(client, job_id)
-            continue
-        # The lease check is repeated atomically with the change: a worker that just took
-        # the job over, or renewed its lease, keeps it.
-        outcome = jobstore.requeue(client, record, f"its worker {record.worker} was lost", max_resumes,
-                                   lease_must_be_gone=True)
-        if outcome in (jobstore.RequeueOutcome.STALE, jobstore.RequeueOutcome.LEASED):
-            continue
-        log.warning("job %s: its worker %s was lost; %s", job_id, record.worker, outcome.value)
+            jobstore.sent(client, job_id)
+        except Exception as e:
+            log.warning("reaper: job %s: %s", job_id, e)
+    return requeued
+
+
+def _reap(client: redis.Redis, job_id: str, max_resumes: int) -> bool:
+    """Requeue one running job if its lease expired; True if it was queued again."""
+    if client.exists(keys.lease(job_id)):
+        return False
+    try:
+        record = jobstore.get(client, job_id)
+    except JobNotFound:
+        jobstore.forget_running(client, job_id)
+        return False
+    if record.status is not JobStatus.RUNNING:
+        jobstore.forget_running(client, job_id)
+        return False
+    # The lease check is repeated atomically with the change: a worker that just took the job
+    # over, or renewed its lease, keeps it.
+    outcome = jobstore.requeue(client, record, f"its worker {record.worker} was lost", max_resumes,
+                               lease_must_be_gone=True)
+    if outcome in (jobstore.RequeueOutcome.STALE, jobstore.RequeueOutcome.LEASED):
+        return False
+    log.warning("job %s: its worker %s was lost; %s", job_id, record.worker, outcome.value)
+    try:
         if outcome is jobstore.RequeueOutcome.QUEUED:
             send_again(client, record)
-            requeued.append(job_id)
+            return True
+        return False
+    finally:
         # The lost attempt is fenced off now: its Redis user goes too, with its connections.
         try:
             credentials.revoke(client, job_id, record.attempts)
         except redis.RedisError as e:
             log.warning("job %s: could not delete the Redis user of attempt %d: %s", job_id, record.attempts, e)
-    return requeued
 
 
 def _reaper_loop(stop: threading.Event) -> None:

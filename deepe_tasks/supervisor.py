@@ -12,6 +12,8 @@ from collections.abc import Callable
 from functools import lru_cache
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from . import credentials, jobstore, keys
 from .lifecycle import worker_stopping
@@ -30,8 +32,10 @@ PROGRESS_INTERVAL = 1.0  # seconds between Flower progress reports
 def lease_client(url: str, timeout: float) -> redis.Redis:
     """A client that gives up fast: a worker cut off from Redis must notice within its lease."""
     tls = get_settings().model_copy(update={"redis_url": url})
+    # No retries inside redis-py: a lost reply is answered by the caller's own next step (each
+    # transition is safe to send again), not by waiting out several timeouts here.
     return redis.Redis.from_url(url, decode_responses=True, socket_timeout=timeout, socket_connect_timeout=timeout,
-                                **(redis_ssl_options(tls) or {}))
+                                retry=Retry(NoBackoff(), 0), **(redis_ssl_options(tls) or {}))
 
 
 def client_for(settings: Settings) -> redis.Redis:
@@ -122,7 +126,7 @@ class Supervisor:
         ttl, grace, cutoff = self.settings.lease_ttl, self.settings.cancel_grace, self.settings.cutoff_s
         renew_every = ttl / 3
         self.last_renewed = last_contact = started = time.monotonic()
-        next_renew = started + renew_every
+        next_renew = started  # at once: handing the job over may have taken a while since the claim
         troubled = False  # Redis failed since the last renewal: the attempt's user may be gone
         limit = self.attempt.record.time_limit
         while True:
@@ -188,4 +192,11 @@ class Supervisor:
     def _saving(self) -> bool:
         recent: list[tuple[str, dict[str, str]]] = self.client.xrevrange(  # type: ignore[assignment]
             keys.events(self.job_id), count=10)
-        return any(Event.from_json(fields["data"]).kind is EventKind.SAVING for _, fields in recent)
+        mine = str(self.attempt.number)
+        for _, fields in recent:
+            try:  # the method may write its own stream: read what is not ours as nothing
+                if fields.get("a") == mine and Event.from_json(fields["data"]).kind is EventKind.SAVING:
+                    return True
+            except (KeyError, ValueError):
+                continue
+        return False

@@ -27,7 +27,7 @@ from .client import Job
 from .connection import get_redis
 from .errors import JobFailed
 from .events import append_jsonl
-from .lifecycle import send_again
+from .lifecycle import UNSENT_GRACE, send_again
 from .processes import crash_message, job_process, kill_group
 from .protocol import LOG_FILE, RESULT_FILE
 from .records import Event, EventKind, JobSpec, JobStatus, RunResult
@@ -70,7 +70,7 @@ def train(self: Any, job_id: str, method: str = "") -> dict[str, Any]:
             log.warning("dropping message for job %s: %s holds its lease", job_id, claim.detail)
         raise Ignore()
     attempt = Attempt(claim.record, holder, settings)
-    self.update_state(state=states.STARTED, meta={"job": job_id, "attempt": attempt.number})
+    _best_effort(lambda: self.update_state(state=states.STARTED, meta={"job": job_id, "attempt": attempt.number}))
     folder = job_dir(settings.storage_root, job_id)
     started.attempt = started.metrics["attempt"] = attempt.number
     if attempt.number > 1:
@@ -207,7 +207,7 @@ def _retry(fn: Callable[[], T], timeout: float) -> T:
 def _best_effort(fn: Callable[[], object]) -> None:
     try:
         fn()
-    except redis.RedisError as e:
+    except Exception as e:  # Redis or the result backend: a nicety, never the job's end
         log.warning("%s", e)
 
 
@@ -226,7 +226,11 @@ def _end(attempt: Attempt, result: RunResult, folder: Path) -> RunResult | None:
             log.error("job %s: attempt %d was replaced by another; not recording its end", job_id, attempt.number)
             return None
         if outcome is jobstore.RequeueOutcome.QUEUED:
-            send_again(attempt.client, attempt.record)
+            try:
+                send_again(attempt.client, attempt.record)
+            except Exception as e:
+                log.error("job %s: its message could not be sent (%s); a reaper sends it within %.0f s",
+                          job_id, e, UNSENT_GRACE)
             return result
         status = JobStatus.CANCELLED if outcome is jobstore.RequeueOutcome.CANCELLED else JobStatus.FAILED
         return result.model_copy(update={"status": status})
@@ -235,8 +239,15 @@ def _end(attempt: Attempt, result: RunResult, folder: Path) -> RunResult | None:
     message = result.error or (f"model saved to {result.output_dir}" if result.output_dir else "")
     final = Event(kind=kind, job=job_id, step=result.step, metrics=result.metrics, message=message,
                   attempt=attempt.number)
+    def record_end() -> bool:
+        # The supervisor no longer renews the lease: keep it (or take it back) while the end is
+        # recorded, so that no reaper requeues a job that is done.
+        if attempt.renew() is jobstore.Renewal.FENCED:
+            return False
+        return attempt.finish(result, final)
+
     # The job process flushed its events before it exited: the final event comes after them.
-    if not _retry(lambda: attempt.finish(result, final), timeout=300):
+    if not _retry(record_end, timeout=300):
         log.error("job %s: attempt %d was replaced by another; not recording its end", job_id, attempt.number)
         return None
     append_jsonl(folder / "events.jsonl", [final.to_json()])

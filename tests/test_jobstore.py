@@ -62,8 +62,9 @@ def test_create_writes_record_index_source_and_first_event_and_refuses_a_taken_i
     assert r.get(keys.method_source("sha-" + job_id)) == "SOURCE"
     assert kinds(r, job_id) == ["queued"]
     before = snapshot(r, job_id)
+    other = jobstore.get(r, job_id).model_copy(update={"submitted_at": time.time() + 1})  # another submit
     with pytest.raises(JobExists):
-        jobstore.create(r, jobstore.get(r, job_id), "OTHER", Event(kind=EventKind.QUEUED, job=job_id))
+        jobstore.create(r, other, "OTHER", Event(kind=EventKind.QUEUED, job=job_id))
     assert snapshot(r, job_id) == before
 
 
@@ -215,7 +216,12 @@ def test_the_reaper_requeues_only_once_the_lease_is_gone(r: redis.Redis) -> None
     assert snapshot(r, job_id) == before
     r.delete(keys.lease(job_id))
     assert jobstore.requeue(r, record, "lost", 3, lease_must_be_gone=True) is RequeueOutcome.QUEUED
-    # A second reaper, a moment later, finds nothing to do
+    # A second reaper, a moment later, gets the same answer and writes nothing; once the job
+    # moved on (claimed again), the old token is stale
+    before = snapshot(r, job_id)
+    assert jobstore.requeue(r, record, "lost", 3, lease_must_be_gone=True) is RequeueOutcome.QUEUED
+    assert snapshot(r, job_id) == before
+    claim(r, job_id, "w2")
     before = snapshot(r, job_id)
     assert jobstore.requeue(r, record, "lost", 3, lease_must_be_gone=True) is RequeueOutcome.STALE
     assert snapshot(r, job_id) == before
@@ -246,15 +252,43 @@ def test_a_cancel_that_saves_is_requeued_so_the_next_attempt_saves(r: redis.Redi
     assert r.get(keys.cancel(job_id)) == "save"
 
 
-def test_unqueue_hands_a_job_whose_message_failed_back_to_the_reaper(r: redis.Redis) -> None:
+def test_a_queued_job_stays_in_the_unsent_set_until_its_message_is_sent(r: redis.Redis) -> None:
+    # Given a job just created (its message not sent yet), and one requeued
     job_id = new_job(r)
+    assert job_id in jobstore.unsent(r, before=time.time() + 1)
+    jobstore.sent(r, job_id)
+    assert job_id not in jobstore.unsent(r, before=time.time() + 1)
     record = claim(r, job_id).record
     assert record is not None
     jobstore.requeue(r, record, "x", 3, lease_must_be_gone=False)
-    assert not jobstore.unqueue(r, job_id, 2)  # a stale token changes nothing
-    assert jobstore.unqueue(r, job_id, 1)
-    assert jobstore.status(r, job_id) is JobStatus.RUNNING and r.sismember(keys.RUNNING, job_id)
-    assert not r.exists(keys.lease(job_id))  # so the reaper requeues it on its next round
+    # Then the requeued job waits in the unsent set, and a claim (of a message sent at last) takes it out
+    assert job_id in jobstore.unsent(r, before=time.time() + 1)
+    claim(r, job_id)
+    assert job_id not in jobstore.unsent(r, before=time.time() + 1)
+
+
+def test_every_transition_sent_again_after_a_lost_reply_gets_the_same_answer(r: redis.Redis) -> None:
+    # A reply lost to a timeout makes the caller (or redis-py) send the same step again.
+    job_id = new_job(r)
+    record = jobstore.get(r, job_id)
+    jobstore.create(r, record, "SOURCE", Event(kind=EventKind.QUEUED, job=job_id))  # no JobExists
+    first = claim(r, job_id, "w1")
+    again = claim(r, job_id, "w1")
+    assert again.outcome is ClaimOutcome.OK and again.record == first.record and again.source == "SOURCE"
+    assert jobstore.get(r, job_id).attempts == 1 and kinds(r, job_id).count("started") == 1
+    assert first.record is not None
+    assert jobstore.requeue(r, first.record, "x", 3, lease_must_be_gone=False) is RequeueOutcome.QUEUED
+    before = snapshot(r, job_id)
+    assert jobstore.requeue(r, first.record, "x", 3, lease_must_be_gone=False) is RequeueOutcome.QUEUED
+    assert snapshot(r, job_id) == before
+    claim(r, job_id, "w2")
+    final = Event(kind=EventKind.SUCCEEDED, job=job_id)
+    assert jobstore.finish(r, job_id, 2, final, status=JobStatus.SUCCEEDED, error=None, metrics={}, output_dir="/o")
+    before = snapshot(r, job_id)
+    assert jobstore.finish(r, job_id, 2, final, status=JobStatus.SUCCEEDED, error=None, metrics={}, output_dir="/o")
+    assert snapshot(r, job_id) == before
+    # but never for another token
+    assert not jobstore.finish(r, job_id, 1, final, status=JobStatus.SUCCEEDED, error=None, metrics={}, output_dir="/o")
 
 
 def test_cancel_of_a_queued_job_ends_it_and_of_a_final_one_is_refused(r: redis.Redis) -> None:
@@ -301,7 +335,14 @@ def test_a_stream_broken_by_a_method_does_not_stop_the_state_from_changing(r: re
     assert jobstore.status(r, job_id) is JobStatus.SUCCEEDED
 
 
+def needs_redis_7(r: redis.Redis) -> None:
+    version = str(r.info("server")["redis_version"])
+    if int(version.split(".")[0]) < 7:
+        pytest.skip(f"a job's own Redis user needs Redis 7 (read-only key rules); this one is {version}")
+
+
 def test_an_attempts_redis_user_reaches_only_its_own_jobs_keys(r: redis.Redis, redis_url: str) -> None:
+    needs_redis_7(r)
     job_id, other = new_job(r), new_job(r)
     claim(r, job_id)
     claim(r, other)
@@ -323,6 +364,8 @@ def test_an_attempts_redis_user_reaches_only_its_own_jobs_keys(r: redis.Redis, r
                         lambda: job.smembers(keys.RUNNING),
                         lambda: job.lpush("gpu", "x"),
                         lambda: job.eval("return redis.call('hset', ARGV[1], 'status', 'x')", 0, keys.job(job_id)),
+                        lambda: job.eval("while true do end", 0),
+                        lambda: job.script_load("return 1"),
                         lambda: job.acl_list(),
                         lambda: job.config_get("requirepass")):
             with pytest.raises(redis.ResponseError, match="permission|can.t run"):

@@ -13,6 +13,7 @@ from deepe_tasks import JobStatus, submit
 from deepe_tasks.embedded import RedisServer
 from deepe_tasks.settings import get_settings
 from tests.conftest import TRL_SNIPPET, Worker, write_method
+from tests.test_jobstore import needs_redis_7
 
 pytestmark = pytest.mark.e2e
 
@@ -56,6 +57,8 @@ def test_a_method_gets_a_user_of_its_own_that_reaches_only_its_jobs_keys(
     write_method(store, "probe", PROBE)
     w = Worker("probe-q", tmp_path / "worker.log", env={"DEEPE_REDIS_URL": server.url})
     try:
+        admin = redis.Redis.from_url(server.url, decode_responses=True)
+        needs_redis_7(admin)
         w.start()
         # When a method looks around
         job = submit("probe", {**sft_params, "MAX_STEPS": 2, "PromptInputColumn": "instruction",
@@ -68,7 +71,6 @@ def test_a_method_gets_a_user_of_its_own_that_reaches_only_its_jobs_keys(
         # and every key beyond its own stream and reads was refused
         assert probe["tries"] == dict.fromkeys(probe["tries"], "NoPermissionError")
         # and once the attempt ended, its user is gone
-        admin = redis.Redis.from_url(server.url, decode_responses=True)
         assert not [u for u in admin.acl_users() if u.startswith("deepe-attempt-")]
         admin.close()
     finally:
