@@ -101,10 +101,11 @@ class Job:
 
     def progress(self) -> Event | None:
         """The job's latest `log` event: step, max_steps, ETA and metrics."""
+        from .events import decode
+
         recent: Any = get_redis().xrevrange(keys.events(self.id), count=50)
-        for entry_id, fields in recent:
-            event = Event.from_json(fields["data"], id=entry_id)
-            if event.kind is EventKind.LOG:
+        for _, event in decode(recent):
+            if event is not None and event.kind is EventKind.LOG:
                 return event
         return None
 

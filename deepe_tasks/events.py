@@ -153,8 +153,14 @@ class EventPublisher:
             self._on_fenced()
 
 
-def _decode(entries: list[Any]) -> list[Event]:
-    return [Event.from_json(fields["data"], id=entry_id) for entry_id, fields in entries]
+def decode(entries: list[Any]) -> Iterator[tuple[str, Event | None]]:
+    """Stream entries as (id, event); None for an entry that is not a deepe event (a method may
+    append to its own job's stream: such entries are skipped by every reader)."""
+    for entry_id, fields in entries:
+        try:
+            yield entry_id, Event.from_json(fields["data"], id=entry_id)
+        except (KeyError, ValueError):
+            yield entry_id, None
 
 
 def read_events(
@@ -168,8 +174,10 @@ def read_events(
     stream = keys.events(job_id)
     last = since
     start = "-" if since in ("0", "0-0", "-") else f"({since}"
-    for event in _decode(client.xrange(stream, min=start)):  # type: ignore[arg-type]
-        last = event.id or last
+    for entry_id, event in decode(client.xrange(stream, min=start)):  # type: ignore[arg-type]
+        last = entry_id
+        if event is None:
+            continue
         yield event
         if follow and event.kind.is_final:
             return
@@ -183,8 +191,10 @@ def read_events(
             if status in FINAL_VALUES and not client.xread({stream: last or "0"}, count=1):
                 return
             continue
-        for event in _decode(reply[0][1]):
-            last = event.id or last
+        for entry_id, event in decode(reply[0][1]):
+            last = entry_id
+            if event is None:
+                continue
             yield event
             if event.kind.is_final:
                 return

@@ -16,6 +16,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from . import credentials, jobstore, keys
+from .events import decode
 from .lifecycle import worker_stopping
 from .processes import kill_group
 from .protocol import CUTOFF_SIGNAL, PREEMPT_SIGNAL
@@ -193,10 +194,5 @@ class Supervisor:
         recent: list[tuple[str, dict[str, str]]] = self.client.xrevrange(  # type: ignore[assignment]
             keys.events(self.job_id), count=10)
         mine = str(self.attempt.number)
-        for _, fields in recent:
-            try:  # the method may write its own stream: read what is not ours as nothing
-                if fields.get("a") == mine and Event.from_json(fields["data"]).kind is EventKind.SAVING:
-                    return True
-            except (KeyError, ValueError):
-                continue
-        return False
+        return any(event is not None and event.kind is EventKind.SAVING and fields.get("a") == mine
+                   for (_, fields), (_, event) in zip(recent, decode(recent), strict=True))

@@ -377,3 +377,20 @@ def test_an_attempts_redis_user_reaches_only_its_own_jobs_keys(r: redis.Redis, r
             job.ping()
     finally:
         job.close()
+
+
+def test_readers_skip_stream_entries_that_are_not_deepe_events(r: redis.Redis) -> None:
+    from deepe_tasks.events import read_events
+
+    # Given a job whose method appended entries of its own to the job's stream
+    job_id = new_job(r)
+    claim(r, job_id)
+    r.xadd(keys.events(job_id), {"x": "1"})
+    r.xadd(keys.events(job_id), {"data": "not json"})
+    jobstore.append(r, job_id, 1, [(1, Event(kind=EventKind.LOG, job=job_id, step=1).to_json())])
+    r.xadd(keys.events(job_id), {"data": "{}"})
+    final = Event(kind=EventKind.SUCCEEDED, job=job_id)
+    jobstore.finish(r, job_id, 1, final, status=JobStatus.SUCCEEDED, error=None, metrics={}, output_dir="/o")
+    # Then a replay and a follow read the deepe events only, and reach the end
+    assert [e.kind.value for e in read_events(r, job_id)] == ["queued", "started", "log", "succeeded"]
+    assert [e.kind.value for e in read_events(r, job_id, follow=True)][-1] == "succeeded"
