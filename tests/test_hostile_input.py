@@ -80,6 +80,10 @@ CLI_CASES: dict[str, tuple[list[str], int, str]] = {
     "jobs with a limit beyond 64 bits": (["jobs", "--limit", BIG], 2, "limit"),
     "queues naming deepe's running set": (["queues", "--queue", "deepe:running"], 2, "is not valid"),
     "a worker on deepe's running set": (["worker", "--queues", "gpu,deepe:running"], 2, "is not valid"),
+    "submit with a parameter that is not KEY=VALUE": (["submit", "sft-demo", "-p", "=x"], 2, "is not KEY=VALUE"),
+    "run-local with a wrong value": (["run-local", "sft-demo", "-p", "MAX_STEPS=abc"], 2, "MAX_STEPS"),
+    "a new method named with a path": (["methods", "new", "../../etc/x"], 2, "not a valid method name"),
+    "a check of a path": (["methods", "check", "../../etc/passwd"], 2, "is not a method name"),
 }
 
 
@@ -137,7 +141,7 @@ def test_hostile_cli_input_is_refused_without_a_traceback(label: str, a_job: str
                                                           colors_data: Path, cluster_keys_unchanged: None) -> None:
     argv, code, words = CLI_CASES[label]
     argv = [a.format(job=a_job) for a in argv]
-    if argv[0] == "submit":
+    if argv[0] in ("submit", "run-local"):
         argv += ["-p", f"MODEL_PATH={tiny_model}", "-p", f"DATASET_PATH={colors_data}"]
     done = run_cli(*argv, timeout=60)
     assert done.returncode == code, (done.returncode, done.stdout[-500:], done.stderr[-500:])
@@ -172,7 +176,8 @@ def table() -> str:
     for label, (method, path, _, _, status, _) in HTTP_CASES.items():
         rows.append(f"| {label} | `{method} {path.split('?')[0].replace('{job}', '{id}')}` | HTTP {status} |")
     for label, (argv, code, _) in CLI_CASES.items():
-        rows.append(f"| {label} | `deepe {argv[0]}` | exit {code}, a sentence, no traceback |")
+        command = " ".join(argv[:2]) if argv[0] == "methods" else argv[0]
+        rows.append(f"| {label} | `deepe {command}` | exit {code}, a sentence, no traceback |")
     return "\n".join(rows)
 
 
