@@ -394,3 +394,22 @@ def test_readers_skip_stream_entries_that_are_not_deepe_events(r: redis.Redis) -
     # Then a replay and a follow read the deepe events only, and reach the end
     assert [e.kind.value for e in read_events(r, job_id)] == ["queued", "started", "log", "succeeded"]
     assert [e.kind.value for e in read_events(r, job_id, follow=True)][-1] == "succeeded"
+
+
+def test_the_reaper_sends_the_message_of_a_job_queued_without_one(r: redis.Redis) -> None:
+    from deepe_tasks.lifecycle import UNSENT_GRACE, reap_once
+
+    # Given a job recorded a while ago by a client that died before it sent the message
+    job_id = f"js-{uuid.uuid4().hex[:10]}"
+    queue = f"unsent-{uuid.uuid4().hex[:6]}"
+    record = JobRecord(id=job_id, method="m", method_sha256="x", params={}, output_dir="/o", queue=queue,
+                       submitted_at=time.time() - UNSENT_GRACE - 5)
+    jobstore.create(r, record, "SOURCE", Event(kind=EventKind.QUEUED, job=job_id))
+    waiting = [queue] + [f"{queue}:{p}" for p in range(1, 10)]
+    assert sum(r.llen(q) for q in waiting) == 0
+    # When a reaper makes its round
+    assert job_id in reap_once(r)
+    # Then the job's one message is on its queue, and the job left the unsent set
+    assert sum(r.llen(q) for q in waiting) == 1
+    assert job_id not in jobstore.unsent(r, before=time.time() + 1)
+    assert job_id not in reap_once(r)
