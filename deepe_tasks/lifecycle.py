@@ -53,6 +53,11 @@ def send_again(client: redis.Redis, record: JobRecord) -> None:
 def reap_once(client: redis.Redis) -> list[str]:
     """Requeue every running job whose lease has expired, and send the messages of queued jobs
     that never got one; return the ids of the jobs sent."""
+    return reap_lost(client) + send_unsent(client)
+
+
+def reap_lost(client: redis.Redis) -> list[str]:
+    """Requeue every running job whose lease has expired; return their ids."""
     max_resumes = get_settings().max_resumes
     requeued = []
     for job_id in client.smembers(keys.RUNNING):
@@ -62,6 +67,12 @@ def reap_once(client: redis.Redis) -> list[str]:
                 requeued.append(job_id)
         except Exception as e:  # one job's trouble must not stop the round
             log.warning("reaper: job %s: %s", job_id, e)
+    return requeued
+
+
+def send_unsent(client: redis.Redis) -> list[str]:
+    """Send the message of every job queued a while ago without one; return their ids."""
+    requeued = []
     for job_id in jobstore.unsent(client, before=time.time() - UNSENT_GRACE):
         try:
             record = jobstore.get(client, job_id)

@@ -397,7 +397,7 @@ def test_readers_skip_stream_entries_that_are_not_deepe_events(r: redis.Redis) -
 
 
 def test_the_reaper_sends_the_message_of_a_job_queued_without_one(r: redis.Redis) -> None:
-    from deepe_tasks.lifecycle import UNSENT_GRACE, reap_once
+    from deepe_tasks.lifecycle import UNSENT_GRACE, send_unsent
 
     # Given a job recorded a while ago by a client that died before it sent the message
     job_id = f"js-{uuid.uuid4().hex[:10]}"
@@ -408,8 +408,8 @@ def test_the_reaper_sends_the_message_of_a_job_queued_without_one(r: redis.Redis
     waiting = [queue] + [f"{queue}:{p}" for p in range(1, 10)]
     assert sum(r.llen(q) for q in waiting) == 0
     # When a reaper makes its round
-    assert job_id in reap_once(r)
+    assert job_id in send_unsent(r)
     # Then the job's one message is on its queue, and the job left the unsent set
     assert sum(r.llen(q) for q in waiting) == 1
     assert job_id not in jobstore.unsent(r, before=time.time() + 1)
-    assert job_id not in reap_once(r)
+    assert job_id not in send_unsent(r)
