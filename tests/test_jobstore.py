@@ -30,8 +30,9 @@ def r(redis_url: str) -> Iterator[redis.Redis]:
 
 def new_job(r: redis.Redis) -> str:
     job_id = f"js-{uuid.uuid4().hex[:10]}"
+    # On a queue no worker consumes: a reaper of the session's worker must never run these.
     record = JobRecord(id=job_id, method="m", method_sha256="sha-" + job_id, params={"A": 1}, output_dir="/o",
-                       queue="gpu")
+                       queue="jobstore-q")
     jobstore.create(r, record, "SOURCE", Event(kind=EventKind.QUEUED, job=job_id))
     return job_id
 
