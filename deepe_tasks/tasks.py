@@ -161,6 +161,10 @@ class FlowerProgress:
         self.task = task
         self.job_id = job_id
         self.last_step: int | None = None
+        # Celery keeps the task's request per thread, and reports come from the supervisor's
+        # progress thread: take what they need from the request here.
+        self.task_id: str = task.request.id
+        self.hostname: str = task.request.hostname
 
     def report(self) -> None:
         event = Job(self.job_id).progress()
@@ -169,10 +173,11 @@ class FlowerProgress:
         self.last_step = event.step
         meta = {"job": self.job_id, "step": event.step, "max_steps": event.max_steps,
                 "loss": event.metrics.get("loss"), "eta_s": event.eta_s}
-        self.task.update_state(state="PROGRESS", meta=meta)
+        self.task.update_state(task_id=self.task_id, state="PROGRESS", meta=meta)
         # Flower keeps the standard task fields only; `result` is one, so the figures show in
         # its task list and its API while the job trains.
-        self.task.send_event("task-progress", result=json.dumps(meta), **meta)
+        with self.task.app.events.default_dispatcher(hostname=self.hostname) as dispatcher:
+            dispatcher.send("task-progress", uuid=self.task_id, result=json.dumps(meta), **meta)
 
 
 def _storage_problem(own: Path) -> str | None:
