@@ -1,4 +1,4 @@
-"""The Celery app, configured as DESIGN.md's table says (each setting with its reason)."""
+"""The Celery app, configured for long training jobs (each setting with its reason)."""
 
 from __future__ import annotations
 
