@@ -87,7 +87,6 @@ def test_sigkill_of_the_worker_resumes_the_job_elsewhere_from_its_checkpoint(
     assert job.wait(timeout=180) is JobStatus.SUCCEEDED, job.info()["error"]
     events = list(job.events())
     resumed = [e for e in events if e.kind is EventKind.RESUMED]
-    Path("/tmp/evdump.txt").write_text("\n".join(f"{e.id} {e.kind.value} {e.step} {e.ts} {e.message[:80]} {e.metrics}" for e in events))
     assert len(resumed) == 1 and (resumed[0].step or 0) >= 1
     assert f"step {resumed[0].step}" in resumed[0].message
     after = [e.step for e in events[events.index(resumed[0]):] if e.kind is EventKind.LOG and "loss" in e.metrics]
