@@ -311,9 +311,10 @@ def test_the_harness_really_partitions(cluster: Cluster) -> None:
              timeout=15)
 
 
-def wait_just_before_a_renewal(job: Job, renew_every: float) -> None:
-    """Return when the job's lease is about to be renewed: an outage that starts now is the
-    longest its worker has to ride out (no renewal for the most time)."""
+def wait_just_before_a_renewal(job: Job, renew_every: float) -> int:
+    """Return when the job's lease is about to be renewed (an outage that starts now is the
+    longest its worker has to ride out), with the lease's time to live, in ms, right after the
+    last renewal."""
     from deepe_tasks import keys
     from deepe_tasks.connection import get_redis
 
@@ -326,6 +327,7 @@ def wait_just_before_a_renewal(job: Job, renew_every: float) -> None:
         last = now
         time.sleep(0.02)
     time.sleep(renew_every - 0.2)
+    return int(now)
 
 
 def test_an_outage_shorter_than_the_lease_never_costs_the_attempt(
@@ -342,11 +344,13 @@ def test_an_outage_shorter_than_the_lease_never_costs_the_attempt(
         job = submit("slow", {**params, "MAX_STEPS": 60})
         wait_for_event(job, EventKind.LOG, count=3)
         # When Redis goes away for almost the whole lease, starting just before a renewal
-        wait_just_before_a_renewal(job, ttl / 3)
+        renewed_for_ms = wait_just_before_a_renewal(job, ttl / 3)
         server.stop()
         time.sleep(ttl - 0.5)
         server.start()
-        # Then the job rides it out: one attempt, never requeued, every step once
+        # Then the lease, as renewed last, outlives the time since that renewal, and the job
+        # rides the outage out: one attempt, never requeued, every step once
+        assert renewed_for_ms > (ttl / 3 + ttl) * 1000
         assert job.wait(timeout=180) is JobStatus.SUCCEEDED, job.info()["error"]
         assert job.info()["attempts"] == 1
         kinds = [e.kind for e in events(job)]
