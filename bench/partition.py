@@ -35,30 +35,13 @@ FAST = {"DEEPE_LEASE_TTL": f"{TTL:g}", "DEEPE_CHECKPOINT_MINUTES": "0.02", "DEEP
 MAX_STEPS = 40
 
 
-def gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
-
-
-def until(predicate: Any, timeout: float, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"not within {timeout} s")
-
-
 def one_run(work: Path, model: Path, data: Path, cut_step: int, n: int) -> dict[str, Any]:
     from deepe_tasks import JobStatus, keys, submit
     from deepe_tasks.celery_app import app_for
     from deepe_tasks.connection import get_redis
     from deepe_tasks.embedded import RedisServer, WorkerProcess
     from deepe_tasks.settings import get_settings
+    from tests.conftest import process_gone, wait_for
     from tests.netns import NetHost
 
     host = NetHost().create()
@@ -75,18 +58,18 @@ def one_run(work: Path, model: Path, data: Path, cut_step: int, n: int) -> dict[
         job = submit("slow", {"MODEL_PATH": str(model), "DATASET_PATH": str(data), "MAX_STEPS": MAX_STEPS,
                               "BATCH_SIZE": 4, "MAX_SEQ_LENGTH": 64, "LORA_RANK": 4, "LEARNING_RATE": 5e-3,
                               "PromptInputColumn": "instruction", "PromptOutputColumn": "output"}, queue=queue)
-        until(lambda: any(e.step and e.step >= cut_step and e.kind.value == "log" for e in job.events()), 180)
+        wait_for(lambda: any(e.step and e.step >= cut_step and e.kind.value == "log" for e in job.events()), 180)
         old_pid = int(job.info()["pid"])
         host.cut()
         workers.append(WorkerProcess(FAST, queues=queue, log_file=work / f"b-{n}.log").start())
-        t_gone = until(lambda: time.time() if gone(old_pid) else None, 120)
+        t_gone = wait_for(lambda: time.time() if process_gone(old_pid) else None, 120, 0.05)
         status = job.wait(timeout=300)
         r = get_redis()
         before = (r.hgetall(keys.job(job.id)), r.xrange(keys.events(job.id)))
         host.heal()
         app = app_for(server.url)
         name = cut_off.name.replace("%h", os.uname().nodename)
-        until(lambda: any(name in reply for reply in (app.control.ping(timeout=0.5) or [])), 120, 0.5)
+        wait_for(lambda: any(name in reply for reply in (app.control.ping(timeout=0.5) or [])), 120, 0.5)
         time.sleep(TTL)  # a round of the healed worker's renewals and flushes
         after = (r.hgetall(keys.job(job.id)), r.xrange(keys.events(job.id)))
         stale = len(after[1]) - len(before[1]) + (0 if after[0] == before[0] else 1)

@@ -159,6 +159,15 @@ def wait_for(predicate, timeout: float = 60.0, interval: float = 0.1):  # type: 
     raise AssertionError(f"condition not met within {timeout} s")
 
 
+def process_gone(pid: int) -> bool:
+    """The process has exited (a zombie counts: it trains no more)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+
+
 TRL_SNIPPET = '''
 from datasets import load_dataset
 from peft import LoraConfig

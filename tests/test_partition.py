@@ -24,7 +24,7 @@ from deepe_tasks import EventKind, Job, JobStatus, submit
 from deepe_tasks.embedded import RedisServer
 from deepe_tasks.settings import get_settings
 from tests import netns
-from tests.conftest import SLOW_METHOD, SLOW_SAVE, Worker, wait_for, write_method
+from tests.conftest import SLOW_METHOD, SLOW_SAVE, Worker, process_gone, wait_for, write_method
 
 pytestmark = pytest.mark.e2e
 
@@ -111,14 +111,6 @@ def wait_for_event(job: Job, kind: EventKind, count: int = 1, attempt: int | Non
     assert seen() >= count, f"no {kind.value} event: {[e.kind.value for e in job.events()]}"
 
 
-def gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
-
-
 def storage_view(job: Job) -> dict[str, Any]:
     """What the job has in OUTPUT_DIR's folder: every entry of the job, and the model's manifest."""
     out = Path(job.info()["output_dir"])
@@ -175,7 +167,7 @@ def test_a_partitioned_trainer_stops_itself_and_the_job_resumes_elsewhere_once(
     cut_at = time.monotonic()
     cluster.worker("part-q")
     # Then the cut-off trainer stops itself within about one lease (checkpoint, then exit)
-    wait_for(lambda: gone(old_pid), timeout=TTL + GRACE + 15)
+    wait_for(lambda: process_gone(old_pid), timeout=TTL + GRACE + 15)
     stopped_after = time.monotonic() - cut_at
     assert stopped_after < TTL + GRACE + 15
     # and the job resumes on the other worker from a checkpoint, and succeeds
@@ -210,7 +202,7 @@ def test_a_stale_attempt_paused_in_its_final_save_never_publishes(
     os.kill(old_pid, signal.SIGCONT)
     cluster.paused.remove(old_pid)
     cluster.host.heal()
-    wait_for(lambda: gone(old_pid), timeout=TTL + 30)
+    wait_for(lambda: process_gone(old_pid), timeout=TTL + 30)
     result = json.loads((storage / "jobs" / job.id / "attempts" / "1" / "result.json").read_text())
     assert result["status"] == "queued" and "was not published" in result["error"]
     assert redis_view(job) == before_redis
@@ -236,7 +228,7 @@ def test_a_partition_during_a_cancel_with_save_publishes_one_partial_model(
     cluster.worker("csave-q")
     # Then the cut-off attempt cannot publish; the next one saves the partial model, once
     assert job.wait(timeout=180) is JobStatus.CANCELLED, job.info()
-    wait_for(lambda: gone(old_pid), timeout=TTL + GRACE + 15)
+    wait_for(lambda: process_gone(old_pid), timeout=TTL + GRACE + 15)
     manifest = json.loads((Path(job.info()["output_dir"]) / "deepe.json").read_text())
     assert manifest["partial"] is True and manifest["attempt"] == 2
     assert storage_view(job)["entries"] == [Path(job.info()["output_dir"]).name]
@@ -257,7 +249,7 @@ def test_a_cancel_for_a_partitioned_worker_ends_the_job_without_it(
     # Then once the lease ran out the job is cancelled, and the cut-off trainer stopped itself
     assert job.wait(timeout=60) is JobStatus.CANCELLED
     assert "its worker stopped" in job.info()["error"]
-    wait_for(lambda: gone(old_pid), timeout=TTL + GRACE + 15)
+    wait_for(lambda: process_gone(old_pid), timeout=TTL + GRACE + 15)
     assert not Path(job.info()["output_dir"]).exists()
     heal_and_check_silence(cluster, job, cut_off)
 
@@ -277,7 +269,7 @@ def test_redis_unreachable_for_two_leases_mid_job(tmp_path: Path, params: dict[s
         # When Redis is gone for two leases
         server.stop()
         stopped = time.monotonic()
-        wait_for(lambda: gone(old_pid), timeout=2 * TTL + GRACE + 15)  # the trainer stops itself
+        wait_for(lambda: process_gone(old_pid), timeout=2 * TTL + GRACE + 15)  # the trainer stops itself
         time.sleep(max(0.0, 2 * TTL - (time.monotonic() - stopped)))
         server.start()
         # Then the job is requeued, resumes from its checkpoint and succeeds, with one model

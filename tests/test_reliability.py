@@ -6,7 +6,6 @@ Each test reads the outcome from the job record and its events, not from logs.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from deepe_tasks import EventKind, Job, JobStatus, submit
-from tests.conftest import SLOW_METHOD, SLOW_SAVE, Worker, wait_for, write_method
+from tests.conftest import SLOW_METHOD, SLOW_SAVE, Worker, process_gone, wait_for, write_method
 
 pytestmark = pytest.mark.e2e
 
@@ -45,14 +44,6 @@ def kinds(job: Job) -> list[EventKind]:
 def wait_for_event(job: Job, kind: EventKind, count: int = 1, timeout: float = 120) -> None:
     wait_for(lambda: kinds(job).count(kind) >= count or job.status().is_final, timeout=timeout)
     assert kinds(job).count(kind) >= count, f"no {kind.value} event; events: {kinds(job)}; {job.info()}"
-
-
-def process_gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
 
 
 def log_steps(job: Job) -> list[int]:
