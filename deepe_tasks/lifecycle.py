@@ -7,15 +7,13 @@ a node gone), and is put back on its queue to resume from its last checkpoint.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
+import multiprocessing
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import redis
-from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
+from celery.signals import worker_ready, worker_shutting_down
 
 from . import credentials, jobstore, keys
 from .connection import get_redis
@@ -26,14 +24,16 @@ from .settings import get_settings
 log = logging.getLogger(__name__)
 
 
-def stop_flag(pid: int) -> Path:
-    """A file that says the worker whose main process is ``pid`` is shutting down."""
-    return Path(tempfile.gettempdir()) / f"deepe-worker-{pid}.stopping"
+# Set by the worker's main process when it begins a warm shutdown; its pool processes are
+# forked after this module is imported (Celery imports the task modules first), so they share
+# it. Shared memory of this worker alone: nothing on disk to leak after a SIGKILL, and nothing
+# that a later worker with the same PID could mistake for its own.
+_stopping = multiprocessing.get_context("fork").Event()
 
 
 def worker_stopping() -> bool:
-    """True inside a worker (its main process or a pool child) that is shutting down."""
-    return stop_flag(os.getpid()).exists() or stop_flag(os.getppid()).exists()
+    """True inside a worker (its main process or a pool process) that is shutting down."""
+    return _stopping.is_set()
 
 
 # A queued job whose message was not sent this long after it was queued: its sender died or
@@ -135,17 +135,11 @@ _reaper_stop = threading.Event()
 
 @worker_ready.connect
 def _start_reaper(**_: Any) -> None:
-    stop_flag(os.getpid()).unlink(missing_ok=True)
     threading.Thread(target=_reaper_loop, args=(_reaper_stop,), name="deepe-reaper", daemon=True).start()
 
 
 @worker_shutting_down.connect
 def _on_shutdown(**_: Any) -> None:
-    # The running job (in a pool child) sees this, checkpoints, and is requeued.
-    stop_flag(os.getpid()).touch()
+    # The running job (in a pool process) sees this, checkpoints, and is requeued.
+    _stopping.set()
     _reaper_stop.set()
-
-
-@worker_shutdown.connect
-def _on_exit(**_: Any) -> None:
-    stop_flag(os.getpid()).unlink(missing_ok=True)

@@ -105,14 +105,30 @@ def test_a_job_survives_two_kills_in_a_row(workers: list[Worker], tmp_path: Path
 
 
 def test_a_job_that_keeps_losing_its_worker_fails_after_max_resumes(
-        workers: list[Worker], tmp_path: Path, slow_params: dict[str, object]) -> None:
-    w = start_worker(workers, "resumes-q", tmp_path, DEEPE_MAX_RESUMES="0")
-    job = submit("slow", slow_params, queue="resumes-q")
-    wait_for_event(job, EventKind.TRAINING)
-    kill_worker_running(job, w)
-    start_worker(workers, "resumes-q", tmp_path, DEEPE_MAX_RESUMES="0")
-    assert job.wait(timeout=60) is JobStatus.FAILED
-    assert "interrupted 1 times" in job.info()["error"] and "DEEPE_MAX_RESUMES is 0" in job.info()["error"]
+        workers: list[Worker], tmp_path: Path, slow_params: dict[str, object],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from deepe_tasks.embedded import RedisServer
+    from deepe_tasks.settings import get_settings
+
+    # Any live worker's reaper may requeue a lost job, so DEEPE_MAX_RESUMES must be the same on
+    # every worker of a Redis (docs/reliability.md): this test's workers get a Redis of their own.
+    server = RedisServer(folder=tmp_path / "redis").start()
+    monkeypatch.setenv("DEEPE_REDIS_URL", server.url)
+    get_settings.cache_clear()
+    try:
+        w = start_worker(workers, "resumes-q", tmp_path, DEEPE_MAX_RESUMES="0", DEEPE_REDIS_URL=server.url)
+        job = submit("slow", slow_params, queue="resumes-q")
+        wait_for_event(job, EventKind.TRAINING)
+        kill_worker_running(job, w)
+        start_worker(workers, "resumes-q", tmp_path, DEEPE_MAX_RESUMES="0", DEEPE_REDIS_URL=server.url)
+        assert job.wait(timeout=60) is JobStatus.FAILED
+        assert "interrupted 1 times" in job.info()["error"] and "DEEPE_MAX_RESUMES is 0" in job.info()["error"]
+    finally:
+        for started in workers:
+            started.stop()
+        server.stop()
+        monkeypatch.undo()
+        get_settings.cache_clear()
 
 
 def test_a_duplicate_delivery_never_trains_the_job_twice(workers: list[Worker], tmp_path: Path,
@@ -143,12 +159,14 @@ def test_a_duplicate_delivery_never_trains_the_job_twice(workers: list[Worker], 
     assert app.AsyncResult(job.id).state == "SUCCESS"
 
 
-def test_sigterm_checkpoints_requeues_and_the_job_resumes(workers: list[Worker], tmp_path: Path,
-                                                          slow_params: dict[str, object]) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_warm_shutdown_checkpoints_requeues_and_the_job_resumes(workers: list[Worker], tmp_path: Path,
+                                                                  slow_params: dict[str, object],
+                                                                  sig: signal.Signals) -> None:
     first = start_worker(workers, "term-q", tmp_path)
     job = submit("slow", slow_params, queue="term-q")
     wait_for_event(job, EventKind.LOG, count=4)
-    first.process.signal(signal.SIGTERM)
+    first.process.signal(sig)
     first.process.proc.wait(timeout=30)  # type: ignore[union-attr]
     events = list(job.events())
     assert events[-1].kind is EventKind.REQUEUED and job.status() is JobStatus.QUEUED
