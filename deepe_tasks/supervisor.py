@@ -151,9 +151,10 @@ class Supervisor:
                 self._read_cancel(now)
                 last_contact = time.monotonic()
             except redis.RedisError as e:
+                if not troubled:  # once per outage, not four times a second
+                    log.warning("job %s: could not reach Redis: %s", self.job_id, e)
                 troubled = True
                 next_renew = min(next_renew, time.monotonic() + 0.25)  # renew as soon as Redis is back
-                log.warning("job %s: could not reach Redis: %s", self.job_id, e)
             now = time.monotonic()
             if now - last_contact >= cutoff and "cut-off" not in self.stop_asked:
                 log.error("job %s: Redis unreachable for %.1f s (DEEPE_LEASE_TTL=%g s); another worker may take the "
