@@ -10,12 +10,17 @@ from .errors import BrokerUnavailable
 from .settings import get_settings, redis_ssl_options
 
 
+def tls_options(url: str) -> dict[str, str]:
+    """The settings' TLS options for a client of ``url`` (none for a redis:// URL)."""
+    return redis_ssl_options(get_settings().model_copy(update={"redis_url": url})) or {}
+
+
 @lru_cache(maxsize=8)
 def _client(url: str, ssl_ca_certs: str | None) -> redis.Redis:
-    tls = get_settings().model_copy(update={"redis_url": url, "redis_ca_certs": ssl_ca_certs})
+    # ssl_ca_certs is part of the cache key: a changed setting gets a new client.
     return redis.Redis.from_url(
         url, decode_responses=True, socket_timeout=10, socket_connect_timeout=5,
-        health_check_interval=15, retry_on_timeout=True, **(redis_ssl_options(tls) or {}),
+        health_check_interval=15, retry_on_timeout=True, **tls_options(url),
     )
 
 

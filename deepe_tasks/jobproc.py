@@ -17,10 +17,10 @@ from pathlib import Path
 import redis
 
 from . import jobstore, keys, runner
+from .connection import tls_options
 from .events import EventPublisher
 from .protocol import CUTOFF_SIGNAL, FENCED_EXIT, LOG_FILE, PREEMPT_SIGNAL, RESULT_FILE
 from .records import JobSpec, JobStatus, RunResult
-from .settings import get_settings, redis_ssl_options
 from .storage import attempt_dir, job_dir
 
 CANCEL_READ_INTERVAL = 1.0
@@ -125,10 +125,10 @@ def _fenced() -> None:
 
 
 def _client(spec: JobSpec, timeout: float) -> redis.Redis:
-    settings = get_settings().model_copy(update={"redis_url": spec.redis_url or ""})
-    return redis.Redis.from_url(spec.redis_url or "", username=spec.redis_username, password=spec.redis_password,
+    url = spec.redis_url or ""
+    return redis.Redis.from_url(url, username=spec.redis_username, password=spec.redis_password,
                                 decode_responses=True, socket_timeout=timeout, socket_connect_timeout=timeout,
-                                **(redis_ssl_options(settings) or {}))
+                                **tls_options(url))
 
 
 def run(line: str) -> int:

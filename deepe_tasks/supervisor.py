@@ -16,12 +16,13 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from . import credentials, jobstore, keys
+from .connection import tls_options
 from .events import decode
 from .lifecycle import worker_stopping
 from .processes import kill_group
 from .protocol import CUTOFF_SIGNAL, PREEMPT_SIGNAL
 from .records import Event, EventKind, JobRecord, RunResult
-from .settings import Settings, get_settings, redis_ssl_options
+from .settings import Settings
 from .warm import JobProcess
 
 log = logging.getLogger(__name__)
@@ -32,11 +33,10 @@ PROGRESS_INTERVAL = 1.0  # seconds between Flower progress reports
 @lru_cache(maxsize=8)
 def lease_client(url: str, timeout: float) -> redis.Redis:
     """A client that gives up fast: a worker cut off from Redis must notice within its lease."""
-    tls = get_settings().model_copy(update={"redis_url": url})
     # No retries inside redis-py: a lost reply is answered by the caller's own next step (each
     # transition is safe to send again), not by waiting out several timeouts here.
     return redis.Redis.from_url(url, decode_responses=True, socket_timeout=timeout, socket_connect_timeout=timeout,
-                                retry=Retry(NoBackoff(), 0), **(redis_ssl_options(tls) or {}))
+                                retry=Retry(NoBackoff(), 0), **tls_options(url))
 
 
 def client_for(settings: Settings) -> redis.Redis:
