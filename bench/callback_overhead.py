@@ -30,10 +30,10 @@ def step_times(ctx: dict[str, Any]) -> tuple[list[float], list[float]]:
     import redis
     from transformers import TrainerCallback
 
-    from deepe_tasks.callback import DeepeCallback
-    from deepe_tasks.events import EventPublisher
-    from deepe_tasks.jobproc import StopFlags
-    from deepe_tasks.local import local_runner
+    from deepe_tasks.core.events import EventPublisher
+    from deepe_tasks.job.callback import DeepeCallback
+    from deepe_tasks.job.jobproc import StopFlags
+    from deepe_tasks.ui.local import local_runner
 
     client = redis.Redis.from_url(ctx["url"], decode_responses=True)
     publisher = EventPublisher(client, "bench-callback", running_job(client, "bench-callback"))
@@ -98,10 +98,10 @@ def callback_cpu_per_step(ctx: dict[str, Any], steps: int = 400, step_s: float =
     import redis
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
-    from deepe_tasks.callback import DeepeCallback
-    from deepe_tasks.events import EventPublisher
-    from deepe_tasks.jobproc import StopFlags
-    from deepe_tasks.records import JobSpec
+    from deepe_tasks.core.events import EventPublisher
+    from deepe_tasks.core.records import JobSpec
+    from deepe_tasks.job.callback import DeepeCallback
+    from deepe_tasks.job.jobproc import StopFlags
 
     client = redis.Redis.from_url(ctx["url"], decode_responses=True)
     publisher = EventPublisher(client, "bench-cpu", running_job(client, "bench-cpu"))

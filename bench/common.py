@@ -21,15 +21,15 @@ sys.path.insert(0, str(ROOT))
 def environment(workers: int = 0, queue: str = "bench", **env: str) -> Iterator[dict[str, Any]]:
     """A private Redis and storage, `workers` warm workers on `queue`, a tiny model and dataset."""
     work = Path(tempfile.mkdtemp(prefix="deepe-bench-"))
-    from deepe_tasks.embedded import RedisServer, WorkerProcess
+    from deepe_tasks.fixtures.embedded import RedisServer, WorkerProcess
 
     with RedisServer(folder=work / "redis") as server:
         settings = {"DEEPE_REDIS_URL": server.url, "DEEPE_STORAGE": str(work / "storage"),
                     "DEEPE_METHOD_STORE": str(work / "methods"), "DEEPE_QUEUE": queue,
                     "TOKENIZERS_PARALLELISM": "false", **env}
         os.environ.update(settings)
-        from deepe_tasks import tiny
-        from deepe_tasks.settings import get_settings
+        from deepe_tasks.core.settings import get_settings
+        from deepe_tasks.fixtures import tiny
 
         get_settings.cache_clear()
         (work / "methods").mkdir()
@@ -82,8 +82,8 @@ def report(name: str, figures: dict[str, Any]) -> dict[str, Any]:
 def running_job(client: Any, job_id: str) -> int:
     """A job record that is running its first attempt, so that its events are accepted (they are
     fenced: only the current attempt's reach the stream). Returns the attempt."""
-    from deepe_tasks import jobstore
-    from deepe_tasks.records import Event, EventKind, JobRecord
+    from deepe_tasks.core import jobstore
+    from deepe_tasks.core.records import Event, EventKind, JobRecord
 
     record = JobRecord(id=job_id, method="bench", method_sha256="0", params={}, output_dir="", queue="bench")
     jobstore.create(client, record, "", Event(kind=EventKind.QUEUED, job=job_id))

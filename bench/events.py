@@ -14,8 +14,8 @@ LAG_RATE = 2_500  # events/s offered while the follower's lag is measured
 
 
 def publisher_rate(client: Any) -> float:
-    from deepe_tasks.events import EventPublisher
-    from deepe_tasks.records import Event, EventKind
+    from deepe_tasks.core.events import EventPublisher
+    from deepe_tasks.core.records import Event, EventKind
 
     publisher = EventPublisher(client, "bench-rate", running_job(client, "bench-rate"))
     events = [Event(kind=EventKind.LOG, job="bench-rate", step=i, max_steps=N, metrics={"loss": 1.0 / (i + 1)})
@@ -30,7 +30,7 @@ def publisher_rate(client: Any) -> float:
 
 
 def bare_xadd_rate(client: Any) -> float:
-    from deepe_tasks.records import Event, EventKind
+    from deepe_tasks.core.records import Event, EventKind
 
     payloads = [Event(kind=EventKind.LOG, job="bench-bare", step=i, metrics={"loss": 1.0}).to_json() for i in range(N)]
     t0 = time.perf_counter()
@@ -40,8 +40,8 @@ def bare_xadd_rate(client: Any) -> float:
 
 
 def follower_lag(client: Any) -> list[float]:
-    from deepe_tasks.events import EventPublisher, read_events
-    from deepe_tasks.records import Event, EventKind
+    from deepe_tasks.core.events import EventPublisher, read_events
+    from deepe_tasks.core.records import Event, EventKind
 
     lags: list[float] = []
     ready = threading.Event()

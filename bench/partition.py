@@ -36,11 +36,12 @@ MAX_STEPS = 40
 
 
 def one_run(work: Path, model: Path, data: Path, cut_step: int, n: int) -> dict[str, Any]:
-    from deepe_tasks import JobStatus, keys, submit
-    from deepe_tasks.celery_app import app_for
-    from deepe_tasks.connection import get_redis
-    from deepe_tasks.embedded import RedisServer, WorkerProcess
-    from deepe_tasks.settings import get_settings
+    from deepe_tasks import JobStatus, submit
+    from deepe_tasks.core import keys
+    from deepe_tasks.core.connection import get_redis
+    from deepe_tasks.core.settings import get_settings
+    from deepe_tasks.fixtures.embedded import RedisServer, WorkerProcess
+    from deepe_tasks.worker.celery_app import app_for
     from tests.conftest import process_gone, wait_for
     from tests.netns import NetHost
 
@@ -106,7 +107,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="deepe-bench-partition-"))
     os.environ.update({"DEEPE_STORAGE": str(work / "storage"), "DEEPE_METHOD_STORE": str(work / "methods"),
                        "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
-    from deepe_tasks import tiny
+    from deepe_tasks.fixtures import tiny
     from tests.conftest import SLOW_METHOD
     from tests.netns import available
 

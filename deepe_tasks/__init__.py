@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .client import Job, submit
-from .errors import (
+from deepe_tasks.core.errors import (
     BrokerUnavailable,
     DeepeError,
     InvalidJobState,
@@ -17,7 +16,8 @@ from .errors import (
     MethodExists,
     MethodNotFound,
 )
-from .records import Event, EventKind, JobStatus
+from deepe_tasks.core.records import Event, EventKind, JobStatus
+from deepe_tasks.queue.client import Job, submit
 
 __all__ = [
     "submit",
@@ -41,7 +41,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # `celery -A deepe_tasks worker` looks for `deepe_tasks.app`; load it only when asked.
     if name == "app":
-        from .celery_app import app
+        from deepe_tasks.worker.celery_app import app
 
         return app
     raise AttributeError(f"module 'deepe_tasks' has no attribute {name!r}")

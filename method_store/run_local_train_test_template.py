@@ -9,7 +9,7 @@ event as a line, and checks that the model, the tokenizer and deepe.json were wr
 import sys
 from pathlib import Path
 
-from deepe_tasks.local import run_local
+from deepe_tasks.ui.local import run_local
 
 METHOD_FILE = 'your-custom-file.py'  # the method to test, e.g. custom01.py (beside this file)
 

@@ -48,8 +48,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="deepe-gpu-check-"))
     os.environ.update({"DEEPE_STORAGE": str(work / "storage"), "DEEPE_METHOD_STORE": str(ROOT / "method_store"),
                        "DEEPE_QUEUE": "gpu-check"})
-    from deepe_tasks import tiny
-    from deepe_tasks.embedded import RedisServer, WorkerProcess
+    from deepe_tasks.fixtures import tiny
+    from deepe_tasks.fixtures.embedded import RedisServer, WorkerProcess
 
     report: dict[str, object] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
                                  "bf16": torch.cuda.is_bf16_supported(), "runs": []}

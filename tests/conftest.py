@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from deepe_tasks.methods import BEGIN_MARKER, END_MARKER
+from deepe_tasks.queue.methods import BEGIN_MARKER, END_MARKER
 
 ROOT = Path(__file__).resolve().parent.parent
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="deepe-tests-"))
@@ -28,7 +28,7 @@ STORE = _SESSION_DIR / "method_store"
 def pytest_configure(config: pytest.Config) -> None:
     # Settings are read from the environment, by this process and by every worker it starts,
     # so they are fixed here, before anything imports deepe_tasks.
-    from deepe_tasks.embedded import RedisServer
+    from deepe_tasks.fixtures.embedded import RedisServer
 
     server = RedisServer(folder=_SESSION_DIR / "redis").start()
     config._deepe_redis = server  # type: ignore[attr-defined]
@@ -69,14 +69,14 @@ def store() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
-    from deepe_tasks import tiny
+    from deepe_tasks.fixtures import tiny
 
     return tiny.build_model(STORAGE / "base" / "tiny-llama")
 
 
 @pytest.fixture(scope="session")
 def colors_data() -> Path:
-    from deepe_tasks import tiny
+    from deepe_tasks.fixtures import tiny
 
     return tiny.write_jsonl(tiny.sft_rows(64), STORAGE / "data" / "colors.jsonl")
 
@@ -94,7 +94,7 @@ class Worker:
     def __init__(self, queues: str, log_file: Path, extra_args: list[str] | None = None,
                  command: list[str] | None = None, env: dict[str, str] | None = None,
                  prefix: list[str] | None = None) -> None:
-        from deepe_tasks.embedded import WorkerProcess
+        from deepe_tasks.fixtures.embedded import WorkerProcess
 
         self.log_file = log_file
         self.process = WorkerProcess(env or {}, queues=queues, log_file=log_file, extra_args=extra_args,
@@ -145,7 +145,7 @@ def write_method(store: Path, name: str, source: str) -> str:
 
 def run_cli(*args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run the real `deepe` command line in a subprocess."""
-    return subprocess.run([sys.executable, "-m", "deepe_tasks.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "deepe_tasks", *args], capture_output=True,
                           text=True, timeout=timeout, cwd=cwd)
 
 

@@ -13,8 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from deepe_tasks.connection import get_redis
-from deepe_tasks.embedded import free_port
+from deepe_tasks.core.connection import get_redis
+from deepe_tasks.fixtures.embedded import free_port
 from tests.conftest import SLOW_METHOD, Worker, wait_for, write_method
 
 TOKEN = "t0ken-for-tests"
@@ -26,7 +26,7 @@ class Api:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "DEEPE_API_TOKENS": tokens}
-        self.proc = subprocess.Popen([sys.executable, "-m", "deepe_tasks.cli", "api", "--port", str(self.port), *args],
+        self.proc = subprocess.Popen([sys.executable, "-m", "deepe_tasks", "api", "--port", str(self.port), *args],
                                      env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
 
     def ready(self) -> bool:
@@ -165,7 +165,7 @@ def test_metrics_parse_and_count_the_jobs(api: httpx.Client) -> None:
 
 
 def test_the_api_refuses_to_start_without_tokens_unless_insecure(tmp_path: Path) -> None:
-    refused = subprocess.run([sys.executable, "-m", "deepe_tasks.cli", "api", "--port", str(free_port())],
+    refused = subprocess.run([sys.executable, "-m", "deepe_tasks", "api", "--port", str(free_port())],
                              env={**os.environ, "DEEPE_API_TOKENS": ""}, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "No API token is configured" in refused.stderr
     insecure = Api(tmp_path / "api.log", "--insecure", tokens="")

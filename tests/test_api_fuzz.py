@@ -10,7 +10,7 @@ import pytest
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-from deepe_tasks.api import create_app  # noqa: E402
+from deepe_tasks.ui.api import create_app  # noqa: E402
 
 TOKEN = "fuzz-token"
 app = create_app([TOKEN])

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from deepe_tasks import EventKind, JobStatus, submit
-from deepe_tasks.connection import get_redis
-from deepe_tasks.errors import DeepeError, InvalidParams, JobExists, MethodNotFound
+from deepe_tasks.core.connection import get_redis
+from deepe_tasks.core.errors import DeepeError, InvalidParams, JobExists, MethodNotFound
 from tests.conftest import SLOW_METHOD, TRL_SNIPPET, Worker, wait_for, write_method
 
 QUEUE = "matrix-q"
@@ -60,7 +60,7 @@ def test_an_explicit_duplicate_job_id_is_refused_and_the_first_job_is_untouched(
     with pytest.raises(JobExists, match="already exists"):
         submit("sft-demo", {**sft_params, "MAX_STEPS": 99}, queue="dup-id-q", job_id="matrix-dup")
     assert first.info()["params"]["MAX_STEPS"] == sft_params["MAX_STEPS"]
-    from deepe_tasks.queues import waiting_in
+    from deepe_tasks.queue.queues import waiting_in
 
     assert [w["id"] for w in waiting_in(get_redis(), "dup-id-q").waiting] == ["matrix-dup"]
     first.cancel()
@@ -148,7 +148,7 @@ def test_a_pickle_message_is_refused_without_being_executed(matrix_worker: Worke
 
 @pytest.mark.e2e
 def test_messages_with_missing_fields_are_refused_and_logged(matrix_worker: Worker) -> None:
-    from deepe_tasks.celery_app import app_for
+    from deepe_tasks.worker.celery_app import app_for
 
     app = app_for(os.environ["DEEPE_REDIS_URL"])
     no_args = app.send_task("deepe.train", args=[], queue=QUEUE)
@@ -162,8 +162,8 @@ def test_messages_with_missing_fields_are_refused_and_logged(matrix_worker: Work
 def test_a_job_whose_message_cannot_be_sent_is_recorded_as_failed(sft_params: dict[str, Any],
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     # A broker that refuses the publish (a fake, beside the real submits above).
-    from deepe_tasks import client as client_module
-    from deepe_tasks.errors import BrokerUnavailable
+    from deepe_tasks.core.errors import BrokerUnavailable
+    from deepe_tasks.queue import client as client_module
 
     def refuse(record: Any) -> None:
         raise ConnectionError("broker refused the publish")

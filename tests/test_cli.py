@@ -65,7 +65,7 @@ def test_status_of_an_unknown_job_is_a_clear_error() -> None:
 
 def test_an_unreachable_redis_is_a_clear_error() -> None:
     env = {**os.environ, "DEEPE_REDIS_URL": "redis://127.0.0.1:1/0"}
-    result = subprocess.run([sys.executable, "-m", "deepe_tasks.cli", "jobs"], env=env,
+    result = subprocess.run([sys.executable, "-m", "deepe_tasks", "jobs"], env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "cannot be reached" in result.stderr
     assert "Traceback" not in result.stderr
@@ -75,7 +75,7 @@ def test_an_unreachable_redis_is_a_clear_error() -> None:
 def test_deepe_demo_runs_end_to_end(tmp_path: Path) -> None:
     # The README's first command, with no Redis configured: it brings its own.
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEEPE_")}
-    result = subprocess.run([sys.executable, "-m", "deepe_tasks.cli", "demo", "--steps", "10"],
+    result = subprocess.run([sys.executable, "-m", "deepe_tasks", "demo", "--steps", "10"],
                             cwd=tmp_path, env={**env, "DEEPE_METHOD_STORE": str(ROOT / "method_store")},
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -96,8 +96,8 @@ def test_the_gpu_check_says_it_was_skipped_without_cuda() -> None:
 
 def test_the_queue_side_and_the_worker_process_never_import_torch() -> None:
     # A backend installs deepe without PyTorch; a worker process must never touch CUDA.
-    code = ("import sys, deepe_tasks, deepe_tasks.client, deepe_tasks.cli, deepe_tasks.api, deepe_tasks.tasks, "
-            "deepe_tasks.lifecycle, deepe_tasks.queues, deepe_tasks.metrics; "
+    code = ("import sys, deepe_tasks, deepe_tasks.queue.client, deepe_tasks.ui.cli, deepe_tasks.ui.api, deepe_tasks.worker.tasks, "
+            "deepe_tasks.worker.lifecycle, deepe_tasks.queue.queues, deepe_tasks.ui.metrics; "
             "print(sorted(m for m in ('torch', 'transformers', 'trl', 'peft', 'datasets') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

@@ -6,10 +6,10 @@ import re
 import shutil
 from pathlib import Path
 
-from deepe_tasks import tiny
-from deepe_tasks.local import check_output, run_method_file
-from deepe_tasks.methods import check_source
-from deepe_tasks.records import EventKind, JobStatus
+from deepe_tasks.core.records import EventKind, JobStatus
+from deepe_tasks.fixtures import tiny
+from deepe_tasks.queue.methods import check_source
+from deepe_tasks.ui.local import check_output, run_method_file
 from tests.conftest import paste_into_template
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from deepe_tasks import EventKind, JobStatus, submit, tiny
+from deepe_tasks import EventKind, JobStatus, submit
+from deepe_tasks.fixtures import tiny
 from tests.conftest import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,7 +86,7 @@ def test_grpo_demo_trains_on_a_worker_and_reports_reward_metrics(worker: Worker,
 
 def test_prompts_over_max_input_length_are_filtered_with_a_clear_error_when_none_fit(
         tiny_model: Path, storage: Path) -> None:
-    from deepe_tasks.local import run_method_file
+    from deepe_tasks.ui.local import run_method_file
 
     data = tiny.write_jsonl(tiny.gsm_rows(4), storage / "data" / "gsm4.jsonl")
     result = run_method_file(GRPO, {"MODEL_PATH": str(tiny_model), "DATASET_PATH": str(data),

@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from deepe_tasks import submit
-from deepe_tasks.api import create_app
-from deepe_tasks.errors import InvalidParams
+from deepe_tasks.core.errors import InvalidParams
+from deepe_tasks.ui.api import create_app
 from tests.conftest import run_cli
 
 TOKEN = "hostile-token"

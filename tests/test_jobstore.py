@@ -13,10 +13,11 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from deepe_tasks import credentials, jobstore, keys
-from deepe_tasks.errors import InvalidJobState, JobExists, JobNotFound
-from deepe_tasks.jobstore import ClaimOutcome, PublishCheck, Renewal, RequeueOutcome
-from deepe_tasks.records import Event, EventKind, JobRecord, JobStatus
+from deepe_tasks.core import jobstore, keys
+from deepe_tasks.core.errors import InvalidJobState, JobExists, JobNotFound
+from deepe_tasks.core.jobstore import ClaimOutcome, PublishCheck, Renewal, RequeueOutcome
+from deepe_tasks.core.records import Event, EventKind, JobRecord, JobStatus
+from deepe_tasks.worker import credentials
 
 TTL_MS = 5_000
 
@@ -381,7 +382,7 @@ def test_an_attempts_redis_user_reaches_only_its_own_jobs_keys(r: redis.Redis, r
 
 
 def test_readers_skip_stream_entries_that_are_not_deepe_events(r: redis.Redis) -> None:
-    from deepe_tasks.events import read_events
+    from deepe_tasks.core.events import read_events
 
     # Given a job whose method appended entries of its own to the job's stream
     job_id = new_job(r)
@@ -398,7 +399,7 @@ def test_readers_skip_stream_entries_that_are_not_deepe_events(r: redis.Redis) -
 
 
 def test_the_reaper_sends_the_message_of_a_job_queued_without_one(r: redis.Redis) -> None:
-    from deepe_tasks.lifecycle import UNSENT_GRACE, send_unsent
+    from deepe_tasks.worker.lifecycle import UNSENT_GRACE, send_unsent
 
     # Given a job recorded a while ago by a client that died before it sent the message
     job_id = f"js-{uuid.uuid4().hex[:10]}"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from deepe_tasks.records import EventKind, JobStatus
+from deepe_tasks.core.records import EventKind, JobStatus
 from tests.conftest import TRL_SNIPPET, paste_into_template, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +60,7 @@ def test_the_local_test_template_runs_the_method_as_a_worker_would(
 
 def test_the_runner_attaches_the_callback_when_the_method_forgot_it(
         tmp_path: Path, sft_params: dict[str, object]) -> None:
-    from deepe_tasks.local import run_method_file
+    from deepe_tasks.ui.local import run_method_file
 
     method = tmp_path / "forgot.py"
     method.write_text(TRL_SNIPPET.replace("    callbacks=[callback],\n", ""))
@@ -73,7 +73,7 @@ def test_the_runner_attaches_the_callback_when_the_method_forgot_it(
 
 def test_a_trainer_train_left_in_the_method_fails_before_anything_runs(
         tmp_path: Path, sft_params: dict[str, object]) -> None:
-    from deepe_tasks.local import run_method_file
+    from deepe_tasks.ui.local import run_method_file
 
     method = tmp_path / "trains.py"
     method.write_text(TRL_SNIPPET + "trainer.train()\n")

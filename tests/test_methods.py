@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from deepe_tasks.errors import MethodExists, MethodNotFound
-from deepe_tasks.methods import (
+from deepe_tasks.core.errors import MethodExists, MethodNotFound
+from deepe_tasks.queue.methods import (
     BEGIN_MARKER,
     END_MARKER,
     check_source,

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from deepe_tasks import EventKind, JobStatus, submit
-from deepe_tasks.embedded import free_port
+from deepe_tasks.fixtures.embedded import free_port
 from tests.conftest import SLOW_METHOD, Worker, run_cli, wait_for, write_method
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -171,8 +171,8 @@ def test_secrets_never_reach_events_manifest_or_info(worker: Worker, sft_params:
 @pytest.mark.e2e
 def test_a_password_protected_redis_works_end_to_end(tmp_path: Path, sft_params: dict[str, Any],
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from deepe_tasks.embedded import RedisServer
-    from deepe_tasks.settings import get_settings
+    from deepe_tasks.core.settings import get_settings
+    from deepe_tasks.fixtures.embedded import RedisServer
 
     with RedisServer(folder=tmp_path / "redis", password="pa55word") as server:
         monkeypatch.setenv("DEEPE_REDIS_URL", server.url)
@@ -187,14 +187,14 @@ def test_a_password_protected_redis_works_end_to_end(tmp_path: Path, sft_params:
             monkeypatch.undo()
             get_settings.cache_clear()
     env = {**os.environ, "DEEPE_REDIS_URL": "redis://:wrong@127.0.0.1:1/0"}
-    result = subprocess.run([sys.executable, "-m", "deepe_tasks.cli", "jobs"], env=env, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "deepe_tasks", "jobs"], env=env, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 2 and "redis://:***@127.0.0.1:1/0" in result.stderr and "wrong" not in result.stderr
 
 
 def test_tls_urls_get_certificate_checks() -> None:
-    from deepe_tasks.celery_app import make_app
-    from deepe_tasks.settings import Settings
+    from deepe_tasks.core.settings import Settings
+    from deepe_tasks.worker.celery_app import make_app
 
     settings = Settings(redis_url="rediss://:pw@redis:6380/0", redis_ca_certs=Path("/etc/ca.pem"))
     conf = make_app(settings).conf
@@ -257,6 +257,6 @@ def test_the_keda_scaledobject_scales_the_worker_on_the_queue_lists() -> None:
     assert all(t["type"] == "redis" for t in scaled["spec"]["triggers"]) and "gpu" in lists
     auth = next(d for d in docs if d["kind"] == "TriggerAuthentication")
     assert {t["authenticationRef"]["name"] for t in scaled["spec"]["triggers"]} == {auth["metadata"]["name"]}
-    from deepe_tasks.queues import priority_lists
+    from deepe_tasks.queue.queues import priority_lists
 
     assert set(lists) <= {name for _, name in priority_lists("gpu")}

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from deepe_tasks.errors import InvalidParams
-from deepe_tasks.params import mask_secrets, parse_params, resolve_params
+from deepe_tasks.core.errors import InvalidParams
+from deepe_tasks.queue.params import mask_secrets, parse_params, resolve_params
 
 BASE = {"MODEL_PATH": "models/base", "DATASET_PATH": "data/train.jsonl"}
 

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 from deepe_tasks import EventKind, Job, JobStatus, submit
-from deepe_tasks.embedded import RedisServer
-from deepe_tasks.settings import get_settings
+from deepe_tasks.core.settings import get_settings
+from deepe_tasks.fixtures.embedded import RedisServer
 from tests import netns
 from tests.conftest import SLOW_METHOD, SLOW_SAVE, Worker, process_gone, wait_for, write_method
 
@@ -122,8 +122,8 @@ def storage_view(job: Job) -> dict[str, Any]:
 
 
 def redis_view(job: Job) -> dict[str, Any]:
-    from deepe_tasks import keys
-    from deepe_tasks.connection import get_redis
+    from deepe_tasks.core import keys
+    from deepe_tasks.core.connection import get_redis
 
     r = get_redis()
     return {"record": r.hgetall(keys.job(job.id)), "stream": r.xrange(keys.events(job.id)),
@@ -132,7 +132,7 @@ def redis_view(job: Job) -> dict[str, Any]:
 
 def heal_and_check_silence(cluster: Cluster, job: Job, cut_off: Worker) -> None:
     """Heal the partition; the cut-off worker comes back, and writes nothing about the job."""
-    from deepe_tasks.celery_app import app_for
+    from deepe_tasks.worker.celery_app import app_for
 
     before_redis, before_storage = redis_view(job), storage_view(job)
     cluster.resume()
@@ -307,8 +307,8 @@ def wait_just_before_a_renewal(job: Job, renew_every: float) -> int:
     """Return when the job's lease is about to be renewed (an outage that starts now is the
     longest its worker has to ride out), with the lease's time to live, in ms, right after the
     last renewal."""
-    from deepe_tasks import keys
-    from deepe_tasks.connection import get_redis
+    from deepe_tasks.core import keys
+    from deepe_tasks.core.connection import get_redis
 
     r = get_redis()
     last = r.pttl(keys.lease(job.id))
@@ -360,8 +360,8 @@ HANG_S = 12.0  # longer than the job process's Redis timeouts (5 s), shorter tha
 
 def test_a_hung_redis_never_gets_an_event_twice(tmp_path: Path, params: dict[str, object],
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    from deepe_tasks import keys
-    from deepe_tasks.connection import get_redis
+    from deepe_tasks.core import keys
+    from deepe_tasks.core.connection import get_redis
 
     # Given a job training against a private Redis
     server = RedisServer(folder=tmp_path / "redis").start()

@@ -107,8 +107,8 @@ def test_a_job_survives_two_kills_in_a_row(workers: list[Worker], tmp_path: Path
 def test_a_job_that_keeps_losing_its_worker_fails_after_max_resumes(
         workers: list[Worker], tmp_path: Path, slow_params: dict[str, object],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from deepe_tasks.embedded import RedisServer
-    from deepe_tasks.settings import get_settings
+    from deepe_tasks.core.settings import get_settings
+    from deepe_tasks.fixtures.embedded import RedisServer
 
     # Any live worker's reaper may requeue a lost job, so DEEPE_MAX_RESUMES must be the same on
     # every worker of a Redis (docs/reliability.md): this test's workers get a Redis of their own.
@@ -133,11 +133,11 @@ def test_a_job_that_keeps_losing_its_worker_fails_after_max_resumes(
 
 def test_a_duplicate_delivery_never_trains_the_job_twice(workers: list[Worker], tmp_path: Path,
                                                          slow_params: dict[str, object]) -> None:
-    from deepe_tasks import jobstore
-    from deepe_tasks.celery_app import app_for
-    from deepe_tasks.client import enqueue
-    from deepe_tasks.connection import get_redis
-    from deepe_tasks.settings import get_settings
+    from deepe_tasks.core import jobstore
+    from deepe_tasks.core.connection import get_redis
+    from deepe_tasks.core.settings import get_settings
+    from deepe_tasks.queue.client import enqueue
+    from deepe_tasks.worker.celery_app import app_for
 
     app = app_for(get_settings().redis_url)
 
@@ -252,8 +252,8 @@ def test_the_time_limit_stops_training_keeps_a_checkpoint_and_fails_the_job(
 
 def test_redis_restarting_mid_job_loses_no_event(tmp_path: Path, slow_params: dict[str, object],
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    from deepe_tasks.embedded import RedisServer
-    from deepe_tasks.settings import get_settings
+    from deepe_tasks.core.settings import get_settings
+    from deepe_tasks.fixtures.embedded import RedisServer
 
     server = RedisServer(appendonly=True, folder=tmp_path / "redis").start()
     monkeypatch.setenv("DEEPE_REDIS_URL", server.url)

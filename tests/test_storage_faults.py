@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from deepe_tasks import EventKind, JobStatus, submit
-from deepe_tasks.local import run_method_file
+from deepe_tasks.ui.local import run_method_file
 from tests.conftest import TRL_SNIPPET, Worker
 
 pytestmark = pytest.mark.e2e

@@ -39,7 +39,7 @@ def zygotes_of(worker: Worker) -> list[int]:
     parents, cmdlines = _process_table()
     pool = {pid for pid, ppid in parents.items() if ppid == root}
     return sorted(pid for pid, ppid in parents.items()
-                  if (ppid in pool or ppid == root) and "deepe_tasks.zygote" in cmdlines.get(pid, ""))
+                  if (ppid in pool or ppid == root) and "deepe_tasks.job.zygote" in cmdlines.get(pid, ""))
 
 
 def job_processes_of(worker: Worker) -> list[int]:
@@ -49,7 +49,7 @@ def job_processes_of(worker: Worker) -> list[int]:
     pool = {pid for pid, ppid in parents.items() if ppid == root} | {root}
     zygotes = set(zygotes_of(worker))
     return sorted(pid for pid, ppid in parents.items()
-                  if ppid in zygotes or (ppid in pool and "deepe_tasks.jobproc" in cmdlines.get(pid, "")))
+                  if ppid in zygotes or (ppid in pool and "deepe_tasks.job.jobproc" in cmdlines.get(pid, "")))
 
 
 def started_event(job: Any) -> Any:
@@ -157,13 +157,13 @@ def test_a_zygote_that_keeps_dying_young_is_given_up_and_jobs_start_cold(caplog:
     import subprocess
     import sys
 
-    from deepe_tasks.warm import WarmStart
+    from deepe_tasks.worker.zygote_client import WarmStart
 
     def spawn(cmd_fd: int, reply_fd: int) -> subprocess.Popen[bytes]:
         return subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"], pass_fds=(cmd_fd, reply_fd))
 
     # When the worker side keeps it running
-    with caplog.at_level("WARNING", logger="deepe_tasks.warm"):
+    with caplog.at_level("WARNING", logger="deepe_tasks.worker.zygote_client"):
         warm = WarmStart(spawn)
         try:
             # Then it is restarted, given up after a few early deaths, and no spare is offered

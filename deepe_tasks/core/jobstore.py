@@ -1,0 +1,234 @@
+"""The one owner of the job state machine: every write of a job's record, lease or stream.
+
+Each transition is one Lua step that checks the job's current state and, for the writes of
+an attempt, its *fencing token* (the attempt number, counted up by each claim), then writes
+the record, the running set, the lease and the event together. A write whose token is no
+longer the job's current one is refused, so an attempt that was cut off and replaced can
+never speak again. docs/reliability.md has the states and transitions as a table.
+
+Stream entries carry ``data`` (the event as JSON), ``a`` (the attempt that wrote it, 0 for
+the platform's own events before a claim) and ``s`` (the attempt's sequence number, 0 for
+the platform's events): a batch sent again after a timeout is never appended twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import redis
+
+from deepe_tasks.core import keys, lua
+from deepe_tasks.core.errors import InvalidJobState, JobExists, JobNotFound
+from deepe_tasks.core.records import Event, EventKind, JobRecord, JobStatus
+
+CANCEL_FLAG_TTL = 30 * 24 * 3600
+ATTEMPT_PLACEHOLDER = "@ATTEMPT@"
+
+
+# The scripts a job process runs, by EVALSHA only: the worker loads them (`credentials`).
+JOB_SCRIPTS = (lua.APPEND, lua.CHECK)
+_SHAS = {script: hashlib.sha1(script.encode()).hexdigest() for script in JOB_SCRIPTS}
+
+
+def _loaded(client: redis.Redis, script: str, numkeys: int, *args: Any) -> Any:
+    """Run a job script by its hash, loading it first where this client may (not a job process's)."""
+    try:
+        return client.evalsha(_SHAS[script], numkeys, *args)
+    except redis.exceptions.NoScriptError:
+        client.script_load(script)
+        return client.evalsha(_SHAS[script], numkeys, *args)
+
+
+def _flat(mapping: dict[str, str]) -> list[str]:
+    """A mapping as Redis script arguments: key, value, key, value…"""
+    return [item for pair in mapping.items() for item in pair]
+
+
+def _encode(fields: dict[str, Any]) -> dict[str, str]:
+    return {
+        k: JobRecord.to_redis_value(k, v.value if isinstance(v, Enum) else v)
+        for k, v in fields.items()
+        if v is not None
+    }
+
+
+def not_found(job_id: str) -> JobNotFound:
+    return JobNotFound(f"There is no job {job_id!r}; `deepe jobs` lists the recent ones.")
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+def get(client: redis.Redis, job_id: str) -> JobRecord:
+    raw: dict[str, str] = client.hgetall(keys.job(job_id))  # type: ignore[assignment]
+    if not raw:
+        raise not_found(job_id)
+    return JobRecord.from_redis(raw)
+
+
+def status(client: redis.Redis, job_id: str) -> JobStatus:
+    value = client.hget(keys.job(job_id), "status")
+    if value is None:
+        raise not_found(job_id)
+    return JobStatus(value)
+
+
+# -- the transitions ---------------------------------------------------------------------------
+
+def create(client: redis.Redis, record: JobRecord, source: str, first_event: Event) -> None:
+    """queued: write a new record, with its method's source pinned and its first event; refuse an
+    id that is already taken."""
+    names = [keys.job(record.id), keys.JOBS_INDEX, keys.method_source(record.method_sha256), keys.events(record.id),
+             keys.UNSENT]
+    if not client.eval(lua.CREATE, len(names), *names, source, record.submitted_at, record.id,
+                       first_event.to_json(), *_flat(record.to_redis())):
+        raise JobExists(f"A job with id {record.id!r} already exists; submit without an id, or pick a new one.")
+
+
+class ClaimOutcome(str, Enum):
+    OK = "ok"
+    MISSING = "missing"  # no record
+    ENDED = "ended"  # detail: its final status
+    LEASED = "leased"  # detail: the lease's holder
+    CORRUPT = "corrupt"  # detail: which key has the wrong type (nothing was written)
+
+
+@dataclass
+class Claim:
+    """What a worker got when it tried to take a job: ``ok``, or why not, and the detail."""
+
+    outcome: ClaimOutcome
+    detail: str = ""
+    record: JobRecord | None = None
+    source: str | None = None  # None if the pinned source is gone from Redis
+
+
+def claim(client: redis.Redis, job_id: str, holder: str, ttl_ms: int, started: Event, *,
+          worker: str, started_at: float, pid: int) -> Claim:
+    """queued (or running, lease expired) → running: a new attempt with the next fencing token."""
+    data = started.model_dump(mode="json", exclude={"id"})
+    data["attempt"] = data["metrics"]["attempt"] = ATTEMPT_PLACEHOLDER
+    names = [keys.job(job_id), keys.lease(job_id), keys.RUNNING, keys.events(job_id), keys.UNSENT]
+    reply: Any = client.eval(lua.CLAIM, len(names), *names, holder, ttl_ms, job_id, worker, started_at, pid,
+                             keys.method_source(""), json.dumps(data, separators=(",", ":")))
+    if reply[0] != ClaimOutcome.OK.value:
+        return Claim(outcome=ClaimOutcome(reply[0]), detail=reply[1])
+    flat = reply[1]
+    record = JobRecord.from_redis(dict(zip(flat[::2], flat[1::2], strict=True)))
+    return Claim(outcome=ClaimOutcome.OK, record=record, source=reply[2])
+
+
+class Renewal(int, Enum):
+    FENCED = 0  # another attempt owns the job now, or it ended
+    RENEWED = 1
+    RETAKEN = 2  # the lease had expired, and nobody had replaced this attempt
+
+
+def renew(client: redis.Redis, job_id: str, attempt: int, holder: str, ttl_ms: int) -> Renewal:
+    """running → running: the current attempt keeps (or takes back) its lease."""
+    value = lease_value(attempt, holder)
+    return Renewal(int(client.eval(lua.RENEW, 2, keys.job(job_id), keys.lease(job_id), attempt, value, ttl_ms)))
+
+
+def lease_value(attempt: int, holder: str) -> str:
+    return f"{attempt}:{holder}"
+
+
+def append(client: redis.Redis, job_id: str, attempt: int, events: list[tuple[int, str]]) -> int:
+    """Append the current attempt's events, given as (sequence number, JSON) with rising numbers,
+    each once; -1 if the attempt is fenced off (then nothing was appended)."""
+    flat = [item for pair in events for item in pair]
+    return int(_loaded(client, lua.APPEND, 1, keys.events(job_id), keys.job(job_id), attempt, *flat))
+
+
+class PublishCheck(int, Enum):
+    LEASE_SHORT = -1  # the lease is about to expire (or gone): wait for the next renewal
+    FENCED = 0
+    OK = 1
+
+
+def check_current(client: redis.Redis, job_id: str, attempt: int, min_ttl_ms: int) -> PublishCheck:
+    """Whether ``attempt`` is the job's current one with at least ``min_ttl_ms`` of lease left."""
+    return PublishCheck(int(_loaded(client, lua.CHECK, 0, keys.job(job_id), keys.lease(job_id), attempt, min_ttl_ms)))
+
+
+def finish(client: redis.Redis, job_id: str, attempt: int, final: Event, *, status: JobStatus,
+           error: str | None, metrics: dict[str, Any], output_dir: str | None) -> bool:
+    """running → succeeded, failed or cancelled, by the current attempt; False if fenced off."""
+    fields = _encode({"error": error, "finished_at": time.time(), "metrics": metrics, "output_dir": output_dir})
+    names = [keys.job(job_id), keys.RUNNING, keys.lease(job_id), keys.events(job_id)]
+    return bool(client.eval(lua.FINISH, len(names), *names, attempt, job_id, final.to_json(), status.value,
+                            *_flat(fields)))
+
+
+class RequeueOutcome(str, Enum):
+    QUEUED = "queued"
+    CANCELLED = "cancelled"  # a plain cancel was waiting
+    FAILED = "failed"  # past DEEPE_MAX_RESUMES
+    STALE = "stale"  # another attempt owns the job, or it is not running
+    LEASED = "leased"  # (reaper) the attempt still holds its lease
+
+
+def requeue(client: redis.Redis, record: JobRecord, why: str, max_resumes: int, *,
+            lease_must_be_gone: bool) -> RequeueOutcome:
+    """running → queued (or cancelled, or failed past ``max_resumes``) for attempt
+    ``record.attempts``; with ``lease_must_be_gone`` (the reaper), only once its lease expired."""
+    job_id, attempt = record.id, record.attempts
+    cancelled = f"cancelled; its worker stopped ({why}) before the job reached a step boundary"
+    failed = (f"The job was interrupted {attempt} times (last: {why}) and DEEPE_MAX_RESUMES is {max_resumes}; "
+              "its last checkpoint is in the job folder. Find out why its workers stop (memory, preemption), "
+              "then submit it again.")
+    requeued = Event(kind=EventKind.REQUEUED, job=job_id, attempt=attempt, message=f"requeued: {why}",
+                     metrics={"attempt": attempt})
+    names = [keys.job(job_id), keys.RUNNING, keys.lease(job_id), keys.events(job_id), keys.cancel(job_id),
+             keys.UNSENT]
+    reply = client.eval(
+        lua.REQUEUE, len(names), *names, attempt, job_id, int(lease_must_be_gone), max_resumes, time.time(),
+        cancelled, Event(kind=EventKind.CANCELLED, job=job_id, attempt=attempt, message=cancelled).to_json(),
+        failed, Event(kind=EventKind.FAILED, job=job_id, attempt=attempt, message=failed).to_json(), requeued.to_json())
+    return RequeueOutcome(reply)
+
+
+def sent(client: redis.Redis, job_id: str) -> None:
+    """The queued job's message is on its way: the reaper need not send it."""
+    client.zrem(keys.UNSENT, job_id)
+
+
+def unsent(client: redis.Redis, before: float) -> list[str]:
+    """Jobs queued (or requeued) before ``before`` whose message was never sent."""
+    return [str(j) for j in client.zrangebyscore(keys.UNSENT, 0, before)]
+
+
+def cancel(client: redis.Redis, job_id: str, save: bool) -> JobStatus:
+    """Leave the cancel flag for a running job (it stops at its next step), or cancel a queued one
+    (queued → cancelled). Returns the job's status after it."""
+    message = "cancelled before it started"
+    event = Event(kind=EventKind.CANCELLED, job=job_id, message=message)
+    names = [keys.job(job_id), keys.cancel(job_id), keys.events(job_id), keys.UNSENT]
+    reply = str(client.eval(lua.CANCEL, len(names), *names, "save" if save else "cancel", CANCEL_FLAG_TTL,
+                            time.time(), message, event.to_json()))
+    if reply == "missing":
+        raise not_found(job_id)
+    if reply.startswith("ended:"):
+        raise InvalidJobState(f"Job {job_id} is already {reply[6:]}; only queued or running jobs can be cancelled.")
+    return JobStatus(reply)
+
+
+def fail_queued(client: redis.Redis, job_id: str, error: str) -> bool:
+    """queued → failed: the job's message could not be sent."""
+    event = Event(kind=EventKind.FAILED, job=job_id, message=error)
+    return bool(client.eval(lua.FAIL_QUEUED, 3, keys.job(job_id), keys.events(job_id), keys.UNSENT, time.time(), error,
+                            event.to_json()))
+
+
+def set_pid(client: redis.Redis, job_id: str, attempt: int, pid: int) -> bool:
+    return bool(client.eval(lua.SET_PID, 1, keys.job(job_id), attempt, pid))
+
+
+def forget_running(client: redis.Redis, job_id: str) -> bool:
+    """Take a job that is not running (or has no record) out of the running set."""
+    return bool(client.eval(lua.FORGET_RUNNING, 2, keys.job(job_id), keys.RUNNING, job_id))

@@ -1,0 +1,90 @@
+"""The trainer callback handed to every method: trainer events in, deepe events out."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from deepe_tasks.core.records import Event, EventKind
+from deepe_tasks.core.storage import CHECKPOINT_DONE
+
+Emit = Callable[[Event], None]
+# Why a run should stop: "cancel", "cancel-save", "preempt", "cut-off", "time-limit"; None to go on.
+StopCheck = Callable[[], str | None]
+
+
+class TrainingComplete(Exception):
+    """Raised when a resume starts from a checkpoint taken at the last step: nothing is left to
+    train (the trainer would otherwise take one step more than MAX_STEPS)."""
+
+
+class DeepeCallback(TrainerCallback):
+    """Turns ``on_log`` and friends into events; checkpoints on a timer; stops when asked.
+
+    A stop happens at a step boundary and always saves a checkpoint first.
+    """
+
+    def __init__(self, job_id: str, emit: Emit, should_stop: StopCheck | None = None,
+                 checkpoint_minutes: float | None = None) -> None:
+        self.job_id = job_id
+        self.emit = emit
+        self.should_stop = should_stop
+        self.checkpoint_s = checkpoint_minutes * 60 if checkpoint_minutes else None
+        self.stop_reason: str | None = None
+        self.last_metrics: dict[str, Any] = {}
+        self._t0: float | None = None
+        self._step0 = 0
+        self._last_checkpoint = time.monotonic()
+
+    def _eta(self, state: TrainerState) -> float | None:
+        if self._t0 is None or not state.max_steps:
+            return None
+        done = state.global_step - self._step0
+        if done <= 0:
+            return None
+        return (time.monotonic() - self._t0) / done * max(state.max_steps - state.global_step, 0)
+
+    def _event(self, kind: EventKind, state: TrainerState, **kw: Any) -> None:
+        self.emit(Event(kind=kind, job=self.job_id, step=state.global_step,
+                        max_steps=state.max_steps, eta_s=self._eta(state), **kw))
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState,
+                       control: TrainerControl, **kwargs: Any) -> None:
+        if 0 < state.max_steps <= state.global_step:
+            raise TrainingComplete(f"the checkpoint is at step {state.global_step} of {state.max_steps}")
+        self._t0 = time.monotonic()
+        self._step0 = state.global_step
+        self._last_checkpoint = self._t0
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+               logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        metrics = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float, str, bool))}
+        self.last_metrics.update(metrics)
+        self._event(EventKind.LOG, state, metrics=metrics)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState,
+                    control: TrainerControl, **kwargs: Any) -> None:
+        if self.checkpoint_s is not None and time.monotonic() - self._last_checkpoint >= self.checkpoint_s:
+            control.should_save = True
+        if self.should_stop is None:
+            return
+        reason = self.should_stop()  # cheap: see jobproc.StopFlags
+        if reason:
+            self.stop_reason = reason
+            control.should_save = True  # whoever resumes or inspects it starts from here
+            control.should_training_stop = True
+
+    def on_save(self, args: TrainingArguments, state: TrainerState,
+                control: TrainerControl, **kwargs: Any) -> None:
+        self._last_checkpoint = time.monotonic()
+        # The trainer calls this once the checkpoint is written whole: only a checkpoint with
+        # this mark is ever resumed from.
+        folder = Path(args.output_dir or ".") / f"checkpoint-{state.global_step}"
+        if folder.is_dir():
+            (folder / CHECKPOINT_DONE).write_text(json.dumps({"job": self.job_id, "step": state.global_step}))
+        self._event(EventKind.CHECKPOINT, state, message=f"checkpoint at step {state.global_step}")

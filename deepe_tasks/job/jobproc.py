@@ -1,0 +1,172 @@
+"""The job process: one fresh process per attempt.
+
+With a warm worker it is forked from the zygote (`zygote.py`), which has the training stack
+imported already. With `--no-warm` it is started for the job: it imports the stack, then
+reads its job spec from stdin.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import redis
+
+from deepe_tasks.core import jobstore, keys
+from deepe_tasks.core.connection import tls_options
+from deepe_tasks.core.events import EventPublisher
+from deepe_tasks.core.records import JobSpec, JobStatus, RunResult
+from deepe_tasks.core.storage import attempt_dir, job_dir
+from deepe_tasks.job import runner
+from deepe_tasks.job.ipc import CUTOFF_SIGNAL, FENCED_EXIT, LOG_FILE, PREEMPT_SIGNAL, RESULT_FILE
+
+CANCEL_READ_INTERVAL = 1.0
+
+
+def _redirect_output(folder: Path) -> None:
+    """Send this process's stdout and stderr (the method's prints, warnings) to the job's log."""
+    fd = os.open(folder / LOG_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+class StopFlags:
+    """Why this job should stop, checked by the callback on every step.
+
+    Preemption and a lost lease arrive as signals from the worker and the time limit is a
+    clock: none costs anything. The cancel flag is in Redis, read at most once a second.
+    """
+
+    def __init__(self, client: redis.Redis, spec: JobSpec) -> None:
+        self.client = client
+        self.key = keys.cancel(spec.job_id)
+        self.deadline = time.monotonic() + spec.time_limit if spec.time_limit else None
+        self.signalled: str | None = None
+        self._next_read = 0.0
+        self._cancel: str | None = None
+
+    def on_signal(self, signum: int, frame: object) -> None:
+        self.signalled = "cut-off" if signum == CUTOFF_SIGNAL else "preempt"
+
+    def check(self) -> str | None:
+        if self.signalled:
+            return self.signalled
+        now = time.monotonic()
+        if self.deadline is not None and now >= self.deadline:
+            return "time-limit"
+        if now >= self._next_read:
+            self._next_read = now + CANCEL_READ_INTERVAL
+            try:
+                value = self.client.get(self.key)
+            except redis.RedisError:
+                value = None  # a Redis outage must not stop training
+            if value is not None:
+                self._cancel = "cancel-save" if value == "save" else "cancel"
+        return self._cancel
+
+
+class PublishFence:
+    """The last step before a model is renamed into OUTPUT_DIR: is this attempt still the job's?
+
+    It waits (up to one lease TTL) while Redis is unreachable or the lease is about to expire,
+    and says no once another attempt owns the job, or if Redis never answered.
+    """
+
+    MIN_LEASE_MS = 1000
+
+    def __init__(self, client: redis.Redis, spec: JobSpec) -> None:
+        self.client = client
+        self.spec = spec
+        self.refused = False
+
+    def __call__(self) -> bool:
+        self.refused = not self._current()
+        return not self.refused
+
+    def _current(self) -> bool:
+        deadline = time.monotonic() + self.spec.lease_ttl
+        while True:
+            try:
+                answer = jobstore.check_current(self.client, self.spec.job_id, self.spec.attempt, self.MIN_LEASE_MS)
+                if answer is not jobstore.PublishCheck.LEASE_SHORT:
+                    return answer is jobstore.PublishCheck.OK
+            except redis.RedisError as e:
+                logging.warning("the publish check could not reach Redis: %s", e)
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.25)
+
+
+def write_result(folder: Path, result: RunResult) -> None:
+    tmp = folder / f".{RESULT_FILE}.tmp"
+    tmp.write_text(result.model_dump_json())
+    os.replace(tmp, folder / RESULT_FILE)
+
+
+def main() -> int:
+    runner.warm_up()
+    line = sys.stdin.readline()
+    if not line:
+        return 0  # the worker closed our stdin without a job
+    return run(line)
+
+
+def _fenced() -> None:
+    # Another attempt owns the job: this one must not write another byte anywhere.
+    logging.error("this attempt was replaced by another (its lease was lost); it stops now")
+    sys.stderr.flush()
+    os._exit(FENCED_EXIT)
+
+
+def _client(spec: JobSpec, timeout: float) -> redis.Redis:
+    url = spec.redis_url or ""
+    return redis.Redis.from_url(url, username=spec.redis_username, password=spec.redis_password,
+                                decode_responses=True, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                **tls_options(url))
+
+
+def run(line: str) -> int:
+    """Run the job whose spec (JSON) is ``line``; how it ended goes to the attempt's folder."""
+    spec = JobSpec.model_validate_json(line)
+    folder = job_dir(Path(spec.storage_root), spec.job_id)
+    attempt = attempt_dir(Path(spec.storage_root), spec.job_id, spec.attempt)
+    attempt.mkdir(parents=True, exist_ok=True)
+    os.chdir(folder)  # stray relative writes of a method land in its job folder
+    _redirect_output(folder)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    client = _client(spec, timeout=5)
+    publisher = EventPublisher(client, spec.job_id, spec.attempt, jsonl=folder / "events.jsonl", on_fenced=_fenced)
+    # The cancel flag is read on the training thread: during an outage that read must fail
+    # fast, not stall a step for the usual timeouts.
+    flags = StopFlags(_client(spec, timeout=0.2), spec)
+    signal.signal(PREEMPT_SIGNAL, flags.on_signal)
+    signal.signal(CUTOFF_SIGNAL, flags.on_signal)
+
+    fence = PublishFence(client, spec)
+    try:
+        result = runner.Runner(spec, publisher.emit, flags.check, may_publish=fence).run()
+    except BaseException as e:  # the runner reports method errors itself; this is for its own
+        logging.exception("the runner failed")
+        result = RunResult(status=JobStatus.FAILED, phase="running the job",
+                           error=f"The job process failed outside the method: {type(e).__name__}: {e}")
+    # The worker writes the final event; ours must be in the stream before it. Cut off from
+    # Redis, or refused as stale, this attempt waits no longer than a lease for it.
+    wait = spec.lease_ttl if flags.signalled == "cut-off" or fence.refused else 300
+    if not publisher.close(timeout=wait):
+        logging.warning("some events reached events.jsonl but not Redis")
+    write_result(attempt, result)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""The runner: the shared core of the worker's job process and of local test runs.
+
+It executes a method's pinned source with the parameters and the callback injected, checks
+the contract, trains, and publishes the model and tokenizer atomically with a manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import linecache
+import logging
+import platform
+import shutil
+import socket
+import time
+import traceback
+import types
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from deepe_tasks.core.errors import AttemptFenced, MethodContractError
+from deepe_tasks.core.records import Event, EventKind, JobSpec, JobStatus, RunResult
+from deepe_tasks.core.storage import (
+    MANIFEST,
+    attempt_dir,
+    latest_checkpoint,
+    publish,
+    remove_staging,
+    staging_dir,
+)
+from deepe_tasks.job import phases
+from deepe_tasks.job.callback import DeepeCallback, Emit, StopCheck, TrainingComplete
+from deepe_tasks.queue.methods import check_source
+from deepe_tasks.queue.params import TrainParams, mask_secrets
+
+log = logging.getLogger(__name__)
+
+LIBRARIES = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "deepe-tasks")
+
+
+WARM_IMPORTS = ("torch", "transformers", "datasets", "peft", "trl")
+
+
+def warm_up() -> None:
+    """Import what methods use, so that a warm job process starts training at once."""
+    import importlib
+
+    for name in WARM_IMPORTS:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+
+
+class _Failure(Exception):
+    def __init__(self, phase: str, message: str) -> None:
+        super().__init__(message)
+        self.phase = phase
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for name in LIBRARIES:
+        with contextlib.suppress(PackageNotFoundError):
+            out[name] = version(name)
+    out["python"] = platform.python_version()
+    return out
+
+
+def _hint(exc: BaseException, phase: str) -> str:
+    name = type(exc).__name__
+    text = str(exc)
+    if isinstance(exc, ImportError):
+        return "Install that package on the workers, or remove the import from the method."
+    if isinstance(exc, MemoryError) or "out of memory" in text.lower() or name == "OutOfMemoryError":
+        return "Lower BATCH_SIZE or MAX_SEQ_LENGTH, raise GRAD_ACCUM_STEPS, or set LOAD_IN_4BIT=true."
+    if isinstance(exc, FileNotFoundError) and phase == phases.LOADING_DATASET:
+        return "Check DATASET_PATH: relative paths resolve under DEEPE_STORAGE."
+    if phase == phases.BUILDING_MODEL and isinstance(exc, (OSError, ValueError)):
+        return "Check MODEL_PATH: it must be a complete model folder (config.json and weights)."
+    return ""
+
+
+def _describe(exc: BaseException, phase: str, filename: str) -> str:
+    """A readable sentence: the phase, the error, where in the method, and what to do."""
+    where = ""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == filename]
+    if frames:
+        f = frames[-1]
+        where = f" (at {filename} line {f.lineno}: `{(f.line or '').strip()}`)"
+    text = str(exc).strip() or "no message"
+    hint = _hint(exc, phase)
+    return f"Failed while {phase}: {type(exc).__name__}: {text}{where}." + (f" {hint}" if hint else "")
+
+
+class Runner:
+    """Runs one attempt of one job. ``should_stop`` is read by the callback to honour cancels."""
+
+    def __init__(self, spec: JobSpec, emit: Emit, should_stop: StopCheck | None = None,
+                 may_publish: Callable[[], bool] | None = None) -> None:
+        self.spec = spec
+        self.may_publish = may_publish  # the last check before the model is renamed into place
+        self.emit = emit
+        self.params = TrainParams.model_validate(spec.params)
+        self.filename = f"{spec.method}.py"
+        self.callback = DeepeCallback(spec.job_id, emit, should_stop, spec.checkpoint_minutes)
+        self.tracker = phases.PhaseTracker(spec.job_id, emit)
+        self.namespace: dict[str, Any] = {}
+        self.timings: dict[str, float] = {}
+        self.checkpoint_dir = attempt_dir(Path(spec.storage_root), spec.job_id, spec.attempt) / "checkpoints"
+
+    def run(self) -> RunResult:
+        t0 = time.monotonic()
+        try:
+            trainer = self.build()
+            self.timings["load_s"] = round(time.monotonic() - t0, 3)
+            t1 = time.monotonic()
+            train_metrics = self._train(trainer)
+            self.timings["train_s"] = round(time.monotonic() - t1, 3)
+        except _Failure as e:
+            return self._failed(e.phase, str(e))
+        metrics = {**self.callback.last_metrics, **train_metrics}
+        step = trainer.state.global_step
+        reason = self.callback.stop_reason
+        stopped = {
+            "cancel": RunResult(status=JobStatus.CANCELLED, error=f"cancelled at step {step}"),
+            "preempt": RunResult(status=JobStatus.QUEUED, error=f"stopped at step {step} to be resumed"),
+            "cut-off": RunResult(status=JobStatus.QUEUED, error=(
+                f"stopped at step {step}: its worker could not reach Redis for DEEPE_LEASE_TTL="
+                f"{self.spec.lease_ttl:g} s")),
+            "time-limit": RunResult(status=JobStatus.FAILED, error=(
+                f"time limit of {self.spec.time_limit:g} s reached at step {step}; the checkpoint is kept "
+                "in the job folder. Submit again with a longer time_limit, or fewer MAX_STEPS."
+                if self.spec.time_limit else f"time limit reached at step {step}")),
+        }.get(reason or "")
+        if stopped is not None:
+            return stopped.model_copy(update={"phase": phases.TRAINING, "metrics": metrics, "step": step})
+        partial = reason == "cancel-save"
+        try:
+            t2 = time.monotonic()
+            self.tracker.enter(phases.SAVING, EventKind.SAVING, "saving the model and tokenizer")
+            output = self._save(trainer, metrics, save_started=t2, partial=partial)
+        except AttemptFenced as e:
+            return RunResult(status=JobStatus.QUEUED, phase=phases.SAVING, metrics=metrics, step=step, error=str(e))
+        except Exception as e:
+            log.exception("saving failed")
+            return self._failed(phases.SAVING, _describe(e, phases.SAVING, self.filename))
+        if partial:
+            return RunResult(status=JobStatus.CANCELLED, phase=phases.SAVING, metrics=metrics, step=step,
+                             output_dir=str(output), error=f"cancelled at step {step}; the partial model was saved")
+        return RunResult(status=JobStatus.SUCCEEDED, phase=phases.SAVING, metrics=metrics,
+                         output_dir=str(output), step=step)
+
+    def build(self) -> Any:
+        """Execute the method and check the contract; return its trainer, ready to train."""
+        self._load_method()
+        return self._check_contract()
+
+    def _failed(self, phase: str, message: str) -> RunResult:
+        return RunResult(status=JobStatus.FAILED, phase=phase, error=message)
+
+    def _load_method(self) -> None:
+        report = check_source(self.spec.source, self.filename)
+        if not report.ok and report.errors[0].startswith("Syntax error"):
+            raise _Failure(phases.LOADING_METHOD, f"Failed while {phases.LOADING_METHOD}: "
+                           f"{self.filename}: {report.errors[0]}")
+        misuse = [e for e in report.errors if "remove it" in e]
+        if misuse:
+            raise _Failure(phases.LOADING_METHOD, f"Failed while {phases.LOADING_METHOD}: "
+                           f"{self.filename} breaks the method contract. " + " ".join(misuse))
+        module = types.ModuleType(f"deepe_method_{self.spec.method.replace('-', '_')}")
+        module.__file__ = self.filename
+        ns = module.__dict__
+        # Every parameter under its own name, plus `params` (custom keys included) and `callback`.
+        ns.update({name: getattr(self.params, name) for name in TrainParams.model_fields})
+        ns.update(params=self.params, callback=self.callback)
+        self.namespace = ns
+        lines = self.spec.source.splitlines(keepends=True)
+        linecache.cache[self.filename] = (len(self.spec.source), None, lines, self.filename)
+        code = compile(self.spec.source, self.filename, "exec")
+        try:
+            with self.tracker.watching():
+                exec(code, ns)
+        except BaseException as e:
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            log.exception("the method raised")
+            if isinstance(e, SystemExit):
+                e = RuntimeError(f"the method called sys.exit({e.code!r})")
+            phase = self.tracker.phase
+            own = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == self.filename]
+            if own:
+                phase = phases.refine(phase, own[-1].line or "")
+            raise _Failure(phase, _describe(e, phase, self.filename)) from e
+
+    def _check_contract(self) -> Any:
+        ns = self.namespace
+        missing = []
+        for name, attr in (("model", "save_pretrained"), ("tokenizer", "save_pretrained"), ("trainer", "train")):
+            if name not in ns:
+                missing.append(f"`{name}` is not defined")
+            elif not callable(getattr(ns[name], attr, None)):
+                missing.append(f"`{name}` ({type(ns[name]).__name__}) has no {attr}()")
+        if missing:
+            raise _Failure(phases.LOADING_METHOD, str(MethodContractError(
+                f"Failed while {phases.LOADING_METHOD}: {self.filename} does not fulfil the contract: "
+                + "; ".join(missing) + ". Define `model`, `tokenizer` and `trainer` between the marker lines.")))
+        trainer = ns["trainer"]
+        args = getattr(trainer, "args", None)
+        if args is not None and hasattr(args, "output_dir"):
+            # Trainer scratch and checkpoints go to the job folder, never into OUTPUT_DIR,
+            # which only ever receives the finished, published model. The last two are kept.
+            args.output_dir = str(self.checkpoint_dir)
+            args.save_total_limit = 2
+        handler = getattr(trainer, "callback_handler", None)
+        if handler is not None and not any(cb is self.callback for cb in handler.callbacks):
+            trainer.add_callback(self.callback)
+        return trainer
+
+    def _train(self, trainer: Any) -> dict[str, Any]:
+        self.tracker.enter(phases.TRAINING, EventKind.TRAINING, "training")
+        resume = latest_checkpoint(Path(self.spec.storage_root), self.spec.job_id)
+        if resume is not None:
+            step = int(resume.name.split("-")[-1])
+            self.emit(Event(kind=EventKind.RESUMED, job=self.spec.job_id, step=step,
+                            message=f"resumed from the checkpoint at step {step}"))
+        try:
+            output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        except TrainingComplete:
+            return {}  # the model holds the checkpoint's weights: it goes straight to saving
+        except BaseException as e:
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            log.exception("training failed")
+            raise _Failure(phases.TRAINING, _describe(e, phases.TRAINING, self.filename)) from e
+        metrics = {k: v for k, v in (getattr(output, "metrics", None) or {}).items() if isinstance(v, (int, float))}
+        steps = trainer.state.global_step
+        if steps and "train_runtime" in metrics:
+            metrics["step_time_s"] = metrics["train_runtime"] / steps
+        import torch
+
+        if torch.cuda.is_available():
+            metrics["gpu_peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        return metrics
+
+    def _save(self, trainer: Any, metrics: dict[str, Any], save_started: float, partial: bool = False) -> Path:
+        target = Path(self.params.OUTPUT_DIR or ".")
+        staging = staging_dir(target, self.spec.job_id, self.spec.attempt)
+        try:
+            self._stage(trainer, staging, metrics, save_started, partial)
+            if self.may_publish is not None and not self.may_publish():
+                raise AttemptFenced(f"attempt {self.spec.attempt} no longer owns job {self.spec.job_id} (its lease "
+                                    "was lost); its model was not published")
+            publish(staging, target)
+        except BaseException:
+            # A full disk, a fenced attempt: nothing half-written stays beside OUTPUT_DIR.
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        # What earlier attempts of this job staged is stale: they were fenced off or lost.
+        remove_staging(target, self.spec.job_id, range(1, self.spec.attempt))
+        return target
+
+    def _stage(self, trainer: Any, staging: Path, metrics: dict[str, Any], save_started: float,
+               partial: bool) -> None:
+        """Write the model, the tokenizer and the manifest into ``staging``."""
+        model = self.namespace["model"]
+        # The trainer may have wrapped the model (peft, accelerate): save what it trained.
+        trained = getattr(trainer, "model", None) or model
+        accelerator = getattr(trainer, "accelerator", None)
+        if accelerator is not None:
+            trained = accelerator.unwrap_model(trained)
+        if not callable(getattr(trained, "save_pretrained", None)):
+            trained = model
+        trained.save_pretrained(str(staging))
+        self.namespace["tokenizer"].save_pretrained(str(staging))
+        self.timings["save_s"] = round(time.monotonic() - save_started, 3)
+        manifest = {
+            "job": self.spec.job_id,
+            "method": self.spec.method,
+            "method_sha256": self.spec.method_sha256,
+            "attempt": self.spec.attempt,
+            "params": mask_secrets(self.params.as_dict()),
+            "metrics": metrics,
+            "steps": trainer.state.global_step,
+            "max_steps": trainer.state.max_steps,
+            "partial": partial,
+            "versions": _versions(),
+            "worker": self.spec.worker or socket.gethostname(),
+            "started_at": self.spec.started_at,
+            "finished_at": time.time(),
+            "timings": self.timings,
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")

@@ -1,0 +1,186 @@
+"""The Python client: submit jobs and follow them. Imports neither torch nor the worker side."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+
+from deepe_tasks.core import jobstore, keys, validate
+from deepe_tasks.core.connection import get_redis, unreachable
+from deepe_tasks.core.errors import BrokerUnavailable, InvalidParams
+from deepe_tasks.core.records import Event, EventKind, JobRecord, JobStatus
+from deepe_tasks.core.settings import get_settings
+from deepe_tasks.queue.methods import load_method
+from deepe_tasks.queue.params import mask_secrets, parse_params, resolve_params
+
+TASK_NAME = "deepe.train"
+DEFAULT_PRIORITY = 5
+
+
+def submit(
+    method: str,
+    params: dict[str, Any],
+    *,
+    queue: str | None = None,
+    priority: int | None = None,
+    job_id: str | None = None,
+    time_limit: float | None = None,
+) -> Job:
+    """Validate, pin the method's source, record the job and queue it. Returns the new ``Job``.
+
+    Raises ``InvalidParams`` or ``MethodNotFound`` before anything is queued.
+    """
+    settings = get_settings()
+    found = load_method(settings.method_root, method)
+    job_id = validate.job_id(job_id) if job_id is not None else uuid.uuid4().hex
+    if priority is not None and not (isinstance(priority, int) and not isinstance(priority, bool)
+                                     and 0 <= priority <= 9):
+        raise InvalidParams(f"priority={priority!r} is not valid; allowed: an integer from 0 (highest) to 9.")
+    time_limit = validate.time_limit(time_limit)
+    queue = validate.queue_name(queue or settings.queue)
+    resolved = resolve_params(parse_params(validate.params(params)), settings.storage_root, job_id)
+    record = JobRecord(
+        id=job_id, method=found.name, method_sha256=found.sha256, params=resolved.as_dict(),
+        output_dir=str(resolved.OUTPUT_DIR), queue=queue, priority=priority, time_limit=time_limit,
+    )
+    client = get_redis()
+    queued = Event(kind=EventKind.QUEUED, job=job_id, message=f"{found.name} queued on {queue}")
+    try:
+        # The worker runs this exact source, whatever happens to the file afterwards.
+        jobstore.create(client, record, source=found.source, first_event=queued)
+    except (redis.ConnectionError, redis.TimeoutError) as e:
+        raise unreachable(client, e) from e
+    try:
+        enqueue(record)
+        jobstore.sent(client, job_id)
+    except Exception as e:
+        # No message means no worker will ever take it: say so in the record, not just here.
+        error = f"The job could not be queued: {e}; submit it again."
+        jobstore.fail_queued(client, job_id, error)
+        raise BrokerUnavailable(error) from e
+    return Job(job_id)
+
+
+def enqueue(record: JobRecord) -> None:
+    """Send the job's one Celery message (JSON); the job id is the task id."""
+    from deepe_tasks.worker.celery_app import app_for
+
+    app_for(get_settings().redis_url).send_task(
+        TASK_NAME, args=[record.id], kwargs={"method": record.method}, task_id=record.id,
+        # Without one, a job gets the middle priority: 0 is the highest, 9 the lowest.
+        queue=record.queue, priority=DEFAULT_PRIORITY if record.priority is None else record.priority,
+        # What Flower shows: the method and its parameters, secrets masked. The worker reads
+        # the parameters from the job record, never from the message.
+        argsrepr=repr([record.id]),
+        kwargsrepr=repr({"method": record.method, "params": mask_secrets(record.params)}),
+    )
+
+
+class Job:
+    """A handle on a submitted job."""
+
+    def __init__(self, job_id: str) -> None:
+        self.id = job_id
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r})"
+
+    def record(self) -> JobRecord:
+        return jobstore.get(get_redis(), self.id)
+
+    def status(self) -> JobStatus:
+        return jobstore.status(get_redis(), self.id)
+
+    def info(self) -> dict[str, Any]:
+        """The job record as a dict, with secret-looking parameters masked."""
+        return masked(self.record())
+
+    def progress(self) -> Event | None:
+        """The job's latest `log` event: step, max_steps, ETA and metrics."""
+        from deepe_tasks.core.events import decode
+
+        recent: Any = get_redis().xrevrange(keys.events(self.id), count=50)
+        for _, event in decode(recent):
+            if event is not None and event.kind is EventKind.LOG:
+                return event
+        return None
+
+    def wait(self, timeout: float | None = None, poll: float = 1.0) -> JobStatus:
+        """Block until the job ends; raise ``TimeoutError`` if it has not after ``timeout`` seconds.
+
+        It wakes at the job's final event, and reads the record at least every ``poll`` seconds
+        (a job can end without an event, when it could not be queued).
+        """
+        client = get_redis()
+        stream = keys.events(self.id)
+        newest: Any = client.xrevrange(stream, count=1)
+        last = newest[0][0] if newest else "0"  # read before the status: no event slips between
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            status = self.status()
+            if status.is_final:
+                return status
+            # Never block near the client's socket timeout (10 s), whatever `poll` says.
+            block = min(poll, 5.0) if deadline is None else min(poll, 5.0, deadline - time.monotonic())
+            if block <= 0:
+                raise TimeoutError(f"job {self.id} is still {status.value} after {timeout} s")
+            reply: Any = client.xread({stream: last}, block=max(1, int(block * 1000)), count=100)
+            if reply:
+                last = reply[0][1][-1][0]
+
+    def events(self, since: str = "0", follow: bool = False) -> Iterator[Event]:
+        """Replay events after stream id ``since``; with ``follow``, tail them until the job ends."""
+        from deepe_tasks.core.events import read_events
+
+        since = validate.stream_id(since)  # before the first event: a stream must not break after a 200
+        jobstore.status(get_redis(), self.id)  # a clear error for an unknown job
+        return read_events(get_redis(), self.id, since=since, follow=follow)
+
+    def cancel(self, save: bool = False) -> JobStatus:
+        """Cancel the job. A queued job never starts. A running one stops at its next step with a
+        checkpoint; with ``save``, its model is also published, marked partial in deepe.json."""
+        status = jobstore.cancel(get_redis(), self.id, save)
+        if status is JobStatus.CANCELLED:  # it was queued: its message is dropped unread
+            from deepe_tasks.worker.celery_app import app_for
+
+            app_for(get_settings().redis_url).control.revoke(self.id)
+        # Running: the job process reads the flag at its next step and stops there.
+        return status
+
+
+def masked(record: JobRecord) -> dict[str, Any]:
+    """A job record as a dict, with secret-looking parameters masked."""
+    data = record.model_dump(mode="json")
+    data["params"] = mask_secrets(data["params"])
+    return data
+
+
+def list_jobs(status: JobStatus | None = None, method: str | None = None, limit: int = 20,
+              cursor: str | None = None) -> tuple[list[JobRecord], str | None]:
+    """Jobs newest first, filtered; ``cursor`` continues a previous page (None when done)."""
+    client = get_redis()
+    found: list[JobRecord] = []
+    offset = validate.cursor(cursor or 0)
+    page = max(limit * 4, 100)
+    while len(found) < limit:
+        ids: Any = client.zrevrange(keys.JOBS_INDEX, offset, offset + page - 1)
+        if not ids:
+            return found, None
+        pipe = client.pipeline()
+        for job_id in ids:
+            pipe.hgetall(keys.job(job_id))
+        for raw in pipe.execute():
+            offset += 1
+            if not raw:
+                continue
+            record = JobRecord.from_redis(raw)
+            if (status is None or record.status is status) and (method is None or record.method == method):
+                found.append(record)
+                if len(found) == limit:
+                    break
+    more = client.zcard(keys.JOBS_INDEX) > offset
+    return found, (str(offset) if more else None)

@@ -1,0 +1,174 @@
+"""The parameter schema of the method contract, and its validation at submit."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from deepe_tasks.core.errors import InvalidParams
+from deepe_tasks.core.storage import MANIFEST
+
+MAX_PARAMS_BYTES = 1_000_000
+SECRET_KEY = re.compile(r"token|secret|password|passwd|key", re.IGNORECASE)
+MASK = "***"
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower() if not name.isupper() else name.lower()
+
+
+def _field(default: Any, allowed: str, **kw: Any) -> Any:
+    """A parameter field: its own name, a snake-case alias, and a description of what is allowed."""
+    return Field(default, description=allowed, **kw)
+
+
+class TrainParams(BaseModel):
+    """The parameters every method receives, under their own names; unknown keys are kept as custom."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True, validate_assignment=True)
+
+    MODEL_PATH: str = _field(..., "a model folder (relative paths resolve under DEEPE_STORAGE)", min_length=1)
+    MAX_SEQ_LENGTH: int = _field(1024, "an integer from 8 to 1048576", ge=8, le=1_048_576)
+    LORA_RANK: int = _field(16, "an integer from 1 to 1024", ge=1, le=1024)
+    LOAD_IN_4BIT: bool = _field(False, "true or false (also 1/0, yes/no)")
+    DATASET_PATH: str = _field(..., "a dataset file or folder (relative paths resolve under DEEPE_STORAGE)", min_length=1)
+    MAX_INPUT_LENGTH: int = _field(512, "an integer from 1 to 1048576", ge=1, le=1_048_576)
+    MAX_CONTENT_LENGTH: int = _field(256, "an integer from 1 to 1048576", ge=1, le=1_048_576)
+    MAX_SAMPLES: int = _field(0, "an integer >= -1; 0 or -1 keeps every row", ge=-1)
+    NUM_GENERATIONS: int = _field(4, "an integer from 2 to 256", ge=2, le=256)
+    MAX_GRAD_NORM: float = _field(1.0, "a number > 0 and <= 1000", gt=0, le=1000)
+    OUTPUT_DIR: str | None = _field(None, "a folder inside DEEPE_STORAGE; default models/<job_id>")
+    MAX_STEPS: int = _field(-1, "-1 (train by epochs) or an integer >= 1", ge=-1)
+    NUM_EPOCHS: float = _field(1.0, "a number > 0 and <= 10000, used when MAX_STEPS is -1", gt=0, le=10_000)
+    BATCH_SIZE: int = _field(2, "an integer from 1 to 65536", ge=1, le=65_536)
+    GRAD_ACCUM_STEPS: int = _field(1, "an integer from 1 to 65536", ge=1, le=65_536)
+    LEARNING_RATE: float = _field(2e-4, "a number > 0 and <= 1", gt=0, le=1)
+    WARMUP_STEPS: int = _field(0, "an integer >= 0", ge=0)
+    # None means "the method's own default" (instruction/output for SFT, question/answer for GRPO).
+    PromptInputColumn: str | None = _field(None, "a column name, or empty for the method's default")
+    PromptOutputColumn: str | None = _field(None, "a column name, or empty for the method's default")
+
+    @field_validator("MAX_STEPS")
+    @classmethod
+    def _steps_not_zero(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("0 steps would train nothing")
+        return value
+
+    @field_validator("PromptInputColumn", "PromptOutputColumn", "OUTPUT_DIR", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    def __getitem__(self, key: str) -> Any:
+        return self.as_dict()[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.as_dict().get(key, default)
+
+    @property
+    def custom(self) -> dict[str, Any]:
+        """The extra keys that are not part of the schema, for custom methods."""
+        return dict(self.model_extra or {})
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=False)
+
+
+# Each field also answers to its lower snake-case name: model_path, prompt_input_column, ...
+for _name, _info in TrainParams.model_fields.items():
+    _info.validation_alias = AliasChoices(_name, _snake(_name))
+TrainParams.model_rebuild(force=True)
+
+ALIASES = {_snake(name): name for name in TrainParams.model_fields}
+
+
+def _allowed(name: str) -> str:
+    info = TrainParams.model_fields.get(name)
+    return info.description or "" if info else ""
+
+
+def _format_errors(err: ValidationError, raw: dict[str, Any]) -> str:
+    lines = []
+    for e in err.errors():
+        name = str(e["loc"][0]) if e["loc"] else "params"
+        canonical = ALIASES.get(name, name)
+        if e["type"] == "missing":
+            lines.append(f"{canonical} is required: give {_allowed(canonical)}.")
+            continue
+        value = e.get("input")
+        reason = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{canonical}={value!r} is not valid ({reason}); allowed: {_allowed(canonical)}.")
+    return " ".join(lines)
+
+
+def parse_params(raw: dict[str, Any]) -> TrainParams:
+    """Validate raw parameters (strings from a UI or the CLI are converted)."""
+    if not isinstance(raw, dict):
+        raise InvalidParams(f"Parameters must be an object of KEY: value, not {type(raw).__name__}.")
+    try:
+        size = len(json.dumps(raw))
+    except (TypeError, ValueError) as e:
+        raise InvalidParams(f"Parameters must be plain JSON values: {e}.") from e
+    if size > MAX_PARAMS_BYTES:
+        raise InvalidParams(
+            f"Parameters are {size} bytes, over the limit of {MAX_PARAMS_BYTES}; "
+            "put large data in a file under DEEPE_STORAGE and pass its path."
+        )
+    try:
+        return TrainParams.model_validate(raw)
+    except ValidationError as e:
+        raise InvalidParams(_format_errors(e, raw)) from e
+
+
+def _under(root: Path, value: str) -> Path:
+    path = Path(value).expanduser()
+    return (path if path.is_absolute() else root / path).resolve()
+
+
+def resolve_params(params: TrainParams, storage_root: Path, job_id: str) -> TrainParams:
+    """Resolve paths against the storage root; OUTPUT_DIR must stay inside it."""
+    out = params.model_copy()
+    out.MODEL_PATH = str(_under(storage_root, params.MODEL_PATH))
+    out.DATASET_PATH = str(_under(storage_root, params.DATASET_PATH))
+    output = _under(storage_root, params.OUTPUT_DIR or f"models/{job_id}")
+    if output == storage_root or not output.is_relative_to(storage_root):
+        raise InvalidParams(
+            f"OUTPUT_DIR={params.OUTPUT_DIR!r} resolves to {output}, outside the storage root "
+            f"{storage_root}; give a relative path such as 'models/my-run'."
+        )
+    jobs, models = storage_root / "jobs", storage_root / "models"
+    if output.is_relative_to(jobs) or jobs.is_relative_to(output) or models.is_relative_to(output):
+        raise InvalidParams(
+            f"OUTPUT_DIR={params.OUTPUT_DIR!r} would replace or sit in a folder the platform uses "
+            "(jobs/, or all of models/); give a folder of its own, such as 'models/my-run'."
+        )
+    if output.exists() and not output.is_dir():
+        raise InvalidParams(
+            f"OUTPUT_DIR={params.OUTPUT_DIR!r} ({output}) is a file; the model is published as a folder "
+            "there, so give a new folder, such as 'models/my-run'."
+        )
+    if output.is_dir() and any(output.iterdir()) and not (output / MANIFEST).exists():
+        raise InvalidParams(
+            f"OUTPUT_DIR={params.OUTPUT_DIR!r} ({output}) already holds files that are not a deepe model; "
+            "a published model replaces its folder, so give an empty or new folder."
+        )
+    out.OUTPUT_DIR = str(output)
+    return out
+
+
+def mask_secrets(values: dict[str, Any]) -> dict[str, Any]:
+    """A copy with the values of secret-looking keys (token, secret, password, key) masked."""
+    return {k: MASK if SECRET_KEY.search(k) and v not in (None, "") else _mask_nested(v) for k, v in values.items()}
+
+
+def _mask_nested(value: Any) -> Any:
+    if isinstance(value, dict):
+        return mask_secrets(value)
+    if isinstance(value, list):
+        return [_mask_nested(v) for v in value]
+    return value

@@ -1,0 +1,66 @@
+"""What waits in each queue, and who consumes it (`deepe queues`)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from deepe_tasks.core import jobstore, keys
+
+# Celery's Redis transport keeps one list per priority step: "gpu" for 0 (the highest), then
+# "gpu:1" … "gpu:9" (celery_app sets sep=":" and priority steps 0-9).
+PRIORITIES = range(10)
+
+
+def priority_lists(queue: str) -> list[tuple[int, str]]:
+    return [(p, queue if p == 0 else f"{queue}:{p}") for p in PRIORITIES]
+
+
+@dataclass
+class QueueInfo:
+    name: str
+    length: int = 0
+    waiting: list[dict[str, Any]] = field(default_factory=list)  # in the order they will start
+    running: list[str] = field(default_factory=list)
+    workers: list[str] = field(default_factory=list)
+
+
+def _waiting(client: redis.Redis, queue: str) -> list[dict[str, Any]]:
+    out = []
+    for priority, name in priority_lists(queue):
+        raw: Any = client.lrange(name, 0, -1)
+        for message in reversed(raw):  # LPUSH in, BRPOP out: the oldest is at the end
+            try:
+                headers = json.loads(message).get("headers", {})
+            except (ValueError, AttributeError):
+                continue
+            out.append({"id": headers.get("id"), "priority": priority})
+    return out
+
+
+def overview(client: redis.Redis, active_queues: dict[str, list[dict[str, Any]]] | None) -> list[QueueInfo]:
+    """Every queue that has jobs waiting or running, or a worker consuming it."""
+    infos: dict[str, QueueInfo] = {}
+    for worker, queues in (active_queues or {}).items():
+        for q in queues:
+            infos.setdefault(q["name"], QueueInfo(q["name"])).workers.append(worker)
+    running: Any = client.smembers(keys.RUNNING)
+    for job_id in running:
+        try:
+            record = jobstore.get(client, str(job_id))
+        except Exception:
+            continue
+        infos.setdefault(record.queue, QueueInfo(record.queue)).running.append(record.id)
+    for name, info in list(infos.items()):
+        info.waiting = _waiting(client, name)
+        info.length = len(info.waiting)
+    return sorted(infos.values(), key=lambda i: i.name)
+
+
+def waiting_in(client: redis.Redis, queue: str) -> QueueInfo:
+    info = QueueInfo(queue, waiting=_waiting(client, queue))
+    info.length = len(info.waiting)
+    return info

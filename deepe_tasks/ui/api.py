@@ -1,0 +1,202 @@
+"""The HTTP API (`deepe api`): the Python client over HTTP, for backends in any language.
+
+It has no logic of its own: every route calls the same client code as `deepe_tasks.submit`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
+
+from deepe_tasks.core.connection import get_redis
+from deepe_tasks.core.errors import (
+    BrokerUnavailable,
+    DeepeError,
+    InvalidJobState,
+    JobExists,
+    JobNotFound,
+    MethodNotFound,
+)
+from deepe_tasks.core.records import Event, JobRecord, JobStatus
+from deepe_tasks.core.settings import get_settings
+from deepe_tasks.queue import client
+from deepe_tasks.queue.methods import Method, list_methods, load_method
+
+log = logging.getLogger(__name__)
+
+
+class SubmitRequest(BaseModel):
+    method: str = Field(description="A method name in the method store, such as sft-demo.")
+    params: dict[str, Any] = Field(description="Parameters: MODEL_PATH, DATASET_PATH, ... and custom keys.")
+    queue: str | None = Field(None, description="The queue; DEEPE_QUEUE when absent.")
+    priority: int | None = Field(None, description="0 (highest) to 9.")
+    time_limit: float | None = Field(None, description="Seconds an attempt may train.")
+
+
+class JobRef(BaseModel):
+    id: str
+    status: JobStatus
+
+
+class JobInfo(JobRecord):
+    """The job record (secrets masked) and its latest progress."""
+
+    progress: Event | None = Field(None, description="The latest `log` event: step, max_steps, ETA, metrics.")
+
+
+class JobList(BaseModel):
+    jobs: list[JobInfo]
+    next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page.")
+
+
+class MethodInfo(BaseModel):
+    name: str
+    description: str
+    sha256: str
+    source: str
+
+
+class Health(BaseModel):
+    redis: bool
+    workers: int
+
+
+class Error(BaseModel):
+    detail: str
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": Error, "description": "No token, or a wrong one."},
+    404: {"model": Error, "description": "No such job or method."},
+    422: {"model": Error, "description": "Bad input; the message says what to fix."},
+}
+EVENT_STREAM = "text/event-stream"
+
+
+def _info(record: JobRecord) -> JobInfo:
+    return JobInfo(**client.masked(record), progress=client.Job(record.id).progress())
+
+
+def _method_info(m: Method) -> MethodInfo:
+    return MethodInfo(name=m.name, description=m.description, sha256=m.sha256, source=m.source)
+
+
+def create_app(tokens: list[str], insecure: bool = False) -> FastAPI:
+    """The API app; without tokens it refuses to be built unless ``insecure``."""
+    if not tokens and not insecure:
+        raise DeepeError("No API token is configured: set DEEPE_API_TOKENS (comma-separated), "
+                         "or start with --insecure on a trusted network only.")
+    if insecure and not tokens:
+        log.warning("the deepe API runs WITHOUT authentication (--insecure)")
+    bearer = HTTPBearer(auto_error=False)
+
+    # (A default, not Annotated: this closure's names are not visible to FastAPI's resolver.)
+    def authorised(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
+        if not tokens:
+            return
+        given = credentials.credentials if credentials else ""
+        # As bytes: compare_digest refuses str with non-ASCII characters (a header can carry them).
+        if not any(secrets.compare_digest(given.encode(), t.encode()) for t in tokens):
+            raise HTTPException(401, "A valid `Authorization: Bearer <token>` header is required.",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    app = FastAPI(title="deepe", version="0.1.0", description=__doc__, responses={401: ERRORS[401]})
+    auth = [Depends(authorised)]
+
+    @app.exception_handler(DeepeError)
+    async def deepe_error(request: Request, exc: DeepeError) -> JSONResponse:
+        if isinstance(exc, JobNotFound) or (isinstance(exc, MethodNotFound) and request.method == "GET"):
+            code = 404
+        elif isinstance(exc, (InvalidJobState, JobExists)):
+            code = 409
+        elif isinstance(exc, BrokerUnavailable):
+            code = 503
+        else:
+            code = 422  # bad input: the message says what to fix
+        return JSONResponse({"detail": str(exc)}, status_code=code)
+
+    @app.post("/jobs", status_code=201, response_model=JobRef, dependencies=auth,
+              responses={422: ERRORS[422]})
+    def submit(body: SubmitRequest) -> JobRef:
+        """Validate and queue a job, exactly as `deepe submit` does."""
+        job = client.submit(body.method, body.params, queue=body.queue, priority=body.priority,
+                            time_limit=body.time_limit)
+        return JobRef(id=job.id, status=job.status())
+
+    @app.get("/jobs", response_model=JobList, dependencies=auth)
+    def jobs(status: JobStatus | None = None, method: str | None = None,
+             limit: Annotated[int, Query(ge=1, le=500)] = 20, cursor: Annotated[str | None, Query(pattern=r"^\d+$")] = None) -> JobList:
+        """Jobs, newest first."""
+        records, next_cursor = client.list_jobs(status, method, limit, cursor)
+        return JobList(jobs=[_info(r) for r in records], next_cursor=next_cursor)  # records read once
+
+    @app.get("/jobs/{job_id}", response_model=JobInfo, dependencies=auth, responses={404: ERRORS[404]})
+    def job(job_id: str) -> JobInfo:
+        """The job record, with secrets masked, its final metrics and its latest progress."""
+        return _info(client.Job(job_id).record())
+
+    @app.get("/jobs/{job_id}/events", dependencies=auth, responses={
+        200: {"description": "Server-Sent Events (each `id` is the stream id), or a JSON list with follow=false.",
+              "content": {EVENT_STREAM: {}, "application/json": {"schema": {"type": "array", "items": Event.model_json_schema(ref_template="#/components/schemas/{model}")}}}},
+        404: ERRORS[404]}, response_model=None)
+    def events(job_id: str, follow: bool = True, since: Annotated[str, Query(pattern=r"^\d+(-\d+)?$")] = "0",
+               last_event_id: Annotated[str | None, Header(pattern=r"^\d+(-\d+)?$")] = None) -> Any:
+        """Replay a job's events from `since` (or after `Last-Event-ID`), then tail them until it ends."""
+        job = client.Job(job_id)
+        start = last_event_id or since
+        stream = job.events(since=start, follow=follow)
+        if not follow:
+            return JSONResponse([e.model_dump(mode="json") for e in stream])
+
+        def sse() -> Iterator[str]:
+            for event in stream:
+                yield f"id: {event.id}\nevent: {event.kind.value}\ndata: {json.dumps(event.model_dump(mode='json'))}\n\n"
+
+        return StreamingResponse(sse(), media_type=EVENT_STREAM, headers={"Cache-Control": "no-cache"})
+
+    @app.post("/jobs/{job_id}/cancel", response_model=JobRef, dependencies=auth,
+              responses={404: ERRORS[404], 409: {"model": Error, "description": "The job already ended."}})
+    def cancel(job_id: str, save: bool = False) -> JobRef:
+        """Cancel a queued job, or stop a running one at its next step (with `save`, publish it)."""
+        return JobRef(id=job_id, status=client.Job(job_id).cancel(save=save))
+
+    @app.get("/methods", response_model=list[MethodInfo], dependencies=auth)
+    def methods() -> list[MethodInfo]:
+        return [_method_info(m) for m in list_methods(get_settings().method_root)]
+
+    @app.get("/methods/{name}", response_model=MethodInfo, dependencies=auth, responses={404: ERRORS[404]})
+    def method(name: str) -> MethodInfo:
+        return _method_info(load_method(get_settings().method_root, name))
+
+    @app.get("/healthz", response_model=Health, responses={503: {"model": Health}})
+    def healthz() -> Any:
+        """Whether Redis answers, and how many workers answered a ping."""
+        from deepe_tasks.worker.celery_app import app_for
+
+        try:
+            get_redis().ping()
+        except Exception:
+            return JSONResponse(Health(redis=False, workers=0).model_dump(), status_code=503)
+        replies = app_for(get_settings().redis_url).control.ping(timeout=0.5) or []
+        return Health(redis=True, workers=len(replies))
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def metrics() -> PlainTextResponse:
+        """Prometheus metrics: jobs by state, queue lengths, running jobs, events, job durations."""
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+        from deepe_tasks.ui.metrics import DeepeCollector
+
+        registry = CollectorRegistry()
+        registry.register(DeepeCollector())
+        return PlainTextResponse(generate_latest(registry).decode(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

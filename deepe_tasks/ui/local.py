@@ -1,0 +1,68 @@
+"""Run a method in this process through the worker's runner: no queue, no Redis."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from deepe_tasks.core.records import Event, JobSpec, JobStatus, RunResult
+from deepe_tasks.core.settings import get_settings
+from deepe_tasks.core.storage import MANIFEST, job_dir
+from deepe_tasks.queue.methods import sha256_of
+from deepe_tasks.queue.params import parse_params, resolve_params
+from deepe_tasks.ui.display import format_event
+
+if TYPE_CHECKING:
+    from deepe_tasks.job.runner import Runner
+
+
+
+def local_runner(method_file: Path, params: dict[str, Any], emit: Callable[[Event], None],
+                 job_id: str | None = None) -> Runner:
+    """A runner for ``method_file`` with ``params``, as a worker's job process would build it."""
+    from deepe_tasks.job.runner import Runner  # the training stack loads only when a run starts
+
+    settings = get_settings()
+    source = method_file.read_text(encoding="utf-8")
+    job_id = job_id or f"local-{time.strftime('%Y%m%d-%H%M%S')}"
+    resolved = resolve_params(parse_params(params), settings.storage_root, job_id)
+    job_dir(settings.storage_root, job_id).mkdir(parents=True, exist_ok=True)
+    spec = JobSpec(job_id=job_id, method=method_file.stem, method_sha256=sha256_of(source), source=source,
+                   params=resolved.as_dict(), storage_root=str(settings.storage_root), worker="local")
+    return Runner(spec, emit)
+
+
+def run_method_file(method_file: Path, params: dict[str, Any], emit: Callable[[Event], None],
+                    job_id: str | None = None) -> RunResult:
+    """Run ``method_file`` once with ``params``; events go to ``emit``."""
+    return local_runner(method_file, params, emit, job_id).run()
+
+
+def check_output(output_dir: Path) -> list[str]:
+    """What a published model folder lacks: weights, tokenizer or manifest."""
+    names = {p.name for p in output_dir.iterdir()} if output_dir.is_dir() else set()
+    problems = []
+    if not names & {"model.safetensors", "adapter_model.safetensors", "pytorch_model.bin",
+                    "model.safetensors.index.json", "adapter_model.bin"}:
+        problems.append("no model weights")
+    if not names & {"tokenizer.json", "tokenizer_config.json"}:
+        problems.append("no tokenizer")
+    if MANIFEST not in names:
+        problems.append(f"no {MANIFEST}")
+    return problems
+
+
+def run_local(method_file: str | Path, params: dict[str, Any], echo: Callable[[str], None] = print) -> int:
+    """Run a method locally, print its events, check what it wrote; 0 if it all worked."""
+    result = run_method_file(Path(method_file), params, lambda e: echo(format_event(e)))
+    if result.status is not JobStatus.SUCCEEDED:
+        echo(f"FAILED: {result.error}")
+        return 1
+    problems = check_output(Path(result.output_dir or ""))
+    if problems:
+        echo(f"FAILED: {result.output_dir} has " + ", ".join(problems))
+        return 1
+    echo(f"OK: the model, the tokenizer and {MANIFEST} are in {result.output_dir}")
+    return 0

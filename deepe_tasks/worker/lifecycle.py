@@ -1,0 +1,146 @@
+"""A worker's life around its jobs: the reaper of lost jobs, requeues, and shutdown.
+
+Every live worker runs the reaper: a running job whose lease expired lost its worker (SIGKILL,
+a node gone), and is put back on its queue to resume from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import threading
+import time
+from typing import Any
+
+import redis
+from celery.signals import worker_ready, worker_shutting_down
+
+from deepe_tasks.core import jobstore, keys
+from deepe_tasks.core.connection import get_redis
+from deepe_tasks.core.errors import JobNotFound
+from deepe_tasks.core.records import JobRecord, JobStatus
+from deepe_tasks.core.settings import get_settings
+from deepe_tasks.worker import credentials
+
+log = logging.getLogger(__name__)
+
+
+# Set by the worker's main process when it begins a warm shutdown; its pool processes are
+# forked after this module is imported (Celery imports the task modules first), so they share
+# it. Shared memory of this worker alone: nothing on disk to leak after a SIGKILL, and nothing
+# that a later worker with the same PID could mistake for its own.
+_stopping = multiprocessing.get_context("fork").Event()
+
+
+def worker_stopping() -> bool:
+    """True inside a worker (its main process or a pool process) that is shutting down."""
+    return _stopping.is_set()
+
+
+# A queued job whose message was not sent this long after it was queued: its sender died or
+# could not reach the broker, and the reaper sends it.
+UNSENT_GRACE = 60.0
+
+
+def send_again(client: redis.Redis, record: JobRecord) -> None:
+    """Send a requeued job's message. If that fails, the job stays in the unsent set, and a
+    reaper sends it later."""
+    from deepe_tasks.queue.client import enqueue
+
+    enqueue(record)
+    jobstore.sent(client, record.id)
+
+
+def reap_once(client: redis.Redis) -> list[str]:
+    """Requeue every running job whose lease has expired, and send the messages of queued jobs
+    that never got one; return the ids of the jobs sent."""
+    return reap_lost(client) + send_unsent(client)
+
+
+def reap_lost(client: redis.Redis) -> list[str]:
+    """Requeue every running job whose lease has expired; return their ids."""
+    max_resumes = get_settings().max_resumes
+    requeued = []
+    for job_id in client.smembers(keys.RUNNING):
+        job_id = str(job_id)
+        try:
+            if _reap(client, job_id, max_resumes):
+                requeued.append(job_id)
+        except Exception as e:  # one job's trouble must not stop the round
+            log.warning("reaper: job %s: %s", job_id, e)
+    return requeued
+
+
+def send_unsent(client: redis.Redis) -> list[str]:
+    """Send the message of every job queued a while ago without one; return their ids."""
+    requeued = []
+    for job_id in jobstore.unsent(client, before=time.time() - UNSENT_GRACE):
+        try:
+            record = jobstore.get(client, job_id)
+            if record.status is JobStatus.QUEUED:
+                log.warning("job %s was queued without a message; sending it", job_id)
+                send_again(client, record)
+                requeued.append(job_id)
+            else:
+                jobstore.sent(client, job_id)
+        except JobNotFound:
+            jobstore.sent(client, job_id)
+        except Exception as e:
+            log.warning("reaper: job %s: %s", job_id, e)
+    return requeued
+
+
+def _reap(client: redis.Redis, job_id: str, max_resumes: int) -> bool:
+    """Requeue one running job if its lease expired; True if it was queued again."""
+    if client.exists(keys.lease(job_id)):
+        return False
+    try:
+        record = jobstore.get(client, job_id)
+    except JobNotFound:
+        jobstore.forget_running(client, job_id)
+        return False
+    if record.status is not JobStatus.RUNNING:
+        jobstore.forget_running(client, job_id)
+        return False
+    # The lease check is repeated atomically with the change: a worker that just took the job
+    # over, or renewed its lease, keeps it.
+    outcome = jobstore.requeue(client, record, f"its worker {record.worker} was lost", max_resumes,
+                               lease_must_be_gone=True)
+    if outcome in (jobstore.RequeueOutcome.STALE, jobstore.RequeueOutcome.LEASED):
+        return False
+    log.warning("job %s: its worker %s was lost; %s", job_id, record.worker, outcome.value)
+    try:
+        if outcome is jobstore.RequeueOutcome.QUEUED:
+            send_again(client, record)
+            return True
+        return False
+    finally:
+        # The lost attempt is fenced off now: its Redis user goes too, with its connections.
+        try:
+            credentials.revoke(client, job_id, record.attempts)
+        except redis.RedisError as e:
+            log.warning("job %s: could not delete the Redis user of attempt %d: %s", job_id, record.attempts, e)
+
+
+def _reaper_loop(stop: threading.Event) -> None:
+    interval = max(0.5, get_settings().lease_ttl / 3)
+    while not stop.wait(interval):
+        try:
+            reap_once(get_redis())
+        except Exception as e:  # never let the reaper die: it is every worker's safety net
+            log.warning("reaper: %s", e)
+
+
+_reaper_stop = threading.Event()
+
+
+@worker_ready.connect
+def _start_reaper(**_: Any) -> None:
+    threading.Thread(target=_reaper_loop, args=(_reaper_stop,), name="deepe-reaper", daemon=True).start()
+
+
+@worker_shutting_down.connect
+def _on_shutdown(**_: Any) -> None:
+    # The running job (in a pool process) sees this, checkpoints, and is requeued.
+    _stopping.set()
+    _reaper_stop.set()

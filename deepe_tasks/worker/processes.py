@@ -1,0 +1,123 @@
+"""Job processes: spawned fresh or handed over warm, described when they crash, killed whole."""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from celery.signals import worker_process_init, worker_process_shutdown
+
+from deepe_tasks.core.settings import get_settings
+from deepe_tasks.job.ipc import die_with_parent
+from deepe_tasks.worker.zygote_client import ColdJob, JobProcess, WarmStart
+
+log = logging.getLogger(__name__)
+
+TAIL_LINES = 15
+JOB_ENV_HIDDEN = frozenset({"DEEPE_REDIS_URL", "DEEPE_API_TOKENS", "REDIS_PASSWORD", "FLOWER_BASIC_AUTH"})
+def _job_process_setup(memory_gb: float | None) -> Callable[[], None]:
+    def setup() -> None:
+        die_with_parent()
+        if memory_gb is not None:
+            limit = int(memory_gb * 2**30)
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    return setup
+
+
+def tail(path: Path, lines: int = TAIL_LINES, max_bytes: int = 64 * 1024) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, path.stat().st_size - max_bytes))
+            text = f.read().decode(errors="replace").rstrip().splitlines()
+    except OSError:
+        return ""
+    return "\n".join(text[-lines:])
+
+
+def crash_message(returncode: int, log_path: Path) -> str:
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        why = f"was killed by {name}"
+        if name == "SIGKILL":
+            why += " (the kernel's out-of-memory killer does this when a job uses too much memory)"
+        elif name == "SIGSEGV":
+            why += " (a crash in native code, such as a CUDA or tokenizer library)"
+    else:
+        why = f"exited with code {returncode} before reporting a result (did the method call os._exit?)"
+    last = tail(log_path)
+    return f"The job process {why}." + (f" Last output:\n{last}" if last else "")
+
+
+def _job_env() -> dict[str, str]:
+    settings = get_settings()
+    # The method is user code: it gets no deployment secrets (its Redis URL comes in the spec).
+    env = {k: v for k, v in os.environ.items() if k not in JOB_ENV_HIDDEN}
+    if settings.gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = settings.gpus
+    return env
+
+
+def spawn_job_process() -> subprocess.Popen[bytes]:
+    """A new job process: it imports the training stack, then reads its spec on stdin."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "deepe_tasks.job.jobproc"], stdin=subprocess.PIPE, env=_job_env(),
+        start_new_session=True,  # its own process group, so a kill takes its DataLoader workers too
+        preexec_fn=_job_process_setup(get_settings().job_memory_gb),
+    )
+
+
+def spawn_zygote(cmd_fd: int, reply_fd: int) -> subprocess.Popen[bytes]:
+    """The zygote: it imports the training stack once and forks each job process from there."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "deepe_tasks.job.zygote", str(cmd_fd), str(reply_fd)],
+        stdin=subprocess.DEVNULL, pass_fds=(cmd_fd, reply_fd), env=_job_env(), start_new_session=True,
+        # Its job processes inherit the memory limit; they die with it, and it with the worker.
+        preexec_fn=_job_process_setup(get_settings().job_memory_gb),
+    )
+
+
+_warm: WarmStart | None = None
+
+
+@worker_process_init.connect
+def start_warm(**_: Any) -> WarmStart | None:
+    """In each pool process (or lazily, in other pools): keep a zygote running."""
+    global _warm
+    if _warm is None and get_settings().warm:
+        _warm = WarmStart(spawn_zygote)
+    return _warm
+
+
+@worker_process_shutdown.connect
+def _close_warm(**_: Any) -> None:
+    if _warm is not None:
+        _warm.close()
+
+
+def job_process() -> JobProcess:
+    """A process for the next job, waiting for its spec: the zygote's spare, or else a fresh one."""
+    warm: WarmStart | None = start_warm()
+    forked = warm.take() if warm is not None else None
+    if forked is not None:
+        return forked
+    return ColdJob(spawn_job_process())
+
+
+def kill_group(proc: JobProcess) -> None:
+    """Kill the job process and its process group (DataLoader workers, torchrun children)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # even after the leader ended: its children may not have
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()

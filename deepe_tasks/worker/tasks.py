@@ -1,0 +1,260 @@
+"""The Celery task that runs one job attempt in a fresh, non-daemonic job process.
+
+The worker process itself never imports torch or touches CUDA: it claims the job (a new
+attempt, with its fencing token), hands the job process its spec and its own Redis user,
+supervises it (`supervisor.py`), and records how it ended, through `jobstore`, only while the
+attempt is still the job's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import redis
+from celery import states
+from celery.exceptions import Ignore
+
+from deepe_tasks.core import jobstore
+from deepe_tasks.core.connection import get_redis
+from deepe_tasks.core.errors import JobFailed
+from deepe_tasks.core.events import append_jsonl
+from deepe_tasks.core.records import Event, EventKind, JobSpec, JobStatus, RunResult
+from deepe_tasks.core.settings import get_settings
+from deepe_tasks.core.storage import attempt_dir, job_dir, remove_staging
+from deepe_tasks.job.ipc import LOG_FILE, RESULT_FILE
+from deepe_tasks.queue.client import Job
+from deepe_tasks.worker import credentials
+from deepe_tasks.worker.celery_app import app
+from deepe_tasks.worker.lifecycle import UNSENT_GRACE, send_again
+from deepe_tasks.worker.processes import crash_message, job_process, kill_group
+from deepe_tasks.worker.supervisor import Attempt, Supervisor
+from deepe_tasks.worker.zygote_client import JobProcess
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+@app.task(name="deepe.train", bind=True)
+def train(self: Any, job_id: str, method: str = "") -> dict[str, Any]:
+    """Run one attempt of a job; the job record and its events say how it went."""
+    settings = get_settings()
+    hostname = self.request.hostname or os.uname().nodename
+    holder = f"{hostname}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    # A zygote's spare costs nothing until it is handed a job, so take it first: then the job
+    # starts the moment it is ours. (Without a zygote this starts a process, ended if unused.)
+    proc = job_process()
+    started = Event(kind=EventKind.STARTED, job=job_id, message=f"started on {hostname}", metrics={
+        "pid": proc.pid, "warm": proc.warm, "forked": proc.forked, "process_started_at": proc.started_at})
+    try:
+        claim = jobstore.claim(get_redis(), job_id, holder, settings.lease_key_ms, started,
+                               worker=hostname, started_at=time.time(), pid=proc.pid)
+    except BaseException:
+        proc.discard()
+        raise
+    if claim.record is None:
+        # A duplicate or late delivery: it touches nothing, not even Celery's result backend.
+        proc.discard()
+        if claim.outcome is jobstore.ClaimOutcome.MISSING:
+            log.error("dropping message for job %s: it has no job record", job_id)
+        elif claim.outcome is jobstore.ClaimOutcome.ENDED:
+            log.info("dropping message for job %s: it is already %s", job_id, claim.detail)
+        elif claim.outcome is jobstore.ClaimOutcome.CORRUPT:
+            log.error("dropping message for job %s: %s, so it was not started; delete or repair that key",
+                      job_id, claim.detail)
+        else:
+            log.warning("dropping message for job %s: %s holds its lease", job_id, claim.detail)
+        raise Ignore()
+    attempt = Attempt(claim.record, holder, settings)
+    _best_effort(lambda: self.update_state(state=states.STARTED, meta={"job": job_id, "attempt": attempt.number}))
+    folder = job_dir(settings.storage_root, job_id)
+    started.attempt = started.metrics["attempt"] = attempt.number
+    if attempt.number > 1:
+        _best_effort(lambda: credentials.revoke(attempt.client, job_id, attempt.number - 1))
+    try:
+        unwritable = _storage_problem(attempt_dir(settings.storage_root, job_id, attempt.number))
+        append_jsonl(folder / "events.jsonl", [started.to_json()])
+        if unwritable or claim.source is None:
+            proc.discard()
+            result = _end(attempt, RunResult(
+                status=JobStatus.FAILED, phase="preparing the job folder" if unwritable else "loading the method",
+                error=unwritable or f"The pinned source of {attempt.record.method} "
+                                    f"({attempt.record.method_sha256[:12]}) is missing from Redis; submit the job again."),
+                folder)
+        else:
+            result = _run_attempt(self, attempt, claim.source, proc, folder)
+    finally:
+        attempt.drop_credential()
+    if result is None:  # fenced off: another attempt owns the job and its Celery state
+        raise Ignore()
+    if result.status is JobStatus.FAILED:
+        raise JobFailed(result.error or "the job failed")
+    if result.status is JobStatus.CANCELLED:
+        self.update_state(state=states.REVOKED, meta={"job": job_id, "step": result.step})
+        raise Ignore()
+    if result.status is JobStatus.QUEUED:  # requeued: another message carries the job on
+        self.update_state(state="REQUEUED", meta={"job": job_id, "step": result.step})
+        raise Ignore()
+    return {"job": job_id, "status": result.status.value, "output_dir": result.output_dir,
+            "metrics": result.metrics}
+
+
+def _run_attempt(task: Any, attempt: Attempt, source: str, proc: JobProcess, folder: Path) -> RunResult | None:
+    settings = attempt.settings
+    record = attempt.record
+    own = attempt_dir(settings.storage_root, record.id, attempt.number)
+    try:
+        credential = attempt.credential.create()
+        spec = JobSpec(job_id=record.id, method=record.method, method_sha256=record.method_sha256, source=source,
+                       params=record.params, storage_root=str(settings.storage_root), attempt=attempt.number,
+                       lease_ttl=settings.lease_ttl, redis_url=credential.url, redis_username=credential.username,
+                       redis_password=credential.password, worker=record.worker or "",
+                       started_at=record.started_at or 0.0, time_limit=record.time_limit,
+                       checkpoint_minutes=settings.checkpoint_minutes)
+        announced = proc.pid
+        proc.start(spec.model_dump_json())
+        if proc.pid != announced:  # the spare died just before the hand-over; another took the job
+            jobstore.set_pid(attempt.client, record.id, attempt.number, proc.pid)
+        ended_by = Supervisor(attempt, proc, progress=FlowerProgress(task, record.id).report).watch()
+    finally:
+        # Whatever happened, nothing of this attempt (DataLoader workers, torchrun children)
+        # outlives it, nor what it staged and did not publish.
+        kill_group(proc)
+        remove_staging(Path(record.output_dir), record.id, [attempt.number])
+    if ended_by == "fenced":
+        return None
+    result_path = own / RESULT_FILE
+    if result_path.exists():
+        result = RunResult.model_validate_json(result_path.read_text())
+    elif ended_by == "cancel":
+        result = RunResult(status=JobStatus.CANCELLED, phase="training",
+                           error=f"cancelled; the job did not stop within DEEPE_CANCEL_GRACE="
+                                 f"{settings.cancel_grace:g} s and was killed")
+    elif ended_by == "time-limit":
+        result = RunResult(status=JobStatus.FAILED, phase="training",
+                           error=f"time limit of {record.time_limit:g} s reached; the job did not stop within "
+                                 f"DEEPE_CANCEL_GRACE={settings.cancel_grace:g} s and was killed")
+    elif ended_by == "preempt":
+        result = RunResult(status=JobStatus.QUEUED, phase="training",
+                           error="the worker shut down and the job did not checkpoint in time")
+    elif ended_by == "cut-off":
+        result = RunResult(status=JobStatus.QUEUED, phase="training",
+                           error=f"its worker could not reach Redis for DEEPE_LEASE_TTL={settings.lease_ttl:g} s")
+    else:
+        result = RunResult(status=JobStatus.FAILED, phase="running the job process",
+                           error=crash_message(proc.wait(), folder / LOG_FILE))
+    return _end(attempt, result, folder)
+
+
+class FlowerProgress:
+    """Shows training progress in Flower: a PROGRESS state and `task-progress` events.
+
+    The supervisor calls it about once a second, from the worker side, so the job process
+    itself does nothing extra.
+    """
+
+    def __init__(self, task: Any, job_id: str) -> None:
+        self.task = task
+        self.job_id = job_id
+        self.last_step: int | None = None
+        # Celery keeps the task's request per thread, and reports come from the supervisor's
+        # progress thread: take what they need from the request here.
+        self.task_id: str = task.request.id
+        self.hostname: str = task.request.hostname
+
+    def report(self) -> None:
+        event = Job(self.job_id).progress()
+        if event is None or event.step is None or event.step == self.last_step:
+            return
+        self.last_step = event.step
+        meta = {"job": self.job_id, "step": event.step, "max_steps": event.max_steps,
+                "loss": event.metrics.get("loss"), "eta_s": event.eta_s}
+        self.task.update_state(task_id=self.task_id, state="PROGRESS", meta=meta)
+        # Flower keeps the standard task fields only; `result` is one, so the figures show in
+        # its task list and its API while the job trains.
+        with self.task.app.events.default_dispatcher(hostname=self.hostname) as dispatcher:
+            dispatcher.send("task-progress", uuid=self.task_id, result=json.dumps(meta), **meta)
+
+
+def _storage_problem(own: Path) -> str | None:
+    """Why the attempt's folder on the shared storage cannot be written, or None if it can: a
+    job that cannot write there fails at once, naming the storage, rather than being retried
+    as if its worker had been lost."""
+    try:
+        own.mkdir(parents=True, exist_ok=True)
+        probe = own / ".deepe-write-check"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        return (f"The job folder {own} cannot be written ({e.strerror or e}): DEEPE_STORAGE="
+                f"{get_settings().storage_root} must be a writable shared mount on every worker. Fix the mount "
+                "(or the worker's DEEPE_STORAGE), then submit the job again.")
+    return None
+
+
+def _retry(fn: Callable[[], T], timeout: float) -> T:
+    """Call ``fn`` until Redis answers or ``timeout`` passes (then its error is raised)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return fn()
+        except redis.RedisError as e:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("Redis is unreachable (%s); retrying", e)
+            time.sleep(1.0)
+
+
+def _best_effort(fn: Callable[[], object]) -> None:
+    try:
+        fn()
+    except Exception as e:  # Redis or the result backend: a nicety, never the job's end
+        log.warning("%s", e)
+
+
+def _end(attempt: Attempt, result: RunResult, folder: Path) -> RunResult | None:
+    """Record how the attempt ended, if it still owns the job; None if another attempt does."""
+    job_id = attempt.job_id
+    if result.status is JobStatus.QUEUED:
+        try:
+            # Cut off, wait about a lease for Redis; beyond that the reaper requeues the job.
+            outcome = _retry(lambda: attempt.requeue(result.error or "the worker shut down"),
+                             timeout=attempt.settings.lease_ttl)
+        except redis.RedisError:
+            log.error("job %s: Redis stayed away; the reaper will requeue the job", job_id)
+            return None
+        if outcome is jobstore.RequeueOutcome.STALE:
+            log.error("job %s: attempt %d was replaced by another; not recording its end", job_id, attempt.number)
+            return None
+        if outcome is jobstore.RequeueOutcome.QUEUED:
+            try:
+                send_again(attempt.client, attempt.record)
+            except Exception as e:
+                log.error("job %s: its message could not be sent (%s); a reaper sends it within %.0f s",
+                          job_id, e, UNSENT_GRACE)
+            return result
+        status = JobStatus.CANCELLED if outcome is jobstore.RequeueOutcome.CANCELLED else JobStatus.FAILED
+        return result.model_copy(update={"status": status})
+    kind = {JobStatus.SUCCEEDED: EventKind.SUCCEEDED, JobStatus.CANCELLED: EventKind.CANCELLED}.get(
+        result.status, EventKind.FAILED)
+    message = result.error or (f"model saved to {result.output_dir}" if result.output_dir else "")
+    final = Event(kind=kind, job=job_id, step=result.step, metrics=result.metrics, message=message,
+                  attempt=attempt.number)
+    def record_end() -> bool:
+        # The supervisor no longer renews the lease: keep it (or take it back) while the end is
+        # recorded, so that no reaper requeues a job that is done.
+        if attempt.renew() is jobstore.Renewal.FENCED:
+            return False
+        return attempt.finish(result, final)
+
+    # The job process flushed its events before it exited: the final event comes after them.
+    if not _retry(record_end, timeout=300):
+        log.error("job %s: attempt %d was replaced by another; not recording its end", job_id, attempt.number)
+        return None
+    append_jsonl(folder / "events.jsonl", [final.to_json()])
+    return result
