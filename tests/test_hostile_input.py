@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from deepe_tasks import submit
 from deepe_tasks.core.errors import InvalidParams
 from deepe_tasks.ui.api import create_app
-from tests.conftest import run_cli
+from tests.conftest import cli_here
 
 TOKEN = "hostile-token"
 BIG = "1" * 30  # beyond 64 bits
@@ -143,7 +143,7 @@ def test_hostile_cli_input_is_refused_without_a_traceback(label: str, a_job: str
     argv = [a.format(job=a_job) for a in argv]
     if argv[0] in ("submit", "run-local"):
         argv += ["-p", f"MODEL_PATH={tiny_model}", "-p", f"DATASET_PATH={colors_data}"]
-    done = run_cli(*argv, timeout=60)
+    done = cli_here(*argv)
     assert done.returncode == code, (done.returncode, done.stdout[-500:], done.stderr[-500:])
     assert "Traceback" not in done.stdout + done.stderr
     assert words in done.stderr

@@ -24,6 +24,7 @@ def custom_method(store: Path) -> Path:
     return path
 
 
+@pytest.mark.e2e
 def test_run_local_trains_prints_events_and_checks_the_output(
         custom_method: Path, sft_params: dict[str, object], storage: Path) -> None:
     args = sum((["-p", f"{k}={v}"] for k, v in {**sft_params, "OUTPUT_DIR": "models/run-local"}.items()), [])
@@ -37,6 +38,7 @@ def test_run_local_trains_prints_events_and_checks_the_output(
     assert manifest["method"] == "custom-local" and manifest["worker"] == "local"
 
 
+@pytest.mark.e2e
 def test_the_local_test_template_runs_the_method_as_a_worker_would(
         custom_method: Path, sft_params: dict[str, object], storage: Path, tmp_path: Path) -> None:
     # Given a copy of the template with its placeholders filled in, beside the method file
@@ -58,6 +60,7 @@ def test_the_local_test_template_runs_the_method_as_a_worker_would(
     assert (storage / "models/from-template/deepe.json").is_file()
 
 
+@pytest.mark.e2e
 def test_the_runner_attaches_the_callback_when_the_method_forgot_it(
         tmp_path: Path, sft_params: dict[str, object]) -> None:
     from deepe_tasks.ui.local import run_method_file

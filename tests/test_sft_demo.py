@@ -40,6 +40,7 @@ def rows() -> list[dict[str, str]]:
     return tiny.sft_rows(16)
 
 
+@pytest.mark.e2e
 def test_jsonl_csv_parquet_and_save_to_disk_all_train(tiny_model: Path, rows: list[dict[str, str]],
                                                       tmp_path: Path) -> None:
     import datasets
@@ -121,6 +122,7 @@ def test_hyperparameters_reach_the_trainer(tiny_model: Path, rows: list[dict[str
     assert trainer.model.peft_config["default"].r == 8
 
 
+@pytest.mark.e2e
 def test_a_chat_template_is_used_when_the_tokenizer_has_one(tiny_model: Path, rows: list[dict[str, str]],
                                                             tmp_path: Path) -> None:
     chat_model = tmp_path / "chat-model"

@@ -22,12 +22,14 @@ if TYPE_CHECKING:
 def local_runner(method_file: Path, params: dict[str, Any], emit: Callable[[Event], None],
                  job_id: str | None = None) -> Runner:
     """A runner for ``method_file`` with ``params``, as a worker's job process would build it."""
-    from deepe_tasks.job.runner import Runner  # the training stack loads only when a run starts
-
     settings = get_settings()
     source = method_file.read_text(encoding="utf-8")
     job_id = job_id or f"local-{time.strftime('%Y%m%d-%H%M%S')}"
     resolved = resolve_params(parse_params(params), settings.storage_root, job_id)
+    from deepe_tasks.job.runner import (
+        Runner,  # the training stack loads once the input is known good
+    )
+
     job_dir(settings.storage_root, job_id).mkdir(parents=True, exist_ok=True)
     spec = JobSpec(job_id=job_id, method=method_file.stem, method_sha256=sha256_of(source), source=source,
                    params=resolved.as_dict(), storage_root=str(settings.storage_root), worker="local")
