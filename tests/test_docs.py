@@ -10,7 +10,7 @@ import pytest
 
 from deepe_tasks.core.records import EventKind, JobStatus
 from deepe_tasks.fixtures import tiny
-from deepe_tasks.queue.methods import check_source
+from deepe_tasks.queue.check import check_source
 from deepe_tasks.ui.local import check_output, run_method_file
 from tests.conftest import paste_into_template
 

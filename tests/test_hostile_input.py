@@ -82,7 +82,7 @@ CLI_CASES: dict[str, tuple[list[str], int, str]] = {
     "a worker on deepe's running set": (["worker", "--queues", "gpu,deepe:running"], 2, "is not valid"),
     "submit with a parameter that is not KEY=VALUE": (["submit", "sft-demo", "-p", "=x"], 2, "is not KEY=VALUE"),
     "run-local with a wrong value": (["run-local", "sft-demo", "-p", "MAX_STEPS=abc"], 2, "MAX_STEPS"),
-    "a new method named with a path": (["methods", "new", "../../etc/x"], 2, "not a valid method name"),
+    "a new method named with a path": (["methods", "new", "../../etc/x"], 2, "is not a method name"),
     "a check of a path": (["methods", "check", "../../etc/passwd"], 2, "is not a method name"),
 }
 

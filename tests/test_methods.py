@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from deepe_tasks.core.errors import MethodExists, MethodNotFound
+from deepe_tasks.queue.check import check_source
 from deepe_tasks.queue.methods import (
     BEGIN_MARKER,
     END_MARKER,
-    check_source,
     list_methods,
     load_method,
     new_method,

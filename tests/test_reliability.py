@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -266,7 +265,8 @@ def test_redis_restarting_mid_job_loses_no_event(tmp_path: Path, slow_params: di
         wait_for_event(job, EventKind.LOG, count=3)
         # When Redis goes away for a few seconds mid-training, and comes back with its AOF
         server.stop()
-        time.sleep(4)
+        # (it lasts until the worker has found Redis gone, with the job still training)
+        wait_for(lambda: "could not reach Redis" in w.log(), timeout=60)
         server.start()
         # Then the job finishes, its state is recorded and every step's event is there, in order
         assert job.wait(timeout=180) is JobStatus.SUCCEEDED, job.info()["error"]

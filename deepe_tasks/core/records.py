@@ -10,6 +10,13 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 
+class Word(str, Enum):
+    """A string enum that reads as its value in messages (f"{Phase.TRAINING}" is "training")."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
 class JobStatus(str, Enum):
     QUEUED = "queued"
     RUNNING = "running"
@@ -36,7 +43,6 @@ class EventKind(str, Enum):
     SAVING = "saving"
     # progress
     LOG = "log"
-    PROGRESS = "progress"
     CHECKPOINT = "checkpoint"
     # outcomes
     SUCCEEDED = "succeeded"
@@ -48,6 +54,43 @@ class EventKind(str, Enum):
     @property
     def is_final(self) -> bool:
         return self in (EventKind.SUCCEEDED, EventKind.FAILED, EventKind.CANCELLED)
+
+
+class Phase(Word):
+    """What an attempt was doing: named in a failure ("Failed while loading the dataset")."""
+
+    PREPARING = "preparing the job folder"
+    LOADING_METHOD = "loading the method"
+    BUILDING_MODEL = "building the model"
+    LOADING_DATASET = "loading the dataset"
+    BUILDING_TRAINER = "building the trainer"
+    TRAINING = "training"
+    SAVING = "saving"
+    RUNNING = "running the job process"  # the process died outside any phase it reported
+
+    @property
+    def event(self) -> EventKind | None:
+        """The event that announces this phase in the job's stream, if it has one."""
+        return _PHASE_EVENTS.get(self)
+
+
+_PHASE_EVENTS = {
+    Phase.BUILDING_MODEL: EventKind.LOADING_MODEL,
+    Phase.LOADING_DATASET: EventKind.LOADING_DATASET,
+    Phase.TRAINING: EventKind.TRAINING,
+    Phase.SAVING: EventKind.SAVING,
+}
+
+
+class StopReason(Word):
+    """Why an attempt was asked to stop before its method ended."""
+
+    CANCEL = "cancel"
+    CANCEL_SAVE = "cancel-save"  # cancel, and publish the model as it is
+    PREEMPT = "preempt"  # the worker is shutting down: checkpoint, to be resumed
+    CUT_OFF = "cut-off"  # the worker lost Redis for a lease TTL: checkpoint, to be resumed
+    TIME_LIMIT = "time-limit"
+    FENCED = "fenced"  # another attempt owns the job (the worker's word only: the job is killed)
 
 
 class Event(BaseModel):
@@ -137,6 +180,7 @@ class JobSpec(BaseModel):
     started_at: float = Field(default_factory=time.time)
     time_limit: float | None = None
     checkpoint_minutes: float | None = None
+    event_buffer: int = 100_000  # DEEPE_EVENT_BUFFER: events held in memory while Redis is away
 
 
 class RunResult(BaseModel):

@@ -10,12 +10,12 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from deepe_tasks.core.records import Event, EventKind
+from deepe_tasks.core.records import Event, EventKind, StopReason
 from deepe_tasks.core.storage import CHECKPOINT_DONE
 
 Emit = Callable[[Event], None]
-# Why a run should stop: "cancel", "cancel-save", "preempt", "cut-off", "time-limit"; None to go on.
-StopCheck = Callable[[], str | None]
+# Why a run should stop now; None to go on.
+StopCheck = Callable[[], StopReason | None]
 
 
 class TrainingComplete(Exception):
@@ -35,7 +35,7 @@ class DeepeCallback(TrainerCallback):
         self.emit = emit
         self.should_stop = should_stop
         self.checkpoint_s = checkpoint_minutes * 60 if checkpoint_minutes else None
-        self.stop_reason: str | None = None
+        self.stop_reason: StopReason | None = None
         self.last_metrics: dict[str, Any] = {}
         self._t0: float | None = None
         self._step0 = 0

@@ -7,6 +7,8 @@ import os
 import select
 import signal
 import time
+from dataclasses import dataclass
+from enum import Enum
 
 RESULT_FILE = "result.json"  # in the attempt's folder: how the attempt ended (a RunResult)
 LOG_FILE = "output.log"  # in the job folder: the job process's stdout and stderr
@@ -63,3 +65,37 @@ class LineReader:
             self.buffer += chunk
         line, self.buffer = self.buffer.split(b"\n", 1)
         return line.decode()
+
+
+class Reply(str, Enum):
+    """What the zygote tells its worker, one line each (the worker sends job specs as JSON lines)."""
+
+    SPARE = "spare"  # "spare PID FORKED_AT": a forked job process waits for a job
+    START = "start"  # "start PID": that process took the job just handed over
+    EXIT = "exit"  # "exit PID CODE": the job process ended (CODE < 0: killed by signal -CODE)
+
+
+@dataclass(frozen=True)
+class ZygoteReply:
+    kind: Reply
+    pid: int
+    value: float = 0.0  # SPARE: when it was forked (epoch seconds); EXIT: the exit code
+
+    def encode(self) -> bytes:
+        if self.kind is Reply.START:
+            return f"start {self.pid}\n".encode()
+        value = repr(self.value) if self.kind is Reply.SPARE else str(int(self.value))
+        return f"{self.kind.value} {self.pid} {value}\n".encode()
+
+    @classmethod
+    def parse(cls, line: str) -> ZygoteReply:
+        """The reply in ``line``; ValueError for a line that is not one."""
+        kind, pid, *rest = line.split()
+        reply = Reply(kind)
+        if len(rest) != (0 if reply is Reply.START else 1):
+            raise ValueError(f"malformed zygote reply {line!r}")
+        return cls(reply, int(pid), float(rest[0]) if rest else 0.0)
+
+    @property
+    def code(self) -> int:
+        return int(self.value)

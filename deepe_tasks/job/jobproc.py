@@ -19,7 +19,7 @@ import redis
 from deepe_tasks.core import jobstore, keys
 from deepe_tasks.core.connection import tls_options
 from deepe_tasks.core.events import EventPublisher
-from deepe_tasks.core.records import JobSpec, JobStatus, RunResult
+from deepe_tasks.core.records import JobSpec, JobStatus, RunResult, StopReason
 from deepe_tasks.core.storage import attempt_dir, job_dir
 from deepe_tasks.job import runner
 from deepe_tasks.job.ipc import CUTOFF_SIGNAL, FENCED_EXIT, LOG_FILE, PREEMPT_SIGNAL, RESULT_FILE
@@ -48,19 +48,19 @@ class StopFlags:
         self.client = client
         self.key = keys.cancel(spec.job_id)
         self.deadline = time.monotonic() + spec.time_limit if spec.time_limit else None
-        self.signalled: str | None = None
+        self.signalled: StopReason | None = None
         self._next_read = 0.0
-        self._cancel: str | None = None
+        self._cancel: StopReason | None = None
 
     def on_signal(self, signum: int, frame: object) -> None:
-        self.signalled = "cut-off" if signum == CUTOFF_SIGNAL else "preempt"
+        self.signalled = StopReason.CUT_OFF if signum == CUTOFF_SIGNAL else StopReason.PREEMPT
 
-    def check(self) -> str | None:
+    def check(self) -> StopReason | None:
         if self.signalled:
             return self.signalled
         now = time.monotonic()
         if self.deadline is not None and now >= self.deadline:
-            return "time-limit"
+            return StopReason.TIME_LIMIT
         if now >= self._next_read:
             self._next_read = now + CANCEL_READ_INTERVAL
             try:
@@ -68,7 +68,7 @@ class StopFlags:
             except redis.RedisError:
                 value = None  # a Redis outage must not stop training
             if value is not None:
-                self._cancel = "cancel-save" if value == "save" else "cancel"
+                self._cancel = StopReason.CANCEL_SAVE if value == "save" else StopReason.CANCEL
         return self._cancel
 
 
@@ -143,7 +143,8 @@ def run(line: str) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     client = _client(spec, timeout=5)
-    publisher = EventPublisher(client, spec.job_id, spec.attempt, jsonl=folder / "events.jsonl", on_fenced=_fenced)
+    publisher = EventPublisher(client, spec.job_id, spec.attempt, jsonl=folder / "events.jsonl",
+                               max_buffer=spec.event_buffer, on_fenced=_fenced)
     # The cancel flag is read on the training thread: during an outage that read must fail
     # fast, not stall a step for the usual timeouts.
     flags = StopFlags(_client(spec, timeout=0.2), spec)
@@ -159,7 +160,7 @@ def run(line: str) -> int:
                            error=f"The job process failed outside the method: {type(e).__name__}: {e}")
     # The worker writes the final event; ours must be in the stream before it. Cut off from
     # Redis, or refused as stale, this attempt waits no longer than a lease for it.
-    wait = spec.lease_ttl if flags.signalled == "cut-off" or fence.refused else 300
+    wait = spec.lease_ttl if flags.signalled is StopReason.CUT_OFF or fence.refused else 300
     if not publisher.close(timeout=wait):
         logging.warning("some events reached events.jsonl but not Redis")
     write_result(attempt, result)

@@ -22,7 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from deepe_tasks.core.errors import AttemptFenced, MethodContractError
-from deepe_tasks.core.records import Event, EventKind, JobSpec, JobStatus, RunResult
+from deepe_tasks.core.records import (
+    Event,
+    EventKind,
+    JobSpec,
+    JobStatus,
+    Phase,
+    RunResult,
+    StopReason,
+)
 from deepe_tasks.core.storage import (
     MANIFEST,
     attempt_dir,
@@ -33,7 +41,8 @@ from deepe_tasks.core.storage import (
 )
 from deepe_tasks.job import phases
 from deepe_tasks.job.callback import DeepeCallback, Emit, StopCheck, TrainingComplete
-from deepe_tasks.queue.methods import check_source
+from deepe_tasks.job.phases import PhaseFailure, describe
+from deepe_tasks.queue.check import Problem, check_source
 from deepe_tasks.queue.params import TrainParams, mask_secrets
 
 log = logging.getLogger(__name__)
@@ -55,12 +64,6 @@ def warm_up() -> None:
             pass
 
 
-class _Failure(Exception):
-    def __init__(self, phase: str, message: str) -> None:
-        super().__init__(message)
-        self.phase = phase
-
-
 def _versions() -> dict[str, str]:
     out = {}
     for name in LIBRARIES:
@@ -68,32 +71,6 @@ def _versions() -> dict[str, str]:
             out[name] = version(name)
     out["python"] = platform.python_version()
     return out
-
-
-def _hint(exc: BaseException, phase: str) -> str:
-    name = type(exc).__name__
-    text = str(exc)
-    if isinstance(exc, ImportError):
-        return "Install that package on the workers, or remove the import from the method."
-    if isinstance(exc, MemoryError) or "out of memory" in text.lower() or name == "OutOfMemoryError":
-        return "Lower BATCH_SIZE or MAX_SEQ_LENGTH, raise GRAD_ACCUM_STEPS, or set LOAD_IN_4BIT=true."
-    if isinstance(exc, FileNotFoundError) and phase == phases.LOADING_DATASET:
-        return "Check DATASET_PATH: relative paths resolve under DEEPE_STORAGE."
-    if phase == phases.BUILDING_MODEL and isinstance(exc, (OSError, ValueError)):
-        return "Check MODEL_PATH: it must be a complete model folder (config.json and weights)."
-    return ""
-
-
-def _describe(exc: BaseException, phase: str, filename: str) -> str:
-    """A readable sentence: the phase, the error, where in the method, and what to do."""
-    where = ""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == filename]
-    if frames:
-        f = frames[-1]
-        where = f" (at {filename} line {f.lineno}: `{(f.line or '').strip()}`)"
-    text = str(exc).strip() or "no message"
-    hint = _hint(exc, phase)
-    return f"Failed while {phase}: {type(exc).__name__}: {text}{where}." + (f" {hint}" if hint else "")
 
 
 class Runner:
@@ -120,57 +97,64 @@ class Runner:
             t1 = time.monotonic()
             train_metrics = self._train(trainer)
             self.timings["train_s"] = round(time.monotonic() - t1, 3)
-        except _Failure as e:
+        except PhaseFailure as e:
             return self._failed(e.phase, str(e))
         metrics = {**self.callback.last_metrics, **train_metrics}
         step = trainer.state.global_step
         reason = self.callback.stop_reason
-        stopped = {
-            "cancel": RunResult(status=JobStatus.CANCELLED, error=f"cancelled at step {step}"),
-            "preempt": RunResult(status=JobStatus.QUEUED, error=f"stopped at step {step} to be resumed"),
-            "cut-off": RunResult(status=JobStatus.QUEUED, error=(
-                f"stopped at step {step}: its worker could not reach Redis for DEEPE_LEASE_TTL="
-                f"{self.spec.lease_ttl:g} s")),
-            "time-limit": RunResult(status=JobStatus.FAILED, error=(
-                f"time limit of {self.spec.time_limit:g} s reached at step {step}; the checkpoint is kept "
-                "in the job folder. Submit again with a longer time_limit, or fewer MAX_STEPS."
-                if self.spec.time_limit else f"time limit reached at step {step}")),
-        }.get(reason or "")
+        stopped = self._stopped(reason, step)
         if stopped is not None:
-            return stopped.model_copy(update={"phase": phases.TRAINING, "metrics": metrics, "step": step})
-        partial = reason == "cancel-save"
+            return stopped.model_copy(update={"phase": Phase.TRAINING, "metrics": metrics, "step": step})
+        partial = reason is StopReason.CANCEL_SAVE
         try:
             t2 = time.monotonic()
-            self.tracker.enter(phases.SAVING, EventKind.SAVING, "saving the model and tokenizer")
+            self.tracker.enter(Phase.SAVING, "saving the model and tokenizer")
             output = self._save(trainer, metrics, save_started=t2, partial=partial)
         except AttemptFenced as e:
-            return RunResult(status=JobStatus.QUEUED, phase=phases.SAVING, metrics=metrics, step=step, error=str(e))
+            return RunResult(status=JobStatus.QUEUED, phase=Phase.SAVING, metrics=metrics, step=step, error=str(e))
         except Exception as e:
             log.exception("saving failed")
-            return self._failed(phases.SAVING, _describe(e, phases.SAVING, self.filename))
+            return self._failed(Phase.SAVING, describe(e, Phase.SAVING, self.filename))
         if partial:
-            return RunResult(status=JobStatus.CANCELLED, phase=phases.SAVING, metrics=metrics, step=step,
+            return RunResult(status=JobStatus.CANCELLED, phase=Phase.SAVING, metrics=metrics, step=step,
                              output_dir=str(output), error=f"cancelled at step {step}; the partial model was saved")
-        return RunResult(status=JobStatus.SUCCEEDED, phase=phases.SAVING, metrics=metrics,
+        return RunResult(status=JobStatus.SUCCEEDED, phase=Phase.SAVING, metrics=metrics,
                          output_dir=str(output), step=step)
+
+    def _stopped(self, reason: StopReason | None, step: int) -> RunResult | None:
+        """How an attempt that stopped early ended; None when it goes on to save."""
+        if reason is StopReason.CANCEL:
+            return RunResult(status=JobStatus.CANCELLED, error=f"cancelled at step {step}")
+        if reason is StopReason.PREEMPT:
+            return RunResult(status=JobStatus.QUEUED, error=f"stopped at step {step} to be resumed")
+        if reason is StopReason.CUT_OFF:
+            return RunResult(status=JobStatus.QUEUED, error=(
+                f"stopped at step {step}: its worker could not reach Redis for DEEPE_LEASE_TTL="
+                f"{self.spec.lease_ttl:g} s"))
+        if reason is StopReason.TIME_LIMIT:
+            return RunResult(status=JobStatus.FAILED, error=(
+                f"time limit of {self.spec.time_limit:g} s reached at step {step}; the checkpoint is kept "
+                "in the job folder. Submit again with a longer time_limit, or fewer MAX_STEPS."
+                if self.spec.time_limit else f"time limit reached at step {step}"))
+        return None
 
     def build(self) -> Any:
         """Execute the method and check the contract; return its trainer, ready to train."""
         self._load_method()
         return self._check_contract()
 
-    def _failed(self, phase: str, message: str) -> RunResult:
+    def _failed(self, phase: Phase, message: str) -> RunResult:
         return RunResult(status=JobStatus.FAILED, phase=phase, error=message)
 
     def _load_method(self) -> None:
         report = check_source(self.spec.source, self.filename)
-        if not report.ok and report.errors[0].startswith("Syntax error"):
-            raise _Failure(phases.LOADING_METHOD, f"Failed while {phases.LOADING_METHOD}: "
-                           f"{self.filename}: {report.errors[0]}")
-        misuse = [e for e in report.errors if "remove it" in e]
+        for syntax in report.of(Problem.SYNTAX):
+            raise PhaseFailure(Phase.LOADING_METHOD, f"Failed while {Phase.LOADING_METHOD}: {self.filename}: "
+                           f"{syntax.message}")
+        misuse = report.of(Problem.PLATFORM_CALL)
         if misuse:
-            raise _Failure(phases.LOADING_METHOD, f"Failed while {phases.LOADING_METHOD}: "
-                           f"{self.filename} breaks the method contract. " + " ".join(misuse))
+            raise PhaseFailure(Phase.LOADING_METHOD, f"Failed while {Phase.LOADING_METHOD}: {self.filename} breaks "
+                           "the method contract. " + " ".join(f.message for f in misuse))
         module = types.ModuleType(f"deepe_method_{self.spec.method.replace('-', '_')}")
         module.__file__ = self.filename
         ns = module.__dict__
@@ -194,7 +178,7 @@ class Runner:
             own = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == self.filename]
             if own:
                 phase = phases.refine(phase, own[-1].line or "")
-            raise _Failure(phase, _describe(e, phase, self.filename)) from e
+            raise PhaseFailure(phase, describe(e, phase, self.filename)) from e
 
     def _check_contract(self) -> Any:
         ns = self.namespace
@@ -205,8 +189,8 @@ class Runner:
             elif not callable(getattr(ns[name], attr, None)):
                 missing.append(f"`{name}` ({type(ns[name]).__name__}) has no {attr}()")
         if missing:
-            raise _Failure(phases.LOADING_METHOD, str(MethodContractError(
-                f"Failed while {phases.LOADING_METHOD}: {self.filename} does not fulfil the contract: "
+            raise PhaseFailure(Phase.LOADING_METHOD, str(MethodContractError(
+                f"Failed while {Phase.LOADING_METHOD}: {self.filename} does not fulfil the contract: "
                 + "; ".join(missing) + ". Define `model`, `tokenizer` and `trainer` between the marker lines.")))
         trainer = ns["trainer"]
         args = getattr(trainer, "args", None)
@@ -221,7 +205,7 @@ class Runner:
         return trainer
 
     def _train(self, trainer: Any) -> dict[str, Any]:
-        self.tracker.enter(phases.TRAINING, EventKind.TRAINING, "training")
+        self.tracker.enter(Phase.TRAINING)
         resume = latest_checkpoint(Path(self.spec.storage_root), self.spec.job_id)
         if resume is not None:
             step = int(resume.name.split("-")[-1])
@@ -235,7 +219,7 @@ class Runner:
             if isinstance(e, KeyboardInterrupt):
                 raise
             log.exception("training failed")
-            raise _Failure(phases.TRAINING, _describe(e, phases.TRAINING, self.filename)) from e
+            raise PhaseFailure(Phase.TRAINING, describe(e, Phase.TRAINING, self.filename)) from e
         metrics = {k: v for k, v in (getattr(output, "metrics", None) or {}).items() if isinstance(v, (int, float))}
         steps = trainer.state.global_step
         if steps and "train_runtime" in metrics:

@@ -8,9 +8,7 @@ nothing of one job reaches the next: jobs never run in the zygote itself.
 It talks to its worker over two pipes, one line per message:
 
     worker → zygote   a job spec (JSON)
-    zygote → worker   "spare PID FORKED_AT"   a spare is waiting
-                      "start PID"             the spare took the job
-                      "exit PID CODE"         the job process ended (CODE < 0: killed by signal -CODE)
+    zygote → worker   an `ipc.ZygoteReply`: "spare PID FORKED_AT", "start PID" or "exit PID CODE"
 
 Run as ``python -m deepe_tasks.job.zygote CMD_FD REPLY_FD``; it exits when the worker closes CMD_FD.
 """
@@ -26,9 +24,9 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 
-from deepe_tasks.job import jobproc, runner
-from deepe_tasks.job.ipc import LineReader, die_with_parent, write_all
+from deepe_tasks.job.ipc import LineReader, Reply, ZygoteReply, die_with_parent, write_all
 
 log = logging.getLogger("deepe_tasks.job.zygote")
 
@@ -49,8 +47,14 @@ class Spare:
             os.close(self.spec_fd)
 
 
+RunJob = Callable[[str], int]  # a job spec (JSON) in, the job process's exit code out
+
+
 class ZygoteServer:
-    def __init__(self, cmd_fd: int, reply_fd: int) -> None:
+    """Serves one worker over its two pipes; ``run_job`` runs a job in a forked process."""
+
+    def __init__(self, cmd_fd: int, reply_fd: int, run_job: RunJob) -> None:
+        self.run_job = run_job
         self.cmd_fd = cmd_fd
         self.reply_fd = reply_fd
         self.pid = os.getpid()
@@ -90,7 +94,7 @@ class ZygoteServer:
             spare = self.fork()
             spare.hand(line)
         self.job = spare.pid
-        self.reply(f"start {spare.pid}")
+        self.reply(ZygoteReply(Reply.START, spare.pid))
         return self.fork()  # the next job's process, ready before it is submitted
 
     def reap(self, spare: Spare) -> Spare:
@@ -104,7 +108,7 @@ class ZygoteServer:
             code = os.waitstatus_to_exitcode(status)
             if pid == self.job:
                 self.job = None
-                self.reply(f"exit {pid} {code}")
+                self.reply(ZygoteReply(Reply.EXIT, pid, code))
             elif pid == spare.pid:
                 log.warning("the warm spare (pid %d) died with code %d; replacing it", pid, code)
                 os.close(spare.spec_fd)
@@ -118,11 +122,11 @@ class ZygoteServer:
             os.close(spec_w)
             self._child(spec_r)  # never returns
         os.close(spec_r)
-        self.reply(f"spare {pid} {forked_at}")
+        self.reply(ZygoteReply(Reply.SPARE, pid, forked_at))
         return Spare(pid, spec_w, forked_at)
 
-    def reply(self, message: str) -> None:
-        os.write(self.reply_fd, (message + "\n").encode())
+    def reply(self, message: ZygoteReply) -> None:
+        write_all(self.reply_fd, message.encode())
 
     def _child(self, spec_fd: int) -> None:
         code = 1
@@ -140,7 +144,7 @@ class ZygoteServer:
             _reseed()
             with os.fdopen(spec_fd, "rb") as f:
                 line = f.readline()
-            code = jobproc.run(line.decode()) if line else 0
+            code = self.run_job(line.decode()) if line else 0
         except BaseException:
             traceback.print_exc()
         finally:
@@ -165,13 +169,15 @@ def _reseed() -> None:
 def main() -> int:
     cmd_fd, reply_fd = int(sys.argv[1]), int(sys.argv[2])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from deepe_tasks.job import jobproc, runner
+
     runner.warm_up()
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
         # A forked CUDA context is unusable: every job would fail. This is a bug in an import.
         log.error("CUDA was initialised while importing the training stack; the zygote cannot fork jobs")
         return 1
-    return ZygoteServer(cmd_fd, reply_fd).serve()
+    return ZygoteServer(cmd_fd, reply_fd, jobproc.run).serve()
 
 
 if __name__ == "__main__":

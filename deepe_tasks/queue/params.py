@@ -7,7 +7,15 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    AliasGenerator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from deepe_tasks.core.errors import InvalidParams
 from deepe_tasks.core.storage import MANIFEST
@@ -29,7 +37,9 @@ def _field(default: Any, allowed: str, **kw: Any) -> Any:
 class TrainParams(BaseModel):
     """The parameters every method receives, under their own names; unknown keys are kept as custom."""
 
-    model_config = ConfigDict(extra="allow", populate_by_name=True, validate_assignment=True)
+    # Each field also answers to its lower snake-case name: model_path, prompt_input_column, ...
+    model_config = ConfigDict(extra="allow", populate_by_name=True, validate_assignment=True,
+                              alias_generator=AliasGenerator(validation_alias=lambda n: AliasChoices(n, _snake(n))))
 
     MODEL_PATH: str = _field(..., "a model folder (relative paths resolve under DEEPE_STORAGE)", min_length=1)
     MAX_SEQ_LENGTH: int = _field(1024, "an integer from 8 to 1048576", ge=8, le=1_048_576)
@@ -79,11 +89,6 @@ class TrainParams(BaseModel):
         return self.model_dump(by_alias=False)
 
 
-# Each field also answers to its lower snake-case name: model_path, prompt_input_column, ...
-for _name, _info in TrainParams.model_fields.items():
-    _info.validation_alias = AliasChoices(_name, _snake(_name))
-TrainParams.model_rebuild(force=True)
-
 ALIASES = {_snake(name): name for name in TrainParams.model_fields}
 
 
@@ -92,7 +97,7 @@ def _allowed(name: str) -> str:
     return info.description or "" if info else ""
 
 
-def _format_errors(err: ValidationError, raw: dict[str, Any]) -> str:
+def _format_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         name = str(e["loc"][0]) if e["loc"] else "params"
@@ -122,7 +127,7 @@ def parse_params(raw: dict[str, Any]) -> TrainParams:
     try:
         return TrainParams.model_validate(raw)
     except ValidationError as e:
-        raise InvalidParams(_format_errors(e, raw)) from e
+        raise InvalidParams(_format_errors(e)) from e
 
 
 def _under(root: Path, value: str) -> Path:

@@ -11,7 +11,7 @@ import secrets
 from collections.abc import Iterator
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
@@ -89,6 +89,127 @@ def _method_info(m: Method) -> MethodInfo:
     return MethodInfo(name=m.name, description=m.description, sha256=m.sha256, source=m.source)
 
 
+bearer = HTTPBearer(auto_error=False)
+
+
+def authorised(request: Request,
+               credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+    """The bearer token must be one of the app's tokens (none configured: `--insecure`)."""
+    tokens: list[str] = request.app.state.tokens
+    if not tokens:
+        return
+    given = credentials.credentials if credentials else ""
+    # As bytes: compare_digest refuses str with non-ASCII characters (a header can carry them).
+    if not any(secrets.compare_digest(given.encode(), t.encode()) for t in tokens):
+        raise HTTPException(401, "A valid `Authorization: Bearer <token>` header is required.",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
+async def deepe_error(request: Request, exc: Exception) -> JSONResponse:
+    """A deepe error as an HTTP answer: the message says what to fix."""
+    if isinstance(exc, JobNotFound) or (isinstance(exc, MethodNotFound) and request.method == "GET"):
+        code = 404
+    elif isinstance(exc, (InvalidJobState, JobExists)):
+        code = 409
+    elif isinstance(exc, BrokerUnavailable):
+        code = 503
+    else:
+        code = 422  # bad input
+    return JSONResponse({"detail": str(exc)}, status_code=code)
+
+
+jobs_api = APIRouter(dependencies=[Depends(authorised)])  # jobs and methods: a token is needed
+open_api = APIRouter()  # health and metrics: for probes and Prometheus
+
+
+@jobs_api.post("/jobs", status_code=201, response_model=JobRef, responses={422: ERRORS[422]})
+def submit(body: SubmitRequest) -> JobRef:
+    """Validate and queue a job, exactly as `deepe submit` does."""
+    job = client.submit(body.method, body.params, queue=body.queue, priority=body.priority,
+                        time_limit=body.time_limit)
+    return JobRef(id=job.id, status=job.status())
+
+
+@jobs_api.get("/jobs", response_model=JobList)
+def jobs(status: JobStatus | None = None, method: str | None = None,
+         limit: Annotated[int, Query(ge=1, le=500)] = 20,
+         cursor: Annotated[str | None, Query(pattern=r"^\d+$")] = None) -> JobList:
+    """Jobs, newest first."""
+    records, next_cursor = client.list_jobs(status, method, limit, cursor)
+    return JobList(jobs=[_info(r) for r in records], next_cursor=next_cursor)  # records read once
+
+
+@jobs_api.get("/jobs/{job_id}", response_model=JobInfo, responses={404: ERRORS[404]})
+def job(job_id: str) -> JobInfo:
+    """The job record, with secrets masked, its final metrics and its latest progress."""
+    return _info(client.Job(job_id).record())
+
+
+EVENTS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Server-Sent Events (each `id` is the stream id), or a JSON list with follow=false.",
+          "content": {EVENT_STREAM: {}, "application/json": {"schema": {
+              "type": "array", "items": Event.model_json_schema(ref_template="#/components/schemas/{model}")}}}},
+    404: ERRORS[404],
+}
+
+
+@jobs_api.get("/jobs/{job_id}/events", responses=EVENTS_RESPONSES, response_model=None)
+def events(job_id: str, follow: bool = True, since: Annotated[str, Query(pattern=r"^\d+(-\d+)?$")] = "0",
+           last_event_id: Annotated[str | None, Header(pattern=r"^\d+(-\d+)?$")] = None) -> Any:
+    """Replay a job's events from `since` (or after `Last-Event-ID`), then tail them until it ends."""
+    stream = client.Job(job_id).events(since=last_event_id or since, follow=follow)
+    if not follow:
+        return JSONResponse([e.model_dump(mode="json") for e in stream])
+
+    def sse() -> Iterator[str]:
+        for event in stream:
+            yield f"id: {event.id}\nevent: {event.kind.value}\ndata: {json.dumps(event.model_dump(mode='json'))}\n\n"
+
+    return StreamingResponse(sse(), media_type=EVENT_STREAM, headers={"Cache-Control": "no-cache"})
+
+
+@jobs_api.post("/jobs/{job_id}/cancel", response_model=JobRef,
+               responses={404: ERRORS[404], 409: {"model": Error, "description": "The job already ended."}})
+def cancel(job_id: str, save: bool = False) -> JobRef:
+    """Cancel a queued job, or stop a running one at its next step (with `save`, publish it)."""
+    return JobRef(id=job_id, status=client.Job(job_id).cancel(save=save))
+
+
+@jobs_api.get("/methods", response_model=list[MethodInfo])
+def methods() -> list[MethodInfo]:
+    return [_method_info(m) for m in list_methods(get_settings().method_root)]
+
+
+@jobs_api.get("/methods/{name}", response_model=MethodInfo, responses={404: ERRORS[404]})
+def method(name: str) -> MethodInfo:
+    return _method_info(load_method(get_settings().method_root, name))
+
+
+@open_api.get("/healthz", response_model=Health, responses={503: {"model": Health}})
+def healthz() -> Any:
+    """Whether Redis answers, and how many workers answered a ping."""
+    from deepe_tasks.worker.celery_app import app_for
+
+    try:
+        get_redis().ping()
+    except Exception:
+        return JSONResponse(Health(redis=False, workers=0).model_dump(), status_code=503)
+    replies = app_for(get_settings().redis_url).control.ping(timeout=0.5) or []
+    return Health(redis=True, workers=len(replies))
+
+
+@open_api.get("/metrics", response_class=PlainTextResponse)
+def metrics() -> PlainTextResponse:
+    """Prometheus metrics: jobs by state, queue lengths, running jobs, events, job durations."""
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+    from deepe_tasks.ui.metrics import DeepeCollector
+
+    registry = CollectorRegistry()
+    registry.register(DeepeCollector())
+    return PlainTextResponse(generate_latest(registry).decode(), media_type=CONTENT_TYPE_LATEST)
+
+
 def create_app(tokens: list[str], insecure: bool = False) -> FastAPI:
     """The API app; without tokens it refuses to be built unless ``insecure``."""
     if not tokens and not insecure:
@@ -96,107 +217,9 @@ def create_app(tokens: list[str], insecure: bool = False) -> FastAPI:
                          "or start with --insecure on a trusted network only.")
     if insecure and not tokens:
         log.warning("the deepe API runs WITHOUT authentication (--insecure)")
-    bearer = HTTPBearer(auto_error=False)
-
-    # (A default, not Annotated: this closure's names are not visible to FastAPI's resolver.)
-    def authorised(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
-        if not tokens:
-            return
-        given = credentials.credentials if credentials else ""
-        # As bytes: compare_digest refuses str with non-ASCII characters (a header can carry them).
-        if not any(secrets.compare_digest(given.encode(), t.encode()) for t in tokens):
-            raise HTTPException(401, "A valid `Authorization: Bearer <token>` header is required.",
-                                headers={"WWW-Authenticate": "Bearer"})
-
     app = FastAPI(title="deepe", version="0.1.0", description=__doc__, responses={401: ERRORS[401]})
-    auth = [Depends(authorised)]
-
-    @app.exception_handler(DeepeError)
-    async def deepe_error(request: Request, exc: DeepeError) -> JSONResponse:
-        if isinstance(exc, JobNotFound) or (isinstance(exc, MethodNotFound) and request.method == "GET"):
-            code = 404
-        elif isinstance(exc, (InvalidJobState, JobExists)):
-            code = 409
-        elif isinstance(exc, BrokerUnavailable):
-            code = 503
-        else:
-            code = 422  # bad input: the message says what to fix
-        return JSONResponse({"detail": str(exc)}, status_code=code)
-
-    @app.post("/jobs", status_code=201, response_model=JobRef, dependencies=auth,
-              responses={422: ERRORS[422]})
-    def submit(body: SubmitRequest) -> JobRef:
-        """Validate and queue a job, exactly as `deepe submit` does."""
-        job = client.submit(body.method, body.params, queue=body.queue, priority=body.priority,
-                            time_limit=body.time_limit)
-        return JobRef(id=job.id, status=job.status())
-
-    @app.get("/jobs", response_model=JobList, dependencies=auth)
-    def jobs(status: JobStatus | None = None, method: str | None = None,
-             limit: Annotated[int, Query(ge=1, le=500)] = 20, cursor: Annotated[str | None, Query(pattern=r"^\d+$")] = None) -> JobList:
-        """Jobs, newest first."""
-        records, next_cursor = client.list_jobs(status, method, limit, cursor)
-        return JobList(jobs=[_info(r) for r in records], next_cursor=next_cursor)  # records read once
-
-    @app.get("/jobs/{job_id}", response_model=JobInfo, dependencies=auth, responses={404: ERRORS[404]})
-    def job(job_id: str) -> JobInfo:
-        """The job record, with secrets masked, its final metrics and its latest progress."""
-        return _info(client.Job(job_id).record())
-
-    @app.get("/jobs/{job_id}/events", dependencies=auth, responses={
-        200: {"description": "Server-Sent Events (each `id` is the stream id), or a JSON list with follow=false.",
-              "content": {EVENT_STREAM: {}, "application/json": {"schema": {"type": "array", "items": Event.model_json_schema(ref_template="#/components/schemas/{model}")}}}},
-        404: ERRORS[404]}, response_model=None)
-    def events(job_id: str, follow: bool = True, since: Annotated[str, Query(pattern=r"^\d+(-\d+)?$")] = "0",
-               last_event_id: Annotated[str | None, Header(pattern=r"^\d+(-\d+)?$")] = None) -> Any:
-        """Replay a job's events from `since` (or after `Last-Event-ID`), then tail them until it ends."""
-        job = client.Job(job_id)
-        start = last_event_id or since
-        stream = job.events(since=start, follow=follow)
-        if not follow:
-            return JSONResponse([e.model_dump(mode="json") for e in stream])
-
-        def sse() -> Iterator[str]:
-            for event in stream:
-                yield f"id: {event.id}\nevent: {event.kind.value}\ndata: {json.dumps(event.model_dump(mode='json'))}\n\n"
-
-        return StreamingResponse(sse(), media_type=EVENT_STREAM, headers={"Cache-Control": "no-cache"})
-
-    @app.post("/jobs/{job_id}/cancel", response_model=JobRef, dependencies=auth,
-              responses={404: ERRORS[404], 409: {"model": Error, "description": "The job already ended."}})
-    def cancel(job_id: str, save: bool = False) -> JobRef:
-        """Cancel a queued job, or stop a running one at its next step (with `save`, publish it)."""
-        return JobRef(id=job_id, status=client.Job(job_id).cancel(save=save))
-
-    @app.get("/methods", response_model=list[MethodInfo], dependencies=auth)
-    def methods() -> list[MethodInfo]:
-        return [_method_info(m) for m in list_methods(get_settings().method_root)]
-
-    @app.get("/methods/{name}", response_model=MethodInfo, dependencies=auth, responses={404: ERRORS[404]})
-    def method(name: str) -> MethodInfo:
-        return _method_info(load_method(get_settings().method_root, name))
-
-    @app.get("/healthz", response_model=Health, responses={503: {"model": Health}})
-    def healthz() -> Any:
-        """Whether Redis answers, and how many workers answered a ping."""
-        from deepe_tasks.worker.celery_app import app_for
-
-        try:
-            get_redis().ping()
-        except Exception:
-            return JSONResponse(Health(redis=False, workers=0).model_dump(), status_code=503)
-        replies = app_for(get_settings().redis_url).control.ping(timeout=0.5) or []
-        return Health(redis=True, workers=len(replies))
-
-    @app.get("/metrics", response_class=PlainTextResponse)
-    def metrics() -> PlainTextResponse:
-        """Prometheus metrics: jobs by state, queue lengths, running jobs, events, job durations."""
-        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-
-        from deepe_tasks.ui.metrics import DeepeCollector
-
-        registry = CollectorRegistry()
-        registry.register(DeepeCollector())
-        return PlainTextResponse(generate_latest(registry).decode(), media_type=CONTENT_TYPE_LATEST)
-
+    app.state.tokens = list(tokens)
+    app.add_exception_handler(DeepeError, deepe_error)
+    app.include_router(jobs_api)
+    app.include_router(open_api)
     return app

@@ -61,7 +61,7 @@ def follow(events: Iterable[Event], console: Console) -> Event | None:
         bar = progress.add_task("training", total=None, loss="-", eta="?", visible=False)
         for event in events:
             last = event
-            if event.kind in (EventKind.LOG, EventKind.PROGRESS):
+            if event.kind is EventKind.LOG:
                 fields: dict[str, Any] = {"eta": fmt_seconds(event.eta_s)}
                 if "loss" in event.metrics:
                     fields["loss"] = fmt_metric(event.metrics["loss"])

@@ -95,5 +95,12 @@ class AttemptCredential:
 
 
 def revoke(client: redis.Redis, job_id: str, attempt: int) -> None:
-    """Delete an attempt's user, which also closes its connections; nothing if there is none."""
-    client.acl_deluser(username(job_id, attempt))
+    """Delete an attempt's user, which also closes its connections; nothing if there is none.
+
+    Best effort, with a warning: a user left behind is deleted by the next claim or the reaper,
+    and its attempt is fenced off anyway.
+    """
+    try:
+        client.acl_deluser(username(job_id, attempt))
+    except redis.RedisError as e:
+        log.warning("job %s: could not delete the Redis user of attempt %d: %s", job_id, attempt, e)

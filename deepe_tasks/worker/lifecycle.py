@@ -116,10 +116,7 @@ def _reap(client: redis.Redis, job_id: str, max_resumes: int) -> bool:
         return False
     finally:
         # The lost attempt is fenced off now: its Redis user goes too, with its connections.
-        try:
-            credentials.revoke(client, job_id, record.attempts)
-        except redis.RedisError as e:
-            log.warning("job %s: could not delete the Redis user of attempt %d: %s", job_id, record.attempts, e)
+        credentials.revoke(client, job_id, record.attempts)
 
 
 def _reaper_loop(stop: threading.Event) -> None:

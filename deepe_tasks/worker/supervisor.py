@@ -18,7 +18,7 @@ from redis.retry import Retry
 from deepe_tasks.core import jobstore, keys
 from deepe_tasks.core.connection import tls_options
 from deepe_tasks.core.events import decode
-from deepe_tasks.core.records import Event, EventKind, JobRecord, RunResult
+from deepe_tasks.core.records import Event, EventKind, JobRecord, RunResult, StopReason
 from deepe_tasks.core.settings import Settings
 from deepe_tasks.job.ipc import CUTOFF_SIGNAL, PREEMPT_SIGNAL
 from deepe_tasks.worker import credentials
@@ -69,12 +69,8 @@ class Attempt:
         return jobstore.requeue(self.client, self.record, why, self.settings.max_resumes, lease_must_be_gone=False)
 
     def drop_credential(self) -> None:
-        """Delete the attempt's Redis user (which closes its connections); best effort: the
-        next claim and the reaper delete it too."""
-        try:
-            self.credential.delete()
-        except redis.RedisError as e:
-            log.warning("job %s: could not delete the Redis user of attempt %d: %s", self.job_id, self.number, e)
+        """Delete the attempt's Redis user (which closes its connections); best effort."""
+        self.credential.delete()
 
 
 class Supervisor:
@@ -95,12 +91,12 @@ class Supervisor:
         self.settings = attempt.settings
         self.client = attempt.client
         self.job_id = attempt.job_id
-        self.stop_asked: dict[str, float] = {}
+        self.stop_asked: dict[StopReason, float] = {}
         self.last_renewed = time.monotonic()
         self.save_on_cancel = False
         self.saving_seen = False
 
-    def watch(self) -> str | None:
+    def watch(self) -> StopReason | None:
         """Wait for the job process to end; return why it was stopped (None: it ended by itself)."""
         done = threading.Event()
         if self.progress is not None:
@@ -124,7 +120,7 @@ class Supervisor:
             except Exception as e:  # Flower's view is a nicety: never let it end the job
                 log.warning("job %s: could not report progress: %s", self.job_id, e)
 
-    def _watch(self) -> str | None:
+    def _watch(self) -> StopReason | None:
         ttl, grace, cutoff = self.settings.lease_ttl, self.settings.cancel_grace, self.settings.cutoff_s
         renew_every = ttl / 3
         self.last_renewed = last_contact = started = time.monotonic()
@@ -144,7 +140,7 @@ class Supervisor:
                         log.error("job %s: attempt %d was replaced by another; stopping it now",
                                   self.job_id, self.attempt.number)
                         kill_group(self.proc)  # never two trainers
-                        return "fenced"
+                        return StopReason.FENCED
                     self.last_renewed, next_renew = now, now + renew_every
                     if troubled and self.attempt.credential.scoped:
                         self.attempt.credential.ensure()  # a restarted Redis forgot ACL users
@@ -157,24 +153,24 @@ class Supervisor:
                 troubled = True
                 next_renew = min(next_renew, time.monotonic() + 0.25)  # renew as soon as Redis is back
             now = time.monotonic()
-            if now - last_contact >= cutoff and "cut-off" not in self.stop_asked:
+            if now - last_contact >= cutoff and StopReason.CUT_OFF not in self.stop_asked:
                 log.error("job %s: Redis unreachable for %.1f s (DEEPE_LEASE_TTL=%g s); another worker may take the "
                           "job over, so this attempt checkpoints and stops", self.job_id, now - last_contact, ttl)
-                self._ask("cut-off", now, CUTOFF_SIGNAL)
+                self._ask(StopReason.CUT_OFF, now, CUTOFF_SIGNAL)
             if limit is not None and now - started >= limit:
-                self.stop_asked.setdefault("time-limit", now)
-            if "preempt" not in self.stop_asked and worker_stopping():
+                self.stop_asked.setdefault(StopReason.TIME_LIMIT, now)
+            if StopReason.PREEMPT not in self.stop_asked and worker_stopping():
                 log.warning("job %s: the worker is shutting down; checkpointing to requeue", self.job_id)
-                self._ask("preempt", now, PREEMPT_SIGNAL)
+                self._ask(StopReason.PREEMPT, now, PREEMPT_SIGNAL)
             if self.stop_asked and now - min(self.stop_asked.values()) > grace:
                 log.warning("job %s did not stop within %.0f s; killing it", self.job_id, grace)
                 kill_group(self.proc)
                 return self._first_reason()
 
-    def _first_reason(self) -> str | None:
+    def _first_reason(self) -> StopReason | None:
         return min(self.stop_asked, key=lambda k: self.stop_asked[k]) if self.stop_asked else None
 
-    def _ask(self, reason: str, now: float, sig: signal.Signals) -> None:
+    def _ask(self, reason: StopReason, now: float, sig: signal.Signals) -> None:
         self.stop_asked[reason] = now
         try:
             os.kill(self.proc.pid, sig)
@@ -182,15 +178,15 @@ class Supervisor:
             pass
 
     def _read_cancel(self, now: float) -> None:
-        if "cancel" not in self.stop_asked:
+        if StopReason.CANCEL not in self.stop_asked:
             flag = self.client.get(keys.cancel(self.job_id))
             if flag is not None:
-                self.stop_asked["cancel"] = now
+                self.stop_asked[StopReason.CANCEL] = now
                 self.save_on_cancel = flag == "save"
         elif self.save_on_cancel and not self.saving_seen and self._saving():
             # Saving a model takes its own time: the grace starts again when it begins.
             self.saving_seen = True
-            self.stop_asked["cancel"] = now
+            self.stop_asked[StopReason.CANCEL] = now
 
     def _saving(self) -> bool:
         recent: list[tuple[str, dict[str, str]]] = self.client.xrevrange(  # type: ignore[assignment]

@@ -25,7 +25,15 @@ from deepe_tasks.core import jobstore
 from deepe_tasks.core.connection import get_redis
 from deepe_tasks.core.errors import JobFailed
 from deepe_tasks.core.events import append_jsonl
-from deepe_tasks.core.records import Event, EventKind, JobSpec, JobStatus, RunResult
+from deepe_tasks.core.records import (
+    Event,
+    EventKind,
+    JobSpec,
+    JobStatus,
+    Phase,
+    RunResult,
+    StopReason,
+)
 from deepe_tasks.core.settings import get_settings
 from deepe_tasks.core.storage import attempt_dir, job_dir, remove_staging
 from deepe_tasks.job.ipc import LOG_FILE, RESULT_FILE
@@ -42,7 +50,11 @@ T = TypeVar("T")
 
 @app.task(name="deepe.train", bind=True)
 def train(self: Any, job_id: str, method: str = "") -> dict[str, Any]:
-    """Run one attempt of a job; the job record and its events say how it went."""
+    """Run one attempt of a job; the job record and its events say how it went.
+
+    ``method`` is not read: the job record names the method. It is in the message so that
+    Flower and `celery inspect` show which method a task runs.
+    """
     settings = get_settings()
     hostname = self.request.hostname or os.uname().nodename
     holder = f"{hostname}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -60,29 +72,21 @@ def train(self: Any, job_id: str, method: str = "") -> dict[str, Any]:
     if claim.record is None:
         # A duplicate or late delivery: it touches nothing, not even Celery's result backend.
         proc.discard()
-        if claim.outcome is jobstore.ClaimOutcome.MISSING:
-            log.error("dropping message for job %s: it has no job record", job_id)
-        elif claim.outcome is jobstore.ClaimOutcome.ENDED:
-            log.info("dropping message for job %s: it is already %s", job_id, claim.detail)
-        elif claim.outcome is jobstore.ClaimOutcome.CORRUPT:
-            log.error("dropping message for job %s: %s, so it was not started; delete or repair that key",
-                      job_id, claim.detail)
-        else:
-            log.warning("dropping message for job %s: %s holds its lease", job_id, claim.detail)
+        _log_dropped(job_id, claim)
         raise Ignore()
     attempt = Attempt(claim.record, holder, settings)
     _best_effort(lambda: self.update_state(state=states.STARTED, meta={"job": job_id, "attempt": attempt.number}))
     folder = job_dir(settings.storage_root, job_id)
     started.attempt = started.metrics["attempt"] = attempt.number
     if attempt.number > 1:
-        _best_effort(lambda: credentials.revoke(attempt.client, job_id, attempt.number - 1))
+        credentials.revoke(attempt.client, job_id, attempt.number - 1)
     try:
         unwritable = _storage_problem(attempt_dir(settings.storage_root, job_id, attempt.number))
         append_jsonl(folder / "events.jsonl", [started.to_json()])
         if unwritable or claim.source is None:
             proc.discard()
             result = _end(attempt, RunResult(
-                status=JobStatus.FAILED, phase="preparing the job folder" if unwritable else "loading the method",
+                status=JobStatus.FAILED, phase=Phase.PREPARING if unwritable else Phase.LOADING_METHOD,
                 error=unwritable or f"The pinned source of {attempt.record.method} "
                                     f"({attempt.record.method_sha256[:12]}) is missing from Redis; submit the job again."),
                 folder)
@@ -90,15 +94,32 @@ def train(self: Any, job_id: str, method: str = "") -> dict[str, Any]:
             result = _run_attempt(self, attempt, claim.source, proc, folder)
     finally:
         attempt.drop_credential()
+    return _celery_outcome(self, job_id, result)
+
+
+def _log_dropped(job_id: str, claim: jobstore.Claim) -> None:
+    if claim.outcome is jobstore.ClaimOutcome.MISSING:
+        log.error("dropping message for job %s: it has no job record", job_id)
+    elif claim.outcome is jobstore.ClaimOutcome.ENDED:
+        log.info("dropping message for job %s: it is already %s", job_id, claim.detail)
+    elif claim.outcome is jobstore.ClaimOutcome.CORRUPT:
+        log.error("dropping message for job %s: %s, so it was not started; delete or repair that key",
+                  job_id, claim.detail)
+    else:
+        log.warning("dropping message for job %s: %s holds its lease", job_id, claim.detail)
+
+
+def _celery_outcome(task: Any, job_id: str, result: RunResult | None) -> dict[str, Any]:
+    """Celery's state of the task, from how the attempt ended (Flower shows it)."""
     if result is None:  # fenced off: another attempt owns the job and its Celery state
         raise Ignore()
     if result.status is JobStatus.FAILED:
         raise JobFailed(result.error or "the job failed")
     if result.status is JobStatus.CANCELLED:
-        self.update_state(state=states.REVOKED, meta={"job": job_id, "step": result.step})
+        task.update_state(state=states.REVOKED, meta={"job": job_id, "step": result.step})
         raise Ignore()
     if result.status is JobStatus.QUEUED:  # requeued: another message carries the job on
-        self.update_state(state="REQUEUED", meta={"job": job_id, "step": result.step})
+        task.update_state(state="REQUEUED", meta={"job": job_id, "step": result.step})
         raise Ignore()
     return {"job": job_id, "status": result.status.value, "output_dir": result.output_dir,
             "metrics": result.metrics}
@@ -115,7 +136,7 @@ def _run_attempt(task: Any, attempt: Attempt, source: str, proc: JobProcess, fol
                        lease_ttl=settings.lease_ttl, redis_url=credential.url, redis_username=credential.username,
                        redis_password=credential.password, worker=record.worker or "",
                        started_at=record.started_at or 0.0, time_limit=record.time_limit,
-                       checkpoint_minutes=settings.checkpoint_minutes)
+                       checkpoint_minutes=settings.checkpoint_minutes, event_buffer=settings.event_buffer)
         announced = proc.pid
         proc.start(spec.model_dump_json())
         if proc.pid != announced:  # the spare died just before the hand-over; another took the job
@@ -126,27 +147,27 @@ def _run_attempt(task: Any, attempt: Attempt, source: str, proc: JobProcess, fol
         # outlives it, nor what it staged and did not publish.
         kill_group(proc)
         remove_staging(Path(record.output_dir), record.id, [attempt.number])
-    if ended_by == "fenced":
+    if ended_by is StopReason.FENCED:
         return None
     result_path = own / RESULT_FILE
     if result_path.exists():
         result = RunResult.model_validate_json(result_path.read_text())
-    elif ended_by == "cancel":
-        result = RunResult(status=JobStatus.CANCELLED, phase="training",
+    elif ended_by is StopReason.CANCEL:
+        result = RunResult(status=JobStatus.CANCELLED, phase=Phase.TRAINING,
                            error=f"cancelled; the job did not stop within DEEPE_CANCEL_GRACE="
                                  f"{settings.cancel_grace:g} s and was killed")
-    elif ended_by == "time-limit":
-        result = RunResult(status=JobStatus.FAILED, phase="training",
+    elif ended_by is StopReason.TIME_LIMIT:
+        result = RunResult(status=JobStatus.FAILED, phase=Phase.TRAINING,
                            error=f"time limit of {record.time_limit:g} s reached; the job did not stop within "
                                  f"DEEPE_CANCEL_GRACE={settings.cancel_grace:g} s and was killed")
-    elif ended_by == "preempt":
-        result = RunResult(status=JobStatus.QUEUED, phase="training",
+    elif ended_by is StopReason.PREEMPT:
+        result = RunResult(status=JobStatus.QUEUED, phase=Phase.TRAINING,
                            error="the worker shut down and the job did not checkpoint in time")
-    elif ended_by == "cut-off":
-        result = RunResult(status=JobStatus.QUEUED, phase="training",
+    elif ended_by is StopReason.CUT_OFF:
+        result = RunResult(status=JobStatus.QUEUED, phase=Phase.TRAINING,
                            error=f"its worker could not reach Redis for DEEPE_LEASE_TTL={settings.lease_ttl:g} s")
     else:
-        result = RunResult(status=JobStatus.FAILED, phase="running the job process",
+        result = RunResult(status=JobStatus.FAILED, phase=Phase.RUNNING,
                            error=crash_message(proc.wait(), folder / LOG_FILE))
     return _end(attempt, result, folder)
 

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from deepe_tasks.job.ipc import LineReader, write_all
+from deepe_tasks.job.ipc import LineReader, Reply, ZygoteReply, write_all
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +38,16 @@ class ZygoteClient:
         self.spare: tuple[int, float] | None = None
         self.started = time.time()
 
-    def handle(self, line: str) -> tuple[str, int, str]:
-        """Parse a message; note a spare as it is announced."""
-        kind, pid, rest = (line.split(" ", 2) + ["", ""])[:3]
-        if kind == "spare":
-            self.spare = (int(pid), float(rest))
-        return kind, int(pid), rest
+    def handle(self, line: str) -> ZygoteReply | None:
+        """Parse a reply; note a spare as it is announced. None for a line that is no reply."""
+        try:
+            reply = ZygoteReply.parse(line)
+        except ValueError:
+            log.error("the zygote sent %r, which is not a reply; ignoring it", line)
+            return None
+        if reply.kind is Reply.SPARE:
+            self.spare = (reply.pid, reply.value)
+        return reply
 
     def next_spare(self, wait: float) -> tuple[int, float, bool] | None:
         """The waiting spare as (pid, forked_at, was_ready); waits while the zygote imports."""
@@ -95,9 +99,9 @@ class ForkedJob:
                 log.error("the zygote did not start job process %d; treating it as killed", self.pid)
                 self.returncode = -signal.SIGKILL
                 return
-            kind, pid, _ = self.zygote.handle(line)
-            if kind == "start":
-                self.pid = pid  # the same spare, unless it died just before the hand-over
+            reply = self.zygote.handle(line)
+            if reply is not None and reply.kind is Reply.START:
+                self.pid = reply.pid  # the same spare, unless it died just before the hand-over
                 self.zygote.spare = None
                 return
 
@@ -111,9 +115,9 @@ class ForkedJob:
                     self.returncode = -signal.SIGKILL
                     break
                 raise subprocess.TimeoutExpired("job process", timeout or 0)
-            kind, pid, rest = self.zygote.handle(line)
-            if kind == "exit" and pid == self.pid:
-                self.returncode = int(rest)
+            reply = self.zygote.handle(line)
+            if reply is not None and reply.kind is Reply.EXIT and reply.pid == self.pid:
+                self.returncode = reply.code
         return self.returncode
 
     def poll(self) -> int | None:

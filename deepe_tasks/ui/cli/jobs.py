@@ -1,0 +1,151 @@
+"""`deepe submit`, `status`, `logs`, `jobs`, `queues` and `cancel`: jobs on the queue."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from deepe_tasks.core.settings import get_settings
+from deepe_tasks.ui.cli.common import (
+    EXIT_FAILED,
+    JsonOpt,
+    ParamOpt,
+    app,
+    console,
+    parse_kv,
+    print_json,
+)
+
+
+@app.command()
+def submit(
+    method: str,
+    param: ParamOpt = None,
+    params_file: Annotated[Path | None, typer.Option(help="A JSON file of parameters.")] = None,
+    queue: Annotated[str | None, typer.Option(help="The queue; default DEEPE_QUEUE.")] = None,
+    priority: Annotated[int | None, typer.Option(help="0 (highest) to 9; default 5.")] = None,
+    time_limit: Annotated[float | None, typer.Option(help="Seconds of training before the job stops.")] = None,
+    job_id: Annotated[str | None, typer.Option(help="An id of your own; refused if taken.")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the job until it ends.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Submit a job and print its id."""
+    from deepe_tasks.queue.client import submit as submit_job
+
+    job = submit_job(method, parse_kv(param, params_file), queue=queue, priority=priority,
+                     time_limit=time_limit, job_id=job_id)
+    if as_json:
+        print_json({"id": job.id, "status": job.status().value})
+    else:
+        print(job.id)
+    if wait:
+        _follow(job.id)
+
+
+@app.command()
+def status(job_id: str, as_json: JsonOpt = False) -> None:
+    """Show one job's state and record."""
+    from deepe_tasks.queue.client import Job
+
+    info = Job(job_id).info()
+    if as_json:
+        print_json(info)
+        return
+    table = Table(show_header=False)
+    for key in ("id", "status", "method", "method_sha256", "queue", "worker", "output_dir", "error", "attempts"):
+        if info.get(key) not in (None, ""):
+            table.add_row(key, str(info[key]))
+    for key, value in info.get("metrics", {}).items():
+        table.add_row(f"metric {key}", str(value))
+    console.print(table)
+
+
+def _follow(job_id: str, since: str = "0") -> None:
+    from deepe_tasks.core.records import EventKind
+    from deepe_tasks.queue.client import Job
+    from deepe_tasks.ui.display import follow
+
+    last = follow(Job(job_id).events(since=since, follow=True), console)
+    if last is not None and last.kind is EventKind.FAILED:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command()
+def logs(
+    job_id: str,
+    follow_: Annotated[bool, typer.Option("--follow", "-f", help="Tail until the job ends.")] = False,
+    since: Annotated[str, typer.Option(help="Replay after this event id.")] = "0",
+) -> None:
+    """Show a job's events: a line per phase, a progress bar while training."""
+    from deepe_tasks.queue.client import Job
+    from deepe_tasks.ui.display import format_event
+
+    if follow_:
+        _follow(job_id, since)
+        return
+    for event in Job(job_id).events(since=since):
+        console.print(f"{event.id}  {format_event(event)}", highlight=False, markup=False)
+
+
+@app.command()
+def jobs(limit: Annotated[int, typer.Option(help="How many.", min=1, max=500)] = 20, as_json: JsonOpt = False) -> None:
+    """List recent jobs, newest first."""
+    import time
+
+    from deepe_tasks.queue.client import list_jobs
+
+    records, _ = list_jobs(limit=limit)
+    if as_json:
+        print_json([{"id": r.id, "method": r.method, "status": r.status.value, "queue": r.queue,
+                     "submitted_at": r.submitted_at, "worker": r.worker} for r in records])
+        return
+    table = Table("id", "method", "status", "queue", "submitted", "worker")
+    for r in records:
+        table.add_row(r.id, r.method, r.status.value, r.queue,
+                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.submitted_at)), r.worker or "")
+    console.print(table)
+
+
+@app.command()
+def queues(
+    queue: Annotated[list[str] | None, typer.Option("--queue", "-q", help="Also show this queue.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show each queue: its length, the jobs waiting in it (in start order) and its workers."""
+    from dataclasses import asdict
+
+    from deepe_tasks.core import validate
+    from deepe_tasks.core.connection import get_redis
+    from deepe_tasks.queue.queues import overview, waiting_in
+    from deepe_tasks.worker.celery_app import app_for
+
+    extra = [validate.queue_name(q) for q in queue or []]
+    client = get_redis()
+    active = app_for(get_settings().redis_url).control.inspect(timeout=1.0).active_queues()
+    infos = {i.name: i for i in overview(client, active)}
+    for name in [get_settings().queue, *extra]:
+        infos.setdefault(name, waiting_in(client, name))
+    rows = sorted(infos.values(), key=lambda i: i.name)
+    if as_json:
+        print_json([asdict(i) for i in rows])
+        return
+    table = Table("queue", "waiting", "running", "workers", "next up")
+    for i in rows:
+        table.add_row(i.name, str(i.length), str(len(i.running)), ", ".join(i.workers) or "-",
+                      ", ".join(f"{w['id']} (p{w['priority']})" for w in i.waiting[:3]) or "-")
+    console.print(table)
+
+
+@app.command()
+def cancel(
+    job_id: str,
+    save: Annotated[bool, typer.Option("--save", help="Publish the model trained so far (marked partial).")] = False,
+) -> None:
+    """Cancel a job: a queued one never starts; a running one stops at its next step."""
+    from deepe_tasks.queue.client import Job
+
+    state = Job(job_id).cancel(save=save)
+    console.print(f"{job_id}: {'cancelled' if state.value == 'cancelled' else 'cancel requested'}")

@@ -1,0 +1,89 @@
+"""`deepe methods …` and `deepe run-local`: the method store and a local test run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from deepe_tasks.core.settings import get_settings
+from deepe_tasks.ui.cli.common import (
+    EXIT_FAILED,
+    JsonOpt,
+    ParamOpt,
+    app,
+    console,
+    fail,
+    methods_app,
+    parse_kv,
+    print_json,
+)
+
+
+@methods_app.command("list")
+def methods_list(as_json: JsonOpt = False) -> None:
+    """Show the methods in the store, each with its one-line description."""
+    from deepe_tasks.queue.methods import list_methods
+
+    found = list_methods(get_settings().method_root)
+    if as_json:
+        print_json([{"name": m.name, "description": m.description, "sha256": m.sha256} for m in found])
+        return
+    table = Table("method", "description", "sha256")
+    for m in found:
+        table.add_row(m.name, m.description, m.sha256[:12])
+    console.print(table)
+
+
+@methods_app.command("new")
+def methods_new(name: str) -> None:
+    """Copy the custom template to NAME.py in the method store (never overwrites)."""
+    from deepe_tasks.queue.methods import new_method
+
+    path = new_method(get_settings().method_root, name)
+    console.print(Text(f"Created {path}. Paste your training code between the marker lines, then "
+                       f"`deepe methods check {name}`."), soft_wrap=True)
+
+
+@methods_app.command("check")
+def methods_check(name: str) -> None:
+    """Check a method against the contract without running it."""
+    from deepe_tasks.queue.check import check_source
+    from deepe_tasks.queue.methods import load_method
+
+    method = load_method(get_settings().method_root, name)
+    report = check_source(method.source, method.path.name)
+    for line in report.errors:
+        console.print(Text("error: ", style="red") + Text(line), soft_wrap=True)
+    for line in report.warnings:
+        console.print(Text("warning: ", style="yellow") + Text(line), soft_wrap=True)
+    if not report.ok:
+        raise typer.Exit(EXIT_FAILED)
+    console.print(f"{name}: OK ({method.sha256[:12]})")
+
+
+# ---- jobs ------------------------------------------------------------------------------------
+
+
+
+@app.command("run-local")
+def run_local_cmd(
+    method: Annotated[str, typer.Argument(help="A method name in the store, or a path to a .py file.")],
+    param: ParamOpt = None,
+    params_file: Annotated[Path | None, typer.Option(help="A JSON file of parameters.")] = None,
+) -> None:
+    """Run a method in this process through the worker's runner: no queue, no Redis."""
+    from deepe_tasks.queue.methods import load_method
+    from deepe_tasks.ui.local import run_local
+
+    path = Path(method)
+    if path.suffix != ".py":
+        path = load_method(get_settings().method_root, method).path
+    elif not path.is_file():
+        fail(f"There is no method file {path}; give a method name or the path of a .py file.")
+    code = run_local(path, parse_kv(param, params_file),
+                     echo=lambda line: console.print(line, highlight=False, markup=False))
+    raise typer.Exit(code)

@@ -1,0 +1,63 @@
+"""`deepe worker`, `deepe api` and `deepe demo`: the long-running processes."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import typer
+
+from deepe_tasks.core.settings import get_settings
+from deepe_tasks.ui.cli.common import (
+    app,
+    console,
+)
+
+
+@app.command()
+def worker(
+    queues: Annotated[str, typer.Option(help="Comma-separated queues to consume.")] = "",
+    gpus: Annotated[str | None, typer.Option(help="CUDA_VISIBLE_DEVICES for this worker's jobs.")] = None,
+    name: Annotated[str | None, typer.Option(help="Celery node name, e.g. gpu0@%h.")] = None,
+    loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO",
+    warm: Annotated[bool, typer.Option(
+        "--warm/--no-warm", help="Fork job processes from a warm zygote (--no-warm: start each cold).")] = True,
+) -> None:
+    """Start a worker: one job at a time, each in a fresh process."""
+    if gpus is not None:
+        os.environ["DEEPE_GPUS"] = gpus
+    if not warm:
+        os.environ["DEEPE_WARM"] = "false"
+    get_settings.cache_clear()
+    from deepe_tasks.core import validate
+    from deepe_tasks.worker.celery_app import app as celery_app
+
+    consumed = ",".join(validate.queue_names(queues or get_settings().queue))
+    argv = ["worker", "--loglevel", loglevel, "--concurrency", "1", "-Q", consumed]
+    if name:
+        argv += ["--hostname", name]
+    celery_app.worker_main(argv)
+
+
+@app.command()
+def api(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Serve without DEEPE_API_TOKENS.")] = False,
+) -> None:
+    """Serve the HTTP API (needs the `api` extra: FastAPI and uvicorn)."""
+    import uvicorn
+
+    from deepe_tasks.ui.api import create_app
+
+    uvicorn.run(create_app(get_settings().api_token_list, insecure=insecure), host=host, port=port)
+
+
+@app.command()
+def demo(
+    steps: Annotated[int, typer.Option(help="Training steps.")] = 30,
+) -> None:
+    """Run SFT-Demo end to end on a private Redis, a worker and a tiny local model."""
+    from deepe_tasks.ui.demo import run_demo
+
+    raise typer.Exit(run_demo(console, steps=steps))
