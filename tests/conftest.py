@@ -28,7 +28,18 @@ STORAGE = _SESSION_DIR / "storage"
 STORE = _SESSION_DIR / "method_store"
 
 
+def _fuzz_profiles() -> None:
+    """Hypothesis's budget: full in CI (CI=true), under a third in the developer's fast loop."""
+    from hypothesis import HealthCheck, settings
+
+    common = {"deadline": None, "suppress_health_check": list(HealthCheck)}
+    settings.register_profile("ci", max_examples=50, **common)
+    settings.register_profile("dev", max_examples=15, **common)
+    settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    _fuzz_profiles()
     # Settings are read from the environment, by this process and by every worker it starts,
     # so they are fixed here, before anything imports deepe_tasks.
     from deepe_tasks.fixtures.embedded import RedisServer
@@ -85,7 +96,7 @@ def store() -> Path:
 def tiny_model() -> Path:
     from deepe_tasks.fixtures import tiny
 
-    return tiny.build_model(STORAGE / "base" / "tiny-llama")
+    return tiny.cached_model(STORAGE / "base" / "tiny-llama")
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,6 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", app)
 
 
 @schema.parametrize()
-@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
 def test_no_route_answers_with_a_server_error(case: schemathesis.Case) -> None:
     if case.path == "/jobs/{job_id}/events":
         case.query = {**(case.query or {}), "follow": "false"}  # a live follow waits for a worker
@@ -42,5 +41,5 @@ class Workflow(schema.as_state_machine()):  # type: ignore[misc]
 
 
 TestStatefulWorkflow = Workflow.TestCase
-TestStatefulWorkflow.settings = settings(max_examples=25, stateful_step_count=5, deadline=None,
+TestStatefulWorkflow.settings = settings(settings.default, stateful_step_count=5,
                                          suppress_health_check=list(HealthCheck))

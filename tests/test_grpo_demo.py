@@ -20,8 +20,13 @@ GRPO = ROOT / "method_store" / "grpo-demo.py"
 def rewards() -> dict[str, Any]:
     """The method's reward functions, without running the rest of it (no model, no data)."""
     tree = ast.parse(GRPO.read_text())
-    keep = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.Import, ast.ImportFrom))
-            or (isinstance(n, ast.Assign) and any(getattr(t, "id", "") == "SYSTEM_PROMPT" for t in n.targets))]
+    functions = [n for n in tree.body if isinstance(n, ast.FunctionDef)]
+    used = {n.id for f in functions for n in ast.walk(f) if isinstance(n, ast.Name)}
+    # Only the imports the functions use (`re`): the training stack stays unloaded.
+    imports = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))
+               and {(a.asname or a.name).split(".")[0] for a in n.names} & used]
+    keep = [*imports, *functions, *(n for n in tree.body if isinstance(n, ast.Assign)
+                                   and any(getattr(t, "id", "") == "SYSTEM_PROMPT" for t in n.targets))]
     namespace: dict[str, Any] = {}
     exec(compile(ast.Module(body=keep, type_ignores=[]), str(GRPO), "exec"), namespace)
     return namespace

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deepe_tasks import submit
@@ -159,7 +159,7 @@ HEADER_TEXT = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0
 
 
 @given(token=HEADER_TEXT, last_event_id=HEADER_TEXT)
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=3 * settings.default.max_examples)
 def test_any_authorization_and_last_event_id_header_gets_a_clear_answer(token: str, last_event_id: str,
                                                                         http: TestClient, a_job: str) -> None:
     headers = {"Authorization": f"Bearer {token}".encode(), "Last-Event-ID": last_event_id.encode()}

@@ -217,12 +217,19 @@ def test_the_compose_file_validates_against_the_compose_spec() -> None:
     assert services["worker"]["stop_grace_period"]
 
 
-def test_the_compose_check_can_fail(tmp_path: Path) -> None:
-    broken = tmp_path / "compose.yml"
-    broken.write_text("services:\n  worker:\n    image: 12\n    stop_grace_period: [oops]\n")
-    result = subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec",
-                             str(broken)], capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0
+def test_every_deepe_setting_in_the_deployment_files_is_one_deepe_reads() -> None:
+    """A misspelt DEEPE_* in the env example, compose or k8s files would be silently ignored."""
+    import re
+
+    from deepe_tasks.core.settings import Settings
+
+    known = {f"DEEPE_{name.upper()}" for name in Settings.model_fields}
+    # Used by compose itself, not by deepe: the image, the worker's queues flag, ports, grace.
+    compose_only = {"DEEPE_IMAGE", "DEEPE_WORKER_QUEUES", "DEEPE_STOP_GRACE", "DEEPE_API_PORT"}
+    files = [ROOT / "config/deepe.env.example", ROOT / "docker-compose.yml", *sorted((ROOT / "deploy").rglob("*.yaml"))]
+    named = {m for f in files for m in re.findall(r"\bDEEPE_[A-Z0-9_]+", f.read_text())}
+    assert named, "no DEEPE_ settings found: the check would pass on nothing"
+    assert named - known - compose_only == set()
 
 
 def k8s_documents() -> list[dict[str, Any]]:

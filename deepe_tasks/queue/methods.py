@@ -1,4 +1,4 @@
-"""The method store: naming, listing, pinning by sha256, and the static contract check."""
+"""The method store: naming, listing, creating from the template, and pinning by sha256."""
 
 from __future__ import annotations
 
