@@ -34,7 +34,7 @@ def environment(workers: int = 0, queue: str = "bench", **env: str) -> Iterator[
         get_settings.cache_clear()
         (work / "methods").mkdir()
         for name in ("sft-demo.py", "custom-template.py", "run_local_train_test_template.py"):
-            (work / "methods" / name).write_text((ROOT / "method_store" / name).read_text())
+            (work / "methods" / name).write_text((ROOT / "deepe_tasks" / "builtin" / name).read_text())
         model = tiny.build_model(work / "storage" / "base")
         data = tiny.write_jsonl(tiny.sft_rows(64), work / "storage" / "data.jsonl")
         procs = [WorkerProcess(settings, queues=queue, log_file=work / f"worker{i}.log").start()

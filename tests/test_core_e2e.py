@@ -11,6 +11,7 @@ import pytest
 
 from deepe_tasks import EventKind, Job, JobStatus, submit
 from deepe_tasks.core.connection import get_redis
+from deepe_tasks.queue.methods import BUILTIN
 from tests.conftest import (
     SLOW_METHOD,
     TRL_SNIPPET,
@@ -213,7 +214,7 @@ def test_the_worker_answers_inspect_while_a_job_runs(store: Path, worker: Worker
 def test_a_queued_job_runs_the_source_pinned_at_submit(store: Path, sft_params: dict[str, object],
                                                       tmp_path: Path) -> None:
     # Given a method submitted to a queue that no worker consumes yet
-    source = (store / "sft-demo.py").read_text()
+    source = (BUILTIN / "sft-demo.py").read_text()
     write_method(store, "pinned", source)
     job = submit("pinned", sft_params, queue="pinned-q")
     # When the file is broken after the submit, and only then a worker comes

@@ -10,10 +10,11 @@ import pytest
 
 from deepe_tasks import EventKind, JobStatus, submit
 from deepe_tasks.fixtures import tiny
+from deepe_tasks.queue.methods import BUILTIN
 from tests.conftest import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
-GRPO = ROOT / "method_store" / "grpo-demo.py"
+GRPO = BUILTIN / "grpo-demo.py"
 
 
 @pytest.fixture(scope="module")

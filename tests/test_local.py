@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from deepe_tasks.core.errors import MethodContractError
 from deepe_tasks.core.records import EventKind, JobStatus
 from tests.conftest import TRL_SNIPPET, paste_into_template, run_cli
 
@@ -74,16 +75,16 @@ def test_the_runner_attaches_the_callback_when_the_method_forgot_it(
     assert [e.step for e in events if e.kind is EventKind.LOG and "loss" in e.metrics] == [1, 2]
 
 
-def test_a_trainer_train_left_in_the_method_fails_before_anything_runs(
+def test_a_trainer_train_left_in_the_method_is_refused_before_anything_runs(
         tmp_path: Path, sft_params: dict[str, object]) -> None:
     from deepe_tasks.ui.local import run_method_file
 
     method = tmp_path / "trains.py"
     method.write_text(TRL_SNIPPET + "trainer.train()\n")
-    events = []
-    result = run_method_file(method, sft_params, events.append)
-    assert result.status is JobStatus.FAILED and result.phase == "loading the method"
-    assert "calls `trainer.train()`" in (result.error or "") and not events
+    events: list[object] = []
+    with pytest.raises(MethodContractError, match=r"calls `trainer.train\(\)`; remove it"):
+        run_method_file(method, sft_params, events.append)
+    assert not events
 
 
 def test_run_local_refuses_an_unknown_method_with_exit_code_2() -> None:

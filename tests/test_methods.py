@@ -11,6 +11,7 @@ from deepe_tasks.core.errors import MethodExists, MethodNotFound
 from deepe_tasks.queue.check import check_source
 from deepe_tasks.queue.methods import (
     BEGIN_MARKER,
+    BUILTIN,
     END_MARKER,
     list_methods,
     load_method,
@@ -89,7 +90,7 @@ def test_check_reports_missing_names_and_forbidden_calls() -> None:
 
 
 def test_check_accepts_the_builtin_method_and_model_train_mode() -> None:
-    report = check_source((STORE / "sft-demo.py").read_text())
+    report = check_source((BUILTIN / "sft-demo.py").read_text())
     assert report.ok and not report.warnings
     assert check_source("model = m\nmodel.train()\ntokenizer = t\ntrainer = T(callbacks=[callback])\n").ok
 

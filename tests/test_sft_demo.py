@@ -11,10 +11,11 @@ import pytest
 
 from deepe_tasks.core.records import Event, EventKind, JobStatus
 from deepe_tasks.fixtures import tiny
+from deepe_tasks.queue.methods import BUILTIN
 from deepe_tasks.ui.local import local_runner, run_method_file
 
 ROOT = Path(__file__).resolve().parent.parent
-SFT = ROOT / "method_store" / "sft-demo.py"
+SFT = BUILTIN / "sft-demo.py"
 
 
 def params(model: Path, data: Path, **extra: Any) -> dict[str, Any]:

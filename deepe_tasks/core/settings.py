@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -43,6 +44,13 @@ class Settings(BaseSettings):
     job_memory_gb: float | None = Field(None, gt=0)
     # Events kept in memory while Redis is unreachable; older ones go to events.jsonl only.
     event_buffer: int = Field(100_000, ge=100)
+    # Submit refuses a MODEL_PATH or DATASET_PATH that is not there. A submitter that does not
+    # mount the workers' storage sets this to false; the worker then names the missing path.
+    check_paths: bool = True
+    # Which ended jobs keep their checkpoints (with optimizer state, often larger than the
+    # model): "unless-succeeded" deletes them once a model is published; "always" keeps them;
+    # "never" deletes them when a job ends in any way. A requeued job always keeps them.
+    keep_checkpoints: Literal["unless-succeeded", "always", "never"] = "unless-succeeded"
     # Longer than any job: recovery comes from leases, not from broker redelivery.
     visibility_timeout: int = Field(7 * 24 * 3600, ge=60)
 

@@ -39,9 +39,10 @@ from deepe_tasks.core.storage import (
     remove_staging,
     staging_dir,
 )
-from deepe_tasks.job import phases
+from deepe_tasks.job import deepext_shim, phases
 from deepe_tasks.job.callback import DeepeCallback, Emit, StopCheck, TrainingComplete
 from deepe_tasks.job.phases import PhaseFailure, describe
+from deepe_tasks.queue import deepext
 from deepe_tasks.queue.check import Problem, check_source
 from deepe_tasks.queue.params import TrainParams, mask_secrets
 
@@ -166,7 +167,7 @@ class Runner:
         linecache.cache[self.filename] = (len(self.spec.source), None, lines, self.filename)
         code = compile(self.spec.source, self.filename, "exec")
         try:
-            with self.tracker.watching():
+            with self.tracker.watching(), self._deepextension():
                 exec(code, ns)
         except BaseException as e:
             if isinstance(e, KeyboardInterrupt):
@@ -179,6 +180,15 @@ class Runner:
             if own:
                 phase = phases.refine(phase, own[-1].line or "")
             raise PhaseFailure(phase, describe(e, phase, self.filename)) from e
+
+    def _deepextension(self) -> contextlib.AbstractContextManager[None]:
+        """For a DeepExtension file: its `train_callback` module and its command line."""
+        if not deepext.is_deepextension(self.spec.source):
+            return contextlib.nullcontext()
+        argv = [self.filename, *deepext.arguments(self.spec.source, self.params.as_dict(), job_id=self.spec.job_id,
+                                                  attempt=self.spec.attempt)]
+        shim = deepext_shim.module(self.spec.job_id, self.callback, self.tracker, self.emit)
+        return deepext_shim.installed(shim, argv)
 
     def _check_contract(self) -> Any:
         ns = self.namespace

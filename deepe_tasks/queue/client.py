@@ -14,8 +14,9 @@ from deepe_tasks.core.connection import get_redis, unreachable
 from deepe_tasks.core.errors import BrokerUnavailable, InvalidParams
 from deepe_tasks.core.records import Event, EventKind, JobRecord, JobStatus
 from deepe_tasks.core.settings import get_settings
+from deepe_tasks.queue.admission import admit
 from deepe_tasks.queue.methods import load_method
-from deepe_tasks.queue.params import mask_secrets, parse_params, resolve_params
+from deepe_tasks.queue.params import mask_secrets
 
 TASK_NAME = "deepe.train"
 DEFAULT_PRIORITY = 5
@@ -42,7 +43,8 @@ def submit(
         raise InvalidParams(f"priority={priority!r} is not valid; allowed: an integer from 0 (highest) to 9.")
     time_limit = validate.time_limit(time_limit)
     queue = validate.queue_name(queue or settings.queue)
-    resolved = resolve_params(parse_params(validate.params(params)), settings.storage_root, job_id)
+    admitted = admit(found, params, settings.storage_root, job_id, check_paths=settings.check_paths)
+    resolved = admitted.params
     record = JobRecord(
         id=job_id, method=found.name, method_sha256=found.sha256, params=resolved.as_dict(),
         output_dir=str(resolved.OUTPUT_DIR), queue=queue, priority=priority, time_limit=time_limit,
@@ -62,7 +64,30 @@ def submit(
         error = f"The job could not be queued: {e}; submit it again."
         jobstore.fail_queued(client, job_id, error)
         raise BrokerUnavailable(error) from e
-    return Job(job_id)
+    return Job(job_id, custom_params=admitted.custom)
+
+
+MIN_PREFIX = 4
+
+
+def find_job(ref: str) -> Job:
+    """A job by its id, or by a prefix of its id that only one job has (at least 4 characters)."""
+    ref = validate.job_id(ref)
+    client = get_redis()
+    if client.exists(keys.job(ref)) or len(ref) < MIN_PREFIX:
+        return Job(ref)  # an unknown full id fails where it is used, with "There is no job …"
+    # Ids hold no glob characters (validate.JOB_ID_RE), so the prefix is a safe MATCH pattern.
+    matches = []
+    for member, _ in client.zscan_iter(keys.JOBS_INDEX, match=f"{ref}*", count=1000):
+        matches.append(member)
+        if len(matches) > 5:
+            break
+    if len(matches) == 1:
+        return Job(str(matches[0]))
+    if len(matches) > 1:
+        shown = ", ".join(sorted(str(m) for m in matches[:5])) + (", …" if len(matches) > 5 else "")
+        raise InvalidParams(f"{ref!r} is the start of several job ids ({shown}); give more of the id.")
+    return Job(ref)
 
 
 def enqueue(record: JobRecord) -> None:
@@ -83,8 +108,10 @@ def enqueue(record: JobRecord) -> None:
 class Job:
     """A handle on a submitted job."""
 
-    def __init__(self, job_id: str) -> None:
+    def __init__(self, job_id: str, custom_params: list[str] | None = None) -> None:
         self.id = job_id
+        # At submit: the keys that are no parameter of the platform or the method, passed on as they are.
+        self.custom_params = custom_params or []
 
     def __repr__(self) -> str:
         return f"Job({self.id!r})"

@@ -1,4 +1,5 @@
-"""The method store: naming, listing, creating from the template, and pinning by sha256."""
+"""Methods: the built-in ones shipped in the package and the user's store (DEEPE_METHOD_STORE);
+naming, listing, creating from the template, and pinning by sha256."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from deepe_tasks.core.errors import MethodExists, MethodNotFound
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 TEMPLATE = "custom-template.py"
+BUILTIN = Path(__file__).resolve().parent.parent / "builtin"  # SFT-Demo, GRPO-Demo and the templates
 BEGIN_MARKER = "#============ from here add your own train code"
 END_MARKER = "#============ end here with your own train code"
 
@@ -22,6 +25,11 @@ class Method:
     name: str
     path: Path
     source: str
+    builtin: bool = False
+
+    @property
+    def kind(self) -> str:
+        return "built-in" if self.builtin else "store"
 
     @property
     def sha256(self) -> str:
@@ -49,14 +57,17 @@ def _is_method_file(path: Path) -> bool:
     return path.suffix == ".py" and "template" not in path.stem and bool(NAME_RE.match(path.stem))
 
 
+def _in(folder: Path, builtin: bool) -> dict[str, Method]:
+    if not folder.is_dir():
+        return {}
+    return {p.stem: Method(p.stem, p, p.read_text(encoding="utf-8"), builtin)
+            for p in sorted(folder.glob("*.py")) if _is_method_file(p)}
+
+
 def list_methods(store: Path) -> list[Method]:
-    if not store.is_dir():
-        return []
-    return [
-        Method(p.stem, p, p.read_text(encoding="utf-8"))
-        for p in sorted(store.glob("*.py"))
-        if _is_method_file(p)
-    ]
+    """The built-in methods and the store's, by name; a store method of a built-in's name wins."""
+    found = {**_in(BUILTIN, True), **_in(store, False)}
+    return [found[name] for name in sorted(found)]
 
 
 def _check_name(name: str) -> None:
@@ -68,16 +79,18 @@ def _check_name(name: str) -> None:
 
 
 def load_method(store: Path, name: str) -> Method:
-    """Resolve a method by name; nothing outside the store can be named."""
+    """Resolve a method by name, in the store and then among the built-ins; nothing else can be named."""
     _check_name(name)
-    path = store / f"{name}.py"
-    if not path.is_file():
-        known = ", ".join(m.name for m in list_methods(store)) or "none"
-        raise MethodNotFound(
-            f"There is no method {name!r} in {store}; known methods: {known}. "
-            f"Create one with `deepe methods new {name}`."
-        )
-    return Method(name, path, path.read_text(encoding="utf-8"))
+    for folder, builtin in ((store, False), (BUILTIN, True)):
+        path = folder / f"{name}.py"
+        if path.is_file():
+            return Method(name, path, path.read_text(encoding="utf-8"), builtin)
+    known = ", ".join(m.name for m in list_methods(store))
+    raise MethodNotFound(
+        f"There is no method {name!r} in the store {store} (DEEPE_METHOD_STORE) or among the built-in ones; "
+        f"known methods: {known}. Create one with `deepe methods new {name}`, or point DEEPE_METHOD_STORE at "
+        "the folder that holds it."
+    )
 
 
 def new_method(store: Path, name: str) -> Path:
@@ -86,8 +99,31 @@ def new_method(store: Path, name: str) -> Path:
     target = store / f"{name}.py"
     if target.exists():
         raise MethodExists(f"{target} already exists; pick another name or edit that file.")
-    template = store / TEMPLATE
-    if not template.is_file():
-        raise MethodNotFound(f"The template {template} is missing; restore it from the repository.")
+    store.mkdir(parents=True, exist_ok=True)
+    template = store / TEMPLATE if (store / TEMPLATE).is_file() else BUILTIN / TEMPLATE
     shutil.copyfile(template, target)
     return target
+
+
+def file_kind(source: str) -> str:
+    """"deepe" for a method of this contract; "DeepExtension" for a DeepExtension custom method."""
+    from deepe_tasks.queue.deepext import is_deepextension
+
+    return "DeepExtension" if is_deepextension(source) else "deepe"
+
+
+def describe_method(method: Method) -> dict[str, Any]:
+    """What `deepe methods show` and `GET /methods/{name}` tell: the method and its parameters."""
+    from deepe_tasks.queue.declared import declared_params
+    from deepe_tasks.queue.params import TrainParams
+
+    platform = [{"name": name, "type": _type_name(info.annotation), "default": None if info.is_required() else
+                 info.default, "help": info.description or "", "declared_by": "platform"}
+                for name, info in TrainParams.model_fields.items()]
+    own = [{**d.as_dict(), "declared_by": "method"} for d in declared_params(method.source).values()]
+    return {"name": method.name, "kind": method.kind, "file_kind": file_kind(method.source), "path": str(method.path),
+            "description": method.description, "sha256": method.sha256, "params": platform + own}
+
+
+def _type_name(annotation: Any) -> str:
+    return str(getattr(annotation, "__name__", annotation)).replace("typing.", "").replace("NoneType", "None")

@@ -97,6 +97,49 @@ def _allowed(name: str) -> str:
     return info.description or "" if info else ""
 
 
+def _plain(key: str) -> str:
+    return re.sub(r"[\s_\-]", "", key).lower()
+
+
+def _distance(a: str, b: str) -> int:
+    """Levenshtein distance."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def near_miss(key: str, names: list[str]) -> str | None:
+    """The known name that ``key`` almost is (case, '_' or '-', up to two typos); None if none."""
+    plain = _plain(key)
+    same = [n for n in names if _plain(n) == plain]
+    if same:
+        return same[0]
+    close = sorted((_distance(plain, _plain(n)), n) for n in names)
+    return close[0][1] if close and len(plain) >= 4 and close[0][0] <= 2 else None
+
+
+def refuse_near_misses(raw: dict[str, Any], declared: list[str]) -> list[str]:
+    """Refuse keys that look like a misspelt known parameter; return the other unknown keys,
+    which reach the method as custom parameters."""
+    known = [*TrainParams.model_fields, *declared]
+    custom, wrong = [], []
+    for key in raw:
+        if key in known or key in ALIASES:
+            continue
+        meant = near_miss(key, known)
+        if meant is not None:
+            wrong.append(f"{key!r} is not a parameter: did you mean {meant}?")
+        else:
+            custom.append(key)
+    if wrong:
+        raise InvalidParams(" ".join(wrong) + " (Fix the name; a key that is no parameter's near miss is passed "
+                                              "to the method as a custom parameter.)")
+    return custom
+
+
 def _format_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():

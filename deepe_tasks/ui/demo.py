@@ -18,14 +18,6 @@ from deepe_tasks.core.settings import get_settings
 DEMO_QUEUE = "demo"
 
 
-def _method_store() -> Path:
-    """The configured store if it holds SFT-Demo, else the one beside this package's source."""
-    configured = get_settings().method_root
-    if (configured / "sft-demo.py").is_file():
-        return configured
-    return Path(__file__).resolve().parent.parent / "method_store"
-
-
 def run_demo(console: Console, steps: int = 30) -> int:
     from deepe_tasks.core.records import JobStatus
     from deepe_tasks.fixtures import tiny
@@ -34,12 +26,10 @@ def run_demo(console: Console, steps: int = 30) -> int:
     from deepe_tasks.ui.display import follow
 
     storage = get_settings().storage_root
-    store = _method_store()
     t0 = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="deepe-demo-"))
     with RedisServer(folder=workdir / "redis") as server:
-        env = {"DEEPE_REDIS_URL": server.url, "DEEPE_STORAGE": str(storage),
-               "DEEPE_METHOD_STORE": str(store), "DEEPE_QUEUE": DEMO_QUEUE}
+        env = {"DEEPE_REDIS_URL": server.url, "DEEPE_STORAGE": str(storage), "DEEPE_QUEUE": DEMO_QUEUE}
         os.environ.update(env)
         get_settings.cache_clear()
         console.print(f"[cyan]private Redis[/] at {server.url}")
@@ -48,7 +38,7 @@ def run_demo(console: Console, steps: int = 30) -> int:
             console.print(f"[cyan]worker[/] starting (log: {log_file})")
             model_dir = storage / "demo" / "tiny-llama"
             data = storage / "demo" / "colors.jsonl"
-            tiny.build_model(model_dir)
+            tiny.cached_model(model_dir)
             tiny.write_jsonl(tiny.sft_rows(64), data)
             console.print(f"[cyan]tiny model[/] in {model_dir}, dataset {data}")
             worker.wait_ready()
@@ -65,4 +55,13 @@ def run_demo(console: Console, steps: int = 30) -> int:
         return 1
     console.print(Text(f"model saved to {info['output_dir']}", style="green")
                   + Text(f" (with deepe.json) in {time.monotonic() - t0:.0f} s"), soft_wrap=True)
+    console.print(TRY_YOUR_OWN.format(model=model_dir.relative_to(storage), data=data.relative_to(storage),
+                                      storage=storage), soft_wrap=True, highlight=False)
     return 0
+
+
+# Printed after the demo: the README's "try your own method", with the paths the demo made.
+TRY_YOUR_OWN = """
+The tiny model and dataset stay in {storage} for you to try things with. Your own method:
+  deepe methods new custom01       # then paste your training code into method_store/custom01.py
+  deepe run-local custom01 -p MODEL_PATH={model} -p DATASET_PATH={data} -p MAX_STEPS=5"""

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 from deepe_tasks.core.records import Event, JobSpec, JobStatus, RunResult
 from deepe_tasks.core.settings import get_settings
 from deepe_tasks.core.storage import MANIFEST, job_dir
-from deepe_tasks.queue.methods import sha256_of
-from deepe_tasks.queue.params import parse_params, resolve_params
+from deepe_tasks.queue.admission import admit
+from deepe_tasks.queue.methods import Method, sha256_of
 from deepe_tasks.ui.display import format_event
 
 if TYPE_CHECKING:
@@ -25,7 +25,8 @@ def local_runner(method_file: Path, params: dict[str, Any], emit: Callable[[Even
     settings = get_settings()
     source = method_file.read_text(encoding="utf-8")
     job_id = job_id or f"local-{time.strftime('%Y%m%d-%H%M%S')}"
-    resolved = resolve_params(parse_params(params), settings.storage_root, job_id)
+    method = Method(method_file.stem, method_file, source)
+    resolved = admit(method, params, settings.storage_root, job_id, check_paths=True, gpu=None).params
     from deepe_tasks.job.runner import (
         Runner,  # the training stack loads once the input is known good
     )

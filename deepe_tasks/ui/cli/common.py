@@ -17,7 +17,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="deepe: queue LLM fine-tuning jobs on GPU workers and follow them.")
 methods_app = typer.Typer(no_args_is_help=True, help="List, create and check training methods.")
 app.add_typer(methods_app, name="methods")
-console = Console()
+# Piped or redirected, lines are not cut at 80 columns: a script gets whole ids and paths.
+console = Console() if sys.stdout.isatty() else Console(width=1000)
 err = Console(stderr=True, soft_wrap=True)
 
 ParamOpt = Annotated[list[str] | None, typer.Option("--param", "-p", help="KEY=VALUE, repeatable.")]

@@ -6,15 +6,17 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
+from rich.table import Column, Table
 
 from deepe_tasks.core.settings import get_settings
 from deepe_tasks.ui.cli.common import (
     EXIT_FAILED,
+    EXIT_OK,
     JsonOpt,
     ParamOpt,
     app,
     console,
+    err,
     parse_kv,
     print_json,
 )
@@ -38,9 +40,12 @@ def submit(
     job = submit_job(method, parse_kv(param, params_file), queue=queue, priority=priority,
                      time_limit=time_limit, job_id=job_id)
     if as_json:
-        print_json({"id": job.id, "status": job.status().value})
+        print_json({"id": job.id, "status": job.status().value, "custom_params": job.custom_params})
     else:
         print(job.id)
+        if job.custom_params:
+            err.print("Passed to the method as custom parameters (no platform parameter has these names): "
+                      + ", ".join(job.custom_params), highlight=False)
     if wait:
         _follow(job.id)
 
@@ -48,27 +53,32 @@ def submit(
 @app.command()
 def status(job_id: str, as_json: JsonOpt = False) -> None:
     """Show one job's state and record."""
-    from deepe_tasks.queue.client import Job
+    from deepe_tasks.queue.client import find_job
 
-    info = Job(job_id).info()
+    info = find_job(job_id).info()
+    failed = info.get("status") == "failed"
     if as_json:
         print_json(info)
-        return
+        raise typer.Exit(EXIT_FAILED if failed else EXIT_OK)
     table = Table(show_header=False)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")
     for key in ("id", "status", "method", "method_sha256", "queue", "worker", "output_dir", "error", "attempts"):
         if info.get(key) not in (None, ""):
             table.add_row(key, str(info[key]))
     for key, value in info.get("metrics", {}).items():
         table.add_row(f"metric {key}", str(value))
     console.print(table)
+    if failed:
+        raise typer.Exit(EXIT_FAILED)
 
 
 def _follow(job_id: str, since: str = "0") -> None:
     from deepe_tasks.core.records import EventKind
-    from deepe_tasks.queue.client import Job
+    from deepe_tasks.queue.client import find_job
     from deepe_tasks.ui.display import follow
 
-    last = follow(Job(job_id).events(since=since, follow=True), console)
+    last = follow(find_job(job_id).events(since=since, follow=True), console)
     if last is not None and last.kind is EventKind.FAILED:
         raise typer.Exit(EXIT_FAILED)
 
@@ -80,13 +90,13 @@ def logs(
     since: Annotated[str, typer.Option(help="Replay after this event id.")] = "0",
 ) -> None:
     """Show a job's events: a line per phase, a progress bar while training."""
-    from deepe_tasks.queue.client import Job
+    from deepe_tasks.queue.client import find_job
     from deepe_tasks.ui.display import format_event
 
     if follow_:
         _follow(job_id, since)
         return
-    for event in Job(job_id).events(since=since):
+    for event in find_job(job_id).events(since=since):
         console.print(f"{event.id}  {format_event(event)}", highlight=False, markup=False)
 
 
@@ -102,7 +112,8 @@ def jobs(limit: Annotated[int, typer.Option(help="How many.", min=1, max=500)] =
         print_json([{"id": r.id, "method": r.method, "status": r.status.value, "queue": r.queue,
                      "submitted_at": r.submitted_at, "worker": r.worker} for r in records])
         return
-    table = Table("id", "method", "status", "queue", "submitted", "worker")
+    width = max((len(r.id) for r in records), default=2)  # whole ids, however narrow the terminal
+    table = Table(Column("id", no_wrap=True, min_width=width), "method", "status", "queue", "submitted", "worker")
     for r in records:
         table.add_row(r.id, r.method, r.status.value, r.queue,
                       time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.submitted_at)), r.worker or "")
@@ -145,7 +156,7 @@ def cancel(
     save: Annotated[bool, typer.Option("--save", help="Publish the model trained so far (marked partial).")] = False,
 ) -> None:
     """Cancel a job: a queued one never starts; a running one stops at its next step."""
-    from deepe_tasks.queue.client import Job
+    from deepe_tasks.queue.client import find_job
 
-    state = Job(job_id).cancel(save=save)
+    state = find_job(job_id).cancel(save=save)
     console.print(f"{job_id}: {'cancelled' if state.value == 'cancelled' else 'cancel requested'}")

@@ -25,16 +25,36 @@ from deepe_tasks.ui.cli.common import (
 
 @methods_app.command("list")
 def methods_list(as_json: JsonOpt = False) -> None:
-    """Show the methods in the store, each with its one-line description."""
+    """Show the built-in methods and those in the store (DEEPE_METHOD_STORE), with descriptions."""
     from deepe_tasks.queue.methods import list_methods
 
     found = list_methods(get_settings().method_root)
     if as_json:
-        print_json([{"name": m.name, "description": m.description, "sha256": m.sha256} for m in found])
+        print_json([{"name": m.name, "kind": m.kind, "description": m.description, "sha256": m.sha256,
+                     "path": str(m.path)} for m in found])
         return
-    table = Table("method", "description", "sha256")
+    table = Table("method", "kind", "description", "sha256")
     for m in found:
-        table.add_row(m.name, m.description, m.sha256[:12])
+        table.add_row(m.name, m.kind, m.description, m.sha256[:12])
+    console.print(table)
+
+
+@methods_app.command("show")
+def methods_show(name: str, as_json: JsonOpt = False) -> None:
+    """Show a method: where it is, what kind of file it is, and the parameters it takes."""
+    from deepe_tasks.queue.methods import describe_method, load_method
+
+    info = describe_method(load_method(get_settings().method_root, name))
+    if as_json:
+        print_json(info)
+        return
+    console.print(f"[bold]{info['name']}[/] ({info['kind']}, {info['file_kind']} file) {info['path']}",
+                  highlight=False, soft_wrap=True)
+    if info["description"]:
+        console.print(info["description"], highlight=False, soft_wrap=True)
+    table = Table("parameter", "type", "default", "what", title="parameters")
+    for p in info["params"]:
+        table.add_row(p["name"], p["type"], repr(p["default"]), p["help"])
     console.print(table)
 
 
@@ -52,10 +72,11 @@ def methods_new(name: str) -> None:
 def methods_check(name: str) -> None:
     """Check a method against the contract without running it."""
     from deepe_tasks.queue.check import check_source
-    from deepe_tasks.queue.methods import load_method
+    from deepe_tasks.queue.methods import file_kind, load_method
 
     method = load_method(get_settings().method_root, name)
     report = check_source(method.source, method.path.name)
+    console.print(f"{name}: a {file_kind(method.source)} method file ({method.path})", highlight=False, soft_wrap=True)
     for line in report.errors:
         console.print(Text("error: ", style="red") + Text(line), soft_wrap=True)
     for line in report.warnings:
@@ -63,10 +84,6 @@ def methods_check(name: str) -> None:
     if not report.ok:
         raise typer.Exit(EXIT_FAILED)
     console.print(f"{name}: OK ({method.sha256[:12]})")
-
-
-# ---- jobs ------------------------------------------------------------------------------------
-
 
 
 @app.command("run-local")

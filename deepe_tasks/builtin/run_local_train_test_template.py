@@ -1,0 +1,41 @@
+"""Test a method on this machine before you submit it: no queue, no Redis, the worker's runner.
+
+Copy this file to run_local_train_test.py, fill in the values below, then run:
+    python3 run_local_train_test.py
+It runs the method in this process through the same runner the workers use, prints every
+event as a line, and checks that the model, the tokenizer and deepe.json were written.
+"""
+
+import sys
+from pathlib import Path
+
+from deepe_tasks.ui.local import run_local
+
+METHOD_FILE = 'your-custom-file.py'  # the method to test, e.g. custom01.py (beside this file)
+
+PARAMS = {
+    "MODEL_PATH": 'your-model_path',       # a local model folder
+    "DATASET_PATH": 'your-dataset_path',   # a JSON, JSONL, CSV or Parquet file, or a folder
+    "OUTPUT_DIR": 'your-output_dir',       # where the model is saved (inside DEEPE_STORAGE)
+    "MAX_SEQ_LENGTH": 512,
+    "LORA_RANK": 8,
+    "LOAD_IN_4BIT": False,
+    "MAX_INPUT_LENGTH": 256,
+    "MAX_CONTENT_LENGTH": 128,
+    "MAX_SAMPLES": 0,
+    "NUM_GENERATIONS": 4,
+    "MAX_GRAD_NORM": 1.0,
+    "MAX_STEPS": 5,
+    "BATCH_SIZE": 2,
+    "GRAD_ACCUM_STEPS": 1,
+    "LEARNING_RATE": 2e-4,
+    "WARMUP_STEPS": 0,
+    "PromptInputColumn": "instruction",
+    "PromptOutputColumn": "output",
+}
+
+if __name__ == "__main__":
+    method = Path(METHOD_FILE)
+    if not method.is_absolute():
+        method = Path(__file__).resolve().parent / method
+    sys.exit(run_local(method, PARAMS))

@@ -1,0 +1,90 @@
+"""A method's own parameters, declared in one place in its file and read without running it.
+
+    METHOD_PARAMS = {
+        "temperature": (float, 0.7, "sampling temperature, 0 to 2"),
+    }
+
+Each entry is NAME: (type, default, help), with type one of int, float, bool or str. A
+declared parameter is validated at submit like a platform parameter (a CLI string becomes
+its type), gets its default when not given, and reaches the method in ``params``.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+
+from deepe_tasks.core.errors import InvalidParams, MethodContractError
+
+DECLARATION = "METHOD_PARAMS"
+TYPES: dict[str, type] = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+@dataclass(frozen=True)
+class Declared:
+    name: str
+    type: str
+    default: Any
+    help: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "type": self.type, "default": self.default, "help": self.help}
+
+
+def declared_params(source: str) -> dict[str, Declared]:
+    """The parameters a method declares in ``METHOD_PARAMS``; {} when it declares none.
+
+    Raises MethodContractError for a declaration that is not in the documented form.
+    """
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return {}
+    for stmt in tree.body:
+        if isinstance(stmt, ast.Assign) and any(isinstance(t, ast.Name) and t.id == DECLARATION
+                                                for t in stmt.targets):
+            return _read(stmt)
+    return {}
+
+
+def _read(stmt: ast.Assign) -> dict[str, Declared]:
+    line = stmt.lineno
+    form = (f"{DECLARATION} at line {line} must be a dict of NAME: (type, default, help), with type int, "
+            "float, bool or str, and literal values, such as {\"temperature\": (float, 0.7, \"sampling "
+            "temperature\")}.")
+    if not isinstance(stmt.value, ast.Dict):
+        raise MethodContractError(form)
+    out: dict[str, Declared] = {}
+    for key, value in zip(stmt.value.keys, stmt.value.values):
+        if not (isinstance(key, ast.Constant) and isinstance(key.value, str) and isinstance(value, ast.Tuple)
+                and len(value.elts) == 3):
+            raise MethodContractError(form)
+        kind, default, help_ = value.elts
+        type_name = kind.id if isinstance(kind, ast.Name) else getattr(kind, "value", None)
+        try:
+            default_value, help_text = ast.literal_eval(default), ast.literal_eval(help_)
+        except ValueError:
+            raise MethodContractError(form) from None
+        if type_name not in TYPES or not isinstance(help_text, str):
+            raise MethodContractError(form)
+        out[key.value] = Declared(key.value, str(type_name), default_value, help_text)
+    return out
+
+
+def apply_declared(values: dict[str, Any], declared: dict[str, Declared]) -> dict[str, Any]:
+    """The declared parameters, converted to their types, with defaults for those not given."""
+    out: dict[str, Any] = {}
+    for name, spec in declared.items():
+        if name not in values or values[name] is None:
+            out[name] = spec.default
+            continue
+        try:
+            out[name] = TypeAdapter(TYPES[spec.type]).validate_python(values[name])
+        except ValidationError as e:
+            reason = e.errors()[0]["msg"]
+            raise InvalidParams(f"{name}={values[name]!r} is not valid ({reason}); allowed: {spec.type}, "
+                                f"{spec.help}.") from e
+    return out
