@@ -48,6 +48,12 @@ def staging_dir(target: Path, job_id: str, attempt: int) -> Path:
     return staging
 
 
+def remove_checkpoints(storage_root: Path, job_id: str) -> None:
+    """Delete the checkpoints of every attempt of an ended job (DEEPE_KEEP_CHECKPOINTS)."""
+    for folder in (job_dir(storage_root, job_id) / "attempts").glob("*/checkpoints"):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def remove_staging(target: Path, job_id: str, attempts: Iterable[int]) -> None:
     """Remove what these attempts of the job staged beside ``target`` and never published (an
     attempt killed or fenced off in its final save)."""

@@ -43,6 +43,7 @@ from deepe_tasks.job import deepext_shim, phases
 from deepe_tasks.job.callback import DeepeCallback, Emit, StopCheck, TrainingComplete
 from deepe_tasks.job.phases import PhaseFailure, describe
 from deepe_tasks.queue import deepext
+from deepe_tasks.queue.admission import input_problems
 from deepe_tasks.queue.check import Problem, check_source
 from deepe_tasks.queue.params import TrainParams, mask_secrets
 
@@ -141,11 +142,18 @@ class Runner:
 
     def build(self) -> Any:
         """Execute the method and check the contract; return its trainer, ready to train."""
+        self._inputs_exist()
         self._load_method()
         return self._check_contract()
 
     def _failed(self, phase: Phase, message: str) -> RunResult:
         return RunResult(status=JobStatus.FAILED, phase=phase, error=message)
+
+    def _inputs_exist(self) -> None:
+        """The clear message for a missing MODEL_PATH or DATASET_PATH, before the libraries' own."""
+        for param, phase, problem in input_problems(self.params, self.params):
+            raise PhaseFailure(phase, f"Failed while {phase}: {problem} (on {socket.gethostname()}: check that "
+                                      f"the workers mount the storage where {param} points).")
 
     def _load_method(self) -> None:
         report = check_source(self.spec.source, self.filename)
@@ -179,7 +187,22 @@ class Runner:
             own = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == self.filename]
             if own:
                 phase = phases.refine(phase, own[-1].line or "")
-            raise PhaseFailure(phase, describe(e, phase, self.filename)) from e
+            raise PhaseFailure(phase, describe(e, phase, self.filename) + self._column_hint(e)) from e
+
+    def _column_hint(self, exc: BaseException) -> str:
+        """For a KeyError on a dataset column: which parameter names it, and the columns there are."""
+        if not isinstance(exc, KeyError) or not exc.args:
+            return ""
+        missing = exc.args[0]
+        named = [p for p in ("PromptInputColumn", "PromptOutputColumn") if self.namespace.get(p) == missing]
+        columns = next((list(v.column_names) for v in self.namespace.values()
+                        if isinstance(getattr(v, "column_names", None), list)), None)
+        if not named and columns is None:
+            return ""
+        which = f" ({' and '.join(named)})" if named else ""
+        there = f"; the dataset's columns are {', '.join(map(str, columns))}" if columns is not None else ""
+        return (f" The dataset has no column {missing!r}{which}{there}. Give the right name with "
+                "-p PromptInputColumn=… / -p PromptOutputColumn=….")
 
     def _deepextension(self) -> contextlib.AbstractContextManager[None]:
         """For a DeepExtension file: its `train_callback` module and its command line."""
@@ -212,6 +235,12 @@ class Runner:
         handler = getattr(trainer, "callback_handler", None)
         if handler is not None and not any(cb is self.callback for cb in handler.callbacks):
             trainer.add_callback(self.callback)
+        if handler is not None:
+            # deepe's events say what transformers' printer and progress bar would: once is enough.
+            from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+            for quiet in (PrinterCallback, ProgressCallback):
+                trainer.remove_callback(quiet)
         return trainer
 
     def _train(self, trainer: Any) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from typing import Any
 
 from deepe_tasks.core import validate
 from deepe_tasks.core.errors import InvalidParams, MethodContractError
+from deepe_tasks.core.records import Phase
 from deepe_tasks.queue.check import check_source
 from deepe_tasks.queue.declared import apply_declared, declared_params
 from deepe_tasks.queue.deepext import arguments, is_deepextension
@@ -49,20 +50,28 @@ def admit(method: Method, raw: dict[str, Any], storage_root: Path, job_id: str, 
     return Admitted(resolved, custom, report.warnings)
 
 
-def inputs_exist(given: TrainParams, resolved: TrainParams, storage_root: Path) -> None:
-    """Refuse a MODEL_PATH that is not a model folder, or a DATASET_PATH that is not there."""
+def input_problems(given: TrainParams, resolved: TrainParams) -> list[tuple[str, Phase, str]]:
+    """(parameter, the phase that would fail, the problem) for an input that is not there."""
     problems = []
     model = Path(resolved.MODEL_PATH)
     if not model.is_dir():
-        problems.append(f"MODEL_PATH={given.MODEL_PATH!r} resolves to {model}, which is not a folder here; give "
-                        "a model folder (with config.json).")
+        problems.append(("MODEL_PATH", Phase.BUILDING_MODEL, f"MODEL_PATH={given.MODEL_PATH!r} resolves to {model}, "
+                         "which is not a folder here; give a model folder (with config.json)."))
     elif not any((model / name).is_file() for name in ("config.json", "adapter_config.json")):
-        problems.append(f"MODEL_PATH={given.MODEL_PATH!r} resolves to {model}, which has no config.json; give "
-                        "the folder that save_pretrained wrote.")
+        problems.append(("MODEL_PATH", Phase.BUILDING_MODEL, f"MODEL_PATH={given.MODEL_PATH!r} resolves to {model}, "
+                         "which has no config.json; give the folder that save_pretrained wrote."))
     data = Path(resolved.DATASET_PATH)
     if not data.exists():
-        problems.append(f"DATASET_PATH={given.DATASET_PATH!r} resolves to {data}, which does not exist; give a "
-                        "dataset file or folder (JSON, JSONL, CSV, Parquet or save_to_disk).")
+        problems.append(("DATASET_PATH", Phase.LOADING_DATASET, f"DATASET_PATH={given.DATASET_PATH!r} resolves to "
+                         f"{data}, which does not exist; give a dataset file or folder (JSON, JSONL, CSV, Parquet or "
+                         "save_to_disk)."))
+    return problems
+
+
+def inputs_exist(given: TrainParams, resolved: TrainParams, storage_root: Path) -> None:
+    """Refuse a MODEL_PATH that is not a model folder, or a DATASET_PATH that is not there."""
+    problems = input_problems(given, resolved)
     if problems:
-        raise InvalidParams(" ".join(problems) + f" Relative paths resolve under DEEPE_STORAGE={storage_root}. "
-                            "If this machine does not mount the workers' storage, set DEEPE_CHECK_PATHS=false.")
+        raise InvalidParams(" ".join(p for _, _, p in problems) + f" Relative paths resolve under DEEPE_STORAGE="
+                            f"{storage_root}. If this machine does not mount the workers' storage, set "
+                            "DEEPE_CHECK_PATHS=false.")

@@ -24,6 +24,7 @@ WRITE_CALLS = frozenset({"open", "save", "save_to_disk", "to_json", "to_csv", "t
                          "copyfile", "copytree", "move", "makedirs", "mkdir", "write_text", "write_bytes",
                          "dump", "save_file", "savefig", "touch"})
 HUB_CALLS = frozenset({"from_pretrained", "load_dataset"})
+DATA_FILES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".arrow", ".safetensors", ".bin")
 HUB_ONLY_CALLS = frozenset({"hf_hub_download", "snapshot_download"})
 GPU_ONLY = {"bf16": "bf16=True", "fp16": "fp16=True", "load_in_4bit": "load_in_4bit=True"}
 
@@ -236,7 +237,7 @@ def _hub_id(node: ast.Call) -> str | None:
     if not node.args or not isinstance(node.args[0], ast.Constant) or not isinstance(node.args[0].value, str):
         return None
     value = node.args[0].value
-    looks_like_path = value.startswith(("/", ".", "~")) or os.path.splitext(value)[1] != ""
+    looks_like_path = value.startswith(("/", ".", "~")) or value.endswith(DATA_FILES)
     return value if value.count("/") == 1 and not looks_like_path else None
 
 

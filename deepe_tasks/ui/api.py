@@ -28,7 +28,7 @@ from deepe_tasks.core.errors import (
 from deepe_tasks.core.records import Event, JobRecord, JobStatus
 from deepe_tasks.core.settings import get_settings
 from deepe_tasks.queue import client
-from deepe_tasks.queue.methods import Method, list_methods, load_method
+from deepe_tasks.queue.methods import Method, describe_method, list_methods, load_method
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,8 @@ class SubmitRequest(BaseModel):
 class JobRef(BaseModel):
     id: str
     status: JobStatus
+    custom_params: list[str] = Field(default_factory=list, description=(
+        "At submit: the keys that are no parameter of the platform or the method, passed on as they are."))
 
 
 class JobInfo(JobRecord):
@@ -57,10 +59,21 @@ class JobList(BaseModel):
     next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page.")
 
 
+class ParamInfo(BaseModel):
+    name: str
+    type: str
+    default: Any = None
+    help: str
+    declared_by: str = Field(description="`platform`, or `method` for one the method declares in METHOD_PARAMS.")
+
+
 class MethodInfo(BaseModel):
     name: str
+    kind: str = Field(description="`built-in`, or `store` for one in DEEPE_METHOD_STORE.")
+    file_kind: str = Field(description="`deepe`, or `DeepExtension` for a DeepExtension custom method.")
     description: str
     sha256: str
+    params: list[ParamInfo]
     source: str
 
 
@@ -86,7 +99,8 @@ def _info(record: JobRecord) -> JobInfo:
 
 
 def _method_info(m: Method) -> MethodInfo:
-    return MethodInfo(name=m.name, description=m.description, sha256=m.sha256, source=m.source)
+    info = describe_method(m)
+    return MethodInfo(**{k: v for k, v in info.items() if k != "path"}, source=m.source)
 
 
 bearer = HTTPBearer(auto_error=False)
@@ -127,7 +141,7 @@ def submit(body: SubmitRequest) -> JobRef:
     """Validate and queue a job, exactly as `deepe submit` does."""
     job = client.submit(body.method, body.params, queue=body.queue, priority=body.priority,
                         time_limit=body.time_limit)
-    return JobRef(id=job.id, status=job.status())
+    return JobRef(id=job.id, status=job.status(), custom_params=job.custom_params)
 
 
 @jobs_api.get("/jobs", response_model=JobList)
@@ -142,7 +156,7 @@ def jobs(status: JobStatus | None = None, method: str | None = None,
 @jobs_api.get("/jobs/{job_id}", response_model=JobInfo, responses={404: ERRORS[404]})
 def job(job_id: str) -> JobInfo:
     """The job record, with secrets masked, its final metrics and its latest progress."""
-    return _info(client.Job(job_id).record())
+    return _info(client.find_job(job_id).record())
 
 
 EVENTS_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -157,7 +171,7 @@ EVENTS_RESPONSES: dict[int | str, dict[str, Any]] = {
 def events(job_id: str, follow: bool = True, since: Annotated[str, Query(pattern=r"^\d+(-\d+)?$")] = "0",
            last_event_id: Annotated[str | None, Header(pattern=r"^\d+(-\d+)?$")] = None) -> Any:
     """Replay a job's events from `since` (or after `Last-Event-ID`), then tail them until it ends."""
-    stream = client.Job(job_id).events(since=last_event_id or since, follow=follow)
+    stream = client.find_job(job_id).events(since=last_event_id or since, follow=follow)
     if not follow:
         return JSONResponse([e.model_dump(mode="json") for e in stream])
 
@@ -172,7 +186,8 @@ def events(job_id: str, follow: bool = True, since: Annotated[str, Query(pattern
                responses={404: ERRORS[404], 409: {"model": Error, "description": "The job already ended."}})
 def cancel(job_id: str, save: bool = False) -> JobRef:
     """Cancel a queued job, or stop a running one at its next step (with `save`, publish it)."""
-    return JobRef(id=job_id, status=client.Job(job_id).cancel(save=save))
+    job = client.find_job(job_id)
+    return JobRef(id=job.id, status=job.cancel(save=save))
 
 
 @jobs_api.get("/methods", response_model=list[MethodInfo])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -57,8 +58,15 @@ def check_output(output_dir: Path) -> list[str]:
     return problems
 
 
-def run_local(method_file: str | Path, params: dict[str, Any], echo: Callable[[str], None] = print) -> int:
-    """Run a method locally, print its events, check what it wrote; 0 if it all worked."""
+def run_local(method_file: str | Path, params: dict[str, Any], echo: Callable[[str], None] = print,
+              verbose: bool = False) -> int:
+    """Run a method locally, print its events, check what it wrote; 0 if it all worked.
+
+    One line per event; the runner's tracebacks (the worker's output.log has them) only with
+    ``verbose``: the FAILED line already names the phase, the error and the method's line.
+    """
+    if not verbose:
+        logging.getLogger("deepe_tasks.job.runner").setLevel(logging.CRITICAL)
     result = run_method_file(Path(method_file), params, lambda e: echo(format_event(e)))
     if result.status is not JobStatus.SUCCEEDED:
         echo(f"FAILED: {result.error}")

@@ -35,7 +35,7 @@ from deepe_tasks.core.records import (
     StopReason,
 )
 from deepe_tasks.core.settings import get_settings
-from deepe_tasks.core.storage import attempt_dir, job_dir, remove_staging
+from deepe_tasks.core.storage import attempt_dir, job_dir, remove_checkpoints, remove_staging
 from deepe_tasks.job.ipc import LOG_FILE, RESULT_FILE
 from deepe_tasks.queue.client import Job
 from deepe_tasks.worker import credentials
@@ -278,4 +278,7 @@ def _end(attempt: Attempt, result: RunResult, folder: Path) -> RunResult | None:
         log.error("job %s: attempt %d was replaced by another; not recording its end", job_id, attempt.number)
         return None
     append_jsonl(folder / "events.jsonl", [final.to_json()])
+    policy = attempt.settings.keep_checkpoints
+    if policy == "never" or (policy == "unless-succeeded" and result.status is JobStatus.SUCCEEDED):
+        remove_checkpoints(attempt.settings.storage_root, job_id)
     return result

@@ -91,6 +91,7 @@ def run_local_cmd(
     method: Annotated[str, typer.Argument(help="A method name in the store, or a path to a .py file.")],
     param: ParamOpt = None,
     params_file: Annotated[Path | None, typer.Option(help="A JSON file of parameters.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also print tracebacks.")] = False,
 ) -> None:
     """Run a method in this process through the worker's runner: no queue, no Redis."""
     from deepe_tasks.queue.methods import load_method
@@ -102,5 +103,5 @@ def run_local_cmd(
     elif not path.is_file():
         fail(f"There is no method file {path}; give a method name or the path of a .py file.")
     code = run_local(path, parse_kv(param, params_file),
-                     echo=lambda line: console.print(line, highlight=False, markup=False))
+                     echo=lambda line: console.print(line, highlight=False, markup=False), verbose=verbose)
     raise typer.Exit(code)
