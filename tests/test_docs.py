@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ import pytest
 from deepe_tasks.core.records import EventKind, JobStatus
 from deepe_tasks.fixtures import tiny
 from deepe_tasks.queue.check import check_source
+from deepe_tasks.queue.methods import BUILTIN
 from deepe_tasks.ui.local import check_output, run_method_file
 from tests.conftest import paste_into_template
 
@@ -28,7 +32,7 @@ def worked_example() -> str:
 def test_the_worked_example_in_docs_methods_runs_as_a_method(tiny_model: Path, tmp_path: Path) -> None:
     # Given the template with the documented snippet pasted in
     method = tmp_path / "support01.py"
-    shutil.copy(ROOT / "method_store" / "custom-template.py", method)
+    shutil.copy(BUILTIN / "custom-template.py", method)
     paste_into_template(method, worked_example())
     report = check_source(method.read_text())
     assert report.ok and not report.warnings, report
@@ -54,3 +58,46 @@ def test_the_bad_input_table_in_docs_reliability_is_the_one_the_tests_check() ->
     match = re.search(r"<!-- bad-input-table -->\n(.*?)\n<!-- /bad-input-table -->", text, flags=re.DOTALL)
     assert match, "docs/reliability.md lost its bad-input table"
     assert match.group(1) == table(), "regenerate it: python -m tests.test_hostile_input"
+
+
+def first_run() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    match = re.search(r"<!-- first-run -->\n```bash\n(.*?)```\n<!-- /first-run -->", text, flags=re.DOTALL)
+    assert match, "the README lost its first-run block"
+    return [line for line in match.group(1).splitlines() if line.strip()]
+
+
+@pytest.mark.e2e
+def test_the_readme_first_run_works_as_written(tmp_path: Path) -> None:
+    """In a folder like a fresh clone (its method_store/), with the settings' defaults: the demo,
+    then each line of the README's first-run block, the comments done as a user would."""
+    shutil.copytree(ROOT / "method_store", tmp_path / "method_store")
+    env = {k: v for k, v in os.environ.items() if k not in ("DEEPE_STORAGE", "DEEPE_METHOD_STORE")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # the venv's deepe and python3
+
+    def run(command: str) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, (command, done.stdout[-2000:], done.stderr[-2000:])
+        return done
+
+    run("deepe demo --steps 5")  # the set-up command's demo, shorter
+    assert (tmp_path / "deepe-data/demo/tiny-llama/config.json").is_file()
+    outputs = []
+    for line in first_run():
+        if line.startswith("# paste"):
+            paste_into_template(tmp_path / "method_store/custom01.py", worked_example())
+        elif line.startswith("# set METHOD_FILE"):
+            script = tmp_path / "run_local_train_test.py"
+            text = script.read_text()
+            for old, new in {"'your-custom-file.py'": "'custom01'", "'your-model_path'": "'demo/tiny-llama'",
+                             "'your-dataset_path'": "'demo/colors.jsonl'", "'your-output_dir'": "'models/first-run'",
+                             '"MAX_STEPS": 5': '"MAX_STEPS": 2'}.items():
+                assert old in text, old
+                text = text.replace(old, new)
+            script.write_text(text)
+        elif not line.startswith("#"):
+            outputs.append(run(line).stdout)
+    assert "custom01: OK" in outputs[1]
+    assert "step 5/5" in outputs[2] and "OK:" in outputs[2]
+    assert "OK:" in outputs[-1] and (tmp_path / "deepe-data/models/first-run/deepe.json").is_file()

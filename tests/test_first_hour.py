@@ -243,3 +243,24 @@ def test_ids_and_paths_are_never_cut_when_piped(r: redis.Redis, sft_params: dict
     assert long_id in listed.stdout
     status = cli_here("status", long_id)
     assert json.loads(cli_here("status", long_id, "--json").stdout)["output_dir"] in status.stdout
+
+
+@pytest.mark.e2e
+def test_checkpoints_go_after_a_publish_and_a_missing_column_is_named_with_the_columns_there(
+        worker: Any, store: Path, storage: Path, sft_params: dict[str, Any]) -> None:
+    from deepe_tasks.core.records import JobStatus
+    from tests.conftest import TRL_SNIPPET, write_method
+
+    # A method that checkpoints every step, so that each job leaves checkpoints behind
+    write_method(store, "saves01", TRL_SNIPPET.replace("logging_steps=1,", "logging_steps=1, save_steps=1,"))
+    columns = {"PromptInputColumn": "instruction", "PromptOutputColumn": "output"}
+    good = submit("saves01", {**sft_params, **columns, "MAX_STEPS": 2})
+    bad = submit("saves01", {**sft_params, **columns, "MAX_STEPS": 2, "PromptOutputColumn": "nope"})
+    assert good.wait(timeout=180) is JobStatus.SUCCEEDED, good.info()["error"]
+    assert bad.wait(timeout=180) is JobStatus.FAILED
+    from deepe_tasks import EventKind
+
+    assert [e.step for e in good.events() if e.kind is EventKind.CHECKPOINT] == [1, 2]  # there were some
+    assert not list((storage / "jobs" / good.id / "attempts").glob("*/checkpoints"))  # DEEPE_KEEP_CHECKPOINTS
+    assert (Path(good.info()["output_dir"]) / "deepe.json").is_file()
+    assert "The dataset has no column 'nope' (PromptOutputColumn); the dataset's columns are" in bad.info()["error"]

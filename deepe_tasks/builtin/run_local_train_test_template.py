@@ -7,11 +7,12 @@ event as a line, and checks that the model, the tokenizer and deepe.json were wr
 """
 
 import sys
-from pathlib import Path
 
-from deepe_tasks.ui.local import run_local
+from deepe_tasks.ui.local import run_local_script
 
-METHOD_FILE = 'your-custom-file.py'  # the method to test, e.g. custom01.py (beside this file)
+# The method to test: its name in the method store (custom01), or its file (custom01.py, found
+# here, beside this script, or in the method store).
+METHOD_FILE = 'your-custom-file.py'
 
 PARAMS = {
     "MODEL_PATH": 'your-model_path',       # a local model folder
@@ -35,7 +36,4 @@ PARAMS = {
 }
 
 if __name__ == "__main__":
-    method = Path(METHOD_FILE)
-    if not method.is_absolute():
-        method = Path(__file__).resolve().parent / method
-    sys.exit(run_local(method, PARAMS))
+    sys.exit(run_local_script(METHOD_FILE, PARAMS, __file__))

@@ -77,3 +77,36 @@ def run_local(method_file: str | Path, params: dict[str, Any], echo: Callable[[s
         return 1
     echo(f"OK: the model, the tokenizer and {MANIFEST} are in {result.output_dir}")
     return 0
+
+
+def find_method_file(ref: str, beside: Path | None = None) -> Path:
+    """A method by name (`custom01`, `sft-demo`) or by file (`custom01.py`, a path): tried as
+    given, beside ``beside`` (the calling script), then in the method store and the built-ins."""
+    from deepe_tasks.core.errors import MethodNotFound
+    from deepe_tasks.queue.methods import load_method
+
+    name = Path(ref)
+    candidates = [name] if name.suffix == ".py" else []
+    if name.suffix == ".py" and not name.is_absolute() and beside is not None:
+        candidates.append(beside.parent / name)
+    for path in candidates:
+        if path.is_file():
+            return path.resolve()
+    try:
+        return load_method(get_settings().method_root, name.stem).path
+    except MethodNotFound as e:
+        looked = ", ".join(str(c.resolve()) for c in candidates)
+        raise MethodNotFound(f"There is no method file {ref!r}" + (f" (looked at {looked})" if looked else "")
+                             + f". {e}") from None
+
+
+def run_local_script(ref: str, params: dict[str, Any], script: str) -> int:
+    """What run_local_train_test.py runs: the method named by ``ref``; a clear line, not a traceback,
+    when the method or a parameter is wrong (exit 2)."""
+    from deepe_tasks.core.errors import DeepeError
+
+    try:
+        return run_local(find_method_file(ref, Path(script).resolve()), params)
+    except DeepeError as e:
+        print(f"FAILED: {e}")
+        return 2

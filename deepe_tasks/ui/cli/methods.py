@@ -16,7 +16,6 @@ from deepe_tasks.ui.cli.common import (
     ParamOpt,
     app,
     console,
-    fail,
     methods_app,
     parse_kv,
     print_json,
@@ -94,14 +93,9 @@ def run_local_cmd(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also print tracebacks.")] = False,
 ) -> None:
     """Run a method in this process through the worker's runner: no queue, no Redis."""
-    from deepe_tasks.queue.methods import load_method
-    from deepe_tasks.ui.local import run_local
+    from deepe_tasks.ui.local import find_method_file, run_local
 
-    path = Path(method)
-    if path.suffix != ".py":
-        path = load_method(get_settings().method_root, method).path
-    elif not path.is_file():
-        fail(f"There is no method file {path}; give a method name or the path of a .py file.")
+    path = find_method_file(method)
     code = run_local(path, parse_kv(param, params_file),
                      echo=lambda line: console.print(line, highlight=False, markup=False), verbose=verbose)
     raise typer.Exit(code)
