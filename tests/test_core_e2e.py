@@ -156,7 +156,7 @@ def test_a_broken_method_fails_with_a_readable_message_and_the_worker_goes_on(
         name: str, store: Path, worker: Worker, sft_params: dict[str, object]) -> None:
     source, *expected = FAILING_METHODS[name]
     write_method(store, name, source)
-    job = submit(name, sft_params)
+    job = submit(name, sft_params, check=False)  # the worker's side of it
     assert finished(job, worker) is JobStatus.FAILED
     error = job.info()["error"]
     for words in expected:
@@ -174,9 +174,18 @@ def test_a_broken_method_fails_with_a_readable_message_and_the_worker_goes_on(
 ])
 def test_bad_data_fails_naming_the_phase_and_the_worker_then_runs_a_good_job(
         change: dict[str, str], expected: list[str], worker: Worker, sft_params: dict[str, object],
-        storage: Path) -> None:
+        storage: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from deepe_tasks.core.settings import get_settings
+
     (storage / "data" / "empty.jsonl").touch()
-    bad = submit("sft-demo", {**sft_params, **change})
+    # A submitter that does not see the storage, so that the worker is the one to find it missing
+    monkeypatch.setenv("DEEPE_CHECK_PATHS", "false")
+    get_settings.cache_clear()
+    try:
+        bad = submit("sft-demo", {**sft_params, **change})
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
     assert finished(bad, worker) is JobStatus.FAILED
     for words in expected:
         assert words in bad.info()["error"]
@@ -255,7 +264,7 @@ def test_worker_gpus_option_sets_cuda_visible_devices_for_its_jobs(
     write_method(store, "show-gpus", "import os\nraise RuntimeError('CVD=' + os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>'))\n")
     gpu_worker = Worker("gpus-q", tmp_path / "worker.log", extra_args=["--gpus", "3"]).start()
     try:
-        job = submit("show-gpus", sft_params, queue="gpus-q")
+        job = submit("show-gpus", sft_params, queue="gpus-q", check=False)
         assert finished(job, gpu_worker) is JobStatus.FAILED
     finally:
         gpu_worker.stop()

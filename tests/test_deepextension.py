@@ -5,6 +5,8 @@ main guard), recognised, checked, given their arguments, run by the platform and
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -101,3 +103,18 @@ def test_a_grpo_style_deepextension_file_trains(tiny_model: Path, storage: Path)
     assert result.status is JobStatus.SUCCEEDED, result.error
     assert any("reward" in e.metrics for e in events if e.kind is EventKind.LOG)
     assert (storage / "models/de-grpo" / "deepe.json").is_file()
+
+
+@pytest.mark.e2e
+def test_the_local_test_template_runs_a_deepextension_file(de_params: dict[str, Any], tmp_path: Path) -> None:
+    script = (HERE.parent.parent / "method_store/run_local_train_test_template.py").read_text()
+    for old, new in {"'your-custom-file.py'": "'sft_de.py'", "'your-model_path'": repr(de_params["MODEL_PATH"]),
+                     "'your-dataset_path'": repr(de_params["DATASET_PATH"]), "'your-output_dir'": "'models/de-template'",
+                     '"MAX_STEPS": 5': '"MAX_STEPS": 2', '"MAX_SEQ_LENGTH": 512': '"MAX_SEQ_LENGTH": 64'}.items():
+        script = script.replace(old, new)
+    (tmp_path / "run_local_train_test.py").write_text(script)
+    shutil.copy(SFT_DE, tmp_path / "sft_de.py")
+    result = subprocess.run([sys.executable, "run_local_train_test.py"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "step 2/2" in result.stdout and "OK:" in result.stdout

@@ -174,6 +174,13 @@ def test_submit_refuses_what_the_check_refuses_with_its_message(store: Path, sft
     done = cli_here("submit", "hidden01", *args(sft_params))
     assert done.returncode == 2 and "deepe methods check hidden01" in done.stderr
     assert http.post("/jobs", json={"method": "hidden01", "params": sft_params}).status_code == 422
+    # --no-check (check=false over HTTP) queues it anyway, for code the check misreads
+    forced = cli_here("submit", "hidden01", "--no-check", "--queue", "first-hour-q", *args(sft_params))
+    assert forced.returncode == 0, forced.stderr
+    over_http = http.post("/jobs", json={"method": "hidden01", "params": sft_params, "check": False,
+                                         "queue": "first-hour-q"})
+    assert over_http.status_code == 201
+    before += 2
     checked = cli_here("methods", "check", "hidden01")
     assert checked.returncode == 1 and "defined only inside the function `main()`" in checked.stdout
     assert jobs_in_redis(r) == before
@@ -195,6 +202,14 @@ def test_the_check_sees_each_kind_of_problem(code: str, problem: Problem) -> Non
         base = base.replace("trainer = T(callbacks=[callback])\n", "")
     report = check_source(base + code, gpu=False)
     assert [f.problem for f in report.findings] == [problem], report.findings
+
+
+def test_names_a_function_called_at_the_top_level_makes_global_count_as_defined() -> None:
+    source = ("def build():\n    global model, tokenizer\n    model = 1\n    tokenizer = 2\n\n"
+              "build()\ntrainer = T(callbacks=[callback])\n")
+    assert check_source(source, gpu=True).ok
+    guarded = source.replace("build()\n", 'if __name__ == "__main__":\n    build()\n')
+    assert [f.problem for f in check_source(guarded, gpu=True).findings] == [Problem.HIDDEN_NAME] * 2
 
 
 def test_the_check_leaves_alone_what_is_fine() -> None:

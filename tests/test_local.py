@@ -35,6 +35,10 @@ def test_run_local_trains_prints_events_and_checks_the_output(
     for step in range(1, 5):
         assert f"step {step}/4" in out
     assert "loss=" in out and "OK: the model, the tokenizer and deepe.json" in out
+    # one line per step: not also transformers' own dict of the same numbers, nor its bar
+    assert "{'loss'" not in out + result.stderr and "it/s]" not in result.stderr and "examples/s]" not in result.stderr
+    assert len([line for line in out.splitlines() if "step 4/4" in line]) == 1
+    assert len([line for line in out.splitlines() if " trained " in line and "train_runtime=" in line]) == 1
     manifest = json.loads((storage / "models/run-local/deepe.json").read_text())
     assert manifest["method"] == "custom-local" and manifest["worker"] == "local"
 
@@ -90,3 +94,24 @@ def test_a_trainer_train_left_in_the_method_is_refused_before_anything_runs(
 def test_run_local_refuses_an_unknown_method_with_exit_code_2() -> None:
     result = run_cli("run-local", "nope", "-p", "MODEL_PATH=m", "-p", "DATASET_PATH=d")
     assert result.returncode == 2 and "There is no method 'nope'" in result.stderr
+
+
+@pytest.mark.e2e
+def test_a_failed_local_run_is_one_line_and_its_traceback_comes_with_verbose(
+        custom_method: Path, sft_params: dict[str, object]) -> None:
+    args = sum((["-p", f"{k}={v}"] for k, v in {**sft_params, "PromptOutputColumn": "nope"}.items()), [])
+    quiet = run_cli("run-local", "custom-local", *args)
+    assert quiet.returncode == 1 and "FAILED: Failed while loading the dataset" in quiet.stdout
+    assert "no column 'nope' (PromptOutputColumn)" in quiet.stdout
+    assert "Traceback" not in quiet.stdout + quiet.stderr
+    verbose = run_cli("run-local", "custom-local", "--verbose", *args)
+    assert verbose.returncode == 1 and "Traceback" in verbose.stdout + verbose.stderr
+
+
+def test_the_local_test_template_names_a_missing_method_without_a_traceback(tmp_path: Path) -> None:
+    script = (ROOT / "method_store/run_local_train_test_template.py").read_text()
+    (tmp_path / "run_local_train_test.py").write_text(script.replace("'your-custom-file.py'", "'custom99.py'"))
+    result = subprocess.run([sys.executable, "run_local_train_test.py"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stdout + result.stderr
+    assert "FAILED: There is no method file 'custom99.py' (looked at" in result.stdout

@@ -65,6 +65,8 @@ def test_new_copies_the_template_and_refuses_to_overwrite(tmp_path: Path) -> Non
     assert path.read_text() == (STORE / "custom-template.py").read_text()
     with pytest.raises(MethodExists):
         new_method(tmp_path, "custom01")
+    with pytest.raises(MethodExists, match="'sft-demo' is a built-in method; pick another name"):
+        new_method(tmp_path, "sft-demo")
 
 
 def test_a_method_is_pinned_by_the_sha256_of_its_source(tmp_path: Path) -> None:

@@ -141,7 +141,7 @@ def test_forked_job_processes_draw_fresh_random_numbers(worker: Worker, store: P
     # When both run, one after the other, in processes forked from the same warm zygote
     draws = []
     for _ in range(2):
-        job = submit("draws", sft_params)
+        job = submit("draws", sft_params, check=False)
         assert job.wait(timeout=120) is JobStatus.FAILED
         assert started_event(job).metrics["forked"] is True
         draws.append((storage / "jobs" / job.id / "draws.txt").read_text().split())
@@ -180,7 +180,7 @@ def test_a_method_larger_than_a_pipe_buffer_reaches_its_forked_process(worker: W
     assert len(source) > 4 * 65536
     write_method(store, "big", source)
     # When it runs in a forked job process
-    job = submit("big", sft_params)
+    job = submit("big", sft_params, check=False)
     assert job.wait(timeout=120) is JobStatus.FAILED
     # Then the whole source arrived and ran
     assert started_event(job).metrics["forked"] is True
@@ -202,7 +202,7 @@ def test_a_forked_job_process_runs_the_methods_exit_hooks(worker: Worker, store:
     # Given a method that registers an exit hook
     write_method(store, "hooks", ATEXIT_METHOD)
     # When it runs in a forked job process and its process ends
-    job = submit("hooks", sft_params)
+    job = submit("hooks", sft_params, check=False)
     assert job.wait(timeout=120) is JobStatus.FAILED
     assert started_event(job).metrics["forked"] is True
     # Then the hook ran

@@ -26,14 +26,14 @@ class Admitted:
 
 
 def admit(method: Method, raw: dict[str, Any], storage_root: Path, job_id: str, *, check_paths: bool,
-          gpu: bool | None = True) -> Admitted:
+          check_method: bool = True, gpu: bool | None = True) -> Admitted:
     """Everything submit refuses, as the errors `deepe submit` prints (exit 2, HTTP 422).
 
     ``gpu``: whether the machine that will run the job has CUDA (True for a GPU worker; None
     for this machine, as for `run-local`).
     """
     report = check_source(method.source, method.path.name, gpu=gpu)
-    if not report.ok:
+    if check_method and not report.ok:
         raise MethodContractError(f"{method.name} would fail on a worker: " + " ".join(report.errors)
                                   + f" (`deepe methods check {method.name}` shows the same.)")
     declared = declared_params(method.source)

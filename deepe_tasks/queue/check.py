@@ -168,8 +168,19 @@ def _all_bound(node: ast.AST) -> set[str]:
     return names
 
 
+def _called_globals(body: list[ast.stmt]) -> set[str]:
+    """Names that functions called at the top level bind with `global` (`def build(): global model`)."""
+    functions = {s.name: s for s in body if isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    top = [s for s in body if not isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+           and not (isinstance(s, ast.If) and is_main_guard(s))]
+    called = {n.func.id for s in top for n in ast.walk(s) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    return {name for f in called if f in functions for g in ast.walk(functions[f]) if isinstance(g, ast.Global)
+            for name in g.names}
+
+
 def _check_names(tree: ast.Module, report: CheckReport) -> None:
     runs, hidden = _top_level(tree.body)
+    runs |= _called_globals(tree.body)
     for name in REQUIRED_NAMES:
         if name in runs:
             continue

@@ -30,10 +30,13 @@ def submit(
     priority: int | None = None,
     job_id: str | None = None,
     time_limit: float | None = None,
+    check: bool = True,
 ) -> Job:
     """Validate, pin the method's source, record the job and queue it. Returns the new ``Job``.
 
-    Raises ``InvalidParams`` or ``MethodNotFound`` before anything is queued.
+    Raises ``InvalidParams``, ``MethodNotFound`` or ``MethodContractError`` before anything is
+    queued. ``check=False`` skips the static check of the method (for code it misreads); the
+    worker still refuses a method that trains or saves itself.
     """
     settings = get_settings()
     found = load_method(settings.method_root, method)
@@ -43,7 +46,8 @@ def submit(
         raise InvalidParams(f"priority={priority!r} is not valid; allowed: an integer from 0 (highest) to 9.")
     time_limit = validate.time_limit(time_limit)
     queue = validate.queue_name(queue or settings.queue)
-    admitted = admit(found, params, settings.storage_root, job_id, check_paths=settings.check_paths)
+    admitted = admit(found, params, settings.storage_root, job_id, check_paths=settings.check_paths,
+                     check_method=check)
     resolved = admitted.params
     record = JobRecord(
         id=job_id, method=found.name, method_sha256=found.sha256, params=resolved.as_dict(),

@@ -97,6 +97,9 @@ def new_method(store: Path, name: str) -> Path:
     """Copy the custom template to ``<store>/<name>.py``; never overwrite."""
     _check_name(name)
     target = store / f"{name}.py"
+    if (BUILTIN / f"{name}.py").is_file():
+        raise MethodExists(f"{name!r} is a built-in method; pick another name for yours (a file of that name in "
+                           "the store would take its place).")
     if target.exists():
         raise MethodExists(f"{target} already exists; pick another name or edit that file.")
     store.mkdir(parents=True, exist_ok=True)

@@ -39,13 +39,17 @@ class SubmitRequest(BaseModel):
     queue: str | None = Field(None, description="The queue; DEEPE_QUEUE when absent.")
     priority: int | None = Field(None, description="0 (highest) to 9.")
     time_limit: float | None = Field(None, description="Seconds an attempt may train.")
+    check: bool = Field(True, description="Refuse a method that the static check rejects; false for code it misreads.")
 
 
 class JobRef(BaseModel):
     id: str
     status: JobStatus
+
+
+class Submitted(JobRef):
     custom_params: list[str] = Field(default_factory=list, description=(
-        "At submit: the keys that are no parameter of the platform or the method, passed on as they are."))
+        "The keys that are no parameter of the platform or the method, passed on as they are."))
 
 
 class JobInfo(JobRecord):
@@ -136,12 +140,12 @@ jobs_api = APIRouter(dependencies=[Depends(authorised)])  # jobs and methods: a 
 open_api = APIRouter()  # health and metrics: for probes and Prometheus
 
 
-@jobs_api.post("/jobs", status_code=201, response_model=JobRef, responses={422: ERRORS[422]})
-def submit(body: SubmitRequest) -> JobRef:
+@jobs_api.post("/jobs", status_code=201, response_model=Submitted, responses={422: ERRORS[422]})
+def submit(body: SubmitRequest) -> Submitted:
     """Validate and queue a job, exactly as `deepe submit` does."""
     job = client.submit(body.method, body.params, queue=body.queue, priority=body.priority,
-                        time_limit=body.time_limit)
-    return JobRef(id=job.id, status=job.status(), custom_params=job.custom_params)
+                        time_limit=body.time_limit, check=body.check)
+    return Submitted(id=job.id, status=job.status(), custom_params=job.custom_params)
 
 
 @jobs_api.get("/jobs", response_model=JobList)

@@ -35,6 +35,10 @@ def format_event(event: Event) -> str:
     if event.kind is EventKind.LOG:
         shown = [f"{k}={fmt_metric(event.metrics[k])}" for k in SHOWN_METRICS if k in event.metrics]
         rest = [f"{k}={fmt_metric(v)}" for k, v in event.metrics.items() if k not in SHOWN_METRICS]
+        if event.step is None or "train_runtime" in event.metrics:
+            # a method's own log line, or the trainer's summary at the end: not another step
+            head = event.message or ("trained" if "train_runtime" in event.metrics else "log")
+            return f"{stamp} {head} " + " ".join(shown + rest)
         step = f"step {event.step}/{event.max_steps}" if event.max_steps else f"step {event.step}"
         eta = f" eta {fmt_seconds(event.eta_s)}" if event.eta_s is not None else ""
         return f"{stamp} {step}{eta} " + " ".join(shown + rest)
@@ -61,7 +65,9 @@ def follow(events: Iterable[Event], console: Console) -> Event | None:
         bar = progress.add_task("training", total=None, loss="-", eta="?", visible=False)
         for event in events:
             last = event
-            if event.kind is EventKind.LOG:
+            if event.kind is EventKind.LOG and event.step is None:  # a method's own log line
+                progress.console.print(Text(format_event(event)))
+            elif event.kind is EventKind.LOG:
                 fields: dict[str, Any] = {"eta": fmt_seconds(event.eta_s)}
                 if "loss" in event.metrics:
                     fields["loss"] = fmt_metric(event.metrics["loss"])

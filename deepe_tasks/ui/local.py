@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,7 +27,8 @@ def local_runner(method_file: Path, params: dict[str, Any], emit: Callable[[Even
     """A runner for ``method_file`` with ``params``, as a worker's job process would build it."""
     settings = get_settings()
     source = method_file.read_text(encoding="utf-8")
-    job_id = job_id or f"local-{time.strftime('%Y%m%d-%H%M%S')}"
+    # Unique, or two runs in one second would share (and resume from) each other's checkpoints.
+    job_id = job_id or f"local-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     method = Method(method_file.stem, method_file, source)
     resolved = admit(method, params, settings.storage_root, job_id, check_paths=True, gpu=None).params
     from deepe_tasks.job.runner import (
@@ -67,6 +70,13 @@ def run_local(method_file: str | Path, params: dict[str, Any], echo: Callable[[s
     """
     if not verbose:
         logging.getLogger("deepe_tasks.job.runner").setLevel(logging.CRITICAL)
+        # The libraries' progress bars (loading weights, each dataset pass) say nothing the
+        # events do not: they come back with --verbose.
+        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     result = run_method_file(Path(method_file), params, lambda e: echo(format_event(e)))
     if result.status is not JobStatus.SUCCEEDED:
         echo(f"FAILED: {result.error}")

@@ -32,13 +32,15 @@ def submit(
     time_limit: Annotated[float | None, typer.Option(help="Seconds of training before the job stops.")] = None,
     job_id: Annotated[str | None, typer.Option(help="An id of your own; refused if taken.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the job until it ends.")] = False,
+    check: Annotated[bool, typer.Option("--check/--no-check", help=(
+        "Run `deepe methods check` first and refuse a method it rejects; --no-check for code it misreads."))] = True,
     as_json: JsonOpt = False,
 ) -> None:
     """Submit a job and print its id."""
     from deepe_tasks.queue.client import submit as submit_job
 
     job = submit_job(method, parse_kv(param, params_file), queue=queue, priority=priority,
-                     time_limit=time_limit, job_id=job_id)
+                     time_limit=time_limit, job_id=job_id, check=check)
     if as_json:
         print_json({"id": job.id, "status": job.status().value, "custom_params": job.custom_params})
     else:
