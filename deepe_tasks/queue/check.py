@@ -181,18 +181,22 @@ def _called_globals(body: list[ast.stmt]) -> set[str]:
 def _check_names(tree: ast.Module, report: CheckReport) -> None:
     runs, hidden = _top_level(tree.body)
     runs |= _called_globals(tree.body)
+    places: dict[tuple[str, int], list[str]] = {}
     for name in REQUIRED_NAMES:
         if name in runs:
             continue
         if name in hidden:
-            where, line = hidden[name]
-            report.add(Problem.HIDDEN_NAME,
-                       f"`{name}` is defined only inside {where} (line {line}), which the platform never runs: "
-                       "it runs the file from top to bottom and never calls your functions. Move that code "
-                       "to the top level, out of the function and the main guard.", line)
+            places.setdefault(hidden[name], []).append(f"`{name}`")
         else:
             report.add(Problem.MISSING_NAME, f"The method never defines `{name}`; define `model`, `tokenizer` and "
                                              "`trainer` between the marker lines.")
+    for (where, line), names in places.items():
+        listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+        verb = "is" if len(names) == 1 else "are"
+        report.add(Problem.HIDDEN_NAME,
+                   f"{listed} {verb} defined only inside {where} (line {line}), which the platform never runs: it "
+                   "runs the file from top to bottom and never calls your functions. Move that code to the top "
+                   "level, out of the function and the main guard.", line)
 
 
 def call_name(node: ast.Call) -> str:
