@@ -19,6 +19,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+import redis
 
 from deepe_tasks.queue.methods import BEGIN_MARKER, END_MARKER
 
@@ -80,6 +81,14 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     return os.environ["DEEPE_REDIS_URL"]
+
+
+@pytest.fixture
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    """A client of the session's Redis that answers in strings."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    client.close()
 
 
 @pytest.fixture(scope="session")

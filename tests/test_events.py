@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +23,6 @@ from deepe_tasks.core.events import BATCH, EventPublisher, read_events
 from deepe_tasks.core.records import Event, EventKind, JobRecord, JobStatus
 
 TTL_MS = 60_000
-
-
-@pytest.fixture
-def r(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    client.close()
 
 
 def running_job(r: redis.Redis) -> str:

@@ -42,13 +42,6 @@ def http() -> Iterator[TestClient]:
         yield client
 
 
-@pytest.fixture
-def r(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    client.close()
-
-
 def jobs_in_redis(r: redis.Redis) -> int:
     return int(r.zcard(keys.JOBS_INDEX))
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -20,13 +19,6 @@ from deepe_tasks.core.records import Event, EventKind, JobRecord, JobStatus
 from deepe_tasks.worker import credentials
 
 TTL_MS = 5_000
-
-
-@pytest.fixture
-def r(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    client.close()
 
 
 def new_job(r: redis.Redis) -> str:

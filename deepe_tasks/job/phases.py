@@ -117,3 +117,19 @@ def describe(exc: BaseException, phase: Phase, filename: str) -> str:
     text = str(exc).strip() or "no message"
     hint = _hint(exc, phase)
     return f"Failed while {phase}: {type(exc).__name__}: {text}{where}." + (f" {hint}" if hint else "")
+
+
+def column_hint(exc: BaseException, namespace: dict[str, Any]) -> str:
+    """For a KeyError on a dataset column: which parameter names it, and the columns there are."""
+    if not isinstance(exc, KeyError) or not exc.args:
+        return ""
+    missing = exc.args[0]
+    named = [p for p in ("PromptInputColumn", "PromptOutputColumn") if namespace.get(p) == missing]
+    columns = next((list(v.column_names) for v in namespace.values()
+                    if isinstance(getattr(v, "column_names", None), list)), None)
+    if not named and columns is None:
+        return ""
+    which = f" ({' and '.join(named)})" if named else ""
+    there = f"; the dataset's columns are {', '.join(map(str, columns))}" if columns is not None else ""
+    return (f" The dataset has no column {missing!r}{which}{there}. Give the right name with "
+            "-p PromptInputColumn=… / -p PromptOutputColumn=….")

@@ -21,16 +21,9 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from deepe_tasks.core import records
 from deepe_tasks.core.errors import AttemptFenced, MethodContractError
-from deepe_tasks.core.records import (
-    Event,
-    EventKind,
-    JobSpec,
-    JobStatus,
-    Phase,
-    RunResult,
-    StopReason,
-)
+from deepe_tasks.core.records import JobSpec, JobStatus, Phase, RunResult, StopReason
 from deepe_tasks.core.storage import (
     MANIFEST,
     attempt_dir,
@@ -41,7 +34,7 @@ from deepe_tasks.core.storage import (
 )
 from deepe_tasks.job import deepext_shim, phases
 from deepe_tasks.job.callback import DeepeCallback, Emit, StopCheck, TrainingComplete
-from deepe_tasks.job.phases import PhaseFailure, describe
+from deepe_tasks.job.phases import PhaseFailure, column_hint, describe
 from deepe_tasks.queue import deepext
 from deepe_tasks.queue.admission import input_problems
 from deepe_tasks.queue.check import Problem, check_source
@@ -187,22 +180,7 @@ class Runner:
             own = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == self.filename]
             if own:
                 phase = phases.refine(phase, own[-1].line or "")
-            raise PhaseFailure(phase, describe(e, phase, self.filename) + self._column_hint(e)) from e
-
-    def _column_hint(self, exc: BaseException) -> str:
-        """For a KeyError on a dataset column: which parameter names it, and the columns there are."""
-        if not isinstance(exc, KeyError) or not exc.args:
-            return ""
-        missing = exc.args[0]
-        named = [p for p in ("PromptInputColumn", "PromptOutputColumn") if self.namespace.get(p) == missing]
-        columns = next((list(v.column_names) for v in self.namespace.values()
-                        if isinstance(getattr(v, "column_names", None), list)), None)
-        if not named and columns is None:
-            return ""
-        which = f" ({' and '.join(named)})" if named else ""
-        there = f"; the dataset's columns are {', '.join(map(str, columns))}" if columns is not None else ""
-        return (f" The dataset has no column {missing!r}{which}{there}. Give the right name with "
-                "-p PromptInputColumn=… / -p PromptOutputColumn=….")
+            raise PhaseFailure(phase, describe(e, phase, self.filename) + column_hint(e, self.namespace)) from e
 
     def _deepextension(self) -> contextlib.AbstractContextManager[None]:
         """For a DeepExtension file: its `train_callback` module and its command line."""
@@ -248,7 +226,7 @@ class Runner:
         resume = latest_checkpoint(Path(self.spec.storage_root), self.spec.job_id)
         if resume is not None:
             step = int(resume.name.split("-")[-1])
-            self.emit(Event(kind=EventKind.RESUMED, job=self.spec.job_id, step=step,
+            self.emit(records.Event(kind=records.EventKind.RESUMED, job=self.spec.job_id, step=step,
                             message=f"resumed from the checkpoint at step {step}"))
         try:
             output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)

@@ -144,8 +144,10 @@ def _run_attempt(task: Any, attempt: Attempt, source: str, proc: JobProcess, fol
         ended_by = Supervisor(attempt, proc, progress=FlowerProgress(task, record.id).report).watch()
     finally:
         # Whatever happened, nothing of this attempt (DataLoader workers, torchrun children)
-        # outlives it, nor what it staged and did not publish.
+        # outlives it, nor its Redis user (gone before its end is recorded, so whoever sees the
+        # job ended sees the user gone), nor what it staged and did not publish.
         kill_group(proc)
+        attempt.drop_credential()
         remove_staging(Path(record.output_dir), record.id, [attempt.number])
     if ended_by is StopReason.FENCED:
         return None
