@@ -20,6 +20,7 @@ from unittest import mock
 
 import pytest
 import redis
+from fastapi.testclient import TestClient
 
 from deepe_tasks.queue.methods import BEGIN_MARKER, END_MARKER
 
@@ -81,6 +82,19 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     return os.environ["DEEPE_REDIS_URL"]
+
+
+API_TOKEN = "t0ken-for-in-process-api"
+
+
+@pytest.fixture(scope="module")
+def http() -> Iterator[TestClient]:
+    """The HTTP API in this process (no server), with a valid token on every request."""
+    from deepe_tasks.ui.api import create_app
+
+    with TestClient(create_app([API_TOKEN]), raise_server_exceptions=False) as client:
+        client.headers["Authorization"] = f"Bearer {API_TOKEN}"
+        yield client
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +21,8 @@ from deepe_tasks.core import jobstore, keys
 from deepe_tasks.core.errors import InvalidParams, MethodContractError
 from deepe_tasks.core.settings import get_settings
 from deepe_tasks.queue.check import Problem, check_source
-from deepe_tasks.ui.api import create_app
 from tests.conftest import cli_here
 
-TOKEN = "first-hour"
 DECLARING = '''"""Declares a parameter of its own."""
 METHOD_PARAMS = {
     "temperature": (float, 0.7, "sampling temperature, 0 to 2"),
@@ -33,13 +30,6 @@ METHOD_PARAMS = {
 }
 model = tokenizer = trainer = None
 '''
-
-
-@pytest.fixture(scope="module")
-def http() -> Iterator[TestClient]:
-    with TestClient(create_app([TOKEN]), raise_server_exceptions=False) as client:
-        client.headers["Authorization"] = f"Bearer {TOKEN}"
-        yield client
 
 
 def jobs_in_redis(r: redis.Redis) -> int:

@@ -22,10 +22,8 @@ from hypothesis import strategies as st
 
 from deepe_tasks import submit
 from deepe_tasks.core.errors import InvalidParams
-from deepe_tasks.ui.api import create_app
-from tests.conftest import cli_here
+from tests.conftest import API_TOKEN, cli_here
 
-TOKEN = "hostile-token"
 BIG = "1" * 30  # beyond 64 bits
 DEEP: dict[str, Any] = {}
 _level = DEEP
@@ -85,13 +83,6 @@ CLI_CASES: dict[str, tuple[list[str], int, str]] = {
     "a new method named with a path": (["methods", "new", "../../etc/x"], 2, "is not a method name"),
     "a check of a path": (["methods", "check", "../../etc/passwd"], 2, "is not a method name"),
 }
-
-
-@pytest.fixture(scope="module")
-def http() -> Iterator[TestClient]:
-    with TestClient(create_app([TOKEN]), raise_server_exceptions=False) as client:
-        client.headers["Authorization"] = f"Bearer {TOKEN}"
-        yield client
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +158,7 @@ def test_any_authorization_and_last_event_id_header_gets_a_clear_answer(token: s
     assert response.status_code in (200, 401, 422), (response.status_code, response.text[:300])
     ok_id = last_event_id == "" or all(c in string.digits + "-" for c in last_event_id)
     if response.status_code == 200:
-        assert token == TOKEN and ok_id
+        assert token == API_TOKEN and ok_id
 
 
 def table() -> str:

@@ -144,7 +144,9 @@ class Runner:
 
     def _inputs_exist(self) -> None:
         """The clear message for a missing MODEL_PATH or DATASET_PATH, before the libraries' own."""
-        for param, phase, problem in input_problems(self.params, self.params):
+        problems = input_problems(self.params, self.params)
+        if problems:
+            param, phase, problem = problems[0]  # the one the method would meet first
             raise PhaseFailure(phase, f"Failed while {phase}: {problem} (on {socket.gethostname()}: check that "
                                       f"the workers mount the storage where {param} points).")
 

@@ -38,7 +38,7 @@ def admit(method: Method, raw: dict[str, Any], storage_root: Path, job_id: str, 
                                   + f" (`deepe methods check {method.name}` shows the same.)")
     declared = declared_params(method.source)
     raw = validate.params(raw)
-    custom = [k for k in refuse_near_misses(raw, list(declared))]
+    custom = refuse_near_misses(raw, list(declared))
     params = parse_params(raw)
     if declared:
         params = params.model_copy(update=apply_declared(raw, declared))

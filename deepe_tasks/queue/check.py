@@ -94,7 +94,7 @@ def check_source(source: str, filename: str = "<method>", *, gpu: bool | None = 
         report.add(Problem.SYNTAX, f"Syntax error at line {e.lineno}: {e.msg}; fix that line.", e.lineno)
         return report
     _check_names(tree, report)
-    nodes = [n for n in _walk_skipping(tree, skip_functions)]
+    nodes = _walk_skipping(tree, skip_functions)
     trainers = _trainer_names(nodes)
     for node in nodes:
         if isinstance(node, ast.Call):

@@ -10,10 +10,10 @@ and never calls `training()`: the platform trains, resumes, cancels and saves.
 from __future__ import annotations
 
 import ast
-import re
 from typing import Any
 
 from deepe_tasks.core.errors import InvalidParams
+from deepe_tasks.queue.params import snake_case
 
 CALLBACK_MODULE = "train_callback"
 TRAINING_FUNCTION = "training"
@@ -49,9 +49,7 @@ def _flags(source: str) -> dict[str, bool]:
 
 def flag_name(param: str) -> str:
     """MODEL_PATH → model_path, PromptInputColumn → input_train_name, a custom key as it is."""
-    if param in RENAMED:
-        return RENAMED[param]
-    return param.lower() if param.isupper() else re.sub(r"(?<!^)(?=[A-Z])", "_", param).lower()
+    return RENAMED.get(param) or snake_case(param)
 
 
 def _text(value: Any) -> str:

@@ -25,7 +25,8 @@ SECRET_KEY = re.compile(r"token|secret|password|passwd|key", re.IGNORECASE)
 MASK = "***"
 
 
-def _snake(name: str) -> str:
+def snake_case(name: str) -> str:
+    """MODEL_PATH → model_path, PromptInputColumn → prompt_input_column."""
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower() if not name.isupper() else name.lower()
 
 
@@ -39,7 +40,7 @@ class TrainParams(BaseModel):
 
     # Each field also answers to its lower snake-case name: model_path, prompt_input_column, ...
     model_config = ConfigDict(extra="allow", populate_by_name=True, validate_assignment=True,
-                              alias_generator=AliasGenerator(validation_alias=lambda n: AliasChoices(n, _snake(n))))
+                              alias_generator=AliasGenerator(validation_alias=lambda n: AliasChoices(n, snake_case(n))))
 
     MODEL_PATH: str = _field(..., "a model folder (relative paths resolve under DEEPE_STORAGE)", min_length=1)
     MAX_SEQ_LENGTH: int = _field(1024, "an integer from 8 to 1048576", ge=8, le=1_048_576)
@@ -89,7 +90,7 @@ class TrainParams(BaseModel):
         return self.model_dump(by_alias=False)
 
 
-ALIASES = {_snake(name): name for name in TrainParams.model_fields}
+ALIASES = {snake_case(name): name for name in TrainParams.model_fields}
 
 
 def _allowed(name: str) -> str:
