@@ -64,6 +64,8 @@ def sse(response: httpx.Response, stop_after: int | None = None) -> list[dict[st
                 if stop_after is not None and len(events) >= stop_after:
                     break
             continue
+        if line.startswith(":"):  # a comment: the keepalive of a quiet stream
+            continue
         field, _, value = line.partition(": ")
         current[field] = json.loads(value) if field == "data" else value
     return events

@@ -217,6 +217,27 @@ def test_the_compose_file_validates_against_the_compose_spec() -> None:
     assert services["worker"]["stop_grace_period"]
 
 
+def test_the_gpu_override_gives_each_worker_its_own_gpu(tmp_path: Path) -> None:
+    out = tmp_path / "docker-compose.gpus.yml"
+    made = subprocess.run([sys.executable, str(ROOT / "scripts/compose_gpus.py"), "--gpus", "0,1,2,3", "--out", str(out)],
+                          capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    result = subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec",
+                             str(out)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    services = yaml.safe_load(out.read_text())["services"]
+    assert services.pop("worker") == {"deploy": {"replicas": 0}}  # the plain worker does not also run
+    devices = {name: s["deploy"]["resources"]["reservations"]["devices"] for name, s in services.items()}
+    assert devices == {f"worker-gpu{i}": [{"driver": "nvidia", "device_ids": [str(i)], "capabilities": ["gpu"]}]
+                       for i in range(4)}  # one device each, and no `count` that would share one
+    assert all(s["deploy"]["replicas"] == 1 and s["stop_grace_period"] for s in services.values())
+    names = [s["command"][s["command"].index("--name") + 1] for s in services.values()]
+    assert len(set(names)) == 4 and all(s["command"][:2] == ["deepe", "worker"] for s in services.values())
+    refused = subprocess.run([sys.executable, str(ROOT / "scripts/compose_gpus.py"), "--gpus", "0,0", "--out",
+                              str(out)], capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "distinct GPU indexes" in refused.stderr
+
+
 def test_every_deepe_setting_in_the_deployment_files_is_one_deepe_reads() -> None:
     """A misspelt DEEPE_* in the env example, compose or k8s files would be silently ignored."""
     import re
@@ -237,33 +258,47 @@ def k8s_documents() -> list[dict[str, Any]]:
             for doc in yaml.safe_load_all(path.read_text()) if doc]
 
 
+def worker_job(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The Kubernetes Job that KEDA makes of the ScaledJob's jobTargetRef."""
+    scaled = next(d for d in docs if d["kind"] == "ScaledJob")
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "deepe-worker-x"},
+            "spec": scaled["spec"]["jobTargetRef"]}
+
+
 def test_the_kubernetes_manifests_validate_against_the_kubernetes_schemas() -> None:
     import kubernetes_validate
 
     docs = k8s_documents()
     core = [d for d in docs if not d["apiVersion"].startswith("keda.sh/")]
-    assert {d["kind"] for d in core} >= {"Deployment", "StatefulSet", "Service", "ConfigMap", "Secret"}
-    for doc in core:
+    assert {d["kind"] for d in core} >= {"StatefulSet", "Service", "ConfigMap", "Secret", "PersistentVolumeClaim"}
+    job = worker_job(docs)  # KEDA's CRDs are not in the schemas, but the Job it makes is
+    for doc in [*core, job]:
         kubernetes_validate.validate(doc, "1.33.0", strict=True)
-    worker = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "deepe-worker")
-    pod = worker["spec"]["template"]["spec"]
-    assert pod["terminationGracePeriodSeconds"] >= 300
-    assert pod["containers"][0]["lifecycle"]["preStop"]
+    pod = job["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] >= 300 and pod["restartPolicy"] == "Never"
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     with pytest.raises(kubernetes_validate.ValidationError):
-        kubernetes_validate.validate({**worker, "spec": {**worker["spec"], "replicas": "many"}}, "1.33.0", strict=True)
+        kubernetes_validate.validate({**job, "spec": {**job["spec"], "parallelism": "many"}}, "1.33.0", strict=True)
 
 
-def test_the_keda_scaledobject_scales_the_worker_on_the_queue_lists() -> None:
-    # KEDA's CRDs are not in the Kubernetes schemas: check what matters by hand.
+def test_keda_runs_one_job_per_pod_on_every_priority_list_and_never_scales_in_a_busy_worker() -> None:
+    from deepe_tasks.queue.queues import priority_lists
+    from deepe_tasks.ui.cli.common import app as cli_app
+
     docs = k8s_documents()
-    scaled = next(d for d in docs if d["kind"] == "ScaledObject")
+    assert not [d for d in docs if d["kind"] in ("ScaledObject", "Deployment") and "worker" in d["metadata"]["name"]]
+    scaled = next(d for d in docs if d["kind"] == "ScaledJob")
     assert scaled["apiVersion"] == "keda.sh/v1alpha1"
-    assert scaled["spec"]["scaleTargetRef"]["name"] == "deepe-worker"
+    # Each pod is a worker that ends with its job (so KEDA never removes a busy one), or idles out
+    command = scaled["spec"]["jobTargetRef"]["template"]["spec"]["containers"][0]["command"]
+    assert command[:2] == ["deepe", "worker"] and "--one-job" in command and "--idle-exit" in command
+    from typer.testing import CliRunner
+
+    helped = CliRunner().invoke(cli_app, ["worker", "--help"])
+    assert "--one-job" in helped.output and "--idle-exit" in helped.output  # the flags exist
+    # Every waiting job counts, whatever its priority: a trigger per list, summed
     lists = [t["metadata"]["listName"] for t in scaled["spec"]["triggers"]]
-    assert all(t["type"] == "redis" for t in scaled["spec"]["triggers"]) and "gpu" in lists
+    assert sorted(lists) == sorted(name for _, name in priority_lists("gpu"))
+    assert scaled["spec"]["scalingStrategy"] == {"strategy": "accurate", "multipleScalersCalculation": "sum"}
     auth = next(d for d in docs if d["kind"] == "TriggerAuthentication")
     assert {t["authenticationRef"]["name"] for t in scaled["spec"]["triggers"]} == {auth["metadata"]["name"]}
-    from deepe_tasks.queue.queues import priority_lists
-
-    assert set(lists) <= {name for _, name in priority_lists("gpu")}

@@ -121,7 +121,8 @@ def test_a_job_that_keeps_losing_its_worker_fails_after_max_resumes(
         kill_worker_running(job, w)
         start_worker(workers, "resumes-q", tmp_path, DEEPE_MAX_RESUMES="0", DEEPE_REDIS_URL=server.url)
         assert job.wait(timeout=60) is JobStatus.FAILED
-        assert "interrupted 1 times" in job.info()["error"] and "DEEPE_MAX_RESUMES is 0" in job.info()["error"]
+        assert "lost its worker 1 times" in job.info()["error"] and "DEEPE_MAX_RESUMES is 0" in job.info()["error"]
+        assert job.info()["losses"] == 1
     finally:
         for started in workers:
             started.stop()
@@ -169,9 +170,11 @@ def test_a_warm_shutdown_checkpoints_requeues_and_the_job_resumes(workers: list[
     first.process.proc.wait(timeout=30)  # type: ignore[union-attr]
     events = list(job.events())
     assert events[-1].kind is EventKind.REQUEUED and job.status() is JobStatus.QUEUED
+    assert job.info()["losses"] == 0  # a preemption announced by a signal uses up no resume
     checkpoints = [e.step for e in events if e.kind is EventKind.CHECKPOINT]
     start_worker(workers, "term-q", tmp_path)
     assert job.wait(timeout=120) is JobStatus.SUCCEEDED, job.info()["error"]
+    assert job.info()["losses"] == 0 and job.info()["attempts"] == 2
     resumed = [e for e in job.events() if e.kind is EventKind.RESUMED]
     assert resumed[0].step == checkpoints[-1]
     assert_one_final_model(job)

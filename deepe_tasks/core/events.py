@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -171,6 +172,21 @@ def read_events(
     block_ms: int = 1000,
 ) -> Iterator[Event]:
     """Replay a job's events after stream id ``since``; with ``follow``, tail until a final event."""
+    for event in tail_events(client, job_id, since=since, follow=follow, block_ms=block_ms):
+        if event is not None:
+            yield event
+
+
+def tail_events(
+    client: redis.Redis,
+    job_id: str,
+    since: str = "0",
+    follow: bool = False,
+    block_ms: int = 1000,
+    idle: float | None = None,
+) -> Iterator[Event | None]:
+    """`read_events`, and, with ``idle``, a None each time ``idle`` seconds pass without an event
+    while it follows: the tick of a keepalive (an SSE comment) on a quiet job's stream."""
     stream = keys.events(job_id)
     last = since
     start = "-" if since in ("0", "0-0", "-") else f"({since}"
@@ -183,8 +199,16 @@ def read_events(
             return
     if not follow:
         return
+    quiet_since = time.monotonic()
     while True:
-        reply: Any = client.xread({stream: last or "0"}, block=block_ms, count=BATCH)
+        wait_ms = block_ms
+        if idle is not None:
+            left = quiet_since + idle - time.monotonic()
+            if left <= 0:
+                yield None
+                quiet_since, left = time.monotonic(), idle
+            wait_ms = max(1, min(block_ms, math.ceil(left * 1000)))  # 0 would block for ever
+        reply: Any = client.xread({stream: last or "0"}, block=wait_ms, count=BATCH)
         if not reply:
             # A reader that resumed after the final event (an SSE reconnect) ends here.
             status = client.hget(keys.job(job_id), "status")
@@ -196,5 +220,6 @@ def read_events(
             if event is None:
                 continue
             yield event
+            quiet_since = time.monotonic()
             if event.kind.is_final:
                 return

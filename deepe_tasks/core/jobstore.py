@@ -25,6 +25,7 @@ import redis
 from deepe_tasks.core import keys, lua
 from deepe_tasks.core.errors import InvalidJobState, JobExists, JobNotFound
 from deepe_tasks.core.records import Event, EventKind, JobRecord, JobStatus
+from deepe_tasks.core.settings import get_settings
 
 CANCEL_FLAG_TTL = 30 * 24 * 3600
 ATTEMPT_PLACEHOLDER = "@ATTEMPT@"
@@ -32,11 +33,14 @@ ATTEMPT_PLACEHOLDER = "@ATTEMPT@"
 
 # The scripts a job process runs, by EVALSHA only: the worker loads them (`credentials`).
 JOB_SCRIPTS = (lua.APPEND, lua.CHECK)
-_SHAS = {script: hashlib.sha1(script.encode()).hexdigest() for script in JOB_SCRIPTS}
+_SHAS = {script: hashlib.sha1(script.encode()).hexdigest() for script in (
+    *JOB_SCRIPTS, lua.CREATE, lua.CLAIM, lua.RENEW, lua.FINISH, lua.REQUEUE, lua.CANCEL, lua.FAIL_QUEUED,
+    lua.FORGET_RUNNING, lua.SET_PID, lua.PRUNE, lua.PAGE)}
 
 
 def _loaded(client: redis.Redis, script: str, numkeys: int, *args: Any) -> Any:
-    """Run a job script by its hash, loading it first where this client may (not a job process's)."""
+    """Run a script by its hash (a fleet's renewals need not send a script's text each time),
+    loading it first where this client may (not a job process's)."""
     try:
         return client.evalsha(_SHAS[script], numkeys, *args)
     except redis.exceptions.NoScriptError:
@@ -58,7 +62,13 @@ def _encode(fields: dict[str, Any]) -> dict[str, str]:
 
 
 def not_found(job_id: str) -> JobNotFound:
-    return JobNotFound(f"There is no job {job_id!r}; `deepe jobs` lists the recent ones.")
+    return JobNotFound(f"There is no job {job_id!r}: the id is unknown, or the job ended more than "
+                       f"DEEPE_JOB_RETENTION={get_settings().job_retention:g} s ago and expired. "
+                       "`deepe jobs` lists the jobs that are kept.")
+
+
+def _retention() -> int:
+    return int(get_settings().job_retention)
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -84,7 +94,7 @@ def create(client: redis.Redis, record: JobRecord, source: str, first_event: Eve
     id that is already taken."""
     names = [keys.job(record.id), keys.JOBS_INDEX, keys.method_source(record.method_sha256), keys.events(record.id),
              keys.UNSENT]
-    if not client.eval(lua.CREATE, len(names), *names, source, record.submitted_at, record.id,
+    if not _loaded(client, lua.CREATE, len(names), *names, source, record.submitted_at, record.id,
                        first_event.to_json(), *_flat(record.to_redis())):
         raise JobExists(f"A job with id {record.id!r} already exists; submit without an id, or pick a new one.")
 
@@ -113,7 +123,7 @@ def claim(client: redis.Redis, job_id: str, holder: str, ttl_ms: int, started: E
     data = started.model_dump(mode="json", exclude={"id"})
     data["attempt"] = data["metrics"]["attempt"] = ATTEMPT_PLACEHOLDER
     names = [keys.job(job_id), keys.lease(job_id), keys.RUNNING, keys.events(job_id), keys.UNSENT]
-    reply: Any = client.eval(lua.CLAIM, len(names), *names, holder, ttl_ms, job_id, worker, started_at, pid,
+    reply: Any = _loaded(client, lua.CLAIM, len(names), *names, holder, ttl_ms, job_id, worker, started_at, pid,
                              keys.method_source(""), json.dumps(data, separators=(",", ":")))
     if reply[0] != ClaimOutcome.OK.value:
         return Claim(outcome=ClaimOutcome(reply[0]), detail=reply[1])
@@ -131,7 +141,7 @@ class Renewal(int, Enum):
 def renew(client: redis.Redis, job_id: str, attempt: int, holder: str, ttl_ms: int) -> Renewal:
     """running → running: the current attempt keeps (or takes back) its lease."""
     value = lease_value(attempt, holder)
-    return Renewal(int(client.eval(lua.RENEW, 2, keys.job(job_id), keys.lease(job_id), attempt, value, ttl_ms)))
+    return Renewal(int(_loaded(client, lua.RENEW, 2, keys.job(job_id), keys.lease(job_id), attempt, value, ttl_ms)))
 
 
 def lease_value(attempt: int, holder: str) -> str:
@@ -159,10 +169,10 @@ def check_current(client: redis.Redis, job_id: str, attempt: int, min_ttl_ms: in
 def finish(client: redis.Redis, job_id: str, attempt: int, final: Event, *, status: JobStatus,
            error: str | None, metrics: dict[str, Any], output_dir: str | None) -> bool:
     """running → succeeded, failed or cancelled, by the current attempt; False if fenced off."""
-    fields = _encode({"error": error, "finished_at": time.time(), "metrics": metrics, "output_dir": output_dir})
+    fields = _encode({"error": error, "metrics": metrics, "output_dir": output_dir})
     names = [keys.job(job_id), keys.RUNNING, keys.lease(job_id), keys.events(job_id)]
-    return bool(client.eval(lua.FINISH, len(names), *names, attempt, job_id, final.to_json(), status.value,
-                            *_flat(fields)))
+    return bool(_loaded(client, lua.FINISH, len(names), *names, attempt, job_id, final.to_json(), status.value,
+                            _retention(), time.time(), *_flat(fields)))
 
 
 class RequeueOutcome(str, Enum):
@@ -174,22 +184,26 @@ class RequeueOutcome(str, Enum):
 
 
 def requeue(client: redis.Redis, record: JobRecord, why: str, max_resumes: int, *,
-            lease_must_be_gone: bool) -> RequeueOutcome:
-    """running → queued (or cancelled, or failed past ``max_resumes``) for attempt
-    ``record.attempts``; with ``lease_must_be_gone`` (the reaper), only once its lease expired."""
+            lease_must_be_gone: bool, preempted: bool = False) -> RequeueOutcome:
+    """running → queued (or cancelled, or failed past ``max_resumes`` losses) for attempt
+    ``record.attempts``; with ``lease_must_be_gone`` (the reaper), only once its lease expired.
+    A ``preempted`` attempt (its worker was told to stop, and it checkpointed) is no loss: it
+    does not count toward ``max_resumes``."""
     job_id, attempt = record.id, record.attempts
+    losses = record.losses + (0 if preempted else 1)
     cancelled = f"cancelled; its worker stopped ({why}) before the job reached a step boundary"
-    failed = (f"The job was interrupted {attempt} times (last: {why}) and DEEPE_MAX_RESUMES is {max_resumes}; "
-              "its last checkpoint is in the job folder. Find out why its workers stop (memory, preemption), "
-              "then submit it again.")
+    failed = (f"The job lost its worker {losses} times (last: {why}) and DEEPE_MAX_RESUMES is {max_resumes}; "
+              "its last checkpoint is in the job folder. Find out why its workers are lost (memory, crashes, "
+              "Redis cut off), then submit it again. Preemptions announced by SIGTERM do not count.")
     requeued = Event(kind=EventKind.REQUEUED, job=job_id, attempt=attempt, message=f"requeued: {why}",
                      metrics={"attempt": attempt})
     names = [keys.job(job_id), keys.RUNNING, keys.lease(job_id), keys.events(job_id), keys.cancel(job_id),
              keys.UNSENT]
-    reply = client.eval(
-        lua.REQUEUE, len(names), *names, attempt, job_id, int(lease_must_be_gone), max_resumes, time.time(),
+    reply = _loaded(
+        client, lua.REQUEUE, len(names), *names, attempt, job_id, int(lease_must_be_gone), max_resumes, time.time(),
         cancelled, Event(kind=EventKind.CANCELLED, job=job_id, attempt=attempt, message=cancelled).to_json(),
-        failed, Event(kind=EventKind.FAILED, job=job_id, attempt=attempt, message=failed).to_json(), requeued.to_json())
+        failed, Event(kind=EventKind.FAILED, job=job_id, attempt=attempt, message=failed).to_json(), requeued.to_json(),
+        0 if preempted else 1, _retention())
     return RequeueOutcome(reply)
 
 
@@ -209,8 +223,8 @@ def cancel(client: redis.Redis, job_id: str, save: bool) -> JobStatus:
     message = "cancelled before it started"
     event = Event(kind=EventKind.CANCELLED, job=job_id, message=message)
     names = [keys.job(job_id), keys.cancel(job_id), keys.events(job_id), keys.UNSENT]
-    reply = str(client.eval(lua.CANCEL, len(names), *names, "save" if save else "cancel", CANCEL_FLAG_TTL,
-                            time.time(), message, event.to_json()))
+    reply = str(_loaded(client, lua.CANCEL, len(names), *names, "save" if save else "cancel", CANCEL_FLAG_TTL,
+                            time.time(), message, event.to_json(), _retention()))
     if reply == "missing":
         raise not_found(job_id)
     if reply.startswith("ended:"):
@@ -221,14 +235,40 @@ def cancel(client: redis.Redis, job_id: str, save: bool) -> JobStatus:
 def fail_queued(client: redis.Redis, job_id: str, error: str) -> bool:
     """queued → failed: the job's message could not be sent."""
     event = Event(kind=EventKind.FAILED, job=job_id, message=error)
-    return bool(client.eval(lua.FAIL_QUEUED, 3, keys.job(job_id), keys.events(job_id), keys.UNSENT, time.time(), error,
-                            event.to_json()))
+    return bool(_loaded(client, lua.FAIL_QUEUED, 3, keys.job(job_id), keys.events(job_id), keys.UNSENT, time.time(), error,
+                            event.to_json(), _retention()))
 
 
 def set_pid(client: redis.Redis, job_id: str, attempt: int, pid: int) -> bool:
-    return bool(client.eval(lua.SET_PID, 1, keys.job(job_id), attempt, pid))
+    return bool(_loaded(client, lua.SET_PID, 1, keys.job(job_id), attempt, pid))
 
 
 def forget_running(client: redis.Redis, job_id: str) -> bool:
     """Take a job that is not running (or has no record) out of the running set."""
-    return bool(client.eval(lua.FORGET_RUNNING, 2, keys.job(job_id), keys.RUNNING, job_id))
+    return bool(_loaded(client, lua.FORGET_RUNNING, 2, keys.job(job_id), keys.RUNNING, job_id))
+
+
+# -- the indexes -------------------------------------------------------------------------------
+
+def prune(client: redis.Redis, limit: int = 1000) -> int:
+    """Drop from the indexes up to ``limit`` jobs whose keys have expired (every transition that
+    ends a job also drops a few); returns how many it looked at."""
+    return int(_loaded(client, lua.PRUNE, 0, limit))
+
+
+# A page looks at no more than this many index entries (a filter that few jobs match returns a
+# short page with a cursor to go on from).
+PAGE_BUDGET = 5000
+
+
+def page(client: redis.Redis, status: JobStatus | None, method: str | None, rank: int,
+         limit: int) -> tuple[list[str], int | None]:
+    """Job ids, newest first, from rank ``rank`` of the narrowest index that the filters name; the
+    rank to go on from, or None at the end. One round trip, whatever the history's size."""
+    if status is not None:
+        names = [keys.by_status(status.value)] + ([keys.by_method(method)] if method is not None else [])
+    else:
+        names = [keys.by_method(method) if method is not None else keys.JOBS_INDEX]
+    reply: Any = _loaded(client, lua.PAGE, len(names), *names, rank, limit, PAGE_BUDGET)
+    next_rank = int(reply[0])
+    return [str(i) for i in reply[1:]], (None if next_rank < 0 else next_rank)

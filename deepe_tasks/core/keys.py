@@ -6,6 +6,13 @@ PREFIX = "deepe"
 JOBS_INDEX = f"{PREFIX}:jobs"  # sorted set: job id -> submit time
 RUNNING = f"{PREFIX}:running"  # set: ids of the jobs that a worker has started
 UNSENT = f"{PREFIX}:unsent"  # sorted set: queued job id -> when; its Celery message is not sent yet
+# sorted set: "<id> <method>" of an ended job -> when its keys expire; the indexes drop it then
+EXPIRING = f"{PREFIX}:expiring"
+STATS = f"{PREFIX}:stats"  # hash: counters kept at each transition, for /metrics
+QUEUES = f"{PREFIX}:queues"  # set: every queue a job was submitted to
+METHOD_USERS = f"{PREFIX}:method-users"  # hash: method sha256 -> jobs not ended that run it
+IDS = f"{PREFIX}:ids"  # sorted set, all scores 0: job ids in lexical order, for a lookup by prefix
+REAPER = f"{PREFIX}:reaper"  # string with TTL: the worker whose reaper does this round
 
 
 def job(job_id: str) -> str:
@@ -26,3 +33,11 @@ def lease(job_id: str) -> str:
 
 def cancel(job_id: str) -> str:
     return f"{PREFIX}:cancel:{job_id}"  # string: "cancel" or "save", set when a cancel was asked for
+
+
+def by_status(status: str) -> str:
+    return f"{JOBS_INDEX}:{status}"  # sorted set: the ids of the jobs in this state -> submit time
+
+
+def by_method(method: str) -> str:
+    return f"{JOBS_INDEX}:method:{method}"  # sorted set: the ids of this method's jobs -> submit time

@@ -138,6 +138,9 @@ class JobRecord(BaseModel):
     finished_at: float | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
     attempts: int = 0
+    # Attempts lost without being told to stop (killed, crashed, cut off from Redis): what
+    # DEEPE_MAX_RESUMES counts. A preemption announced by SIGTERM is not one.
+    losses: int = 0
     time_limit: float | None = None
     pid: int | None = None
 

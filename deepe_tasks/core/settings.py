@@ -51,8 +51,21 @@ class Settings(BaseSettings):
     # model): "unless-succeeded" deletes them once a model is published; "always" keeps them;
     # "never" deletes them when a job ends in any way. A requeued job always keeps them.
     keep_checkpoints: Literal["unless-succeeded", "always", "never"] = "unless-succeeded"
+    # How long Redis keeps an ended job (its record, events, index entries and Celery's result),
+    # in seconds from its end; running and queued jobs never expire. The job folder and the
+    # model on the shared storage are not touched (see keep_checkpoints).
+    job_retention: float = Field(30 * 24 * 3600, ge=1)
+    # A worker that exits after one job (`deepe worker --one-job`, for a KEDA ScaledJob), and
+    # one that exits after this many seconds without a job (`--idle-exit`).
+    one_job: bool = False
+    idle_exit: float | None = Field(None, gt=0)
     # Longer than any job: recovery comes from leases, not from broker redelivery.
     visibility_timeout: int = Field(7 * 24 * 3600, ge=60)
+    # "large" for fleets of hundreds of workers on one Redis (bench/fleet.py measured why): no
+    # gossip (each worker would receive every other worker's events: N² messages) and no
+    # mingle, worker heartbeats every 10 s instead of 2 (Flower still shows the workers
+    # online), and an idle worker's BRPOP waits 10 s instead of 1. "small" is Celery's defaults.
+    fleet: Literal["small", "large"] = "small"
 
     @property
     def api_token_list(self) -> list[str]:

@@ -15,7 +15,7 @@ from deepe_tasks.core.errors import BrokerUnavailable, InvalidParams
 from deepe_tasks.core.records import Event, EventKind, JobRecord, JobStatus
 from deepe_tasks.core.settings import get_settings
 from deepe_tasks.queue.admission import admit
-from deepe_tasks.queue.methods import load_method
+from deepe_tasks.queue.methods import NAME_RE, load_method
 from deepe_tasks.queue.params import mask_secrets
 
 TASK_NAME = "deepe.train"
@@ -80,12 +80,9 @@ def find_job(ref: str) -> Job:
     client = get_redis()
     if client.exists(keys.job(ref)) or len(ref) < MIN_PREFIX:
         return Job(ref)  # an unknown full id fails where it is used, with "There is no job …"
-    # Ids hold no glob characters (validate.JOB_ID_RE), so the prefix is a safe MATCH pattern.
-    matches = []
-    for member, _ in client.zscan_iter(keys.JOBS_INDEX, match=f"{ref}*", count=1000):
-        matches.append(member)
-        if len(matches) > 5:
-            break
+    # The ids in lexical order: those that start with ref, found in O(log n). Ids hold only
+    # letters, digits, "_", "." and "-" (validate.JOB_ID_RE), all below "~".
+    matches: Any = client.zrangebylex(keys.IDS, f"[{ref}", f"[{ref}~", start=0, num=6)
     if len(matches) == 1:
         return Job(str(matches[0]))
     if len(matches) > 1:
@@ -132,13 +129,7 @@ class Job:
 
     def progress(self) -> Event | None:
         """The job's latest `log` event: step, max_steps, ETA and metrics."""
-        from deepe_tasks.core.events import decode
-
-        recent: Any = get_redis().xrevrange(keys.events(self.id), count=50)
-        for _, event in decode(recent):
-            if event is not None and event.kind is EventKind.LOG:
-                return event
-        return None
+        return progress_of(get_redis(), [self.id])[self.id]
 
     def wait(self, timeout: float | None = None, poll: float = 1.0) -> JobStatus:
         """Block until the job ends; raise ``TimeoutError`` if it has not after ``timeout`` seconds.
@@ -190,28 +181,37 @@ def masked(record: JobRecord) -> dict[str, Any]:
     return data
 
 
+# The latest `log` event is among a job's last this many events.
+PROGRESS_WINDOW = 50
+
+
+def progress_of(client: redis.Redis, job_ids: list[str]) -> dict[str, Event | None]:
+    """Each job's latest `log` event, in one round trip."""
+    from deepe_tasks.core.events import decode
+
+    pipe = client.pipeline(transaction=False)
+    for job_id in job_ids:
+        pipe.xrevrange(keys.events(job_id), count=PROGRESS_WINDOW)
+    found: dict[str, Event | None] = {}
+    for job_id, recent in zip(job_ids, pipe.execute(), strict=True):
+        found[job_id] = next((e for _, e in decode(recent) if e is not None and e.kind is EventKind.LOG), None)
+    return found
+
+
 def list_jobs(status: JobStatus | None = None, method: str | None = None, limit: int = 20,
               cursor: str | None = None) -> tuple[list[JobRecord], str | None]:
-    """Jobs newest first, filtered; ``cursor`` continues a previous page (None when done)."""
+    """Jobs newest first, filtered; ``cursor`` continues a previous page (None when done).
+
+    Two round trips, whatever the history's size: a page of ids from the index the filters name
+    (`jobstore.page`), then their records. A page may be short (a job that expired meanwhile, a
+    rare filter); the cursor goes on from where it stopped."""
+    if method is not None and not NAME_RE.match(method):
+        raise InvalidParams(f"method={method!r} is not a method name (lower-case letters, digits, '-' and '_'); "
+                            "`deepe methods` lists them.")
     client = get_redis()
-    found: list[JobRecord] = []
-    offset = validate.cursor(cursor or 0)
-    page = max(limit * 4, 100)
-    while len(found) < limit:
-        ids: Any = client.zrevrange(keys.JOBS_INDEX, offset, offset + page - 1)
-        if not ids:
-            return found, None
-        pipe = client.pipeline()
-        for job_id in ids:
-            pipe.hgetall(keys.job(job_id))
-        for raw in pipe.execute():
-            offset += 1
-            if not raw:
-                continue
-            record = JobRecord.from_redis(raw)
-            if (status is None or record.status is status) and (method is None or record.method == method):
-                found.append(record)
-                if len(found) == limit:
-                    break
-    more = client.zcard(keys.JOBS_INDEX) > offset
-    return found, (str(offset) if more else None)
+    ids, rank = jobstore.page(client, status, method, validate.cursor(cursor or 0), limit)
+    pipe = client.pipeline(transaction=False)
+    for job_id in ids:
+        pipe.hgetall(keys.job(job_id))
+    records = [JobRecord.from_redis(raw) for raw in pipe.execute() if raw]
+    return records, (None if rank is None else str(rank))

@@ -9,6 +9,7 @@ from typing import Any
 import redis
 
 from deepe_tasks.core import jobstore, keys
+from deepe_tasks.core.errors import JobNotFound
 
 # Celery's Redis transport keeps one list per priority step: "gpu" for 0 (the highest), then
 # "gpu:1" … "gpu:9" (celery_app sets sep=":" and priority steps 0-9).
@@ -51,7 +52,7 @@ def overview(client: redis.Redis, active_queues: dict[str, list[dict[str, Any]]]
     for job_id in running:
         try:
             record = jobstore.get(client, str(job_id))
-        except Exception:
+        except JobNotFound:  # its record is gone (expired since SMEMBERS); any other error is real
             continue
         infos.setdefault(record.queue, QueueInfo(record.queue)).running.append(record.id)
     for name, info in list(infos.items()):

@@ -98,8 +98,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 EVENT_STREAM = "text/event-stream"
 
 
-def _info(record: JobRecord) -> JobInfo:
-    return JobInfo(**client.masked(record), progress=client.Job(record.id).progress())
+def _info(record: JobRecord, progress: Event | None) -> JobInfo:
+    return JobInfo(**client.masked(record), progress=progress)
 
 
 def _method_info(m: Method) -> MethodInfo:
@@ -154,13 +154,15 @@ def jobs(status: JobStatus | None = None, method: str | None = None,
          cursor: Annotated[str | None, Query(pattern=r"^\d+$")] = None) -> JobList:
     """Jobs, newest first."""
     records, next_cursor = client.list_jobs(status, method, limit, cursor)
-    return JobList(jobs=[_info(r) for r in records], next_cursor=next_cursor)  # records read once
+    progress = client.progress_of(get_redis(), [r.id for r in records])  # one round trip for the page
+    return JobList(jobs=[_info(r, progress[r.id]) for r in records], next_cursor=next_cursor)
 
 
 @jobs_api.get("/jobs/{job_id}", response_model=JobInfo, responses={404: ERRORS[404]})
 def job(job_id: str) -> JobInfo:
     """The job record, with secrets masked, its final metrics and its latest progress."""
-    return _info(client.find_job(job_id).record())
+    job = client.find_job(job_id)
+    return _info(job.record(), job.progress())
 
 
 EVENTS_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -174,16 +176,30 @@ EVENTS_RESPONSES: dict[int | str, dict[str, Any]] = {
 @jobs_api.get("/jobs/{job_id}/events", responses=EVENTS_RESPONSES, response_model=None)
 def events(job_id: str, follow: bool = True, since: Annotated[str, Query(pattern=r"^\d+(-\d+)?$")] = "0",
            last_event_id: Annotated[str | None, Header(pattern=r"^\d+(-\d+)?$")] = None) -> Any:
-    """Replay a job's events from `since` (or after `Last-Event-ID`), then tail them until it ends."""
-    stream = client.find_job(job_id).events(since=last_event_id or since, follow=follow)
+    """Replay a job's events from `since` (or after `Last-Event-ID`), then tail them until it ends.
+
+    A quiet job's stream carries a comment (`: keepalive`) every `SSE_KEEPALIVE` seconds without
+    an event, so that a proxy does not close it as idle."""
+    job = client.find_job(job_id)
+    since = last_event_id or since
+    stream = job.events(since=since, follow=follow)  # a bad `since` or an unknown job fails here, before the 200
     if not follow:
         return JSONResponse([e.model_dump(mode="json") for e in stream])
+    return StreamingResponse(_sse(job.id, since), media_type=EVENT_STREAM, headers={"Cache-Control": "no-cache"})
 
-    def sse() -> Iterator[str]:
-        for event in stream:
+
+SSE_KEEPALIVE = 15.0  # seconds without an event after which an SSE stream gets a comment (nginx cuts at 60)
+
+
+def _sse(job_id: str, since: str) -> Iterator[str]:
+    """A job's events as Server-Sent Events until it ends, with a keepalive comment when it is quiet."""
+    from deepe_tasks.core.events import tail_events
+
+    for event in tail_events(get_redis(), job_id, since=since, follow=True, idle=SSE_KEEPALIVE):
+        if event is None:
+            yield ": keepalive\n\n"
+        else:
             yield f"id: {event.id}\nevent: {event.kind.value}\ndata: {json.dumps(event.model_dump(mode='json'))}\n\n"
-
-    return StreamingResponse(sse(), media_type=EVENT_STREAM, headers={"Cache-Control": "no-cache"})
 
 
 @jobs_api.post("/jobs/{job_id}/cancel", response_model=JobRef,

@@ -1,57 +1,67 @@
-"""Prometheus metrics of the whole system, computed from Redis at scrape time."""
+"""Prometheus metrics of the whole system, read from what each transition keeps up to date.
+
+A scrape costs a few round trips whatever the history's size: the per-state indexes' sizes,
+the counters of `deepe:stats` (kept by the transitions' Lua, `core/lua.py`) and the length of
+each queue's lists. It never reads a job record.
+"""
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from deepe_tasks.core import keys
+from deepe_tasks.core import jobstore, keys
 from deepe_tasks.core.connection import get_redis
-from deepe_tasks.core.records import JobRecord, JobStatus
+from deepe_tasks.core.lua import DURATION_BUCKETS
+from deepe_tasks.core.records import FINAL_STATES, JobStatus
 from deepe_tasks.queue.queues import priority_lists
-
-DURATION_BUCKETS = (60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 12 * 3600.0, 48 * 3600.0, float("inf"))
 
 
 class DeepeCollector(Collector):
     def collect(self) -> Iterator[Any]:
         client = get_redis()
-        ids: Any = client.zrange(keys.JOBS_INDEX, 0, -1)
-        pipe = client.pipeline()
-        for job_id in ids:
-            pipe.hgetall(keys.job(job_id))
-            pipe.xlen(keys.events(job_id))
-        replies = pipe.execute()
-        records = [JobRecord.from_redis(raw) for raw in replies[0::2] if raw]
-        events = sum(int(n) for n in replies[1::2])
-
-        by_state = GaugeMetricFamily("deepe_jobs", "Jobs by state.", labels=["state"])
-        counts = Counter(r.status for r in records)
+        jobstore.prune(client)  # the ended jobs' counts are of the jobs still kept
+        pipe = client.pipeline(transaction=False)
         for state in JobStatus:
-            by_state.add_metric([state.value], counts.get(state, 0))
-        yield by_state
+            pipe.zcard(keys.by_status(state.value))
+        pipe.scard(keys.RUNNING)
+        pipe.hgetall(keys.STATS)
+        pipe.smembers(keys.QUEUES)
+        *sizes, running, stats, queues = pipe.execute()
+        stats = {k: float(v) for k, v in stats.items()}
 
-        running: Any = client.scard(keys.RUNNING)
+        by_state = GaugeMetricFamily("deepe_jobs", "Jobs kept in Redis, by state (ended ones until they expire).",
+                                     labels=["state"])
+        for state, size in zip(JobStatus, sizes, strict=True):
+            by_state.add_metric([state.value], size)
+        yield by_state
         yield GaugeMetricFamily("deepe_running_jobs", "Jobs that a worker is running.", value=running)
 
-        lengths = GaugeMetricFamily("deepe_queue_length", "Jobs waiting in each queue.", labels=["queue"])
-        for queue in sorted({r.queue for r in records}):
-            pipe = client.pipeline()
+        pipe = client.pipeline(transaction=False)
+        names = sorted(queues)
+        for queue in names:
             for _, name in priority_lists(queue):
                 pipe.llen(name)
-            lengths.add_metric([queue], sum(pipe.execute()))
-        yield lengths
+        lengths = pipe.execute()
+        per_queue = len(priority_lists(""))
+        waiting = GaugeMetricFamily("deepe_queue_length", "Jobs waiting in each queue.", labels=["queue"])
+        for i, queue in enumerate(names):
+            waiting.add_metric([queue], sum(lengths[i * per_queue:(i + 1) * per_queue]))
+        yield waiting
 
-        yield CounterMetricFamily("deepe_events_published", "Events in the job streams.", value=events)
+        yield CounterMetricFamily("deepe_jobs_submitted", "Jobs submitted.", value=stats.get("submitted", 0))
+        finished = CounterMetricFamily("deepe_jobs_finished", "Jobs that ended, by final state.", labels=["state"])
+        for state in sorted(FINAL_STATES, key=lambda s: s.value):
+            finished.add_metric([state.value], stats.get(f"finished:{state.value}", 0))
+        yield finished
+        yield CounterMetricFamily("deepe_events_published", "Events in the streams of the jobs that ended.",
+                                  value=stats.get("events", 0))
 
-        durations = [r.finished_at - r.started_at for r in records
-                     if r.status.is_final and r.started_at and r.finished_at]
-        buckets = [(str(b) if b != float("inf") else "+Inf", sum(1 for d in durations if d <= b))
-                   for b in DURATION_BUCKETS]
-        histogram = HistogramMetricFamily("deepe_job_duration_seconds", "Run time of finished jobs (last attempt).")
-        histogram.add_metric([], buckets, sum_value=sum(durations))
+        count = stats.get("duration:count", 0)
+        buckets = [(str(float(b)), stats.get(f"duration:le:{b}", 0)) for b in DURATION_BUCKETS] + [("+Inf", count)]
+        histogram = HistogramMetricFamily("deepe_job_duration_seconds", "Run time of ended jobs (last attempt).")
+        histogram.add_metric([], buckets, sum_value=stats.get("duration:sum", 0))
         yield histogram

@@ -28,6 +28,7 @@ def make_app(settings: Settings) -> Celery:
             "queue_order_strategy": "priority",
             "priority_steps": list(range(10)),
             "sep": ":",
+            **({"polling_interval": LARGE_FLEET_POLL} if settings.fleet == "large" else {}),
         },
         result_backend_transport_options={"visibility_timeout": settings.visibility_timeout},
         broker_connection_retry_on_startup=True,
@@ -40,9 +41,21 @@ def make_app(settings: Settings) -> Celery:
         task_default_queue=settings.queue,
         broker_use_ssl=redis_ssl_options(settings),
         redis_backend_use_ssl=redis_ssl_options(settings),
-        result_expires=30 * 24 * 3600,
+        result_expires=int(settings.job_retention),  # Celery's result of a job goes with its record
     )
     return app
+
+
+# DEEPE_FLEET=large: what a worker costs one Redis shared by hundreds (bench/fleet.py).
+LARGE_FLEET_HEARTBEAT = 10  # seconds between worker heartbeats; Flower's expiry is twice this
+LARGE_FLEET_POLL = 10  # seconds an idle worker's BRPOP waits (a job still starts at once)
+
+
+def worker_flags(settings: Settings) -> list[str]:
+    """Extra `celery worker` command-line flags for this deployment (`deepe worker` adds them)."""
+    if settings.fleet == "large":
+        return ["--without-gossip", "--without-mingle", "--heartbeat-interval", str(LARGE_FLEET_HEARTBEAT)]
+    return []
 
 
 @lru_cache(maxsize=8)

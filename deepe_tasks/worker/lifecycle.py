@@ -1,19 +1,24 @@
 """A worker's life around its jobs: the reaper of lost jobs, requeues, and shutdown.
 
-Every live worker runs the reaper: a running job whose lease expired lost its worker (SIGKILL,
-a node gone), and is put back on its queue to resume from its last checkpoint.
+Every live worker runs the reaper, and one of them at a time does each round: a running job
+whose lease expired lost its worker (SIGKILL, a node gone), and is put back on its queue to
+resume from its last checkpoint. A worker may also be told to exit after one job, or after a
+while without one (`--one-job`, `--idle-exit`: for a KEDA ScaledJob).
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
+import signal
 import threading
 import time
 from typing import Any
 
 import redis
-from celery.signals import worker_ready, worker_shutting_down
+from celery.signals import worker_init, worker_ready, worker_shutting_down
+from celery.worker import state as worker_state
 
 from deepe_tasks.core import jobstore, keys
 from deepe_tasks.core.connection import get_redis
@@ -53,16 +58,29 @@ def send_again(client: redis.Redis, record: JobRecord) -> None:
 
 def reap_once(client: redis.Redis) -> list[str]:
     """Requeue every running job whose lease has expired, and send the messages of queued jobs
-    that never got one; return the ids of the jobs sent."""
-    return reap_lost(client) + send_unsent(client)
+    that never got one; return the ids of the jobs sent. Also drops expired jobs from the indexes."""
+    requeued = reap_lost(client) + send_unsent(client)
+    jobstore.prune(client)
+    return requeued
+
+
+def my_round(client: redis.Redis, holder: str, interval: float) -> bool:
+    """Whether this worker does this reaper round: one worker per interval, whoever asks first,
+    so that a fleet's reapers cost Redis one round per interval, not one per worker."""
+    return bool(client.set(keys.REAPER, holder, nx=True, px=max(1, int(interval * 1000))))
 
 
 def reap_lost(client: redis.Redis) -> list[str]:
     """Requeue every running job whose lease has expired; return their ids."""
     max_resumes = get_settings().max_resumes
+    running = [str(j) for j in client.smembers(keys.RUNNING)]
+    pipe = client.pipeline(transaction=False)
+    for job_id in running:
+        pipe.exists(keys.lease(job_id))
     requeued = []
-    for job_id in client.smembers(keys.RUNNING):
-        job_id = str(job_id)
+    for job_id, leased in zip(running, pipe.execute(), strict=True):
+        if leased:
+            continue
         try:
             if _reap(client, job_id, max_resumes):
                 requeued.append(job_id)
@@ -121,9 +139,12 @@ def _reap(client: redis.Redis, job_id: str, max_resumes: int) -> bool:
 
 def _reaper_loop(stop: threading.Event) -> None:
     interval = max(0.5, get_settings().lease_ttl / 3)
+    holder = f"{os.uname().nodename}:{os.getpid()}"
     while not stop.wait(interval):
         try:
-            reap_once(get_redis())
+            # A little under the interval: the next round is free when this worker asks again.
+            if my_round(get_redis(), holder, interval * 0.9):
+                reap_once(get_redis())
         except Exception as e:  # never let the reaper die: it is every worker's safety net
             log.warning("reaper: %s", e)
 
@@ -131,9 +152,39 @@ def _reaper_loop(stop: threading.Event) -> None:
 _reaper_stop = threading.Event()
 
 
+_main_pid = 0  # the worker's main process: its pool processes ask it to stop
+
+
+@worker_init.connect
+def _remember_main(**_: Any) -> None:
+    global _main_pid
+    _main_pid = os.getpid()
+
+
+def stop_worker() -> None:
+    """Begin this worker's warm shutdown: it takes no new job, and exits once its job ended."""
+    if _main_pid:
+        os.kill(_main_pid, signal.SIGTERM)
+
+
+def _idle_loop(stop: threading.Event, idle_exit: float) -> None:
+    last_busy = time.monotonic()
+    while not stop.wait(min(1.0, idle_exit / 4)):
+        if worker_state.active_requests or worker_state.reserved_requests:
+            last_busy = time.monotonic()
+        elif time.monotonic() - last_busy >= idle_exit:
+            log.warning("no job for %.0f s (--idle-exit); the worker stops", idle_exit)
+            stop_worker()
+            return
+
+
 @worker_ready.connect
 def _start_reaper(**_: Any) -> None:
     threading.Thread(target=_reaper_loop, args=(_reaper_stop,), name="deepe-reaper", daemon=True).start()
+    idle_exit = get_settings().idle_exit
+    if idle_exit is not None:
+        threading.Thread(target=_idle_loop, args=(_reaper_stop, idle_exit), name="deepe-idle-exit",
+                         daemon=True).start()
 
 
 @worker_shutting_down.connect

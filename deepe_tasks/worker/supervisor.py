@@ -28,7 +28,12 @@ from deepe_tasks.worker.zygote_client import JobProcess
 
 log = logging.getLogger(__name__)
 
-PROGRESS_INTERVAL = 1.0  # seconds between Flower progress reports
+# Seconds between Flower progress reports (a result write and an event each): every second
+# by default, every 10 s with DEEPE_FLEET=large, where a thousand workers share one Redis.
+PROGRESS_INTERVAL = {"small": 1.0, "large": 10.0}
+# The worker reads the cancel flag this often, for the grace before a kill; the job process
+# itself reads it every second and stops at its next step.
+CANCEL_READ_INTERVAL = 2.0
 
 
 @lru_cache(maxsize=8)
@@ -65,8 +70,9 @@ class Attempt:
         return jobstore.finish(self.client, self.job_id, self.number, final, status=result.status, error=result.error,
                                metrics=result.metrics, output_dir=result.output_dir)
 
-    def requeue(self, why: str) -> jobstore.RequeueOutcome:
-        return jobstore.requeue(self.client, self.record, why, self.settings.max_resumes, lease_must_be_gone=False)
+    def requeue(self, why: str, preempted: bool = False) -> jobstore.RequeueOutcome:
+        return jobstore.requeue(self.client, self.record, why, self.settings.max_resumes, lease_must_be_gone=False,
+                                preempted=preempted)
 
     def drop_credential(self) -> None:
         """Delete the attempt's Redis user (which closes its connections); best effort."""
@@ -110,7 +116,7 @@ class Supervisor:
             done.set()
 
     def _report_progress(self, report: Callable[[], None], done: threading.Event) -> None:
-        while not done.wait(PROGRESS_INTERVAL):
+        while not done.wait(PROGRESS_INTERVAL[self.settings.fleet]):
             # Only while the lease is fresh: a report of an attempt that may have lost the job
             # could reach Celery's result backend after its replacement finished.
             if time.monotonic() - self.last_renewed > self.settings.lease_ttl / 2:
@@ -124,7 +130,7 @@ class Supervisor:
         ttl, grace, cutoff = self.settings.lease_ttl, self.settings.cancel_grace, self.settings.cutoff_s
         renew_every = ttl / 3
         self.last_renewed = last_contact = started = time.monotonic()
-        next_renew = started  # at once: handing the job over may have taken a while since the claim
+        next_renew = next_cancel_read = started  # at once: handing the job over may have taken a while
         troubled = False  # Redis failed since the last renewal: the attempt's user may be gone
         limit = self.attempt.record.time_limit
         while True:
@@ -145,8 +151,11 @@ class Supervisor:
                     if troubled and self.attempt.credential.scoped:
                         self.attempt.credential.ensure()  # a restarted Redis forgot ACL users
                     troubled = False
-                self._read_cancel(now)
-                last_contact = time.monotonic()
+                    last_contact = time.monotonic()
+                if now >= next_cancel_read:
+                    self._read_cancel(now)
+                    next_cancel_read = now + CANCEL_READ_INTERVAL
+                    last_contact = time.monotonic()
             except redis.RedisError as e:
                 if not troubled:  # once per outage, not four times a second
                     log.warning("job %s: could not reach Redis: %s", self.job_id, e)

@@ -21,10 +21,10 @@ import redis
 from celery import states
 from celery.exceptions import Ignore
 
-from deepe_tasks.core import jobstore
+from deepe_tasks.core import jobstore, keys
 from deepe_tasks.core.connection import get_redis
 from deepe_tasks.core.errors import JobFailed
-from deepe_tasks.core.events import append_jsonl
+from deepe_tasks.core.events import append_jsonl, decode
 from deepe_tasks.core.records import (
     Event,
     EventKind,
@@ -37,10 +37,10 @@ from deepe_tasks.core.records import (
 from deepe_tasks.core.settings import get_settings
 from deepe_tasks.core.storage import attempt_dir, job_dir, remove_checkpoints, remove_staging
 from deepe_tasks.job.ipc import LOG_FILE, RESULT_FILE
-from deepe_tasks.queue.client import Job
+from deepe_tasks.queue.client import PROGRESS_WINDOW
 from deepe_tasks.worker import credentials
 from deepe_tasks.worker.celery_app import app
-from deepe_tasks.worker.lifecycle import UNSENT_GRACE, send_again
+from deepe_tasks.worker.lifecycle import UNSENT_GRACE, send_again, stop_worker
 from deepe_tasks.worker.processes import crash_message, job_process, kill_group
 from deepe_tasks.worker.supervisor import Attempt, Supervisor
 from deepe_tasks.worker.zygote_client import JobProcess
@@ -94,6 +94,9 @@ def train(self: Any, job_id: str, method: str = "") -> dict[str, Any]:
             result = _run_attempt(self, attempt, claim.source, proc, folder)
     finally:
         attempt.drop_credential()
+        if settings.one_job:  # --one-job: this worker's job is done, however it went
+            log.info("job %s ended and the worker runs one job only (--one-job); it stops", job_id)
+            stop_worker()
     return _celery_outcome(self, job_id, result)
 
 
@@ -171,7 +174,7 @@ def _run_attempt(task: Any, attempt: Attempt, source: str, proc: JobProcess, fol
     else:
         result = RunResult(status=JobStatus.FAILED, phase=Phase.RUNNING,
                            error=crash_message(proc.wait(), folder / LOG_FILE))
-    return _end(attempt, result, folder)
+    return _end(attempt, result, folder, preempted=ended_by is StopReason.PREEMPT)
 
 
 class FlowerProgress:
@@ -185,13 +188,18 @@ class FlowerProgress:
         self.task = task
         self.job_id = job_id
         self.last_step: int | None = None
+        self.seen = "0"  # the newest stream entry read: each report reads only what came after it
         # Celery keeps the task's request per thread, and reports come from the supervisor's
         # progress thread: take what they need from the request here.
         self.task_id: str = task.request.id
         self.hostname: str = task.request.hostname
 
     def report(self) -> None:
-        event = Job(self.job_id).progress()
+        recent: Any = get_redis().xrevrange(keys.events(self.job_id), min=f"({self.seen}", count=PROGRESS_WINDOW)
+        if not recent:
+            return
+        self.seen = recent[0][0]
+        event = next((e for _, e in decode(recent) if e is not None and e.kind is EventKind.LOG), None)
         if event is None or event.step is None or event.step == self.last_step:
             return
         self.last_step = event.step
@@ -240,13 +248,14 @@ def _best_effort(fn: Callable[[], object]) -> None:
         log.warning("%s", e)
 
 
-def _end(attempt: Attempt, result: RunResult, folder: Path) -> RunResult | None:
-    """Record how the attempt ended, if it still owns the job; None if another attempt does."""
+def _end(attempt: Attempt, result: RunResult, folder: Path, preempted: bool = False) -> RunResult | None:
+    """Record how the attempt ended, if it still owns the job; None if another attempt does.
+    A ``preempted`` attempt (its worker was told to stop) does not count toward DEEPE_MAX_RESUMES."""
     job_id = attempt.job_id
     if result.status is JobStatus.QUEUED:
         try:
             # Cut off, wait about a lease for Redis; beyond that the reaper requeues the job.
-            outcome = _retry(lambda: attempt.requeue(result.error or "the worker shut down"),
+            outcome = _retry(lambda: attempt.requeue(result.error or "the worker shut down", preempted),
                              timeout=attempt.settings.lease_ttl)
         except redis.RedisError:
             log.error("job %s: Redis stayed away; the reaper will requeue the job", job_id)

@@ -24,19 +24,80 @@ SpawnZygote = Callable[[int, int], subprocess.Popen[bytes]]
 
 
 class ZygoteClient:
-    """One running zygote, seen from the worker: its pipes and the spare it announced last."""
+    """One running zygote, seen from the worker: its pipes and the spare it announced last.
+
+    The client owns two descriptors: the write end of the command pipe and the read end of the
+    reply pipe. Each is closed exactly once, and never while another thread reads or writes it
+    (a closed number may be reused at once by an unrelated file): ``close`` closes the command
+    pipe, and the reply pipe once no job started here still waits for its exit line; the reply
+    pipe is also closed at its end of file. Every read and write goes through ``read`` and
+    ``send``.
+    """
 
     def __init__(self, spawn: SpawnZygote) -> None:
-        cmd_r, self.cmd_w = os.pipe()
-        reply_r, reply_w = os.pipe()
+        cmd_r, cmd_w = os.pipe()
+        try:
+            reply_r, reply_w = os.pipe()
+        except OSError:
+            os.close(cmd_r)
+            os.close(cmd_w)
+            raise
         try:
             self.proc = spawn(cmd_r, reply_w)
+        except BaseException:
+            os.close(cmd_w)
+            os.close(reply_r)
+            raise
         finally:
             os.close(cmd_r)
             os.close(reply_w)
+        self._cmd_w: int | None = cmd_w
+        self._reply_open = True
         self.lines = LineReader(reply_r)
+        self._fds = threading.Lock()  # guards the two descriptors and the counts below
+        self._reading = 0  # reads under way: the reply pipe stays open meanwhile
+        self._writing = 0  # writes under way: the command pipe stays open meanwhile
+        self._closed = False
+        self.job_running = False  # a job started here has not reported its end yet
         self.spare: tuple[int, float] | None = None
         self.started = time.time()
+
+    def read(self, timeout: float | None) -> str | None:
+        """The next reply line; None at the end (then ``lines.eof``) or past ``timeout``."""
+        with self._fds:
+            if not self._reply_open:
+                return self.lines.read(0)  # what is left in its buffer: the reader is at EOF
+            self._reading += 1
+        try:
+            return self.lines.read(timeout)
+        finally:
+            with self._fds:
+                self._reading -= 1
+                self._release()
+
+    def send(self, data: bytes) -> None:
+        """Write to the zygote's command pipe; OSError once the zygote or this client is gone."""
+        with self._fds:
+            if self._cmd_w is None:
+                raise BrokenPipeError("the zygote client is closed")
+            self._writing += 1
+        try:
+            write_all(self._cmd_w, data)
+        finally:
+            with self._fds:
+                self._writing -= 1
+                self._release()
+
+    def job_started(self) -> None:
+        """A job is handed over: its exit line will come on the reply pipe, which stays open for it."""
+        with self._fds:
+            self.job_running = True
+
+    def job_ended(self) -> None:
+        """The job started here has ended: the reply pipe may go if the client is closed."""
+        with self._fds:
+            self.job_running = False
+            self._release()
 
     def handle(self, line: str) -> ZygoteReply | None:
         """Parse a reply; note a spare as it is announced. None for a line that is no reply."""
@@ -51,13 +112,13 @@ class ZygoteClient:
 
     def next_spare(self, wait: float) -> tuple[int, float, bool] | None:
         """The waiting spare as (pid, forked_at, was_ready); waits while the zygote imports."""
-        while (line := self.lines.read(0)) is not None:  # what was announced meanwhile
+        while (line := self.read(0)) is not None:  # what was announced meanwhile
             self.handle(line)
         if self.spare is not None:
             return (*self.spare, True)
         deadline = time.monotonic() + wait
         while self.spare is None and not self.lines.eof and time.monotonic() < deadline:
-            line = self.lines.read(max(0.0, deadline - time.monotonic()))
+            line = self.read(max(0.0, deadline - time.monotonic()))
             if line is not None:
                 self.handle(line)
         return None if self.spare is None else (*self.spare, False)
@@ -65,12 +126,22 @@ class ZygoteClient:
     def close(self) -> None:
         """Let the zygote go: it reads EOF, ends its spare and exits.
 
-        The reply pipe stays open: a job may still be reading from it.
+        The reply pipe stays open while a job started here may still read its exit line from
+        it; the reader closes it then.
         """
-        try:
-            os.close(self.cmd_w)
-        except OSError:
-            pass
+        with self._fds:
+            self._closed = True
+            self._release()
+
+    def _release(self) -> None:
+        """Close what is no longer needed, each once (the caller holds ``_fds``)."""
+        if self._closed and self._cmd_w is not None and not self._writing:
+            fd, self._cmd_w = self._cmd_w, None
+            os.close(fd)  # the zygote reads EOF and exits, which ends a read under way
+        if self._reply_open and not self._reading and (self.lines.eof or (self._closed and not self.job_running)):
+            self._reply_open = False
+            self.lines.eof = True  # from now on it reads only what its buffer holds
+            os.close(self.lines.fd)
 
 
 class ForkedJob:
@@ -88,16 +159,17 @@ class ForkedJob:
 
     def start(self, spec: str) -> None:
         """Hand the job's spec to the spare; it starts training at once."""
+        self.zygote.job_started()
         try:
-            write_all(self.zygote.cmd_w, (spec + "\n").encode())
+            self.zygote.send((spec + "\n").encode())
         except OSError:
-            self.returncode = -signal.SIGKILL  # the zygote is gone, and its spare with it
+            self._end(-signal.SIGKILL)  # the zygote is gone, and its spare with it
             return
         while self.returncode is None:
-            line = self.zygote.lines.read(self.START_TIMEOUT)
+            line = self.zygote.read(self.START_TIMEOUT)
             if line is None:  # the zygote died, or does not answer
                 log.error("the zygote did not start job process %d; treating it as killed", self.pid)
-                self.returncode = -signal.SIGKILL
+                self._end(-signal.SIGKILL)
                 return
             reply = self.zygote.handle(line)
             if reply is not None and reply.kind is Reply.START:
@@ -105,19 +177,23 @@ class ForkedJob:
                 self.zygote.spare = None
                 return
 
+    def _end(self, code: int) -> int:
+        self.returncode = code
+        self.zygote.job_ended()
+        return code
+
     def wait(self, timeout: float | None = None) -> int:
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.returncode is None:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            line = self.zygote.lines.read(left)
+            line = self.zygote.read(left)
             if line is None:
                 if self.zygote.lines.eof:  # the zygote died: its children got SIGKILL
-                    self.returncode = -signal.SIGKILL
-                    break
+                    return self._end(-signal.SIGKILL)
                 raise subprocess.TimeoutExpired("job process", timeout or 0)
             reply = self.zygote.handle(line)
             if reply is not None and reply.kind is Reply.EXIT and reply.pid == self.pid:
-                self.returncode = reply.code
+                return self._end(reply.code)
         return self.returncode
 
     def poll(self) -> int | None:

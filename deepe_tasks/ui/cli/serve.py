@@ -22,21 +22,30 @@ def worker(
     loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO",
     warm: Annotated[bool, typer.Option(
         "--warm/--no-warm", help="Fork job processes from a warm zygote (--no-warm: start each cold).")] = True,
+    one_job: Annotated[bool, typer.Option(
+        "--one-job", help="Exit after one job (a KEDA ScaledJob's pod). DEEPE_ONE_JOB.")] = False,
+    idle_exit: Annotated[float | None, typer.Option(
+        min=1, help="Exit after this many seconds without a job. DEEPE_IDLE_EXIT.")] = None,
 ) -> None:
     """Start a worker: one job at a time, each in a fresh process."""
     if gpus is not None:
         os.environ["DEEPE_GPUS"] = gpus
     if not warm:
         os.environ["DEEPE_WARM"] = "false"
+    if one_job:
+        os.environ["DEEPE_ONE_JOB"] = "true"
+    if idle_exit is not None:
+        os.environ["DEEPE_IDLE_EXIT"] = str(idle_exit)
     get_settings.cache_clear()
     from deepe_tasks.core import validate
     from deepe_tasks.worker.celery_app import app as celery_app
+    from deepe_tasks.worker.celery_app import worker_flags
 
     consumed = ",".join(validate.queue_names(queues or get_settings().queue))
     argv = ["worker", "--loglevel", loglevel, "--concurrency", "1", "-Q", consumed]
     if name:
         argv += ["--hostname", name]
-    celery_app.worker_main(argv)
+    celery_app.worker_main(argv + worker_flags(get_settings()))
 
 
 @app.command()

@@ -1,0 +1,71 @@
+"""Write docker-compose.gpus.yml: one worker service per GPU, each with its own device.
+
+Docker gives every replica of a scaled service the same GPU (`--scale worker=4` with
+`count: 1` puts four workers on one device; nvidia-container-toolkit#521), so a host with N
+GPUs gets N services instead, `worker-gpu0` … each reserving its own `device_ids`:
+
+    python scripts/compose_gpus.py --gpus 0,1,2,3        # or --gpus all (reads nvidia-smi -L)
+    docker compose -f docker-compose.yml -f docker-compose.gpus.yml --env-file config/deepe.env up -d
+
+The override keeps the plain `worker` service at 0 replicas. Inside each container the one GPU
+it got is device 0, so DEEPE_GPUS stays unset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def gpu_list(spec: str) -> list[str]:
+    """GPU indexes from "0,1,3" or "all" (every GPU that `nvidia-smi -L` lists)."""
+    if spec == "all":
+        try:
+            listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30, check=True).stdout
+        except (OSError, subprocess.SubprocessError) as e:
+            raise SystemExit(f"--gpus all needs nvidia-smi, which failed ({e}); list the GPUs instead: --gpus 0,1") from e
+        return re.findall(r"^GPU (\d+):", listed, flags=re.MULTILINE)
+    gpus = [g.strip() for g in spec.split(",") if g.strip()]
+    bad = [g for g in gpus if not g.isdigit()]
+    if bad or not gpus or len(set(gpus)) != len(gpus):
+        raise SystemExit(f"--gpus {spec!r} is not a list of distinct GPU indexes; give e.g. --gpus 0,1,2,3 or all.")
+    return gpus
+
+
+def override(base: dict[str, Any], gpus: list[str]) -> dict[str, Any]:
+    """The override file: the plain worker at 0 replicas, and a worker service per GPU."""
+    worker = base["services"]["worker"]
+    services: dict[str, Any] = {"worker": {"deploy": {"replicas": 0}}}
+    for gpu in gpus:
+        service = copy.deepcopy(worker)
+        service["command"] = [*worker["command"], "--name", f"gpu{gpu}@%h"]
+        service["deploy"] = {"replicas": 1, "resources": {"reservations": {"devices": [
+            {"driver": "nvidia", "device_ids": [gpu], "capabilities": ["gpu"]}]}}}
+        services[f"worker-gpu{gpu}"] = service
+    return {"services": services}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpus", required=True, help='GPU indexes, "0,1,2,3", or "all".')
+    parser.add_argument("--base", type=Path, default=ROOT / "docker-compose.yml")
+    parser.add_argument("--out", type=Path, default=ROOT / "docker-compose.gpus.yml")
+    args = parser.parse_args(argv)
+    gpus = gpu_list(args.gpus)
+    text = yaml.safe_dump(override(yaml.safe_load(args.base.read_text()), gpus), sort_keys=False)
+    args.out.write_text(f"# Written by scripts/compose_gpus.py --gpus {','.join(gpus)}: one worker per GPU.\n{text}")
+    print(f"wrote {args.out}: workers {', '.join(f'worker-gpu{g}' for g in gpus)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
