@@ -7,8 +7,13 @@ GPUs gets N services instead, `worker-gpu0` … each reserving its own `device_i
     python scripts/compose_gpus.py --gpus 0,1,2,3        # or --gpus all (reads nvidia-smi -L)
     docker compose -f docker-compose.yml -f docker-compose.gpus.yml --env-file config/deepe.env up -d
 
-The override keeps the plain `worker` service at 0 replicas. Inside each container the one GPU
-it got is device 0, so DEEPE_GPUS stays unset.
+The override sets the plain `worker` service to 0 replicas rather than hiding it behind a
+profile: `up` then also stops and removes a plain worker left running from a single-GPU start,
+which would otherwise go on using a GPU that a `worker-gpuN` now reserves.
+
+Each container sees only the GPU it reserved, and sees it as device 0 (nvidia-container-toolkit
+renumbers the devices it exposes), so each worker runs with `--gpus 0`: CUDA_VISIBLE_DEVICES=0
+for its jobs, whatever DEEPE_GPUS the env file sets for hosts without this override.
 """
 
 from __future__ import annotations
@@ -33,7 +38,10 @@ def gpu_list(spec: str) -> list[str]:
             listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30, check=True).stdout
         except (OSError, subprocess.SubprocessError) as e:
             raise SystemExit(f"--gpus all needs nvidia-smi, which failed ({e}); list the GPUs instead: --gpus 0,1") from e
-        return re.findall(r"^GPU (\d+):", listed, flags=re.MULTILINE)
+        found = re.findall(r"^GPU (\d+):", listed, flags=re.MULTILINE)
+        if not found:
+            raise SystemExit("--gpus all: nvidia-smi -L lists no GPU; list them instead: --gpus 0,1")
+        return found
     gpus = [g.strip() for g in spec.split(",") if g.strip()]
     bad = [g for g in gpus if not g.isdigit()]
     if bad or not gpus or len(set(gpus)) != len(gpus):
@@ -47,7 +55,8 @@ def override(base: dict[str, Any], gpus: list[str]) -> dict[str, Any]:
     services: dict[str, Any] = {"worker": {"deploy": {"replicas": 0}}}
     for gpu in gpus:
         service = copy.deepcopy(worker)
-        service["command"] = [*worker["command"], "--name", f"gpu{gpu}@%h"]
+        # Its one GPU is device 0 in the container (see above); the node name tells them apart.
+        service["command"] = [*worker["command"], "--name", f"gpu{gpu}@%h", "--gpus", "0"]
         service["deploy"] = {"replicas": 1, "resources": {"reservations": {"devices": [
             {"driver": "nvidia", "device_ids": [gpu], "capabilities": ["gpu"]}]}}}
         services[f"worker-gpu{gpu}"] = service

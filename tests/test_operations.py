@@ -233,9 +233,49 @@ def test_the_gpu_override_gives_each_worker_its_own_gpu(tmp_path: Path) -> None:
     assert all(s["deploy"]["replicas"] == 1 and s["stop_grace_period"] for s in services.values())
     names = [s["command"][s["command"].index("--name") + 1] for s in services.values()]
     assert len(set(names)) == 4 and all(s["command"][:2] == ["deepe", "worker"] for s in services.values())
+    # The container sees its one GPU as device 0, whatever DEEPE_GPUS the env file holds
+    assert all(s["command"][s["command"].index("--gpus") + 1] == "0" for s in services.values())
+    # Both files merged as compose merges them (mappings key by key): still a valid file, and no
+    # two services that run share a GPU
+    merged = merge_compose(yaml.safe_load((ROOT / "docker-compose.yml").read_text()), yaml.safe_load(out.read_text()))
+    (tmp_path / "merged.yml").write_text(yaml.safe_dump(merged))
+    result = subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec",
+                             str(tmp_path / "merged.yml")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    running = {name: s for name, s in merged["services"].items() if s.get("deploy", {}).get("replicas", 1) != 0}
+    assert "worker" not in running and {"redis", "flower", "api"} <= set(running)
+    reserved = [d for s in running.values() for d in s.get("deploy", {}).get("resources", {})
+                .get("reservations", {}).get("devices", [])]
+    assert sorted(i for d in reserved for i in d["device_ids"]) == ["0", "1", "2", "3"]
+    assert not [d for d in reserved if "count" in d]
     refused = subprocess.run([sys.executable, str(ROOT / "scripts/compose_gpus.py"), "--gpus", "0,0", "--out",
                               str(out)], capture_output=True, text=True, timeout=60)
     assert refused.returncode != 0 and "distinct GPU indexes" in refused.stderr
+
+
+def merge_compose(base: Any, override: Any) -> Any:
+    """Compose's merge of an override, enough for these files: mappings merge key by key, any
+    other value is replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        return {**base, **{k: merge_compose(base.get(k), v) for k, v in override.items()}}
+    return override
+
+
+def test_the_gpu_override_for_all_gpus_takes_the_ones_nvidia_smi_lists(tmp_path: Path) -> None:
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 (UUID: GPU-a)'\necho 'GPU 1: NVIDIA H100 (UUID: GPU-b)'\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}"}
+    out = tmp_path / "docker-compose.gpus.yml"
+    run = [sys.executable, str(ROOT / "scripts/compose_gpus.py"), "--gpus", "all", "--out", str(out)]
+    made = subprocess.run(run, env=env, capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    assert set(yaml.safe_load(out.read_text())["services"]) == {"worker", "worker-gpu0", "worker-gpu1"}
+    fake.write_text("#!/bin/sh\necho 'No devices were found'\n")  # no GPU: no file without workers
+    out.unlink()
+    refused = subprocess.run(run, env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "lists no GPU" in refused.stderr and not out.exists()
 
 
 def test_every_deepe_setting_in_the_deployment_files_is_one_deepe_reads() -> None:
@@ -300,5 +340,9 @@ def test_keda_runs_one_job_per_pod_on_every_priority_list_and_never_scales_in_a_
     lists = [t["metadata"]["listName"] for t in scaled["spec"]["triggers"]]
     assert sorted(lists) == sorted(name for _, name in priority_lists("gpu"))
     assert scaled["spec"]["scalingStrategy"] == {"strategy": "accurate", "multipleScalersCalculation": "sum"}
+    # KEDA's default rollout deletes the running Jobs whenever the ScaledJob changes
+    assert scaled["spec"]["rollout"] == {"strategy": "gradual"}
+    # A failed pod gets a replacement, whose worker's reaper requeues the job the failed one lost
+    assert scaled["spec"]["jobTargetRef"]["backoffLimit"] >= 1
     auth = next(d for d in docs if d["kind"] == "TriggerAuthentication")
     assert {t["authenticationRef"]["name"] for t in scaled["spec"]["triggers"]} == {auth["metadata"]["name"]}
