@@ -41,29 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from common import environment, percentile, report, sft_params, write_method
-
-STEP_METHOD = '''"""A job that logs one step a second, for ever (until cancelled)."""
-import time
-
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
-from datasets import Dataset
-
-tokenizer = AutoTokenizer.from_pretrained(MODEL_PATH)
-model = AutoModelForCausalLM.from_pretrained(MODEL_PATH)
-ids = tokenizer("The sky is blue.")["input_ids"]
-dataset = Dataset.from_list([{"input_ids": ids, "labels": ids}] * 8)
-
-
-class OneSecondSteps(TrainerCallback):
-    def on_step_end(self, *args, **kwargs):
-        time.sleep(1.0)
-
-
-trainer = Trainer(model=model, train_dataset=dataset, callbacks=[callback, OneSecondSteps()],
-                  args=TrainingArguments(max_steps=MAX_STEPS, per_device_train_batch_size=1,
-                                         logging_steps=1, report_to="none", use_cpu=True))
-'''
-
+from scaling import FIXED  # a job whose steps take STEP_SECONDS each
 
 # -- measuring Redis -----------------------------------------------------------------------------
 
@@ -171,8 +149,8 @@ def training_worker(window: float) -> dict[str, Any]:
 
         r, app = _clients(ctx["url"])
         view = FlowerView(app)
-        write_method(ctx, "steps", STEP_METHOD)
-        job = submit("steps", sft_params(ctx, MAX_STEPS=100_000))
+        write_method(ctx, "steps", FIXED)
+        job = submit("steps", sft_params(ctx, MAX_STEPS=100_000, STEP_SECONDS=1.0))
         deadline = time.monotonic() + 300
         while sum(1 for e in job.events() if e.kind is EventKind.LOG) < 5:
             assert time.monotonic() < deadline and not job.status().is_final, job.info()
