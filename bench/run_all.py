@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["events.py", "callback_overhead.py", "time_to_first_step.py", "dispatch.py", "scaling.py"]
+SCRIPTS = ["events.py", "callback_overhead.py", "time_to_first_step.py", "ddp_first_step.py", "dispatch.py", "scaling.py"]
 
 
 def main() -> int:

@@ -1,4 +1,4 @@
-"""Write docker-compose.gpus.yml: one worker service per GPU, each with its own device.
+"""Write docker-compose.gpus.yml: one worker service per GPU (or per group of GPUs), each with its own devices.
 
 Docker gives every replica of a scaled service the same GPU (`--scale worker=4` with
 `count: 1` puts four workers on one device; nvidia-container-toolkit#521), so a host with N
@@ -14,6 +14,10 @@ which would otherwise go on using a GPU that a `worker-gpuN` now reserves.
 Each container sees only the GPU it reserved, and sees it as device 0 (nvidia-container-toolkit
 renumbers the devices it exposes), so each worker runs with `--gpus 0`: CUDA_VISIBLE_DEVICES=0
 for its jobs, whatever DEEPE_GPUS the env file sets for hosts without this override.
+
+For multi-device jobs, `--per-worker N` gives each worker N GPUs (`--gpus 0,…,N-1` inside its
+container), so it runs jobs of up to N devices: on a 4-GPU host, `--per-worker 1` runs four
+1-device jobs at a time, and `--per-worker 4` one job of up to 4 devices.
 """
 
 from __future__ import annotations
@@ -49,30 +53,41 @@ def gpu_list(spec: str) -> list[str]:
     return gpus
 
 
-def override(base: dict[str, Any], gpus: list[str]) -> dict[str, Any]:
-    """The override file: the plain worker at 0 replicas, and a worker service per GPU."""
+def override(base: dict[str, Any], gpus: list[str], per_worker: int = 1) -> dict[str, Any]:
+    """The override file: the plain worker at 0 replicas, and a worker service per GPU (or per
+    ``per_worker`` GPUs)."""
+    if per_worker < 1 or len(gpus) % per_worker:
+        raise SystemExit(f"{len(gpus)} GPUs do not split into workers of {per_worker}; give --per-worker a divisor "
+                         f"of {len(gpus)}.")
     worker = base["services"]["worker"]
     services: dict[str, Any] = {"worker": {"deploy": {"replicas": 0}}}
-    for gpu in gpus:
+    for i in range(0, len(gpus), per_worker):
+        group = gpus[i:i + per_worker]
+        name = f"gpu{group[0]}" if per_worker == 1 else f"gpu{'-'.join(group)}"
+        # Its GPUs are devices 0…N-1 in the container (see above); the node name tells them apart.
+        inside = ",".join(str(d) for d in range(per_worker))
         service = copy.deepcopy(worker)
-        # Its one GPU is device 0 in the container (see above); the node name tells them apart.
-        service["command"] = [*worker["command"], "--name", f"gpu{gpu}@%h", "--gpus", "0"]
+        service["command"] = [*worker["command"], "--name", f"{name}@%h", "--gpus", inside]
         service["deploy"] = {"replicas": 1, "resources": {"reservations": {"devices": [
-            {"driver": "nvidia", "device_ids": [gpu], "capabilities": ["gpu"]}]}}}
-        services[f"worker-gpu{gpu}"] = service
+            {"driver": "nvidia", "device_ids": group, "capabilities": ["gpu"]}]}}}
+        services[f"worker-{name}"] = service
     return {"services": services}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpus", required=True, help='GPU indexes, "0,1,2,3", or "all".')
+    parser.add_argument("--per-worker", type=int, default=1,
+                        help="GPUs per worker: it runs jobs of up to this many devices (default 1).")
     parser.add_argument("--base", type=Path, default=ROOT / "docker-compose.yml")
     parser.add_argument("--out", type=Path, default=ROOT / "docker-compose.gpus.yml")
     args = parser.parse_args(argv)
     gpus = gpu_list(args.gpus)
-    text = yaml.safe_dump(override(yaml.safe_load(args.base.read_text()), gpus), sort_keys=False)
-    args.out.write_text(f"# Written by scripts/compose_gpus.py --gpus {','.join(gpus)}: one worker per GPU.\n{text}")
-    print(f"wrote {args.out}: workers {', '.join(f'worker-gpu{g}' for g in gpus)}")
+    made = override(yaml.safe_load(args.base.read_text()), gpus, args.per_worker)
+    text = yaml.safe_dump(made, sort_keys=False)
+    args.out.write_text(f"# Written by scripts/compose_gpus.py --gpus {','.join(gpus)} --per-worker {args.per_worker}: "
+                        f"one worker per {args.per_worker} GPU(s).\n{text}")
+    print(f"wrote {args.out}: workers {', '.join(s for s in made['services'] if s != 'worker')}")
     return 0
 
 

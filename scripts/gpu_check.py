@@ -4,6 +4,9 @@ Prints one JSON object: per run, its state, step time and peak GPU memory, wheth
 was forked by the worker's zygote (`forked`), and the GPU memory in use before and after each
 job (a job's memory must be freed when its process exits). At least one job must run in a
 forked process: that is the fork-safety check (the zygote never touches CUDA; its children do).
+With two or more GPUs it also runs two 2-device jobs on a worker that owns GPUs 0 and 1
+(`deepe worker --gpus 0,1`, NCCL): SFT-Demo under DDP, and the same method with FSDP
+(`fsdp=True`, a full state dict for the save), each of which must succeed and publish a model.
 On a machine without CUDA it prints that it was skipped and exits 0.
 Run it as scripts/gpu-check.sh.
 """
@@ -29,6 +32,52 @@ def gpu_used_mb() -> float | None:
     out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
                          capture_output=True, text=True, check=False).stdout.strip()
     return float(out) if out else None
+
+
+# SFT-Demo with its model sharded over the ranks: what docs/methods.md shows for a model that
+# does not fit one device.
+FSDP_CONFIG = ('    fsdp=True,                                  # shard the model over the job\'s ranks\n'
+               '    fsdp_config={"state_dict_type": "FULL_STATE_DICT", "use_orig_params": True},\n')
+
+
+def multi_gpu(work: Path, model: Path, data: Path) -> dict[str, object]:
+    """Two 2-device jobs, DDP and FSDP, on a worker that owns GPUs 0 and 1."""
+    import torch
+
+    from deepe_tasks import EventKind, submit
+    from deepe_tasks.fixtures.embedded import WorkerProcess
+
+    if torch.cuda.device_count() < 2:
+        return {"skipped": f"{torch.cuda.device_count()} CUDA device(s); a 2-device job needs 2"}
+    store = work / "methods"
+    shutil.copytree(ROOT / "method_store", store, dirs_exist_ok=True)
+    sft = (ROOT / "deepe_tasks" / "builtin" / "sft-demo.py").read_text()
+    (store / "sft-fsdp.py").write_text(sft.replace("    report_to=\"none\",\n", "    report_to=\"none\",\n" + FSDP_CONFIG))
+    os.environ["DEEPE_METHOD_STORE"] = str(store)
+    out: dict[str, object] = {"runs": []}
+    ok = True
+    with WorkerProcess({"DEEPE_METHOD_STORE": str(store)}, queues="gpu-check", log_file=work / "worker-ddp.log",
+                       extra_args=["--gpus", "0,1"]) as worker:
+        worker.wait_ready()
+        for method in ("sft-demo", "sft-fsdp"):
+            t0 = time.monotonic()
+            job = submit(method, {"MODEL_PATH": str(model), "DATASET_PATH": str(data), "MAX_STEPS": 20,
+                                  "BATCH_SIZE": 8, "MAX_SEQ_LENGTH": 128, "LORA_RANK": 8}, gpus=2)
+            state = job.wait(timeout=240)
+            info = job.info()
+            events = list(job.events())
+            started = [e for e in events if e.kind is EventKind.STARTED]
+            steps = [e.step for e in events if e.kind is EventKind.LOG and "loss" in e.metrics]
+            run = {"method": method, "gpus": 2, "state": state.value, "error": info.get("error"),
+                   "wall_s": round(time.monotonic() - t0, 1), "world_size": started[-1].metrics.get("world_size")
+                   if started else None, "one_log_per_step": steps == list(range(1, len(steps) + 1)),
+                   "step_time_s": info["metrics"].get("step_time_s"),
+                   "model": (Path(info["output_dir"]) / "deepe.json").exists()}
+            out["runs"].append(run)  # type: ignore[attr-defined]
+            ok = ok and state.value == "succeeded" and run["world_size"] == 2 and run["one_log_per_step"] \
+                and run["model"]
+    out["ok"] = ok
+    return out
 
 
 def main() -> int:
@@ -94,7 +143,10 @@ def main() -> int:
                     report["runs"].append(run)  # type: ignore[attr-defined]
                     ok = ok and state.value == "succeeded" and freed is not False
             forked = [r for r in report["runs"] if r["forked"]]  # type: ignore[attr-defined]
-            report["ok"] = ok and bool(forked)
+        multi = multi_gpu(work, model, sft_data)
+        report["multi_gpu"] = multi
+        ok = ok and multi.get("ok", True) is True
+        report["ok"] = ok and bool(forked)
     print(json.dumps(report, indent=2))
     if not ok:
         print((work / "worker.log").read_text()[-3000:], file=sys.stderr)

@@ -253,6 +253,21 @@ def test_the_gpu_override_gives_each_worker_its_own_gpu(tmp_path: Path) -> None:
     assert refused.returncode != 0 and "distinct GPU indexes" in refused.stderr
 
 
+def test_the_gpu_override_can_give_each_worker_a_group_of_gpus_for_multi_device_jobs(tmp_path: Path) -> None:
+    out = tmp_path / "docker-compose.gpus.yml"
+    script = [sys.executable, str(ROOT / "scripts/compose_gpus.py"), "--gpus", "0,1,2,3", "--out", str(out)]
+    made = subprocess.run([*script, "--per-worker", "2"], capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    services = yaml.safe_load(out.read_text())["services"]
+    services.pop("worker")
+    assert {name: s["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] for name, s in services.items()} \
+        == {"worker-gpu0-1": ["0", "1"], "worker-gpu2-3": ["2", "3"]}
+    # Inside its container a worker sees its two GPUs as 0 and 1, and owns both: it runs 2-device jobs
+    assert all(s["command"][s["command"].index("--gpus") + 1] == "0,1" for s in services.values())
+    uneven = subprocess.run([*script, "--per-worker", "3"], capture_output=True, text=True, timeout=60)
+    assert uneven.returncode != 0 and "do not split into workers of 3" in uneven.stderr
+
+
 def merge_compose(base: Any, override: Any) -> Any:
     """Compose's merge of an override, enough for these files: mappings merge key by key, any
     other value is replaced."""

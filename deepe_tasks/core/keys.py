@@ -13,6 +13,7 @@ QUEUES = f"{PREFIX}:queues"  # set: every queue a job was submitted to
 METHOD_USERS = f"{PREFIX}:method-users"  # hash: method sha256 -> jobs not ended that run it
 IDS = f"{PREFIX}:ids"  # sorted set, all scores 0: job ids in lexical order, for a lookup by prefix
 REAPER = f"{PREFIX}:reaper"  # string with TTL: the worker whose reaper does this round
+WORKERS = f"{PREFIX}:workers"  # hash: worker -> "<devices it owns> <when it said so>" (devices.py)
 
 
 def job(job_id: str) -> str:

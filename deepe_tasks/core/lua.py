@@ -141,7 +141,7 @@ redis.call('zadd', KEYS[5], ARGV[2], ARGV[3])
 redis.call('zadd', BY_METHOD .. fields['method'], ARGV[2], ARGV[3])
 redis.call('zadd', IDS, 0, ARGV[3])
 move(KEYS[1], ARGV[3], false, 'queued')
-redis.call('sadd', QUEUES, fields['queue'])
+redis.call('sadd', QUEUES, fields['route'] or fields['queue'])
 redis.call('hincrby', STATS, 'submitted', 1)
 event(KEYS[4], ARGV[4], 0)
 return 1

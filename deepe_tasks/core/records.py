@@ -130,6 +130,8 @@ class JobRecord(BaseModel):
     output_dir: str
     queue: str
     priority: int | None = None
+    gpus: int = 1  # devices the job trains on, one rank each
+    route: str | None = None  # the Celery queue its message goes to (devices.route); None: ``queue``
     status: JobStatus = JobStatus.QUEUED
     error: str | None = None
     worker: str | None = None
@@ -184,6 +186,7 @@ class JobSpec(BaseModel):
     time_limit: float | None = None
     checkpoint_minutes: float | None = None
     event_buffer: int = 100_000  # DEEPE_EVENT_BUFFER: events held in memory while Redis is away
+    world_size: int = 1  # the job's ranks: this process is rank 0 and starts the others (job/ranks.py)
 
 
 class RunResult(BaseModel):

@@ -23,8 +23,13 @@ class Settings(BaseSettings):
     storage: Path = Path("./deepe-data")
     method_store: Path = Path("./method_store")
     queue: str = "gpu"
-    # CUDA_VISIBLE_DEVICES for this worker's jobs (`deepe worker --gpus 0`); None leaves it alone.
+    # The devices this worker owns, as CUDA_VISIBLE_DEVICES for its jobs (`deepe worker --gpus
+    # 0,1,2,3`): it runs jobs of up to that many devices, one rank per device. None: it owns
+    # one, and leaves CUDA_VISIBLE_DEVICES alone. Without CUDA the list names CPU ranks (gloo).
     gpus: str | None = None
+    # Submit refuses a job that asks for more devices than this; unset, more than the largest
+    # worker up now owns (any size is taken while no worker is up: a fleet that starts on demand).
+    max_job_gpus: int | None = Field(None, ge=1)
     # Bearer tokens of the HTTP API, comma-separated.
     api_tokens: str = ""
     # Fork job processes from a zygote that has the training stack imported (CUDA untouched);

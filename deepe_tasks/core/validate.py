@@ -17,18 +17,23 @@ QUEUE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # Queue names become Redis list keys (and `NAME:1`…`NAME:9` for priorities): none may be one of
 # deepe's, Celery's or kombu's own keys.
 RESERVED_QUEUE_PREFIXES = ("deepe", "celery", "unacked", "_kombu")
+ROUTED_RE = re.compile(r".*\.\d+gpus", re.IGNORECASE)
 JOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 STREAM_ID_RE = re.compile(r"(\d{1,20})(?:-(\d{1,20}))?")
 MAX_U64 = 2**64 - 1
 MAX_CURSOR = 2**62
 MAX_PARAM_DEPTH = 32
 MAX_TIME_LIMIT = 366 * 24 * 3600.0
+MAX_GPUS = 64  # devices one job may ask for: the largest hosts have 8 or 16
 
 
 def queue_name(name: Any) -> str:
     if not isinstance(name, str) or not QUEUE_RE.fullmatch(name):
         raise InvalidParams(f"queue {name!r} is not valid; use 1 to 64 letters, digits, '_', '-' or '.', "
                             "starting with a letter or digit (for example gpu or gpu-80gb).")
+    if ROUTED_RE.fullmatch(name):
+        raise InvalidParams(f"queue {name!r} ends like the queue of a multi-device job (QUEUE.<N>gpus); name the "
+                            "queue without that ending and submit with gpus=N.")
     if name.lower().startswith(RESERVED_QUEUE_PREFIXES):
         raise InvalidParams(f"queue {name!r} is reserved (names starting with "
                             f"{', '.join(RESERVED_QUEUE_PREFIXES)} are the cluster's own keys); pick another name.")
@@ -38,6 +43,13 @@ def queue_name(name: Any) -> str:
 def queue_names(names: str) -> list[str]:
     """A comma-separated list of queues, as `deepe worker --queues` takes it."""
     return [queue_name(q.strip()) for q in names.split(",") if q.strip()]
+
+
+def gpus(value: Any) -> int:
+    """How many devices a job trains on (one rank each)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_GPUS:
+        raise InvalidParams(f"gpus={value!r} is not valid; allowed: a whole number of devices from 1 to {MAX_GPUS}.")
+    return value
 
 
 def job_id(value: Any) -> str:

@@ -26,12 +26,16 @@ class TrainingComplete(Exception):
 class DeepeCallback(TrainerCallback):
     """Turns ``on_log`` and friends into events; checkpoints on a timer; stops when asked.
 
-    A stop happens at a step boundary and always saves a checkpoint first.
+    A stop happens at a step boundary and always saves a checkpoint first. In a job of several
+    ranks, rank 0 decides (its clock, its cancel flag, its signals) and every rank follows at the
+    same step: a stop or a checkpoint that one rank skipped would leave the others waiting in a
+    collective.
     """
 
     def __init__(self, job_id: str, emit: Emit, should_stop: StopCheck | None = None,
-                 checkpoint_minutes: float | None = None) -> None:
+                 checkpoint_minutes: float | None = None, world_size: int = 1) -> None:
         self.job_id = job_id
+        self.world_size = world_size
         self.emit = emit
         self.should_stop = should_stop
         self.checkpoint_s = checkpoint_minutes * 60 if checkpoint_minutes else None
@@ -69,11 +73,12 @@ class DeepeCallback(TrainerCallback):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState,
                     control: TrainerControl, **kwargs: Any) -> None:
-        if self.checkpoint_s is not None and time.monotonic() - self._last_checkpoint >= self.checkpoint_s:
+        save = self.checkpoint_s is not None and time.monotonic() - self._last_checkpoint >= self.checkpoint_s
+        reason = self.should_stop() if self.should_stop is not None else None  # cheap: see jobproc.StopFlags
+        if self.world_size > 1:
+            save, reason = _agree(args, save, reason)
+        if save:
             control.should_save = True
-        if self.should_stop is None:
-            return
-        reason = self.should_stop()  # cheap: see jobproc.StopFlags
         if reason:
             self.stop_reason = reason
             control.should_save = True  # whoever resumes or inspects it starts from here
@@ -82,9 +87,29 @@ class DeepeCallback(TrainerCallback):
     def on_save(self, args: TrainingArguments, state: TrainerState,
                 control: TrainerControl, **kwargs: Any) -> None:
         self._last_checkpoint = time.monotonic()
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()  # every rank has written its part (its RNG state) of the checkpoint
+            if not state.is_world_process_zero:
+                return
         # The trainer calls this once the checkpoint is written whole: only a checkpoint with
         # this mark is ever resumed from.
         folder = Path(args.output_dir or ".") / f"checkpoint-{state.global_step}"
         if folder.is_dir():
             (folder / CHECKPOINT_DONE).write_text(json.dumps({"job": self.job_id, "step": state.global_step}))
         self._event(EventKind.CHECKPOINT, state, message=f"checkpoint at step {state.global_step}")
+
+
+_REASONS = [None, *StopReason]
+
+
+def _agree(args: TrainingArguments, save: bool, reason: StopReason | None) -> tuple[bool, StopReason | None]:
+    """Rank 0's checkpoint and stop decision, on every rank (one small broadcast per step)."""
+    import torch
+    import torch.distributed as dist
+
+    decision = torch.tensor([int(save), _REASONS.index(reason)], dtype=torch.int64, device=args.device)
+    dist.broadcast(decision, src=0)
+    saved, code = (int(x) for x in decision.tolist())
+    return bool(saved), _REASONS[code]

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,9 +20,9 @@ import redis
 from deepe_tasks.core import jobstore, keys
 from deepe_tasks.core.connection import tls_options
 from deepe_tasks.core.events import EventPublisher
-from deepe_tasks.core.records import JobSpec, JobStatus, RunResult, StopReason
+from deepe_tasks.core.records import JobSpec, JobStatus, Phase, RunResult, StopReason
 from deepe_tasks.core.storage import attempt_dir, job_dir
-from deepe_tasks.job import runner
+from deepe_tasks.job import ranks, runner
 from deepe_tasks.job.ipc import CUTOFF_SIGNAL, FENCED_EXIT, LOG_FILE, PREEMPT_SIGNAL, RESULT_FILE
 
 CANCEL_READ_INTERVAL = 1.0
@@ -104,10 +105,10 @@ class PublishFence:
             time.sleep(0.25)
 
 
-def write_result(folder: Path, result: RunResult) -> None:
-    tmp = folder / f".{RESULT_FILE}.tmp"
+def write_result(folder: Path, result: RunResult, name: str = RESULT_FILE) -> None:
+    tmp = folder / f".{name}.tmp"
     tmp.write_text(result.model_dump_json())
-    os.replace(tmp, folder / RESULT_FILE)
+    os.replace(tmp, folder / name)
 
 
 def main() -> int:
@@ -140,6 +141,8 @@ def run(line: str) -> int:
     attempt.mkdir(parents=True, exist_ok=True)
     os.chdir(folder)  # stray relative writes of a method land in its job folder
     _redirect_output(folder)
+    # A multi-device job: the other ranks are forked now, while this process has no thread.
+    others = ranks.Ranks.start(spec, attempt, run_rank) if spec.world_size > 1 else None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     client = _client(spec, timeout=5)
@@ -152,12 +155,23 @@ def run(line: str) -> int:
     signal.signal(CUTOFF_SIGNAL, flags.on_signal)
 
     fence = PublishFence(client, spec)
+    job = runner.Runner(spec, publisher.emit, flags.check, may_publish=fence)
+    if others is not None:
+        others.watch(lambda error: _rank_failed(attempt, publisher, job, error))
     try:
-        result = runner.Runner(spec, publisher.emit, flags.check, may_publish=fence).run()
+        result = job.run()
     except BaseException as e:  # the runner reports method errors itself; this is for its own
         logging.exception("the runner failed")
         result = RunResult(status=JobStatus.FAILED, phase="running the job",
                            error=f"The job process failed outside the method: {type(e).__name__}: {e}")
+    if others is not None:
+        if result.status is JobStatus.FAILED and others.failed.wait(3.0):
+            # A rank died and this one failed with it (a collective's peer vanished): the rank's
+            # death is the job's error, and _rank_failed is ending every rank now.
+            time.sleep(60)
+        others.stop(ranks.EXIT_GRACE if result.status is not JobStatus.FAILED else 2.0)
+    if not _ended.acquire(blocking=False):
+        time.sleep(60)  # a rank's death is being recorded as the job's end, and every rank killed
     # The worker writes the final event; ours must be in the stream before it. Cut off from
     # Redis, or refused as stale, this attempt waits no longer than a lease for it.
     wait = spec.lease_ttl if flags.signalled is StopReason.CUT_OFF or fence.refused else 300
@@ -166,6 +180,51 @@ def run(line: str) -> int:
     write_result(attempt, result)
     sys.stdout.flush()
     sys.stderr.flush()
+    return 0
+
+
+_ended = threading.Lock()
+
+
+def _rank_failed(attempt: Path, publisher: EventPublisher, job: runner.Runner, error: str) -> None:
+    """Another rank died while the job trained: record the job's end, then end every rank.
+
+    The ranks left would wait for it in their next collective for as long as its timeout (half
+    an hour), so they are killed, with this process: the worker reads the result and records it.
+    """
+    if job.tracker.phase is Phase.SAVING and not job.collective_save:  # rank 0 alone saves: it needs no peer
+        logging.warning("after training: %s", error)
+        return
+    if not _ended.acquire(blocking=False):
+        return
+    result = RunResult(status=JobStatus.FAILED, phase=job.tracker.phase, error=error)
+    logging.error("%s", error)
+    try:
+        publisher.close(timeout=2.0)
+        write_result(attempt, result)
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+def run_rank(spec: JobSpec, rank: int) -> int:
+    """Rank ``rank`` (> 0) of a multi-device job: train beside rank 0, which speaks for the job.
+
+    It publishes nothing and saves nothing; a failure goes to its rank file, for rank 0's report.
+    """
+    attempt = attempt_dir(Path(spec.storage_root), spec.job_id, spec.attempt)
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s %(levelname)s rank {rank} %(name)s: %(message)s")
+    job = runner.Runner(spec, lambda event: None, rank=rank)
+    try:
+        result = job.run()
+    except BaseException as e:
+        logging.exception("the runner failed")
+        result = RunResult(status=JobStatus.FAILED, error=f"rank {rank} failed: {type(e).__name__}: {e}")
+    # A stop that rank 0 decided (a time limit, a cancel) is rank 0's to report.
+    if result.status is JobStatus.FAILED and job.callback.stop_reason is None:
+        write_result(attempt, result, name=ranks.rank_file(attempt, rank).name)
+        return 1
     return 0
 
 

@@ -69,18 +69,25 @@ def _versions() -> dict[str, str]:
 
 
 class Runner:
-    """Runs one attempt of one job. ``should_stop`` is read by the callback to honour cancels."""
+    """Runs one attempt of one job. ``should_stop`` is read by the callback to honour cancels.
+
+    In a multi-device job every rank runs one; only rank 0's publishes events and saves, and
+    the callbacks share rank 0's stop decisions at each step boundary.
+    """
 
     def __init__(self, spec: JobSpec, emit: Emit, should_stop: StopCheck | None = None,
-                 may_publish: Callable[[], bool] | None = None) -> None:
+                 may_publish: Callable[[], bool] | None = None, rank: int = 0) -> None:
         self.spec = spec
+        self.rank = rank
         self.may_publish = may_publish  # the last check before the model is renamed into place
         self.emit = emit
         self.params = TrainParams.model_validate(spec.params)
         self.filename = f"{spec.method}.py"
-        self.callback = DeepeCallback(spec.job_id, emit, should_stop, spec.checkpoint_minutes)
+        self.callback = DeepeCallback(spec.job_id, emit, should_stop, spec.checkpoint_minutes,
+                                      world_size=spec.world_size)
         self.tracker = phases.PhaseTracker(spec.job_id, emit)
         self.namespace: dict[str, Any] = {}
+        self.collective_save = False  # every rank takes part in saving the model (FSDP)
         self.timings: dict[str, float] = {}
         self.checkpoint_dir = attempt_dir(Path(spec.storage_root), spec.job_id, spec.attempt) / "checkpoints"
 
@@ -100,6 +107,10 @@ class Runner:
         stopped = self._stopped(reason, step)
         if stopped is not None:
             return stopped.model_copy(update={"phase": Phase.TRAINING, "metrics": metrics, "step": step})
+        if self.rank != 0:  # rank 0 saves the model that every rank trained
+            if self.sharded(trainer):
+                self._save_shard(trainer)
+            return RunResult(status=JobStatus.SUCCEEDED, phase=Phase.TRAINING, step=step)
         partial = reason is StopReason.CANCEL_SAVE
         try:
             t2 = time.monotonic()
@@ -133,11 +144,26 @@ class Runner:
                 if self.spec.time_limit else f"time limit reached at step {step}"))
         return None
 
+    def sharded(self, trainer: Any) -> bool:
+        """Whether the model is sharded over the ranks (FSDP): saving it is then a collective."""
+        return self.spec.world_size > 1 and bool(getattr(trainer, "is_fsdp_enabled", False))
+
+    def _save_shard(self, trainer: Any) -> None:
+        """A rank other than 0 of an FSDP job: give rank 0 this rank's shards as it saves."""
+        import torch.distributed as dist
+
+        staging: list[str | None] = [None]
+        dist.broadcast_object_list(staging, src=0)
+        if staging[0]:
+            trainer.save_model(staging[0])
+
     def build(self) -> Any:
         """Execute the method and check the contract; return its trainer, ready to train."""
         self._inputs_exist()
         self._load_method()
-        return self._check_contract()
+        trainer = self._check_contract()
+        self.collective_save = self.sharded(trainer)
+        return trainer
 
     def _failed(self, phase: Phase, message: str) -> RunResult:
         return RunResult(status=JobStatus.FAILED, phase=phase, error=message)
@@ -207,6 +233,12 @@ class Runner:
                 + "; ".join(missing) + ". Define `model`, `tokenizer` and `trainer` between the marker lines.")))
         trainer = ns["trainer"]
         args = getattr(trainer, "args", None)
+        if getattr(args, "fsdp", None) and not getattr(trainer, "is_fsdp_enabled", False):
+            raise PhaseFailure(Phase.BUILDING_TRAINER, (
+                f"Failed while {Phase.BUILDING_TRAINER}: the trainer's config asks for FSDP (fsdp={args.fsdp!r}), which "  # type: ignore[union-attr]
+                "needs CUDA devices and a job of gpus=2 or more; here accelerate would train without it, every rank "
+                "holding the whole model. Submit the job with --gpus N to a GPU worker, or remove fsdp from the "
+                "config to train with DDP."))
         if args is not None and hasattr(args, "output_dir"):
             # Trainer scratch and checkpoints go to the job folder, never into OUTPUT_DIR,
             # which only ever receives the finished, published model. The last two are kept.
@@ -277,7 +309,13 @@ class Runner:
             trained = accelerator.unwrap_model(trained)
         if not callable(getattr(trained, "save_pretrained", None)):
             trained = model
-        trained.save_pretrained(str(staging))
+        if self.sharded(trainer):
+            import torch.distributed as dist
+
+            dist.broadcast_object_list([str(staging)], src=0)  # every rank gives its shards
+            trainer.save_model(str(staging))
+        else:
+            trained.save_pretrained(str(staging))
         self.namespace["tokenizer"].save_pretrained(str(staging))
         self.timings["save_s"] = round(time.monotonic() - save_started, 3)
         manifest = {

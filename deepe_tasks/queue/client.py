@@ -9,7 +9,7 @@ from typing import Any
 
 import redis
 
-from deepe_tasks.core import jobstore, keys, validate
+from deepe_tasks.core import devices, jobstore, keys, validate
 from deepe_tasks.core.connection import get_redis, unreachable
 from deepe_tasks.core.errors import BrokerUnavailable, InvalidParams
 from deepe_tasks.core.records import Event, EventKind, JobRecord, JobStatus
@@ -31,12 +31,14 @@ def submit(
     job_id: str | None = None,
     time_limit: float | None = None,
     check: bool = True,
+    gpus: int = 1,
 ) -> Job:
     """Validate, pin the method's source, record the job and queue it. Returns the new ``Job``.
 
     Raises ``InvalidParams``, ``MethodNotFound`` or ``MethodContractError`` before anything is
     queued. ``check=False`` skips the static check of the method (for code it misreads); the
-    worker still refuses a method that trains or saves itself.
+    worker still refuses a method that trains or saves itself. ``gpus`` is how many devices the
+    job trains on, one rank each (DDP); it is refused when no worker could run it.
     """
     settings = get_settings()
     found = load_method(settings.method_root, method)
@@ -46,15 +48,20 @@ def submit(
         raise InvalidParams(f"priority={priority!r} is not valid; allowed: an integer from 0 (highest) to 9.")
     time_limit = validate.time_limit(time_limit)
     queue = validate.queue_name(queue or settings.queue)
+    gpus = validate.gpus(gpus)
+    client = get_redis()
+    if gpus > 1:
+        _fits(client, gpus)
     admitted = admit(found, params, settings.storage_root, job_id, check_paths=settings.check_paths,
                      check_method=check)
     resolved = admitted.params
     record = JobRecord(
         id=job_id, method=found.name, method_sha256=found.sha256, params=resolved.as_dict(),
         output_dir=str(resolved.OUTPUT_DIR), queue=queue, priority=priority, time_limit=time_limit,
+        gpus=gpus, route=devices.route(queue, gpus),
     )
-    client = get_redis()
-    queued = Event(kind=EventKind.QUEUED, job=job_id, message=f"{found.name} queued on {queue}")
+    on = queue if gpus == 1 else f"{queue} for {gpus} devices ({record.route})"
+    queued = Event(kind=EventKind.QUEUED, job=job_id, message=f"{found.name} queued on {on}")
     try:
         # The worker runs this exact source, whatever happens to the file afterwards.
         jobstore.create(client, record, source=found.source, first_event=queued)
@@ -69,6 +76,29 @@ def submit(
         jobstore.fail_queued(client, job_id, error)
         raise BrokerUnavailable(error) from e
     return Job(job_id, custom_params=admitted.custom)
+
+
+def _fits(client: redis.Redis, gpus: int) -> None:
+    """Refuse a job of ``gpus`` devices that no worker could ever run."""
+    settings = get_settings()
+    if settings.max_job_gpus is not None:
+        if gpus > settings.max_job_gpus:
+            raise InvalidParams(f"This job asks for {gpus} devices (gpus={gpus}), but DEEPE_MAX_JOB_GPUS="
+                                f"{settings.max_job_gpus} is the most any worker of this cluster owns. Submit with "
+                                f"gpus={settings.max_job_gpus} or fewer, or raise DEEPE_MAX_JOB_GPUS once workers "
+                                "that large exist.")
+        return
+    try:
+        largest = devices.largest(client, stale_after=devices.STALE_AFTER_TTLS * settings.lease_ttl)
+    except (redis.ConnectionError, redis.TimeoutError) as e:
+        raise unreachable(client, e) from e
+    if largest is not None and gpus > largest[0]:
+        count, worker = largest
+        raise InvalidParams(
+            f"This job asks for {gpus} devices (gpus={gpus}), but the largest worker up now ({worker}) owns "
+            f"{count}, and a job runs on one worker. Submit with gpus={count} or fewer, or start a worker that "
+            f"owns {gpus} devices (`deepe worker --gpus " + ",".join(str(i) for i in range(gpus)) + "`); a fleet "
+            f"that starts such workers on demand sets DEEPE_MAX_JOB_GPUS={gpus} on the submitting side.")
 
 
 MIN_PREFIX = 4
@@ -96,13 +126,13 @@ def enqueue(record: JobRecord) -> None:
     from deepe_tasks.worker.celery_app import app_for
 
     app_for(get_settings().redis_url).send_task(
-        TASK_NAME, args=[record.id], kwargs={"method": record.method}, task_id=record.id,
+        TASK_NAME, args=[record.id], kwargs={"method": record.method, "gpus": record.gpus}, task_id=record.id,
         # Without one, a job gets the middle priority: 0 is the highest, 9 the lowest.
-        queue=record.queue, priority=DEFAULT_PRIORITY if record.priority is None else record.priority,
+        queue=record.route or record.queue, priority=DEFAULT_PRIORITY if record.priority is None else record.priority,
         # What Flower shows: the method and its parameters, secrets masked. The worker reads
         # the parameters from the job record, never from the message.
         argsrepr=repr([record.id]),
-        kwargsrepr=repr({"method": record.method, "params": mask_secrets(record.params)}),
+        kwargsrepr=repr({"method": record.method, "gpus": record.gpus, "params": mask_secrets(record.params)}),
     )
 
 

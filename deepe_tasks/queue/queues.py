@@ -8,7 +8,7 @@ from typing import Any
 
 import redis
 
-from deepe_tasks.core import jobstore, keys
+from deepe_tasks.core import devices, jobstore, keys
 from deepe_tasks.core.errors import JobNotFound
 
 # Celery's Redis transport keeps one list per priority step: "gpu" for 0 (the highest), then
@@ -24,9 +24,14 @@ def priority_lists(queue: str) -> list[tuple[int, str]]:
 class QueueInfo:
     name: str
     length: int = 0
+    gpus: int = 1  # the devices each of its jobs trains on (a QUEUE.<N>gpus queue: N)
     waiting: list[dict[str, Any]] = field(default_factory=list)  # in the order they will start
     running: list[str] = field(default_factory=list)
     workers: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        sized = devices.ROUTE_RE.fullmatch(self.name)
+        self.gpus = int(sized.group(1)) if sized else 1
 
 
 def _waiting(client: redis.Redis, queue: str) -> list[dict[str, Any]]:
@@ -43,8 +48,9 @@ def _waiting(client: redis.Redis, queue: str) -> list[dict[str, Any]]:
 
 
 def overview(client: redis.Redis, active_queues: dict[str, list[dict[str, Any]]] | None) -> list[QueueInfo]:
-    """Every queue that has jobs waiting or running, or a worker consuming it."""
-    infos: dict[str, QueueInfo] = {}
+    """Every queue that jobs were sent to or a worker consumes (a queue of 4-device jobs that no
+    worker consumes shows, with its waiting jobs and no worker)."""
+    infos: dict[str, QueueInfo] = {str(q): QueueInfo(str(q)) for q in client.smembers(keys.QUEUES)}
     for worker, queues in (active_queues or {}).items():
         for q in queues:
             infos.setdefault(q["name"], QueueInfo(q["name"])).workers.append(worker)
@@ -54,7 +60,8 @@ def overview(client: redis.Redis, active_queues: dict[str, list[dict[str, Any]]]
             record = jobstore.get(client, str(job_id))
         except JobNotFound:  # its record is gone (expired since SMEMBERS); any other error is real
             continue
-        infos.setdefault(record.queue, QueueInfo(record.queue)).running.append(record.id)
+        name = record.route or record.queue
+        infos.setdefault(name, QueueInfo(name)).running.append(record.id)
     for name, info in list(infos.items()):
         info.waiting = _waiting(client, name)
         info.length = len(info.waiting)

@@ -40,6 +40,8 @@ class SubmitRequest(BaseModel):
     priority: int | None = Field(None, description="0 (highest) to 9.")
     time_limit: float | None = Field(None, description="Seconds an attempt may train.")
     check: bool = Field(True, description="Refuse a method that the static check rejects; false for code it misreads.")
+    gpus: int = Field(1, strict=True, description=(
+        "Devices the job trains on, one rank each (DDP); refused when no worker owns that many."))
 
 
 class JobRef(BaseModel):
@@ -144,7 +146,7 @@ open_api = APIRouter()  # health and metrics: for probes and Prometheus
 def submit(body: SubmitRequest) -> Submitted:
     """Validate and queue a job, exactly as `deepe submit` does."""
     job = client.submit(body.method, body.params, queue=body.queue, priority=body.priority,
-                        time_limit=body.time_limit, check=body.check)
+                        time_limit=body.time_limit, check=body.check, gpus=body.gpus)
     return Submitted(id=job.id, status=job.status(), custom_params=job.custom_params)
 
 

@@ -20,9 +20,9 @@ import redis
 from celery.signals import worker_init, worker_ready, worker_shutting_down
 from celery.worker import state as worker_state
 
-from deepe_tasks.core import jobstore, keys
+from deepe_tasks.core import devices, jobstore, keys
 from deepe_tasks.core.connection import get_redis
-from deepe_tasks.core.errors import JobNotFound
+from deepe_tasks.core.errors import InvalidParams, JobNotFound
 from deepe_tasks.core.records import JobRecord, JobStatus
 from deepe_tasks.core.settings import get_settings
 from deepe_tasks.worker import credentials
@@ -137,10 +137,22 @@ def _reap(client: redis.Redis, job_id: str, max_resumes: int) -> bool:
         credentials.revoke(client, job_id, record.attempts)
 
 
-def _reaper_loop(stop: threading.Event) -> None:
+def _reaper_loop(stop: threading.Event, worker: str) -> None:
     interval = max(0.5, get_settings().lease_ttl / 3)
     holder = f"{os.uname().nodename}:{os.getpid()}"
-    while not stop.wait(interval):
+    try:
+        owned: int | None = len(devices.device_list(get_settings().gpus))
+    except InvalidParams as e:  # `celery worker` with a bad DEEPE_GPUS: its jobs go back (tasks.py)
+        log.error("%s", e)
+        owned = None
+    while True:
+        try:
+            if owned is not None:
+                devices.register(get_redis(), worker, owned)  # what submit reads to refuse a job too large
+        except Exception as e:
+            log.warning("could not record this worker's devices: %s", e)
+        if stop.wait(interval):
+            break
         try:
             # A little under the interval: the next round is free when this worker asks again.
             if my_round(get_redis(), holder, interval * 0.9):
@@ -178,9 +190,15 @@ def _idle_loop(stop: threading.Event, idle_exit: float) -> None:
             return
 
 
+_worker_name = ""
+
+
 @worker_ready.connect
-def _start_reaper(**_: Any) -> None:
-    threading.Thread(target=_reaper_loop, args=(_reaper_stop,), name="deepe-reaper", daemon=True).start()
+def _start_reaper(sender: Any = None, **_: Any) -> None:
+    global _worker_name
+    _worker_name = str(getattr(sender, "hostname", "") or f"{os.uname().nodename}:{os.getpid()}")
+    threading.Thread(target=_reaper_loop, args=(_reaper_stop, _worker_name), name="deepe-reaper",
+                     daemon=True).start()
     idle_exit = get_settings().idle_exit
     if idle_exit is not None:
         threading.Thread(target=_idle_loop, args=(_reaper_stop, idle_exit), name="deepe-idle-exit",
@@ -192,3 +210,12 @@ def _on_shutdown(**_: Any) -> None:
     # The running job (in a pool process) sees this, checkpoints, and is requeued.
     _stopping.set()
     _reaper_stop.set()
+    if _worker_name:  # on a thread: a partitioned worker must not wait on Redis to shut down
+        threading.Thread(target=_unregister, args=(_worker_name,), name="deepe-unregister", daemon=True).start()
+
+
+def _unregister(worker: str) -> None:
+    try:
+        devices.unregister(get_redis(), worker)
+    except Exception as e:  # its entry goes stale on its own
+        log.warning("could not remove this worker's devices entry: %s", e)

@@ -19,11 +19,11 @@ from typing import Any, TypeVar
 
 import redis
 from celery import states
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, Reject
 
-from deepe_tasks.core import jobstore, keys
+from deepe_tasks.core import devices, jobstore, keys
 from deepe_tasks.core.connection import get_redis
-from deepe_tasks.core.errors import JobFailed
+from deepe_tasks.core.errors import InvalidParams, JobFailed
 from deepe_tasks.core.events import append_jsonl, decode
 from deepe_tasks.core.records import (
     Event,
@@ -49,20 +49,23 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 @app.task(name="deepe.train", bind=True)
-def train(self: Any, job_id: str, method: str = "") -> dict[str, Any]:
+def train(self: Any, job_id: str, method: str = "", gpus: int = 1) -> dict[str, Any]:
     """Run one attempt of a job; the job record and its events say how it went.
 
-    ``method`` is not read: the job record names the method. It is in the message so that
-    Flower and `celery inspect` show which method a task runs.
+    ``method`` and ``gpus`` are not read: the job record has them. They are in the message so
+    that Flower and `celery inspect` show which method a task runs, and on how many devices.
     """
     settings = get_settings()
     hostname = self.request.hostname or os.uname().nodename
     holder = f"{hostname}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    world_size = _world_size(job_id, hostname)
     # A zygote's spare costs nothing until it is handed a job, so take it first: then the job
     # starts the moment it is ours. (Without a zygote this starts a process, ended if unused.)
     proc = job_process()
-    started = Event(kind=EventKind.STARTED, job=job_id, message=f"started on {hostname}", metrics={
-        "pid": proc.pid, "warm": proc.warm, "forked": proc.forked, "process_started_at": proc.started_at})
+    on = f" on {world_size} devices" if world_size > 1 else ""
+    started = Event(kind=EventKind.STARTED, job=job_id, message=f"started on {hostname}{on}", metrics={
+        "pid": proc.pid, "warm": proc.warm, "forked": proc.forked, "process_started_at": proc.started_at,
+        "world_size": world_size})
     try:
         claim = jobstore.claim(get_redis(), job_id, holder, settings.lease_key_ms, started,
                                worker=hostname, started_at=time.time(), pid=proc.pid)
@@ -98,6 +101,33 @@ def train(self: Any, job_id: str, method: str = "") -> dict[str, Any]:
             log.info("job %s ended and the worker runs one job only (--one-job); it stops", job_id)
             stop_worker()
     return _celery_outcome(self, job_id, result)
+
+
+# A worker that took a job too large for it waits this long before it hands the message back.
+MISROUTED_BACKOFF = 5.0
+
+
+def _world_size(job_id: str, hostname: str) -> int:
+    """How many devices the job trains on; a job larger than this worker goes back to its queue.
+
+    `deepe worker` consumes only the queues of jobs it can run; this catches a worker started
+    with its queues given by hand (`celery worker -Q gpu.4gpus`).
+    """
+    try:
+        owned = len(devices.device_list(get_settings().gpus))
+    except InvalidParams as e:  # a `celery worker` started with a bad DEEPE_GPUS: it must not lose jobs
+        log.error("%s The job %s goes back to its queue in %.0f s.", e, job_id, MISROUTED_BACKOFF)
+        time.sleep(MISROUTED_BACKOFF)
+        raise Reject(str(e), requeue=True) from e
+    raw = get_redis().hget(keys.job(job_id), "gpus")
+    wanted = int(str(raw)) if raw is not None and str(raw).isdigit() else 1
+    if wanted > owned:
+        log.error("job %s needs %d devices and this worker (%s) owns %d: it consumes a queue meant for larger "
+                  "workers. Start workers with `deepe worker --gpus LIST`, which picks their queues; the job goes "
+                  "back to its queue in %.0f s", job_id, wanted, hostname, owned, MISROUTED_BACKOFF)
+        time.sleep(MISROUTED_BACKOFF)
+        raise Reject(f"job {job_id} needs {wanted} devices; this worker owns {owned}", requeue=True)
+    return wanted
 
 
 def _log_dropped(job_id: str, claim: jobstore.Claim) -> None:
@@ -139,7 +169,8 @@ def _run_attempt(task: Any, attempt: Attempt, source: str, proc: JobProcess, fol
                        lease_ttl=settings.lease_ttl, redis_url=credential.url, redis_username=credential.username,
                        redis_password=credential.password, worker=record.worker or "",
                        started_at=record.started_at or 0.0, time_limit=record.time_limit,
-                       checkpoint_minutes=settings.checkpoint_minutes, event_buffer=settings.event_buffer)
+                       checkpoint_minutes=settings.checkpoint_minutes, event_buffer=settings.event_buffer,
+                       world_size=record.gpus)
         announced = proc.pid
         proc.start(spec.model_dump_json())
         if proc.pid != announced:  # the spare died just before the hand-over; another took the job

@@ -30,6 +30,7 @@ def submit(
     queue: Annotated[str | None, typer.Option(help="The queue; default DEEPE_QUEUE.")] = None,
     priority: Annotated[int | None, typer.Option(help="0 (highest) to 9; default 5.")] = None,
     time_limit: Annotated[float | None, typer.Option(help="Seconds of training before the job stops.")] = None,
+    gpus: Annotated[int, typer.Option(help="Devices the job trains on, one rank each (DDP).")] = 1,
     job_id: Annotated[str | None, typer.Option(help="An id of your own; refused if taken.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the job until it ends.")] = False,
     check: Annotated[bool, typer.Option("--check/--no-check", help=(
@@ -40,7 +41,7 @@ def submit(
     from deepe_tasks.queue.client import submit as submit_job
 
     job = submit_job(method, parse_kv(param, params_file), queue=queue, priority=priority,
-                     time_limit=time_limit, job_id=job_id, check=check)
+                     time_limit=time_limit, job_id=job_id, check=check, gpus=gpus)
     if as_json:
         print_json({"id": job.id, "status": job.status().value, "custom_params": job.custom_params})
     else:
@@ -145,9 +146,10 @@ def queues(
     if as_json:
         print_json([asdict(i) for i in rows])
         return
-    table = Table("queue", "waiting", "running", "workers", "next up")
+    table = Table("queue", "devices", "waiting", "running", "workers", "next up")
     for i in rows:
-        table.add_row(i.name, str(i.length), str(len(i.running)), ", ".join(i.workers) or "-",
+        table.add_row(i.name, str(i.gpus), str(i.length), str(len(i.running)),
+                      ", ".join(i.workers) or ("[red]none[/red]" if i.length else "-"),
                       ", ".join(f"{w['id']} (p{w['priority']})" for w in i.waiting[:3]) or "-")
     console.print(table)
 

@@ -17,7 +17,9 @@ from deepe_tasks.ui.cli.common import (
 @app.command()
 def worker(
     queues: Annotated[str, typer.Option(help="Comma-separated queues to consume.")] = "",
-    gpus: Annotated[str | None, typer.Option(help="CUDA_VISIBLE_DEVICES for this worker's jobs.")] = None,
+    gpus: Annotated[str | None, typer.Option(help=(
+        "The devices this worker owns, e.g. 0,1,2,3: its jobs' CUDA_VISIBLE_DEVICES; it runs jobs of up to that "
+        "many devices. DEEPE_GPUS."))] = None,
     name: Annotated[str | None, typer.Option(help="Celery node name, e.g. gpu0@%h.")] = None,
     loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO",
     warm: Annotated[bool, typer.Option(
@@ -27,8 +29,14 @@ def worker(
     idle_exit: Annotated[float | None, typer.Option(
         min=1, help="Exit after this many seconds without a job. DEEPE_IDLE_EXIT.")] = None,
 ) -> None:
-    """Start a worker: one job at a time, each in a fresh process."""
+    """Start a worker: one job at a time, each in a fresh process (one per rank for a multi-device job).
+
+    It consumes, for each queue, the queues of every job size it can run, the largest first.
+    """
+    from deepe_tasks.core import devices, validate
+
     if gpus is not None:
+        devices.device_list(gpus)  # refused before anything is set
         os.environ["DEEPE_GPUS"] = gpus
     if not warm:
         os.environ["DEEPE_WARM"] = "false"
@@ -37,11 +45,11 @@ def worker(
     if idle_exit is not None:
         os.environ["DEEPE_IDLE_EXIT"] = str(idle_exit)
     get_settings.cache_clear()
-    from deepe_tasks.core import validate
     from deepe_tasks.worker.celery_app import app as celery_app
     from deepe_tasks.worker.celery_app import worker_flags
 
-    consumed = ",".join(validate.queue_names(queues or get_settings().queue))
+    owned = len(devices.device_list(get_settings().gpus))
+    consumed = ",".join(devices.consumed(validate.queue_names(queues or get_settings().queue), owned))
     argv = ["worker", "--loglevel", loglevel, "--concurrency", "1", "-Q", consumed]
     if name:
         argv += ["--hostname", name]

@@ -1,0 +1,85 @@
+"""Multi-device jobs: how many devices a worker owns, which queues it consumes, where a job goes.
+
+A job that trains on N devices (``gpus=N``) is sent to the queue ``<queue>.<N>gpus``; a
+1-device job to ``<queue>`` itself, as before. A worker that owns G devices consumes, for each
+of its queues, the queues of every size it can run, the largest first: ``gpu.4gpus``,
+``gpu.3gpus``, ``gpu.2gpus``, ``gpu``. So a job never reaches a worker that owns fewer devices
+than it asks for, and a large job, which only a large worker can run, is the one that worker
+takes first.
+
+Each worker records how many devices it owns in ``deepe:workers`` (refreshed by its reaper
+thread); submit reads it to refuse a job that no worker could run.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import redis
+
+from deepe_tasks.core import keys
+from deepe_tasks.core.errors import InvalidParams
+from deepe_tasks.core.validate import MAX_GPUS
+
+ROUTE_RE = re.compile(r".*\.(\d+)gpus")
+# A worker's entry in deepe:workers is current for this many lease TTLs after it was written.
+STALE_AFTER_TTLS = 3
+
+
+def route(queue: str, gpus: int) -> str:
+    """The Celery queue of a job on ``queue`` that trains on ``gpus`` devices."""
+    return queue if gpus == 1 else f"{queue}.{gpus}gpus"
+
+
+def consumed(queues: list[str], devices: int) -> list[str]:
+    """What a worker that owns ``devices`` devices consumes for ``queues``, in the order it
+    prefers: per queue, the largest jobs first."""
+    return [route(q, n) for q in queues for n in range(devices, 0, -1)]
+
+
+def device_list(gpus: str | None) -> list[str]:
+    """The devices a worker owns (``deepe worker --gpus 0,1``, DEEPE_GPUS); one when unset.
+
+    On a host without CUDA the list names CPU ranks, which train with the gloo backend.
+    """
+    if gpus is None:
+        return ["0"]
+    devices = [g.strip() for g in gpus.split(",") if g.strip()]
+    if not devices or len(set(devices)) != len(devices) or not all(d.isdigit() for d in devices):
+        raise InvalidParams(f"DEEPE_GPUS={gpus!r} is not a list of distinct device indexes; give e.g. "
+                            "`deepe worker --gpus 0,1,2,3` (the CUDA_VISIBLE_DEVICES of its jobs).")
+    if len(devices) > MAX_GPUS:
+        raise InvalidParams(f"DEEPE_GPUS lists {len(devices)} devices; a worker may own at most {MAX_GPUS}.")
+    return devices
+
+
+def register(client: redis.Redis, worker: str, devices: int) -> None:
+    """Record (again) that ``worker`` is up and owns ``devices`` devices."""
+    client.hset(keys.WORKERS, worker, f"{devices} {time.time():.0f}")
+
+
+def unregister(client: redis.Redis, worker: str) -> None:
+    client.hdel(keys.WORKERS, worker)
+
+
+def largest(client: redis.Redis, stale_after: float) -> tuple[int, str] | None:
+    """The most devices a worker seen within ``stale_after`` seconds owns, and that worker; None
+    when no worker was seen. Entries of workers gone longer are deleted."""
+    entries: dict[str, str] = client.hgetall(keys.WORKERS)  # type: ignore[assignment]
+    now = time.time()
+    best: tuple[int, str] | None = None
+    gone = []
+    for worker, value in entries.items():
+        try:
+            count, seen = (int(float(x)) for x in value.split())
+        except ValueError:
+            gone.append(worker)
+            continue
+        if now - seen > stale_after:
+            gone.append(worker)
+        elif best is None or count > best[0]:
+            best = (count, worker)
+    if gone:
+        client.hdel(keys.WORKERS, *gone)
+    return best
