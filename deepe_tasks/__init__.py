@@ -17,10 +17,11 @@ from deepe_tasks.core.errors import (
     MethodNotFound,
 )
 from deepe_tasks.core.records import Event, EventKind, JobStatus
-from deepe_tasks.queue.client import Job, submit
+from deepe_tasks.queue.client import Job, merge, submit
 
 __all__ = [
     "submit",
+    "merge",
     "Job",
     "JobStatus",
     "Event",

@@ -14,6 +14,15 @@ if ! /usr/bin/redis-server --version 2>/dev/null | grep -qE 'v=([7-9]|[1-9][0-9]
     echo "no Redis 7 here: the tests of a job's own Redis user will be skipped" >&2
   fi
 fi
+# The job page's browser test drives Debian's chromium (Playwright's own browser download cannot
+# work here); without it, that test is skipped with the reason.
+if ! command -v chromium >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "no chromium here: the job page's browser test will be skipped" >&2
+  fi
+fi
 ruff check --output-format concise deepe_tasks method_store tests scripts bench
 mypy
 set +e

@@ -63,13 +63,12 @@ def unregister(client: redis.Redis, worker: str) -> None:
     client.hdel(keys.WORKERS, worker)
 
 
-def largest(client: redis.Redis, stale_after: float) -> tuple[int, str] | None:
-    """The most devices a worker seen within ``stale_after`` seconds owns, and that worker; None
-    when no worker was seen. Entries of workers gone longer are deleted."""
+def live(client: redis.Redis, stale_after: float) -> list[tuple[str, int, float]]:
+    """The workers seen within ``stale_after`` seconds, as (worker, devices, last seen), by name.
+    Entries of workers gone longer (or unreadable) are deleted."""
     entries: dict[str, str] = client.hgetall(keys.WORKERS)  # type: ignore[assignment]
     now = time.time()
-    best: tuple[int, str] | None = None
-    gone = []
+    found, gone = [], []
     for worker, value in entries.items():
         try:
             count, seen = (int(float(x)) for x in value.split())
@@ -78,8 +77,14 @@ def largest(client: redis.Redis, stale_after: float) -> tuple[int, str] | None:
             continue
         if now - seen > stale_after:
             gone.append(worker)
-        elif best is None or count > best[0]:
-            best = (count, worker)
+        else:
+            found.append((worker, count, float(seen)))
     if gone:
         client.hdel(keys.WORKERS, *gone)
-    return best
+    return sorted(found)
+
+
+def largest(client: redis.Redis, stale_after: float) -> tuple[int, str] | None:
+    """The most devices a worker seen within ``stale_after`` seconds owns, and that worker; None
+    when no worker was seen."""
+    return max(((count, worker) for worker, count, _ in live(client, stale_after)), default=None)

@@ -131,6 +131,7 @@ class JobRecord(BaseModel):
     queue: str
     priority: int | None = None
     gpus: int = 1  # devices the job trains on, one rank each
+    kind: str = "train"  # "train" runs its method; "merge" folds a finished job's adapter into its base
     route: str | None = None  # the Celery queue its message goes to (devices.route); None: ``queue``
     status: JobStatus = JobStatus.QUEUED
     error: str | None = None
@@ -186,6 +187,7 @@ class JobSpec(BaseModel):
     time_limit: float | None = None
     checkpoint_minutes: float | None = None
     event_buffer: int = 100_000  # DEEPE_EVENT_BUFFER: events held in memory while Redis is away
+    kind: str = "train"  # JobRecord.kind: "merge" runs job/merge.py instead of a method
     world_size: int = 1  # the job's ranks: this process is rank 0 and starts the others (job/ranks.py)
 
 

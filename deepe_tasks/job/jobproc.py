@@ -22,7 +22,7 @@ from deepe_tasks.core.connection import tls_options
 from deepe_tasks.core.events import EventPublisher
 from deepe_tasks.core.records import JobSpec, JobStatus, Phase, RunResult, StopReason
 from deepe_tasks.core.storage import attempt_dir, job_dir
-from deepe_tasks.job import ranks, runner
+from deepe_tasks.job import merge, ranks, runner
 from deepe_tasks.job.ipc import CUTOFF_SIGNAL, FENCED_EXIT, LOG_FILE, PREEMPT_SIGNAL, RESULT_FILE
 
 CANCEL_READ_INTERVAL = 1.0
@@ -155,7 +155,11 @@ def run(line: str) -> int:
     signal.signal(CUTOFF_SIGNAL, flags.on_signal)
 
     fence = PublishFence(client, spec)
-    job = runner.Runner(spec, publisher.emit, flags.check, may_publish=fence)
+    job: runner.Runner | merge.MergeRunner
+    if spec.kind == "merge":
+        job = merge.MergeRunner(spec, publisher.emit, may_publish=fence)
+    else:
+        job = runner.Runner(spec, publisher.emit, flags.check, may_publish=fence)
     if others is not None:
         others.watch(lambda error: _rank_failed(attempt, publisher, job, error))
     try:
@@ -186,7 +190,8 @@ def run(line: str) -> int:
 _ended = threading.Lock()
 
 
-def _rank_failed(attempt: Path, publisher: EventPublisher, job: runner.Runner, error: str) -> None:
+def _rank_failed(attempt: Path, publisher: EventPublisher, job: runner.Runner | merge.MergeRunner,
+                 error: str) -> None:
     """Another rank died while the job trained: record the job's end, then end every rank.
 
     The ranks left would wait for it in their next collective for as long as its timeout (half

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import redis
 
 from deepe_tasks.core import devices, jobstore, keys, validate
 from deepe_tasks.core.connection import get_redis, unreachable
-from deepe_tasks.core.errors import BrokerUnavailable, InvalidParams
+from deepe_tasks.core.errors import BrokerUnavailable, InvalidJobState, InvalidParams
 from deepe_tasks.core.records import Event, EventKind, JobRecord, JobStatus
 from deepe_tasks.core.settings import get_settings
 from deepe_tasks.queue.admission import admit
@@ -99,6 +101,55 @@ def _fits(client: redis.Redis, gpus: int) -> None:
             f"{count}, and a job runs on one worker. Submit with gpus={count} or fewer, or start a worker that "
             f"owns {gpus} devices (`deepe worker --gpus " + ",".join(str(i) for i in range(gpus)) + "`); a fleet "
             f"that starts such workers on demand sets DEEPE_MAX_JOB_GPUS={gpus} on the submitting side.")
+
+
+def merge(job_id: str, *, queue: str | None = None) -> Job:
+    """Queue a merge of a succeeded job's LoRA adapter into its base model; returns the merge job.
+
+    The merge runs on a worker like any job and publishes a complete model to the adapter's
+    OUTPUT_DIR with ``-merged`` appended. Raises ``InvalidJobState`` for a job that did not
+    succeed or whose model is complete already.
+    """
+    from deepe_tasks.job.merge import METHOD  # torch-free: the module imports torch only to merge
+
+    source = find_job(job_id)
+    record = source.record()
+    if record.kind == "merge":
+        raise InvalidJobState(f"Job {record.id} is a merge: its model at {record.output_dir} is already a complete "
+                              "model, with nothing to merge into it. Use that folder as it is.")
+    if record.status is not JobStatus.SUCCEEDED:
+        raise InvalidJobState(f"Job {record.id} is {record.status.value}: only a job that succeeded has a model to "
+                              "merge. Merge a job that succeeded, or submit this one again.")
+    adapter = Path(record.output_dir)
+    if get_settings().check_paths and not (adapter / "adapter_config.json").exists():
+        if (adapter / "config.json").exists():
+            raise InvalidJobState(f"The model of job {record.id} at {adapter} is already a complete model (it has no "
+                                  "LoRA adapter): there is nothing to merge. Use that folder as it is.")
+        raise InvalidParams(f"The model of job {record.id} is not at {adapter} on this machine. Merge from a machine "
+                            "that mounts DEEPE_STORAGE, or set DEEPE_CHECK_PATHS=false to let the worker look.")
+    target = adapter.parent / f"{adapter.name}-merged"
+    new_id = uuid.uuid4().hex
+    queue = validate.queue_name(queue or record.queue)
+    merged = JobRecord(
+        id=new_id, method=METHOD, method_sha256=hashlib.sha256(b"").hexdigest(), kind="merge", queue=queue,
+        params={"MODEL_PATH": record.params["MODEL_PATH"], "ADAPTER_PATH": str(adapter), "OUTPUT_DIR": str(target),
+                "MERGED_FROM": record.id},
+        output_dir=str(target), route=queue,
+    )
+    client = get_redis()
+    queued = Event(kind=EventKind.QUEUED, job=new_id, message=f"merge of job {record.id} queued on {queue}")
+    try:
+        jobstore.create(client, merged, source="", first_event=queued)
+    except (redis.ConnectionError, redis.TimeoutError) as e:
+        raise unreachable(client, e) from e
+    try:
+        enqueue(merged)
+        jobstore.sent(client, new_id)
+    except Exception as e:
+        error = f"The merge could not be queued: {e}; ask for it again."
+        jobstore.fail_queued(client, new_id, error)
+        raise BrokerUnavailable(error) from e
+    return Job(new_id)
 
 
 MIN_PREFIX = 4

@@ -9,11 +9,13 @@ import json
 import logging
 import secrets
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from deepe_tasks.core.connection import get_redis
@@ -212,6 +214,15 @@ def cancel(job_id: str, save: bool = False) -> JobRef:
     return JobRef(id=job.id, status=job.cancel(save=save))
 
 
+@jobs_api.post("/jobs/{job_id}/merge", status_code=201, response_model=JobRef,
+               responses={404: ERRORS[404], 409: {"model": Error, "description": "The job did not succeed, or has "
+                                                            "no adapter to merge."}})
+def merge(job_id: str, queue: str | None = None) -> JobRef:
+    """Queue a merge of a succeeded job's LoRA adapter into its base model; returns the merge job."""
+    job = client.merge(client.find_job(job_id).id, queue=queue)
+    return JobRef(id=job.id, status=job.status())
+
+
 @jobs_api.get("/methods", response_model=list[MethodInfo])
 def methods() -> list[MethodInfo]:
     return [_method_info(m) for m in list_methods(get_settings().method_root)]
@@ -220,6 +231,43 @@ def methods() -> list[MethodInfo]:
 @jobs_api.get("/methods/{name}", response_model=MethodInfo, responses={404: ERRORS[404]})
 def method(name: str) -> MethodInfo:
     return _method_info(load_method(get_settings().method_root, name))
+
+
+class QueueView(BaseModel):
+    name: str
+    gpus: int = Field(description="The devices each of its jobs trains on.")
+    length: int
+    waiting: list[dict[str, Any]] = Field(description="The jobs waiting, in the order they will start: id, priority.")
+    running: list[str]
+    workers: list[str] = Field(description="The workers consuming it (Celery's active_queues).")
+
+
+class WorkerView(BaseModel):
+    name: str
+    devices: int
+    seen: float = Field(description="When it last said it was up (epoch seconds).")
+
+
+class Queues(BaseModel):
+    queues: list[QueueView]
+    workers: list[WorkerView]
+
+
+@jobs_api.get("/queues", response_model=Queues)
+def queues() -> Queues:
+    """What `deepe queues` shows: each queue, its jobs and its workers; and the workers up now."""
+    from dataclasses import asdict
+
+    from deepe_tasks.core import devices
+    from deepe_tasks.queue.queues import overview
+    from deepe_tasks.worker.celery_app import app_for
+
+    settings = get_settings()
+    active = app_for(settings.redis_url).control.inspect(timeout=1.0).active_queues()
+    infos = overview(get_redis(), active)
+    up = devices.live(get_redis(), stale_after=devices.STALE_AFTER_TTLS * settings.lease_ttl)
+    return Queues(queues=[QueueView(**asdict(i)) for i in infos],
+                  workers=[WorkerView(name=w, devices=n, seen=seen) for w, n, seen in up])
 
 
 @open_api.get("/healthz", response_model=Health, responses={503: {"model": Health}})
@@ -259,4 +307,10 @@ def create_app(tokens: list[str], insecure: bool = False) -> FastAPI:
     app.add_exception_handler(DeepeError, deepe_error)
     app.include_router(jobs_api)
     app.include_router(open_api)
+    # The job page: static files, no token needed to load them; every call they make needs one.
+    app.mount("/ui", StaticFiles(directory=STATIC, html=True), name="ui")
+    app.add_api_route("/", lambda: RedirectResponse("/ui/"), include_in_schema=False)
     return app
+
+
+STATIC = Path(__file__).resolve().parent / "static"

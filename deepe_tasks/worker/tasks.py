@@ -170,7 +170,7 @@ def _run_attempt(task: Any, attempt: Attempt, source: str, proc: JobProcess, fol
                        redis_password=credential.password, worker=record.worker or "",
                        started_at=record.started_at or 0.0, time_limit=record.time_limit,
                        checkpoint_minutes=settings.checkpoint_minutes, event_buffer=settings.event_buffer,
-                       world_size=record.gpus)
+                       world_size=record.gpus, kind=record.kind)
         announced = proc.pid
         proc.start(spec.model_dump_json())
         if proc.pid != announced:  # the spare died just before the hand-over; another took the job

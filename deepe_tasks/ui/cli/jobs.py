@@ -87,6 +87,23 @@ def _follow(job_id: str, since: str = "0") -> None:
 
 
 @app.command()
+def merge(
+    job_id: str,
+    queue: Annotated[str | None, typer.Option(help="The queue; default the job's own.")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the merge; its last line is the merged model's folder.")] = False,
+) -> None:
+    """Merge a succeeded job's LoRA adapter into its base model, as a complete model (a job of its own)."""
+    from deepe_tasks.queue.client import find_job
+    from deepe_tasks.queue.client import merge as merge_job
+
+    job = merge_job(find_job(job_id).id, queue=queue)
+    print(job.id)
+    if wait:
+        _follow(job.id)
+        print(job.info()["output_dir"])
+
+
+@app.command()
 def logs(
     job_id: str,
     follow_: Annotated[bool, typer.Option("--follow", "-f", help="Tail until the job ends.")] = False,

@@ -1,0 +1,369 @@
+// The job page of `deepe api` (/ui/): the job list, a job with live charts, submit, queues.
+// It talks to the same HTTP API as any client, with the token in an Authorization header
+// (kept in sessionStorage for this tab), never in a URL.
+"use strict";
+
+const TOKEN_KEY = "deepe-token";
+// The metrics charted when a job logs them: SFT's, then GRPO's.
+const CHARTS = [
+  ["loss", "Loss"], ["learning_rate", "Learning rate"], ["grad_norm", "Grad norm"],
+  ["reward", "Reward"], ["reward_std", "Reward std"], ["kl", "KL"],
+];
+const PHASES = { loading_model: "loading the model", loading_dataset: "loading the dataset",
+                 training: "training", saving: "saving", queued: "queued", started: "started",
+                 resumed: "resumed", requeued: "requeued", succeeded: "succeeded", failed: "failed",
+                 cancelled: "cancelled" };
+
+const view = document.getElementById("view");
+let leave = () => {};  // stops the current view's polling and streams
+
+// ---- the token and the API ---------------------------------------------------------------
+
+function token() { return sessionStorage.getItem(TOKEN_KEY); }
+
+class Unauthorised extends Error {}
+
+async function api(path, options = {}) {
+  const headers = { ...(options.headers || {}), Authorization: `Bearer ${token() || ""}` };
+  if (options.body) headers["Content-Type"] = "application/json";
+  const response = await fetch(path, { ...options, headers });
+  if (response.status === 401) throw new Unauthorised();
+  const body = response.headers.get("content-type")?.includes("json") ? await response.json() : await response.text();
+  if (!response.ok) throw new Error(body.detail || `HTTP ${response.status}`);
+  return body;
+}
+
+function showLogin(message = "") {
+  leave();
+  document.getElementById("login").hidden = false;
+  document.getElementById("logout").hidden = true;
+  view.replaceChildren();
+  document.getElementById("login-error").textContent = message;
+  document.getElementById("login-token").focus();
+}
+
+document.getElementById("login-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const input = document.getElementById("login-token");
+  sessionStorage.setItem(TOKEN_KEY, input.value);
+  try {
+    await api("../jobs?limit=1");
+  } catch (err) {
+    sessionStorage.removeItem(TOKEN_KEY);
+    showLogin(err instanceof Unauthorised ? "That token is not one of DEEPE_API_TOKENS; try again."
+                                          : `The API did not answer: ${err.message}`);
+    return;
+  }
+  input.value = "";
+  document.getElementById("login").hidden = true;
+  document.getElementById("logout").hidden = false;
+  route();
+});
+
+document.getElementById("logout").addEventListener("click", () => {
+  sessionStorage.removeItem(TOKEN_KEY);
+  showLogin();
+});
+
+// ---- small helpers ---------------------------------------------------------------------
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") node.className = v;
+    else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else if (v !== undefined && v !== null) node.setAttribute(k, v);
+  }
+  node.append(...children.filter((c) => c !== null && c !== undefined));
+  return node;
+}
+
+function age(ts) {
+  const s = Math.max(0, Date.now() / 1000 - ts);
+  if (s < 60) return `${Math.round(s)} s`;
+  if (s < 3600) return `${Math.round(s / 60)} min`;
+  if (s < 86400) return `${(s / 3600).toFixed(1)} h`;
+  return `${(s / 86400).toFixed(1)} d`;
+}
+
+function duration(s) {
+  if (s === null || s === undefined) return "-";
+  return s < 90 ? `${Math.round(s)} s` : s < 5400 ? `${Math.round(s / 60)} min` : `${(s / 3600).toFixed(1)} h`;
+}
+
+function fixed(v) { return typeof v === "number" ? (Math.abs(v) >= 0.01 || v === 0 ? v.toFixed(4) : v.toExponential(2)) : "-"; }
+
+function progressBar(step, max) {
+  const share = max ? Math.min(1, step / max) : 0;
+  return el("span", {}, el("span", { class: "bar" }, el("span", { style: `width:${Math.round(share * 100)}%` })),
+            ` ${step ?? 0}/${max ?? "?"}`);
+}
+
+function state(s) { return el("span", { class: `state ${s}`, "data-state": s }, s); }
+
+function poll(fn, ms) {
+  let stopped = false;
+  const tick = async () => {
+    if (stopped) return;
+    try { await fn(); } catch (err) { if (err instanceof Unauthorised) { showLogin("Your token was refused; sign in again."); return; } }
+    if (!stopped) setTimeout(tick, ms);
+  };
+  tick();
+  return () => { stopped = true; };
+}
+
+// ---- the job list ----------------------------------------------------------------------
+
+function jobList() {
+  const filter = el("select", { id: "state-filter" },
+    ...["", "queued", "running", "succeeded", "failed", "cancelled"].map((s) => el("option", { value: s }, s || "all states")));
+  const body = el("tbody");
+  const table = el("table", { id: "jobs-table" },
+    el("thead", {}, el("tr", {}, ...["job", "state", "method", "progress", "loss", "age"].map((h) => el("th", {}, h)))), body);
+  view.replaceChildren(el("h1", {}, "Jobs"), el("div", { class: "toolbar" }, filter), table);
+  const refresh = async () => {
+    const q = filter.value ? `&status=${filter.value}` : "";
+    const list = await api(`../jobs?limit=100${q}`);
+    body.replaceChildren(...list.jobs.map((j) => {
+      const p = j.progress;
+      return el("tr", { "data-job": j.id },
+        el("td", { class: "mono" }, el("a", { href: `#/jobs/${j.id}` }, j.id)),
+        el("td", {}, state(j.status)),
+        el("td", {}, j.method + (j.gpus > 1 ? ` (${j.gpus} devices)` : "")),
+        el("td", {}, p ? progressBar(p.step, p.max_steps) : "-"),
+        el("td", {}, fixed(p?.metrics?.loss ?? j.metrics?.train_loss)),
+        el("td", {}, age(j.submitted_at)));
+    }));
+    if (!list.jobs.length) body.append(el("tr", {}, el("td", { colspan: 6, class: "muted" }, "No jobs.")));
+  };
+  filter.addEventListener("change", refresh);
+  return poll(refresh, 2000);
+}
+
+// ---- one job: its record, its phase, live charts ------------------------------------------
+
+// A Server-Sent Events stream read with fetch, so that the token goes in a header. After a
+// dropped connection it asks again from the last id it got: nothing is missed or repeated.
+function followEvents(jobId, onEvent, onEnd) {
+  const controller = new AbortController();
+  let last = "0";
+  let ended = false;
+  const run = async () => {
+    while (!ended && !controller.signal.aborted) {
+      try {
+        const headers = { Authorization: `Bearer ${token() || ""}` };
+        if (last !== "0") headers["Last-Event-ID"] = last;
+        const response = await fetch(`../jobs/${encodeURIComponent(jobId)}/events`, { headers, signal: controller.signal });
+        if (response.status === 401) { showLogin("Your token was refused; sign in again."); return; }
+        if (!response.ok) throw new Error(`HTTP ${response.status}`);
+        const reader = response.body.getReader();
+        const decoder = new TextDecoder();
+        let buffer = "";
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          buffer += decoder.decode(value, { stream: true });
+          let cut;
+          while ((cut = buffer.indexOf("\n\n")) >= 0) {
+            const block = buffer.slice(0, cut);
+            buffer = buffer.slice(cut + 2);
+            let id = null, data = "";
+            for (const line of block.split("\n")) {
+              if (line.startsWith("id: ")) id = line.slice(4);
+              else if (line.startsWith("data: ")) data += line.slice(6);
+            }
+            if (!data) continue;  // a keepalive comment
+            if (id) last = id;
+            const event = JSON.parse(data);
+            onEvent(event);
+            if (["succeeded", "failed", "cancelled"].includes(event.kind)) ended = true;
+          }
+        }
+        if (ended || controller.signal.aborted) break;  // the server ends the stream when the job ends
+      } catch (err) {
+        if (controller.signal.aborted) return;
+      }
+      await new Promise((r) => setTimeout(r, 1000));  // dropped: ask again from the last id
+    }
+    if (ended) onEnd();
+  };
+  run();
+  return () => controller.abort();
+}
+
+function makeChart(container, title, key) {
+  const box = el("div", { class: "chart", "data-metric": key, "data-points": "0" }, el("h3", {}, title));
+  container.append(box);
+  const data = [[], []];
+  const plot = new uPlot({
+    width: 500, height: 220,
+    scales: { x: { time: false } },
+    axes: [{ label: "step" }, { size: 70, values: (u, splits) => splits.map((v) => (v === null ? "" : +v.toPrecision(3))) }],
+    series: [{ label: "step" }, { label: title, stroke: "#2f6fed", width: 1.5, points: { show: false } }],
+  }, data, box);
+  return {
+    add(step, value) {
+      // Steps may repeat after a resume (the steps since the last checkpoint run again): keep the latest.
+      const at = data[0].indexOf(step);
+      if (at >= 0) data[1][at] = value;
+      else { data[0].push(step); data[1].push(value); }
+      plot.setData(data);
+      box.dataset.points = String(data[0].length);
+      box.dataset.last = String(step);
+    },
+  };
+}
+
+function jobPage(jobId) {
+  const summary = el("div", { class: "summary" });
+  const error = el("p", { class: "error", id: "job-error" });
+  const charts = el("div", { class: "charts", id: "charts" });
+  const params = el("tbody");
+  const actions = el("div", { class: "toolbar" },
+    el("button", { id: "cancel", class: "danger", onclick: () => cancel(false) }, "Cancel"),
+    el("button", { id: "cancel-save", onclick: () => cancel(true) }, "Cancel and save the model"),
+    el("span", { id: "action-result", class: "muted" }));
+  view.replaceChildren(el("h1", {}, "Job ", el("span", { class: "mono" }, jobId)), summary, error, actions,
+                       el("h2", {}, "Metrics"), charts, el("h2", {}, "Parameters"),
+                       el("table", { id: "params" }, el("thead", {}, el("tr", {}, el("th", {}, "name"), el("th", {}, "value"))), params));
+  const series = new Map();
+  let phase = "-", latest = null, record = null;
+
+  function cell(label, value, id) { return el("div", {}, el("b", {}, label), el("span", { id }, value)); }
+  function render() {
+    if (!record) return;
+    const p = latest || record.progress;
+    summary.replaceChildren(
+      cell("state", state(record.status), "job-state"), cell("method", record.method),
+      cell("phase", phase, "job-phase"),
+      cell("progress", p ? progressBar(p.step, p.max_steps) : "-", "job-progress"),
+      cell("ETA", record.status === "running" ? duration(p?.eta_s) : "-", "job-eta"),
+      cell("devices", String(record.gpus || 1)), cell("attempts", String(record.attempts)),
+      cell("worker", record.worker || "-"),
+      cell("output", record.status === "succeeded" ? record.output_dir : "-"));
+    error.textContent = record.error || "";
+    const ended = ["succeeded", "failed", "cancelled"].includes(record.status);
+    for (const b of actions.querySelectorAll("button")) b.disabled = ended;
+  }
+  async function load() {
+    record = await api(`../jobs/${encodeURIComponent(jobId)}`);
+    params.replaceChildren(...Object.entries(record.params).map(([k, v]) =>
+      el("tr", {}, el("td", { class: "mono" }, k), el("td", { class: "mono" }, JSON.stringify(v)))));
+    render();
+  }
+  async function cancel(save) {
+    const out = document.getElementById("action-result");
+    try {
+      const answer = await api(`../jobs/${encodeURIComponent(jobId)}/cancel${save ? "?save=true" : ""}`, { method: "POST" });
+      out.textContent = answer.status === "running" ? "Asked: it stops at its next step." : `Now ${answer.status}.`;
+      await load();
+    } catch (err) {
+      out.textContent = err.message;
+    }
+  }
+  function onEvent(event) {
+    if (PHASES[event.kind]) phase = PHASES[event.kind];
+    if (event.kind === "log") {
+      latest = event;
+      for (const [key, title] of CHARTS) {
+        const value = event.metrics[key];
+        if (typeof value !== "number" || event.step === null) continue;
+        if (!series.has(key)) series.set(key, makeChart(charts, title, key));
+        series.get(key).add(event.step, value);
+      }
+    }
+    render();
+  }
+  const stopPolling = poll(load, 3000);
+  const stopEvents = followEvents(jobId, onEvent, () => load());
+  return () => { stopPolling(); stopEvents(); };
+}
+
+// ---- submit ------------------------------------------------------------------------------
+
+function submitPage() {
+  const methods = el("select", { id: "method" });
+  const form = el("form", { class: "submit", id: "submit-form" });
+  const result = el("p", { class: "error", id: "submit-error" });
+  view.replaceChildren(el("h1", {}, "Submit a job"), el("div", { class: "toolbar" }, el("label", {}, "Method "), methods),
+                       form, result);
+  let current = null;
+  async function showMethod() {
+    current = await api(`../methods/${encodeURIComponent(methods.value)}`);
+    const fields = [];
+    for (const p of current.params) {
+      if (p.name === "OUTPUT_DIR") continue;
+      const input = el("input", { name: p.name, id: `param-${p.name}`, placeholder: p.default === null ? "" : String(p.default) });
+      fields.push(el("label", { for: `param-${p.name}` }, p.name + (p.declared_by === "method" ? " (method)" : "")), input,
+                  el("div", { class: "help" }, `${p.type}. ${p.help}`));
+    }
+    fields.push(el("label", { for: "queue" }, "queue"), el("input", { id: "queue", placeholder: "the default queue" }),
+                el("label", { for: "gpus" }, "devices"), el("input", { id: "gpus", type: "number", min: "1", value: "1" }),
+                el("span"), el("button", { type: "submit", class: "primary", id: "submit" }, "Submit"));
+    form.replaceChildren(...fields);
+  }
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const params = {};
+    for (const p of current.params) {
+      const input = form.querySelector(`[name="${p.name}"]`);
+      if (input && input.value !== "") params[p.name] = input.value;  // typed and checked by the server
+    }
+    const body = { method: current.name, params, gpus: Number(document.getElementById("gpus").value || 1) };
+    const queue = document.getElementById("queue").value;
+    if (queue) body.queue = queue;
+    try {
+      const job = await api("../jobs", { method: "POST", body: JSON.stringify(body) });
+      location.hash = `#/jobs/${job.id}`;
+    } catch (err) {
+      result.textContent = err.message;
+    }
+  });
+  methods.addEventListener("change", showMethod);
+  api("../methods").then((list) => {
+    methods.replaceChildren(...list.map((m) => el("option", { value: m.name }, `${m.name} (${m.kind})`)));
+    if (list.length) showMethod();
+  }).catch((err) => { if (err instanceof Unauthorised) showLogin(); else result.textContent = err.message; });
+  return () => {};
+}
+
+// ---- queues and workers ------------------------------------------------------------------
+
+function queuesPage() {
+  const queues = el("tbody");
+  const workers = el("tbody");
+  view.replaceChildren(
+    el("h1", {}, "Queues"),
+    el("table", { id: "queues-table" }, el("thead", {}, el("tr", {}, ...["queue", "devices", "waiting", "running", "workers", "next up"]
+      .map((h) => el("th", {}, h)))), queues),
+    el("h2", {}, "Workers online"),
+    el("table", { id: "workers-table" }, el("thead", {}, el("tr", {}, el("th", {}, "worker"), el("th", {}, "devices"),
+      el("th", {}, "last seen"))), workers));
+  return poll(async () => {
+    const data = await api("../queues");
+    queues.replaceChildren(...data.queues.map((q) => el("tr", { "data-queue": q.name },
+      el("td", { class: "mono" }, q.name), el("td", {}, String(q.gpus)), el("td", {}, String(q.length)),
+      el("td", {}, String(q.running.length)), el("td", {}, q.workers.join(", ") || (q.length ? "none" : "-")),
+      el("td", { class: "mono" }, q.waiting.slice(0, 3).map((w) => `${w.id} (p${w.priority})`).join(", ") || "-"))));
+    workers.replaceChildren(...data.workers.map((w) => el("tr", { "data-worker": w.name },
+      el("td", { class: "mono" }, w.name), el("td", {}, String(w.devices)), el("td", {}, `${age(w.seen)} ago`))));
+  }, 3000);
+}
+
+// ---- routing -----------------------------------------------------------------------------
+
+function route() {
+  leave();
+  if (!token()) { showLogin(); return; }
+  document.getElementById("login").hidden = true;
+  document.getElementById("logout").hidden = false;
+  const hash = location.hash || "#/";
+  const job = hash.match(/^#\/jobs\/([A-Za-z0-9_.-]+)$/);
+  if (job) leave = jobPage(job[1]);
+  else if (hash === "#/submit") leave = submitPage();
+  else if (hash === "#/queues") leave = queuesPage();
+  else leave = jobList();
+}
+
+window.addEventListener("hashchange", route);
+route();
