@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 
 from deepe_tasks import EventKind, Job, JobStatus, merge, submit
 from deepe_tasks.core.errors import InvalidJobState
@@ -91,6 +92,18 @@ def test_merging_a_failed_job_or_a_complete_model_is_refused(worker: Worker, tra
     assert merged.wait(timeout=120) is JobStatus.SUCCEEDED
     with pytest.raises(InvalidJobState, match="already a complete model"):
         merge(merged.id)
+
+
+def test_the_api_merges_and_refuses_as_the_cli_does(http: TestClient, worker: Worker, trained: Job,
+                                                      store: Path, sft_params: dict[str, Any]) -> None:
+    queued = http.post(f"/jobs/{trained.id}/merge")
+    assert queued.status_code == 201, queued.text
+    job = Job(queued.json()["id"])
+    assert job.wait(timeout=120) is JobStatus.SUCCEEDED
+    again = http.post(f"/jobs/{job.id}/merge")
+    assert again.status_code == 409 and "already a complete model" in again.json()["detail"]
+    assert http.post("/jobs/no-such-job/merge").status_code == 404
+    assert http.post(f"/jobs/{trained.id}/merge", headers={"Authorization": "Bearer wrong"}).status_code == 401
 
 
 def test_a_merge_survives_a_worker_kill(workers: list[Worker], tmp_path: Path, trained: Job,
