@@ -37,7 +37,7 @@ def gpu_used_mb() -> float | None:
 # SFT-Demo with its model sharded over the ranks: what docs/methods.md shows for a model that
 # does not fit one device.
 FSDP_CONFIG = ('    fsdp=True,                                  # shard the model over the job\'s ranks\n'
-               '    fsdp_config={"state_dict_type": "FULL_STATE_DICT", "use_orig_params": True},\n')
+               '    fsdp_config={"state_dict_type": "FULL_STATE_DICT"},\n')
 
 
 def multi_gpu(work: Path, model: Path, data: Path) -> dict[str, object]:

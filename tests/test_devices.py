@@ -69,27 +69,36 @@ def test_a_queue_may_not_be_named_like_a_multi_device_queue() -> None:
 
 def test_the_largest_worker_up_now_and_stale_entries_dropped(r: redis.Redis, no_workers: None) -> None:
     assert devices.largest(r, stale_after=90) is None
-    devices.register(r, "small@h", 1)
-    devices.register(r, "large@h", 4)
-    r.hset(keys.WORKERS, "gone@h", f"8 {time.time() - 600:.0f}")  # a worker last seen ten minutes ago
+    devices.register(r, "small@h", 1, ["gpu"])
+    devices.register(r, "large@h", 4, ["a100", "gpu"])
+    r.hset(keys.WORKERS, "gone@h", f"8 {time.time() - 600:.0f} gpu")  # a worker last seen ten minutes ago
     r.hset(keys.WORKERS, "junk", "not a count")
     assert devices.largest(r, stale_after=90) == (4, "large@h")
     assert set(r.hkeys(keys.WORKERS)) == {"small@h", "large@h"}
+    # Per queue: only the workers that take that queue's jobs count
+    devices.register(r, "other@h", 8, ["h100"])
+    assert devices.largest(r, stale_after=90, queue="gpu") == (4, "large@h")
+    assert devices.largest(r, stale_after=90, queue="h100") == (8, "other@h")
+    assert devices.largest(r, stale_after=90, queue="tpu") is None
+    assert [w for w, *_ in devices.live(r, stale_after=90)] == ["large@h", "other@h", "small@h"]
     devices.unregister(r, "large@h")
-    assert devices.largest(r, stale_after=90) == (1, "small@h")
+    assert devices.largest(r, stale_after=90, queue="gpu") == (1, "small@h")
+    assert devices.base_queue("gpu.4gpus") == "gpu" and devices.base_queue("gpu") == "gpu"
 
 
 def test_submit_refuses_a_job_larger_than_any_worker_and_queues_one_that_fits(
         r: redis.Redis, no_workers: None, sft_params: dict[str, object]) -> None:
     # Given workers of one and two devices
-    devices.register(r, "small@h", 1)
-    devices.register(r, "pair@h", 2)
+    devices.register(r, "small@h", 1, ["sizes"])
+    devices.register(r, "pair@h", 2, ["sizes"])
+    devices.register(r, "big@h", 8, ["elsewhere"])  # a larger worker, of another queue: it cannot run them
     # When a job asks for three, it is refused, naming the largest worker and the ways out
     with pytest.raises(InvalidParams) as refused:
         submit("sft-demo", sft_params, queue="sizes", gpus=3)
     message = str(refused.value)
     assert "asks for 3 devices (gpus=3)" in message and "pair@h" in message and "owns 2" in message
-    assert "deepe worker --gpus 0,1,2" in message and "DEEPE_MAX_JOB_GPUS=3" in message
+    assert "of queue 'sizes'" in message and "big@h" not in message
+    assert "deepe worker --queues sizes --gpus 0,1,2" in message and "DEEPE_MAX_JOB_GPUS=3" in message
     # And one that fits is queued on the 2-device queue, in priority order, with its size shown
     job = submit("sft-demo", sft_params, queue="sizes", gpus=2)
     record = job.record()
@@ -109,7 +118,7 @@ def test_with_no_worker_up_any_size_is_queued_and_max_job_gpus_bounds_it(
     job.cancel()
     monkeypatch.setenv("DEEPE_MAX_JOB_GPUS", "4")
     get_settings.cache_clear()
-    devices.register(r, "pair@h", 2)  # the bound is the setting's, not the workers up now
+    devices.register(r, "pair@h", 2, ["sizes"])  # the bound is the setting's, not the workers up now
     submit("sft-demo", sft_params, queue="sizes", gpus=4).cancel()
     with pytest.raises(InvalidParams, match="DEEPE_MAX_JOB_GPUS=4 is the most any worker of this cluster owns"):
         submit("sft-demo", sft_params, queue="sizes", gpus=5)
@@ -117,7 +126,7 @@ def test_with_no_worker_up_any_size_is_queued_and_max_job_gpus_bounds_it(
 
 def test_the_cli_and_the_api_take_gpus(r: redis.Redis, no_workers: None, http: TestClient,
                                        sft_params: dict[str, object]) -> None:
-    devices.register(r, "pair@h", 2)
+    devices.register(r, "pair@h", 2, ["sizes", "gpu"])
     params = [f"-p{k}={v}" for k, v in sft_params.items()]
     bad = cli_here("submit", "sft-demo", *params, "--gpus", "0")
     assert bad.returncode == 2 and "gpus=0 is not valid" in bad.stderr

@@ -115,3 +115,20 @@ def test_the_local_test_template_names_a_missing_method_without_a_traceback(tmp_
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stdout + result.stderr
     assert "FAILED: There is no method file 'custom99.py' (looked at" in result.stdout
+
+
+@pytest.mark.e2e
+def test_a_save_that_writes_no_weights_fails_and_publishes_nothing(tmp_path: Path, sft_params: dict[str, object],
+                                                                   storage: Path) -> None:
+    # What FSDP with a sharded state dict does to the final save: everything but the weights
+    from deepe_tasks.ui.local import run_method_file
+
+    method = tmp_path / "weightless.py"
+    method.write_text(TRL_SNIPPET + 'setattr(trainer.model, "save_" + "pretrained", lambda *args, **kwargs: None)\n')
+    params = {**sft_params, "MAX_STEPS": 1, "PromptInputColumn": "instruction", "PromptOutputColumn": "output",
+              "OUTPUT_DIR": "models/weightless"}
+    result = run_method_file(method, params, lambda event: None)
+    assert result.status is JobStatus.FAILED and result.phase == "saving"
+    assert result.error is not None and "saving wrote no weights" in result.error and "FULL_STATE_DICT" in result.error
+    assert not (storage / "models" / "weightless").exists()
+    assert not [p for p in (storage / "models").iterdir() if p.name.startswith(".weightless.staging-")]

@@ -168,14 +168,17 @@ def test_a_two_device_job_lands_on_the_worker_that_owns_two(workers: list[Worker
     active = app.control.inspect(timeout=2.0).active_queues() or {}
     assert [q["name"] for q in active[large.hostname]] == ["mroute.2gpus", "mroute"]
     assert [q["name"] for q in active[small.hostname]] == ["mroute"]
+    from deepe_tasks.core import devices
     from deepe_tasks.core.connection import get_redis
 
+    registered = {w: (n, q) for w, n, _, q in devices.live(get_redis(), stale_after=90)}
+    assert registered[large.hostname] == (2, ["mroute"]) and registered[small.hostname] == (1, ["mroute"])
     infos = {i.name: i for i in overview(get_redis(), active)}
     assert infos["mroute.2gpus"].gpus == 2 and infos["mroute.2gpus"].workers == [large.hostname]
     assert sorted(infos["mroute"].workers) == sorted([small.hostname, large.hostname])
 
     # And a job larger than any worker up now is refused at submit, naming the largest
-    with pytest.raises(InvalidParams, match=r"asks for 3 devices .* the largest worker up now .* owns 2"):
+    with pytest.raises(InvalidParams, match=r"asks for 3 devices .* the largest worker of queue 'mroute' up now .* owns 2"):
         submit("seeded", params, queue="mroute", gpus=3)
 
 

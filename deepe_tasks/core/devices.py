@@ -22,7 +22,7 @@ from deepe_tasks.core import keys
 from deepe_tasks.core.errors import InvalidParams
 from deepe_tasks.core.validate import MAX_GPUS
 
-ROUTE_RE = re.compile(r".*\.(\d+)gpus")
+ROUTE_RE = re.compile(r"(.*)\.(\d+)gpus")  # a routed queue: its base queue, and its jobs' devices
 # A worker's entry in deepe:workers is current for this many lease TTLs after it was written.
 STALE_AFTER_TTLS = 3
 
@@ -30,6 +30,12 @@ STALE_AFTER_TTLS = 3
 def route(queue: str, gpus: int) -> str:
     """The Celery queue of a job on ``queue`` that trains on ``gpus`` devices."""
     return queue if gpus == 1 else f"{queue}.{gpus}gpus"
+
+
+def base_queue(name: str) -> str:
+    """The queue a job was submitted to, from the Celery queue it waits on."""
+    routed = ROUTE_RE.fullmatch(name)
+    return routed.group(1) if routed else name
 
 
 def consumed(queues: list[str], devices: int) -> list[str]:
@@ -54,37 +60,39 @@ def device_list(gpus: str | None) -> list[str]:
     return devices
 
 
-def register(client: redis.Redis, worker: str, devices: int) -> None:
-    """Record (again) that ``worker`` is up and owns ``devices`` devices."""
-    client.hset(keys.WORKERS, worker, f"{devices} {time.time():.0f}")
+def register(client: redis.Redis, worker: str, devices: int, queues: list[str]) -> None:
+    """Record (again) that ``worker`` is up, owns ``devices`` devices and takes jobs of ``queues``."""
+    client.hset(keys.WORKERS, worker, f"{devices} {time.time():.0f} {','.join(sorted(set(queues)))}")
 
 
 def unregister(client: redis.Redis, worker: str) -> None:
     client.hdel(keys.WORKERS, worker)
 
 
-def live(client: redis.Redis, stale_after: float) -> list[tuple[str, int, float]]:
-    """The workers seen within ``stale_after`` seconds, as (worker, devices, last seen), by name.
-    Entries of workers gone longer (or unreadable) are deleted."""
+def live(client: redis.Redis, stale_after: float) -> list[tuple[str, int, float, list[str]]]:
+    """The workers seen within ``stale_after`` seconds, as (worker, devices, last seen, queues),
+    by name. Entries of workers gone longer (or unreadable) are deleted."""
     entries: dict[str, str] = client.hgetall(keys.WORKERS)  # type: ignore[assignment]
     now = time.time()
     found, gone = [], []
     for worker, value in entries.items():
+        count_text, seen_text, *rest = value.split(" ", 2) + [""]
         try:
-            count, seen = (int(float(x)) for x in value.split())
+            count, seen = int(count_text), float(seen_text)
         except ValueError:
             gone.append(worker)
             continue
         if now - seen > stale_after:
             gone.append(worker)
         else:
-            found.append((worker, count, float(seen)))
+            found.append((worker, count, seen, [q for q in rest[0].split(",") if q]))
     if gone:
         client.hdel(keys.WORKERS, *gone)
     return sorted(found)
 
 
-def largest(client: redis.Redis, stale_after: float) -> tuple[int, str] | None:
-    """The most devices a worker seen within ``stale_after`` seconds owns, and that worker; None
-    when no worker was seen."""
-    return max(((count, worker) for worker, count, _ in live(client, stale_after)), default=None)
+def largest(client: redis.Redis, stale_after: float, queue: str | None = None) -> tuple[int, str] | None:
+    """The most devices a worker seen within ``stale_after`` seconds owns (of those taking jobs of
+    ``queue``, when given), and that worker; None when no such worker was seen."""
+    return max(((count, worker) for worker, count, _, queues in live(client, stale_after)
+                if queue is None or queue in queues), default=None)

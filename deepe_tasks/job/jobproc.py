@@ -169,13 +169,15 @@ def run(line: str) -> int:
         result = RunResult(status=JobStatus.FAILED, phase="running the job",
                            error=f"The job process failed outside the method: {type(e).__name__}: {e}")
     if others is not None:
-        if result.status is JobStatus.FAILED and others.failed.wait(3.0):
-            # A rank died and this one failed with it (a collective's peer vanished): the rank's
-            # death is the job's error, and _rank_failed is ending every rank now.
-            time.sleep(60)
-        others.stop(ranks.EXIT_GRACE if result.status is not JobStatus.FAILED else 2.0)
-    if not _ended.acquire(blocking=False):
-        time.sleep(60)  # a rank's death is being recorded as the job's end, and every rank killed
+        failed = result.status is JobStatus.FAILED and not getattr(job, "stopped", False)
+        # A failure here may be a rank's death seen first as a vanished peer: give the watcher
+        # a moment to say so, since the rank's death is the better error.
+        if failed:
+            others.failed.wait(3.0)
+        others.stop(2.0 if failed else ranks.EXIT_GRACE)
+    # Held by _rank_failed while it records a rank's death as the job's end and kills every
+    # rank, this process included: then this wait never ends, as it should.
+    _ended.acquire()
     # The worker writes the final event; ours must be in the stream before it. Cut off from
     # Redis, or refused as stale, this attempt waits no longer than a lease for it.
     wait = spec.lease_ttl if flags.signalled is StopReason.CUT_OFF or fence.refused else 300
@@ -226,8 +228,9 @@ def run_rank(spec: JobSpec, rank: int) -> int:
     except BaseException as e:
         logging.exception("the runner failed")
         result = RunResult(status=JobStatus.FAILED, error=f"rank {rank} failed: {type(e).__name__}: {e}")
-    # A stop that rank 0 decided (a time limit, a cancel) is rank 0's to report.
-    if result.status is JobStatus.FAILED and job.callback.stop_reason is None:
+    # A stop that rank 0 decided (a time limit, a cancel) is rank 0's to report; any other
+    # failure of this rank, even while it stops, is its own.
+    if result.status is JobStatus.FAILED and not job.stopped:
         write_result(attempt, result, name=ranks.rank_file(attempt, rank).name)
         return 1
     return 0

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 RunRank = Callable[[JobSpec, int], int]  # (spec, rank) in, the rank's exit code out
 # How long the ranks may take to exit once rank 0 is done training, before they are killed.
 EXIT_GRACE = 30.0
+UNKNOWN_EXIT = -1000  # a rank whose exit status could not be read (no signal has this number)
 
 
 def rank_file(attempt: Path, rank: int) -> Path:
@@ -94,8 +95,8 @@ class Ranks:
                 break
             except InterruptedError:
                 continue
-            except ChildProcessError:
-                code = -1
+            except ChildProcessError:  # reaped elsewhere: its status is unknown
+                code = UNKNOWN_EXIT
                 break
         with self._exited:
             self.codes[rank] = code
@@ -107,7 +108,9 @@ class Ranks:
     def describe(self, rank: int, code: int) -> str:
         """The job's error when rank ``rank`` ended with ``code`` while the job trained."""
         n = self.spec.world_size
-        if code < 0:
+        if code == UNKNOWN_EXIT:
+            why = "ended with an exit status that could not be read"
+        elif code < 0:
             try:
                 name = signal.Signals(-code).name
             except ValueError:

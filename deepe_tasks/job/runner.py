@@ -88,6 +88,7 @@ class Runner:
         self.tracker = phases.PhaseTracker(spec.job_id, emit)
         self.namespace: dict[str, Any] = {}
         self.collective_save = False  # every rank takes part in saving the model (FSDP)
+        self.stopped = False  # the result is an agreed early stop (cancel, time limit, ...), not a failure
         self.timings: dict[str, float] = {}
         self.checkpoint_dir = attempt_dir(Path(spec.storage_root), spec.job_id, spec.attempt) / "checkpoints"
 
@@ -106,6 +107,7 @@ class Runner:
         reason = self.callback.stop_reason
         stopped = self._stopped(reason, step)
         if stopped is not None:
+            self.stopped = True
             return stopped.model_copy(update={"phase": Phase.TRAINING, "metrics": metrics, "step": step})
         if self.rank != 0:  # rank 0 saves the model that every rank trained
             if self.sharded(trainer):
@@ -233,6 +235,12 @@ class Runner:
                 + "; ".join(missing) + ". Define `model`, `tokenizer` and `trainer` between the marker lines.")))
         trainer = ns["trainer"]
         args = getattr(trainer, "args", None)
+        if self.sharded(trainer) and "FULL_STATE_DICT" not in str(getattr(getattr(
+                trainer.accelerator.state, "fsdp_plugin", None), "state_dict_type", "")):
+            raise PhaseFailure(Phase.BUILDING_TRAINER, (
+                f"Failed while {Phase.BUILDING_TRAINER}: the trainer shards the model with FSDP but saves a sharded "
+                "state dict, which would publish a model without its weights. Add fsdp_config={'state_dict_type': "
+                "'FULL_STATE_DICT'} to the trainer's config."))
         if getattr(args, "fsdp", None) and not getattr(trainer, "is_fsdp_enabled", False):
             raise PhaseFailure(Phase.BUILDING_TRAINER, (
                 f"Failed while {Phase.BUILDING_TRAINER}: the trainer's config asks for FSDP (fsdp={args.fsdp!r}), which "  # type: ignore[union-attr]
@@ -316,6 +324,11 @@ class Runner:
             trainer.save_model(str(staging))
         else:
             trained.save_pretrained(str(staging))
+        if not any(staging.glob("*.safetensors")) and not any(staging.glob("*.bin")):
+            raise MethodContractError(
+                f"saving wrote no weights into the model folder (only {sorted(p.name for p in staging.iterdir())}); "
+                "nothing was published. With FSDP, set fsdp_config={'state_dict_type': 'FULL_STATE_DICT'} so that "
+                "the ranks' shards are gathered into one model.")
         self.namespace["tokenizer"].save_pretrained(str(staging))
         self.timings["save_s"] = round(time.monotonic() - save_started, 3)
         manifest = {

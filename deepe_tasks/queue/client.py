@@ -53,7 +53,7 @@ def submit(
     gpus = validate.gpus(gpus)
     client = get_redis()
     if gpus > 1:
-        _fits(client, gpus)
+        _fits(client, gpus, queue)
     admitted = admit(found, params, settings.storage_root, job_id, check_paths=settings.check_paths,
                      check_method=check)
     resolved = admitted.params
@@ -80,8 +80,8 @@ def submit(
     return Job(job_id, custom_params=admitted.custom)
 
 
-def _fits(client: redis.Redis, gpus: int) -> None:
-    """Refuse a job of ``gpus`` devices that no worker could ever run."""
+def _fits(client: redis.Redis, gpus: int, queue: str) -> None:
+    """Refuse a job of ``gpus`` devices on ``queue`` that no worker up now could run."""
     settings = get_settings()
     if settings.max_job_gpus is not None:
         if gpus > settings.max_job_gpus:
@@ -91,16 +91,17 @@ def _fits(client: redis.Redis, gpus: int) -> None:
                                 "that large exist.")
         return
     try:
-        largest = devices.largest(client, stale_after=devices.STALE_AFTER_TTLS * settings.lease_ttl)
+        largest = devices.largest(client, stale_after=devices.STALE_AFTER_TTLS * settings.lease_ttl, queue=queue)
     except (redis.ConnectionError, redis.TimeoutError) as e:
         raise unreachable(client, e) from e
     if largest is not None and gpus > largest[0]:
         count, worker = largest
         raise InvalidParams(
-            f"This job asks for {gpus} devices (gpus={gpus}), but the largest worker up now ({worker}) owns "
-            f"{count}, and a job runs on one worker. Submit with gpus={count} or fewer, or start a worker that "
-            f"owns {gpus} devices (`deepe worker --gpus " + ",".join(str(i) for i in range(gpus)) + "`); a fleet "
-            f"that starts such workers on demand sets DEEPE_MAX_JOB_GPUS={gpus} on the submitting side.")
+            f"This job asks for {gpus} devices (gpus={gpus}), but the largest worker of queue {queue!r} up now "
+            f"({worker}) owns {count}, and a job runs on one worker. Submit with gpus={count} or fewer, or start a "
+            f"worker that owns {gpus} devices (`deepe worker --queues {queue} --gpus "
+            + ",".join(str(i) for i in range(gpus)) + "`); a fleet that starts such workers on demand sets "
+            f"DEEPE_MAX_JOB_GPUS={gpus} on the submitting side.")
 
 
 def merge(job_id: str, *, queue: str | None = None) -> Job:

@@ -31,7 +31,7 @@ class QueueInfo:
 
     def __post_init__(self) -> None:
         sized = devices.ROUTE_RE.fullmatch(self.name)
-        self.gpus = int(sized.group(1)) if sized else 1
+        self.gpus = int(sized.group(2)) if sized else 1
 
 
 def _waiting(client: redis.Redis, queue: str) -> list[dict[str, Any]]:

@@ -246,6 +246,7 @@ class WorkerView(BaseModel):
     name: str
     devices: int
     seen: float = Field(description="When it last said it was up (epoch seconds).")
+    queues: list[str] = Field(description="The queues it takes jobs of (of every size up to its devices).")
 
 
 class Queues(BaseModel):
@@ -267,7 +268,7 @@ def queues() -> Queues:
     infos = overview(get_redis(), active)
     up = devices.live(get_redis(), stale_after=devices.STALE_AFTER_TTLS * settings.lease_ttl)
     return Queues(queues=[QueueView(**asdict(i)) for i in infos],
-                  workers=[WorkerView(name=w, devices=n, seen=seen) for w, n, seen in up])
+                  workers=[WorkerView(name=w, devices=n, seen=seen, queues=q) for w, n, seen, q in up])
 
 
 @open_api.get("/healthz", response_model=Health, responses={503: {"model": Health}})

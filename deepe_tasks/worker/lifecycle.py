@@ -137,7 +137,7 @@ def _reap(client: redis.Redis, job_id: str, max_resumes: int) -> bool:
         credentials.revoke(client, job_id, record.attempts)
 
 
-def _reaper_loop(stop: threading.Event, worker: str) -> None:
+def _reaper_loop(stop: threading.Event, worker: str, queues: list[str]) -> None:
     interval = max(0.5, get_settings().lease_ttl / 3)
     holder = f"{os.uname().nodename}:{os.getpid()}"
     try:
@@ -148,7 +148,7 @@ def _reaper_loop(stop: threading.Event, worker: str) -> None:
     while True:
         try:
             if owned is not None:
-                devices.register(get_redis(), worker, owned)  # what submit reads to refuse a job too large
+                devices.register(get_redis(), worker, owned, queues)  # what submit reads to refuse a job too large
         except Exception as e:
             log.warning("could not record this worker's devices: %s", e)
         if stop.wait(interval):
@@ -197,7 +197,10 @@ _worker_name = ""
 def _start_reaper(sender: Any = None, **_: Any) -> None:
     global _worker_name
     _worker_name = str(getattr(sender, "hostname", "") or f"{os.uname().nodename}:{os.getpid()}")
-    threading.Thread(target=_reaper_loop, args=(_reaper_stop, _worker_name), name="deepe-reaper",
+    consumed = getattr(getattr(getattr(sender, "app", None), "amqp", None), "queues", None)
+    names = list(getattr(consumed, "consume_from", None) or [get_settings().queue])
+    queues = sorted({devices.base_queue(str(q)) for q in names})
+    threading.Thread(target=_reaper_loop, args=(_reaper_stop, _worker_name, queues), name="deepe-reaper",
                      daemon=True).start()
     idle_exit = get_settings().idle_exit
     if idle_exit is not None:
