@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import ctypes
 import os
 import select
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from enum import Enum
+from typing import NoReturn
 
 RESULT_FILE = "result.json"  # in the attempt's folder: how the attempt ended (a RunResult)
 LOG_FILE = "output.log"  # in the job folder: the job process's stdout and stderr
@@ -32,6 +36,31 @@ def die_with_parent() -> None:
     """Get SIGKILL when the parent (thread) dies, so no orphan trains on beside a resumed attempt."""
     if _LIBC is not None:
         _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def killed_by(code: int, what: str) -> str:
+    """How a process that ended with ``-code`` (a signal) died, for a message about ``what``."""
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    why = f"was killed by {name}"
+    if name == "SIGKILL":
+        why += f" (the kernel's out-of-memory killer does this when {what} uses too much memory)"
+    elif name == "SIGSEGV":
+        why += " (a crash in native code, such as a CUDA or tokenizer library)"
+    return why
+
+
+def exit_forked(code: int) -> NoReturn:
+    """End a forked child as a fresh process would (its atexit hooks, flushed output), never
+    unwinding into the frames of the process it was forked from."""
+    with contextlib.suppress(BaseException):
+        atexit._run_exitfuncs()
+    with contextlib.suppress(BaseException):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
 
 
 def write_all(fd: int, data: bytes) -> None:

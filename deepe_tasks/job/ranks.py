@@ -13,13 +13,11 @@ Rank 0 watches them: a rank that dies while the job trains ends the job at once,
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import logging
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 import traceback
@@ -27,7 +25,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from deepe_tasks.core.records import JobSpec, RunResult
-from deepe_tasks.job.ipc import CUTOFF_SIGNAL, PREEMPT_SIGNAL, die_with_parent
+from deepe_tasks.job.ipc import (
+    CUTOFF_SIGNAL,
+    PREEMPT_SIGNAL,
+    die_with_parent,
+    exit_forked,
+    killed_by,
+)
 
 log = logging.getLogger(__name__)
 
@@ -111,13 +115,7 @@ class Ranks:
         if code == UNKNOWN_EXIT:
             why = "ended with an exit status that could not be read"
         elif code < 0:
-            try:
-                name = signal.Signals(-code).name
-            except ValueError:
-                name = f"signal {-code}"
-            why = f"was killed by {name}"
-            if name == "SIGKILL":
-                why += " (the kernel's out-of-memory killer does this when a rank uses too much memory)"
+            why = killed_by(code, "a rank")
         else:
             why = f"exited with code {code}"
         own = ""
@@ -155,9 +153,4 @@ def _child(spec: JobSpec, rank: int, port: int, parent: int, run_rank: RunRank) 
     except BaseException:
         traceback.print_exc()
     finally:
-        with contextlib.suppress(BaseException):
-            atexit._run_exitfuncs()
-        with contextlib.suppress(BaseException):
-            sys.stdout.flush()
-            sys.stderr.flush()
-        os._exit(code)
+        exit_forked(code)

@@ -15,7 +15,6 @@ Run as ``python -m deepe_tasks.job.zygote CMD_FD REPLY_FD``; it exits when the w
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import logging
 import os
@@ -26,7 +25,14 @@ import time
 import traceback
 from collections.abc import Callable
 
-from deepe_tasks.job.ipc import LineReader, Reply, ZygoteReply, die_with_parent, write_all
+from deepe_tasks.job.ipc import (
+    LineReader,
+    Reply,
+    ZygoteReply,
+    die_with_parent,
+    exit_forked,
+    write_all,
+)
 
 log = logging.getLogger("deepe_tasks.job.zygote")
 
@@ -148,14 +154,7 @@ class ZygoteServer:
         except BaseException:
             traceback.print_exc()
         finally:
-            # What a fresh process does at exit (the method's atexit hooks, logging's flush),
-            # but never unwinding into the zygote's own frames.
-            with contextlib.suppress(BaseException):
-                atexit._run_exitfuncs()
-            with contextlib.suppress(BaseException):
-                sys.stdout.flush()
-                sys.stderr.flush()
-            os._exit(code)
+            exit_forked(code)
 
 
 def _reseed() -> None:

@@ -63,21 +63,26 @@ def submit(
         gpus=gpus, route=devices.route(queue, gpus),
     )
     on = queue if gpus == 1 else f"{queue} for {gpus} devices ({record.route})"
-    queued = Event(kind=EventKind.QUEUED, job=job_id, message=f"{found.name} queued on {on}")
+    # The worker runs this exact source, whatever happens to the file afterwards.
+    _create_and_send(client, record, found.source, f"{found.name} queued on {on}")
+    return Job(job_id, custom_params=admitted.custom)
+
+
+def _create_and_send(client: redis.Redis, record: JobRecord, source: str, message: str) -> None:
+    """Record a new job with its pinned source and `queued` event, then send its one message."""
+    queued = Event(kind=EventKind.QUEUED, job=record.id, message=message)
     try:
-        # The worker runs this exact source, whatever happens to the file afterwards.
-        jobstore.create(client, record, source=found.source, first_event=queued)
+        jobstore.create(client, record, source=source, first_event=queued)
     except (redis.ConnectionError, redis.TimeoutError) as e:
         raise unreachable(client, e) from e
     try:
         enqueue(record)
-        jobstore.sent(client, job_id)
+        jobstore.sent(client, record.id)
     except Exception as e:
         # No message means no worker will ever take it: say so in the record, not just here.
         error = f"The job could not be queued: {e}; submit it again."
-        jobstore.fail_queued(client, job_id, error)
+        jobstore.fail_queued(client, record.id, error)
         raise BrokerUnavailable(error) from e
-    return Job(job_id, custom_params=admitted.custom)
 
 
 def _fits(client: redis.Redis, gpus: int, queue: str) -> None:
@@ -137,19 +142,7 @@ def merge(job_id: str, *, queue: str | None = None) -> Job:
                 "MERGED_FROM": record.id},
         output_dir=str(target), route=queue,
     )
-    client = get_redis()
-    queued = Event(kind=EventKind.QUEUED, job=new_id, message=f"merge of job {record.id} queued on {queue}")
-    try:
-        jobstore.create(client, merged, source="", first_event=queued)
-    except (redis.ConnectionError, redis.TimeoutError) as e:
-        raise unreachable(client, e) from e
-    try:
-        enqueue(merged)
-        jobstore.sent(client, new_id)
-    except Exception as e:
-        error = f"The merge could not be queued: {e}; ask for it again."
-        jobstore.fail_queued(client, new_id, error)
-        raise BrokerUnavailable(error) from e
+    _create_and_send(get_redis(), merged, "", f"merge of job {record.id} queued on {queue}")
     return Job(new_id)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from celery.signals import worker_process_init, worker_process_shutdown
 
 from deepe_tasks.core.settings import get_settings
-from deepe_tasks.job.ipc import die_with_parent
+from deepe_tasks.job.ipc import die_with_parent, killed_by
 from deepe_tasks.worker.zygote_client import ColdJob, JobProcess, WarmStart
 
 log = logging.getLogger(__name__)
@@ -44,15 +44,7 @@ def tail(path: Path, lines: int = TAIL_LINES, max_bytes: int = 64 * 1024) -> str
 
 def crash_message(returncode: int, log_path: Path) -> str:
     if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        why = f"was killed by {name}"
-        if name == "SIGKILL":
-            why += " (the kernel's out-of-memory killer does this when a job uses too much memory)"
-        elif name == "SIGSEGV":
-            why += " (a crash in native code, such as a CUDA or tokenizer library)"
+        why = killed_by(returncode, "a job")
     else:
         why = f"exited with code {returncode} before reporting a result (did the method call os._exit?)"
     last = tail(log_path)
