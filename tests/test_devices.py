@@ -83,7 +83,7 @@ def test_the_largest_worker_up_now_and_stale_entries_dropped(r: redis.Redis, no_
     assert [w for w, *_ in devices.live(r, stale_after=90)] == ["large@h", "other@h", "small@h"]
     devices.unregister(r, "large@h")
     assert devices.largest(r, stale_after=90, queue="gpu") == (1, "small@h")
-    assert devices.base_queue("gpu.4gpus") == "gpu" and devices.base_queue("gpu") == "gpu"
+    assert devices.unroute("gpu.4gpus") == ("gpu", 4) and devices.unroute("gpu") == ("gpu", 1)
 
 
 def test_submit_refuses_a_job_larger_than_any_worker_and_queues_one_that_fits(

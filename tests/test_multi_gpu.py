@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from deepe_tasks import EventKind, Job, JobStatus, submit
+from deepe_tasks import Event, EventKind, Job, JobStatus, submit
 from deepe_tasks.core.errors import InvalidParams
 from deepe_tasks.fixtures.embedded import free_port
 from tests.conftest import SLOW_METHOD, TRL_SNIPPET, Worker, wait_for, write_method
@@ -63,29 +63,32 @@ def losses(job: Job) -> list[tuple[int, float]]:
     return [(e.step or 0, e.metrics["loss"]) for e in job.events() if e.kind is EventKind.LOG and "loss" in e.metrics]
 
 
-def group_alive(pgid: int) -> bool:
-    """Whether any process of the job's process group (its ranks, their helpers) is still running."""
+def processes() -> Iterator[tuple[int, str, int, int]]:
+    """Every process now: (pid, state, parent pid, process group), from /proc/*/stat."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
+            state, ppid, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        yield int(stat.parent.name), state, int(ppid), int(pgrp)
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process of the job's process group (its ranks, their helpers) is still running."""
+    return any(pgrp == pgid and state != "Z" for _, state, _, pgrp in processes())
 
 
 def ranks_of(pgid: int) -> list[int]:
     """The pids of rank 0's forked ranks: its children in its process group."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == pgid and int(fields[2]) == pgid:
-            out.append(int(stat.parent.name))
-    return out
+    return [pid for pid, _, ppid, pgrp in processes() if ppid == pgid and pgrp == pgid]
+
+
+def steps_after_resume(job: Job) -> tuple[list[Event], list[int | None]]:
+    """The job's `resumed` events, and the steps it logged a loss for from the first of them on."""
+    events = list(job.events())
+    resumed = [e for e in events if e.kind is EventKind.RESUMED]
+    after = [e.step for e in events[events.index(resumed[0]):] if e.kind is EventKind.LOG and "loss" in e.metrics]
+    return resumed, after
 
 
 def wait_steps(job: Job, steps: int, timeout: float = 120) -> None:
@@ -227,12 +230,10 @@ def test_sigterm_preempts_every_rank_and_the_job_resumes_under_ddp(
 
     start(workers, "mterm", tmp_path, "0,1")
     assert job.wait(timeout=180) is JobStatus.SUCCEEDED, job.info()["error"]
-    events = list(job.events())
-    resumed = [e for e in events if e.kind is EventKind.RESUMED]
+    resumed, after = steps_after_resume(job)
     assert [e.step for e in resumed] == [checkpoint]
-    after = [e.step for e in events[events.index(resumed[0]):] if e.kind is EventKind.LOG and "loss" in e.metrics]
     assert after == list(range((checkpoint or 0) + 1, 15))  # one voice after the resume too
-    assert [e.metrics["world_size"] for e in events if e.kind is EventKind.STARTED] == [2, 2]
+    assert [e.metrics["world_size"] for e in job.events() if e.kind is EventKind.STARTED] == [2, 2]
 
 
 def test_a_rank_killed_ends_every_rank_and_the_job_names_it(
@@ -267,10 +268,8 @@ def test_a_killed_worker_s_ddp_job_resumes_from_its_checkpoint_under_ddp(
 
     start(workers, "mlost", tmp_path, "0,1")
     assert job.wait(timeout=180) is JobStatus.SUCCEEDED, job.info()["error"]
-    events = list(job.events())
-    resumed = [e for e in events if e.kind is EventKind.RESUMED]
+    resumed, after = steps_after_resume(job)
     assert len(resumed) == 1 and (resumed[0].step or 0) >= 1
-    after = [e.step for e in events[events.index(resumed[0]):] if e.kind is EventKind.LOG and "loss" in e.metrics]
     assert after == list(range((resumed[0].step or 0) + 1, 17))
     assert job.info()["losses"] == 1 and job.info()["attempts"] == 2
 

@@ -32,10 +32,10 @@ def route(queue: str, gpus: int) -> str:
     return queue if gpus == 1 else f"{queue}.{gpus}gpus"
 
 
-def base_queue(name: str) -> str:
-    """The queue a job was submitted to, from the Celery queue it waits on."""
+def unroute(name: str) -> tuple[str, int]:
+    """The queue a job was submitted to, and its devices, from the Celery queue it waits on."""
     routed = ROUTE_RE.fullmatch(name)
-    return routed.group(1) if routed else name
+    return (routed.group(1), int(routed.group(2))) if routed else (name, 1)
 
 
 def consumed(queues: list[str], devices: int) -> list[str]:

@@ -169,7 +169,7 @@ def run(line: str) -> int:
         result = RunResult(status=JobStatus.FAILED, phase="running the job",
                            error=f"The job process failed outside the method: {type(e).__name__}: {e}")
     if others is not None:
-        failed = result.status is JobStatus.FAILED and not getattr(job, "stopped", False)
+        failed = result.status is JobStatus.FAILED and not job.stopped
         # A failure here may be a rank's death seen first as a vanished peer: give the watcher
         # a moment to say so, since the rank's death is the better error.
         if failed:

@@ -48,7 +48,8 @@ def tree_sha256(folder: Path) -> str:
 class MergeRunner:
     """Runs one attempt of a merge job; the same interface as ``runner.Runner`` for jobproc."""
 
-    collective_save = False
+    collective_save = False  # what jobproc reads of a Runner: a merge has one process, and stops only when killed
+    stopped = False
 
     def __init__(self, spec: JobSpec, emit: Emit, should_stop: Any = None,
                  may_publish: Callable[[], bool] | None = None, rank: int = 0) -> None:

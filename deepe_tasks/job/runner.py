@@ -110,7 +110,7 @@ class Runner:
             self.stopped = True
             return stopped.model_copy(update={"phase": Phase.TRAINING, "metrics": metrics, "step": step})
         if self.rank != 0:  # rank 0 saves the model that every rank trained
-            if self.sharded(trainer):
+            if self.collective_save:
                 self._save_shard(trainer)
             return RunResult(status=JobStatus.SUCCEEDED, phase=Phase.TRAINING, step=step)
         partial = reason is StopReason.CANCEL_SAVE
@@ -146,10 +146,6 @@ class Runner:
                 if self.spec.time_limit else f"time limit reached at step {step}"))
         return None
 
-    def sharded(self, trainer: Any) -> bool:
-        """Whether the model is sharded over the ranks (FSDP): saving it is then a collective."""
-        return self.spec.world_size > 1 and bool(getattr(trainer, "is_fsdp_enabled", False))
-
     def _save_shard(self, trainer: Any) -> None:
         """A rank other than 0 of an FSDP job: give rank 0 this rank's shards as it saves."""
         import torch.distributed as dist
@@ -163,9 +159,7 @@ class Runner:
         """Execute the method and check the contract; return its trainer, ready to train."""
         self._inputs_exist()
         self._load_method()
-        trainer = self._check_contract()
-        self.collective_save = self.sharded(trainer)
-        return trainer
+        return self._check_contract()
 
     def _failed(self, phase: Phase, message: str) -> RunResult:
         return RunResult(status=JobStatus.FAILED, phase=phase, error=message)
@@ -235,7 +229,9 @@ class Runner:
                 + "; ".join(missing) + ". Define `model`, `tokenizer` and `trainer` between the marker lines.")))
         trainer = ns["trainer"]
         args = getattr(trainer, "args", None)
-        if self.sharded(trainer) and "FULL_STATE_DICT" not in str(getattr(getattr(
+        # The model sharded over the ranks (FSDP): saving it is then a collective of every rank.
+        self.collective_save = self.spec.world_size > 1 and bool(getattr(trainer, "is_fsdp_enabled", False))
+        if self.collective_save and "FULL_STATE_DICT" not in str(getattr(getattr(
                 trainer.accelerator.state, "fsdp_plugin", None), "state_dict_type", "")):
             raise PhaseFailure(Phase.BUILDING_TRAINER, (
                 f"Failed while {Phase.BUILDING_TRAINER}: the trainer shards the model with FSDP but saves a sharded "
@@ -317,7 +313,7 @@ class Runner:
             trained = accelerator.unwrap_model(trained)
         if not callable(getattr(trained, "save_pretrained", None)):
             trained = model
-        if self.sharded(trainer):
+        if self.collective_save:
             import torch.distributed as dist
 
             dist.broadcast_object_list([str(staging)], src=0)  # every rank gives its shards

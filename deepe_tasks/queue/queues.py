@@ -30,8 +30,7 @@ class QueueInfo:
     workers: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        sized = devices.ROUTE_RE.fullmatch(self.name)
-        self.gpus = int(sized.group(2)) if sized else 1
+        self.gpus = devices.unroute(self.name)[1]
 
 
 def _waiting(client: redis.Redis, queue: str) -> list[dict[str, Any]]:

@@ -199,7 +199,7 @@ def _start_reaper(sender: Any = None, **_: Any) -> None:
     _worker_name = str(getattr(sender, "hostname", "") or f"{os.uname().nodename}:{os.getpid()}")
     consumed = getattr(getattr(getattr(sender, "app", None), "amqp", None), "queues", None)
     names = list(getattr(consumed, "consume_from", None) or [get_settings().queue])
-    queues = sorted({devices.base_queue(str(q)) for q in names})
+    queues = sorted({devices.unroute(str(q))[0] for q in names})
     threading.Thread(target=_reaper_loop, args=(_reaper_stop, _worker_name, queues), name="deepe-reaper",
                      daemon=True).start()
     idle_exit = get_settings().idle_exit
