@@ -94,9 +94,9 @@ def test_paths_that_are_not_there_are_refused_with_the_resolved_path(sft_params:
     with pytest.raises(InvalidParams, match=f"MODEL_PATH='models/base' resolves to {storage}/models/base, which is "
                                             "not a folder here"):
         submit("sft-demo", {**sft_params, "MODEL_PATH": "models/base"})
-    (tmp_path / "empty").mkdir()
+    (storage / "empty-model").mkdir(exist_ok=True)
     with pytest.raises(InvalidParams, match="which has no config.json"):
-        submit("sft-demo", {**sft_params, "MODEL_PATH": str(tmp_path / "empty")})
+        submit("sft-demo", {**sft_params, "MODEL_PATH": str(storage / "empty-model")})
     with pytest.raises(InvalidParams, match="DATASET_PATH='data/train.jsonl' resolves to .*, which does not exist"):
         submit("sft-demo", {**sft_params, "DATASET_PATH": "data/train.jsonl"})
     assert jobs_in_redis(r) == before

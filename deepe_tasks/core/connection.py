@@ -20,7 +20,7 @@ def _client(url: str, ssl_ca_certs: str | None) -> redis.Redis:
     # ssl_ca_certs is part of the cache key: a changed setting gets a new client.
     return redis.Redis.from_url(
         url, decode_responses=True, socket_timeout=10, socket_connect_timeout=5,
-        health_check_interval=15, retry_on_timeout=True, **tls_options(url),
+        health_check_interval=15, retry_on_timeout=True, encoding_errors="replace", **tls_options(url),
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from enum import Enum
 from typing import Any
@@ -112,12 +113,34 @@ class Event(BaseModel):
 
     @classmethod
     def from_json(cls, data: str | bytes, id: str | None = None) -> Event:
-        event = cls.model_validate_json(data)
+        try:
+            event = cls.model_validate_json(data)
+        except ValueError:
+            # Its JSON may carry a lone surrogate ("\udc80"), which pydantic's parser refuses
+            # while json's reads it: read it that way, with the surrogate made readable.
+            event = cls.model_validate(readable(json.loads(data)))
         event.id = id
         return event
 
 
 _JSON_FIELDS = ("params", "metrics")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+# How a surrogate looks in JSON text (json.dumps escapes every non-ASCII character): only a
+# field that holds one is walked. Redis hands back only whole UTF-8, so no other field can.
+_ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def readable(value: Any) -> Any:
+    """``value`` with every lone surrogate (in strings and names, however deep) replaced by
+    U+FFFD: what a record or event written before submit refused them reads as, so that no
+    answer, and no job spec, fails to serialise it."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {readable(k): readable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [readable(v) for v in value]
+    return value
 
 
 class JobRecord(BaseModel):
@@ -163,7 +186,10 @@ class JobRecord(BaseModel):
         data: dict[str, Any] = dict(raw)
         for key in _JSON_FIELDS:
             if key in data:
-                data[key] = json.loads(data[key])
+                text = data[key]
+                data[key] = json.loads(text)
+                if _ESCAPED_SURROGATE.search(text):
+                    data[key] = readable(data[key])
         return cls.model_validate(data)
 
 
@@ -189,6 +215,9 @@ class JobSpec(BaseModel):
     event_buffer: int = 100_000  # DEEPE_EVENT_BUFFER: events held in memory while Redis is away
     kind: str = "train"  # JobRecord.kind: "merge" runs job/merge.py instead of a method
     world_size: int = 1  # the job's ranks: this process is rank 0 and starts the others (job/ranks.py)
+    # The folders besides the storage that the job's input paths may name (DEEPE_INPUT_ROOTS);
+    # None sets no bound (run-local, which reads with its caller's own rights).
+    input_roots: list[str] | None = None
 
 
 class RunResult(BaseModel):

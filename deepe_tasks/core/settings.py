@@ -71,6 +71,24 @@ class Settings(BaseSettings):
     # mingle, worker heartbeats every 10 s instead of 2 (Flower still shows the workers
     # online), and an idle worker's BRPOP waits 10 s instead of 1. "small" is Celery's defaults.
     fleet: Literal["small", "large"] = "small"
+    # Folders outside DEEPE_STORAGE that a job's input paths (MODEL_PATH, DATASET_PATH, any
+    # path parameter) may name, comma-separated; anything else outside the storage is refused
+    # at submit and again by the worker (a job must not read /etc/shadow through a dataset).
+    input_roots: str = ""
+    # The HTTP API's limits, applied before a request is parsed: the largest request body (413
+    # past it), open event streams per token (429 past it), and how long a client may take to
+    # send its request headers or keep an idle connection.
+    api_max_body_bytes: int = Field(1 << 20, ge=1024)
+    api_max_streams_per_token: int = Field(50, ge=1)
+    api_header_timeout: float = Field(10.0, gt=0)
+    # How long a worker may take to hand a claimed job to a job process (the spec over the
+    # zygote's pipe, the attempt's Redis user) before it kills the process, requeues the job
+    # and replaces its zygote.
+    handover_timeout: float = Field(60.0, gt=0)
+    # A worker whose claimed job makes no progress for this long (its pool process blocked
+    # past every bounded wait) exits so that its supervisor restarts it (`watchdog`). Unset:
+    # DEEPE_HANDOVER_TIMEOUT + 2 x DEEPE_LEASE_TTL + 60 s.
+    stuck_timeout: float | None = Field(None, gt=0)
 
     @property
     def api_token_list(self) -> list[str]:
@@ -95,6 +113,17 @@ class Settings(BaseSettings):
         worker stops its trainer, then a third of the TTL for the trainer to reach a step
         boundary before another worker can take the job over."""
         return int((self.lease_ttl / 3 + self.cutoff_s + self.lease_ttl / 3) * 1000)
+
+    @property
+    def stuck_after(self) -> float:
+        """Seconds without progress on a claimed job after which a worker counts as stuck."""
+        if self.stuck_timeout is not None:
+            return self.stuck_timeout
+        return self.handover_timeout + 2 * self.lease_ttl + 60
+
+    @property
+    def input_root_list(self) -> list[Path]:
+        return [Path(p.strip()).expanduser().resolve() for p in self.input_roots.split(",") if p.strip()]
 
     @property
     def storage_root(self) -> Path:

@@ -1,18 +1,97 @@
-"""Shared storage layout and atomic publication of a folder."""
+"""Shared storage layout, the job folder of one job (not of an earlier job of the same id),
+and atomic publication of a folder that belongs to no other job."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
+from deepe_tasks.core.errors import InvalidParams
+from deepe_tasks.core.events import append_jsonl
+
 MANIFEST = "deepe.json"  # written beside every published model
+JOB_MARKER = "deepe-job.json"  # in the job folder: which job of that id (its submit time) owns it
+EVENTS_FILE = "events.jsonl"
+MERGED_SUFFIX = "-merged"  # a merge of the model at NAME publishes to NAME-merged
 
 
 def job_dir(storage_root: Path, job_id: str) -> Path:
     return storage_root / "jobs" / job_id
+
+
+def own_job_dir(storage_root: Path, job_id: str, incarnation: str) -> Path | None:
+    """Make ``jobs/<job>`` the folder of this job, ``incarnation`` being its record's submit time.
+
+    A job id may be submitted again once its record expired: the earlier job's folder (its
+    checkpoints, results, events) is then moved aside to ``jobs/<job>.expired-<time>-<hex>``
+    whole, and the lines this job's workers already appended to ``events.jsonl`` are carried
+    back. Returns where the earlier folder went, or None. Safe to call from every attempt: the
+    marker written here makes it a no-op for the job's later attempts.
+    """
+    folder = job_dir(storage_root, job_id)
+    owner = _marker(folder)
+    if owner == incarnation:
+        return None
+    since = float(incarnation)
+    moved = None
+    if owner is not None or _older(folder, since):
+        moved = folder.with_name(f"{job_id}.expired-{int(time.time())}-{uuid.uuid4().hex[:6]}")
+        try:
+            os.rename(folder, moved)
+        except FileNotFoundError:
+            moved = None  # another attempt of this job moved it a moment ago
+        else:
+            if _marker(moved) == incarnation:
+                # That attempt also made the new folder already: it was this job's, give it back.
+                with contextlib.suppress(OSError):
+                    os.rename(moved, folder)
+                    return None
+            folder.mkdir(parents=True, exist_ok=True)
+            append_jsonl(folder / EVENTS_FILE, [line for line, ts in _lines(moved / EVENTS_FILE) if ts >= since])
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{JOB_MARKER}.{uuid.uuid4().hex[:8]}"
+    tmp.write_text(json.dumps({"job": job_id, "submitted_at": incarnation}) + "\n")
+    os.replace(tmp, folder / JOB_MARKER)
+    return moved
+
+
+def _marker(folder: Path) -> str | None:
+    """The submit time the job folder's marker names; None without one ("" if unreadable)."""
+    try:
+        return str(json.loads((folder / JOB_MARKER).read_text()).get("submitted_at", ""))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
+def _older(folder: Path, since: float) -> bool:
+    """Whether a job folder without a marker holds what a job submitted before ``since`` wrote.
+
+    Events are appended in time order, so the first line says; without events, any file of an
+    attempt or the job's log is an earlier job's (this job's workers write an event first).
+    """
+    events = folder / EVENTS_FILE
+    if not events.exists():
+        return (folder / "output.log").exists() or any((folder / "attempts").glob("*/*"))
+    return next((ts < since for _, ts in _lines(events)), False)
+
+
+def _lines(path: Path) -> Iterable[tuple[str, float]]:
+    """Each readable line of an events.jsonl with its event's time."""
+    with contextlib.suppress(FileNotFoundError), path.open(encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                ts = float(json.loads(line)["ts"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a crash
+            yield line.rstrip("\n"), ts
 
 
 def attempt_dir(storage_root: Path, job_id: str, attempt: int) -> Path:
@@ -72,16 +151,77 @@ def _fsync_tree(root: Path) -> None:
                 os.close(fd)
 
 
-def publish(staging: Path, target: Path) -> None:
+def foreign_owner(target: Path, storage_root: Path, job_id: str, merged_from: str | None = None) -> str | None:
+    """Why job ``job_id`` may not publish its model at ``target``, naming whose it is; None if it may.
+
+    Refused: a folder outside the storage once its symbolic links are followed; one that holds
+    another job's model (a merge may replace an earlier merge of the same job, ``merged_from``),
+    or files that are no deepe model; one inside or above another job's model; and NAME-merged
+    where NAME is another job's model (a merge of that job publishes there).
+    """
+    root = Path(os.path.realpath(storage_root))
+    parent = Path(os.path.realpath(target.parent))
+    if not parent.is_relative_to(root):
+        return f"{target.parent} leads to {parent}, outside the storage {root} (through a symbolic link)"
+    here = parent / target.name
+    if here.is_symlink():
+        return f"{here} is a symbolic link (to {os.readlink(here)}), not a folder of its own"
+    for folder in [parent, *parent.parents]:
+        if folder == root or not folder.is_relative_to(root):
+            break
+        if (owner := _owner(folder)) is not None:
+            return f"{here} is inside {folder}, the model of job {owner[0]}"
+    owner = _owner(here)
+    if owner is not None and owner[0] != job_id and (merged_from is None or owner[1] != merged_from):
+        return f"{here} holds the model of job {owner[0]}"
+    if here.is_dir():  # a model further down: this folder is above another job's model
+        for marker in here.rglob(f"*/{MANIFEST}"):
+            inner = _owner(marker.parent)
+            if inner is not None and inner[0] != job_id:
+                return f"{here} holds the model of job {inner[0]} in {marker.parent}"
+    if owner is None and here.is_dir() and any(here.iterdir()):
+        return f"{here} holds files that are not a deepe model"
+    if here.name.endswith(MERGED_SUFFIX):
+        source = _owner(here.with_name(here.name[: -len(MERGED_SUFFIX)]))
+        if source is not None and source[0] not in (job_id, merged_from):
+            return f"{here} is where a merge of job {source[0]} publishes"
+    return None
+
+
+def _owner(folder: Path) -> tuple[str, str | None] | None:
+    """(job, the job it was merged from) that the model in ``folder`` names; None if it has no manifest."""
+    path = folder / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        return str(data["job"]), (None if data.get("merged_from") is None else str(data["merged_from"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return "(unreadable deepe.json)", None
+
+
+RETRY_ELSEWHERE = "Submit the job again with another OUTPUT_DIR, or move that folder away first."
+
+
+def refuse_foreign(target: Path, storage_root: Path, job_id: str, merged_from: str | None = None, *,
+                   what: str = "model", fix: str = RETRY_ELSEWHERE) -> None:
+    """Raise InvalidParams, naming the owner and ``fix``, where ``foreign_owner`` refuses ``target``."""
+    problem = foreign_owner(target, storage_root, job_id, merged_from)
+    if problem is not None:
+        raise InvalidParams(f"{problem}: the {what} of job {job_id} was not published there, and nothing there was "
+                            f"touched. {fix}")
+
+
+def publish(staging: Path, target: Path, *, job_id: str, storage_root: Path, merged_from: str | None = None,
+            what: str = "model", fix: str = RETRY_ELSEWHERE) -> None:
     """Move a complete staging folder into place; a reader never sees a half-written one.
 
-    An existing deepe model at ``target`` is moved aside first and removed after the swap;
-    any other non-empty folder there is refused.
+    An existing model of the same job at ``target`` is moved aside first and removed after the
+    swap; anything else ``foreign_owner`` refuses raises InvalidParams, with nothing touched.
     """
     _fsync_tree(staging)
+    refuse_foreign(target, storage_root, job_id, merged_from, what=what, fix=fix)
     old = None
-    if target.exists() and any(target.iterdir()) and not (target / MANIFEST).exists():
-        raise FileExistsError(f"{target} holds files that are not a deepe model; it was left as it is")
     if target.exists():
         old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
         os.rename(target, old)

@@ -7,6 +7,7 @@ reads its job spec from stdin.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -21,7 +22,7 @@ from deepe_tasks.core import jobstore, keys
 from deepe_tasks.core.connection import tls_options
 from deepe_tasks.core.events import EventPublisher
 from deepe_tasks.core.records import JobSpec, JobStatus, Phase, RunResult, StopReason
-from deepe_tasks.core.storage import attempt_dir, job_dir
+from deepe_tasks.core.storage import attempt_dir, job_dir, own_job_dir
 from deepe_tasks.job import merge, ranks, runner
 from deepe_tasks.job.ipc import CUTOFF_SIGNAL, FENCED_EXIT, LOG_FILE, PREEMPT_SIGNAL, RESULT_FILE
 
@@ -56,13 +57,15 @@ class StopFlags:
     def on_signal(self, signum: int, frame: object) -> None:
         self.signalled = StopReason.CUT_OFF if signum == CUTOFF_SIGNAL else StopReason.PREEMPT
 
-    def check(self) -> StopReason | None:
+    def check(self, fresh: bool = False) -> StopReason | None:
+        """Why to stop now, or None; ``fresh`` reads the cancel flag even if it was read less than
+        a second ago (a merge asks a few times only, the last just before it publishes)."""
         if self.signalled:
             return self.signalled
         now = time.monotonic()
         if self.deadline is not None and now >= self.deadline:
             return StopReason.TIME_LIMIT
-        if now >= self._next_read:
+        if fresh or now >= self._next_read:
             self._next_read = now + CANCEL_READ_INTERVAL
             try:
                 value = self.client.get(self.key)
@@ -133,17 +136,58 @@ def _client(spec: JobSpec, timeout: float) -> redis.Redis:
                                 **tls_options(url))
 
 
+def _incarnation(spec: JobSpec) -> str | None:
+    """The job's submit time, from its record: what tells it from an earlier job of the same id.
+    None if Redis did not answer within a lease TTL."""
+    client = _client(spec, timeout=5)
+    deadline = time.monotonic() + spec.lease_ttl
+    try:
+        while True:
+            try:
+                value = client.hget(keys.job(spec.job_id), "submitted_at")
+                return None if value is None else str(value)
+            except redis.RedisError as e:
+                if time.monotonic() > deadline:
+                    logging.error("could not read the job's record: %s", e)
+                    return None
+                time.sleep(0.5)
+    finally:
+        client.close()
+
+
+def _start(spec: JobSpec, attempt: Path) -> str | None:
+    """The job's incarnation (``_incarnation``); None if the attempt must not start (its result
+    is written then)."""
+    # An attempt number runs once per job, so a result already there is an earlier job's: it
+    # must not be read as this attempt's should this process die before its own is written.
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(attempt / RESULT_FILE, attempt / f"{RESULT_FILE}.expired")
+    incarnation = _incarnation(spec)
+    if incarnation is None:
+        attempt.mkdir(parents=True, exist_ok=True)
+        write_result(attempt, RunResult(status=JobStatus.QUEUED, phase=Phase.PREPARING, error=(
+            f"its job process could not reach Redis for DEEPE_LEASE_TTL={spec.lease_ttl:g} s to read the job")))
+    return incarnation
+
+
 def run(line: str) -> int:
     """Run the job whose spec (JSON) is ``line``; how it ended goes to the attempt's folder."""
     spec = JobSpec.model_validate_json(line)
     folder = job_dir(Path(spec.storage_root), spec.job_id)
     attempt = attempt_dir(Path(spec.storage_root), spec.job_id, spec.attempt)
+    incarnation = _start(spec, attempt)
+    if incarnation is None:
+        return 0
+    # An earlier job of the same id (its record expired) left its folder: it is moved aside.
+    moved = own_job_dir(Path(spec.storage_root), spec.job_id, incarnation)
     attempt.mkdir(parents=True, exist_ok=True)
     os.chdir(folder)  # stray relative writes of a method land in its job folder
     _redirect_output(folder)
     # A multi-device job: the other ranks are forked now, while this process has no thread.
     others = ranks.Ranks.start(spec, attempt, run_rank) if spec.world_size > 1 else None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if moved is not None:
+        logging.warning("the folder of an earlier job %s (expired) was moved to %s", spec.job_id, moved)
 
     client = _client(spec, timeout=5)
     publisher = EventPublisher(client, spec.job_id, spec.attempt, jsonl=folder / "events.jsonl",
@@ -157,7 +201,7 @@ def run(line: str) -> int:
     fence = PublishFence(client, spec)
     job: runner.Runner | merge.MergeRunner
     if spec.kind == "merge":
-        job = merge.MergeRunner(spec, publisher.emit, may_publish=fence)
+        job = merge.MergeRunner(spec, publisher.emit, lambda: flags.check(fresh=True), may_publish=fence)
     else:
         job = runner.Runner(spec, publisher.emit, flags.check, may_publish=fence)
     if others is not None:

@@ -11,7 +11,6 @@ import json
 import linecache
 import logging
 import platform
-import shutil
 import socket
 import time
 import traceback
@@ -22,22 +21,17 @@ from pathlib import Path
 from typing import Any
 
 from deepe_tasks.core import records
-from deepe_tasks.core.errors import AttemptFenced, MethodContractError
+from deepe_tasks.core.errors import AttemptFenced, InvalidParams, MethodContractError
 from deepe_tasks.core.records import JobSpec, JobStatus, Phase, RunResult, StopReason
-from deepe_tasks.core.storage import (
-    MANIFEST,
-    attempt_dir,
-    latest_checkpoint,
-    publish,
-    remove_staging,
-    staging_dir,
-)
+from deepe_tasks.core.storage import MANIFEST, attempt_dir, latest_checkpoint
 from deepe_tasks.job import deepext_shim, phases
 from deepe_tasks.job.callback import DeepeCallback, Emit, StopCheck, TrainingComplete
 from deepe_tasks.job.phases import PhaseFailure, column_hint, describe
+from deepe_tasks.job.publish import publish_model
 from deepe_tasks.queue import deepext
-from deepe_tasks.queue.admission import input_problems
+from deepe_tasks.queue.admission import input_problems, inputs_allowed
 from deepe_tasks.queue.check import Problem, check_source
+from deepe_tasks.queue.declared import declared_params
 from deepe_tasks.queue.params import TrainParams, mask_secrets
 
 log = logging.getLogger(__name__)
@@ -120,6 +114,8 @@ class Runner:
             output = self._save(trainer, metrics, save_started=t2, partial=partial)
         except AttemptFenced as e:
             return RunResult(status=JobStatus.QUEUED, phase=Phase.SAVING, metrics=metrics, step=step, error=str(e))
+        except InvalidParams as e:  # OUTPUT_DIR is another job's model, or leads outside the storage
+            return self._failed(Phase.SAVING, f"Failed while {Phase.SAVING}: {e}")
         except Exception as e:
             log.exception("saving failed")
             return self._failed(Phase.SAVING, describe(e, Phase.SAVING, self.filename))
@@ -165,7 +161,14 @@ class Runner:
         return RunResult(status=JobStatus.FAILED, phase=phase, error=message)
 
     def _inputs_exist(self) -> None:
-        """The clear message for a missing MODEL_PATH or DATASET_PATH, before the libraries' own."""
+        """The clear message for a missing MODEL_PATH or DATASET_PATH, before the libraries' own;
+        and the input-path rule again, here: a link swapped into the storage after submit."""
+        if self.spec.input_roots is not None:
+            try:
+                inputs_allowed(self.params, declared_params(self.spec.source), Path(self.spec.storage_root),
+                               [Path(p) for p in self.spec.input_roots])
+            except InvalidParams as e:
+                raise PhaseFailure(Phase.PREPARING, f"Failed while {Phase.PREPARING}: {e}") from e
         problems = input_problems(self.params, self.params)
         if problems:
             param, phase, problem = problems[0]  # the one the method would meet first
@@ -286,21 +289,8 @@ class Runner:
         return metrics
 
     def _save(self, trainer: Any, metrics: dict[str, Any], save_started: float, partial: bool = False) -> Path:
-        target = Path(self.params.OUTPUT_DIR or ".")
-        staging = staging_dir(target, self.spec.job_id, self.spec.attempt)
-        try:
-            self._stage(trainer, staging, metrics, save_started, partial)
-            if self.may_publish is not None and not self.may_publish():
-                raise AttemptFenced(f"attempt {self.spec.attempt} no longer owns job {self.spec.job_id} (its lease "
-                                    "was lost); its model was not published")
-            publish(staging, target)
-        except BaseException:
-            # A full disk, a fenced attempt: nothing half-written stays beside OUTPUT_DIR.
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        # What earlier attempts of this job staged is stale: they were fenced off or lost.
-        remove_staging(target, self.spec.job_id, range(1, self.spec.attempt))
-        return target
+        return publish_model(self.spec, Path(self.params.OUTPUT_DIR or "."), may_publish=self.may_publish,
+                             write=lambda staging: self._stage(trainer, staging, metrics, save_started, partial))
 
     def _stage(self, trainer: Any, staging: Path, metrics: dict[str, Any], save_started: float,
                partial: bool) -> None:

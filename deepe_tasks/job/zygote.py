@@ -118,6 +118,9 @@ class ZygoteServer:
             elif pid == spare.pid:
                 log.warning("the warm spare (pid %d) died with code %d; replacing it", pid, code)
                 os.close(spare.spec_fd)
+                # Said, so that whoever holds that spare (a worker about to hand it a job) stops
+                # waiting for it; then the next spare is announced.
+                self.reply(ZygoteReply(Reply.EXIT, pid, code))
                 spare = self.fork()
 
     def fork(self) -> Spare:

@@ -4,6 +4,7 @@ declared ones are typed) and, where this machine sees the storage, the input pat
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,9 @@ from typing import Any
 from deepe_tasks.core import validate
 from deepe_tasks.core.errors import InvalidParams, MethodContractError
 from deepe_tasks.core.records import Phase
+from deepe_tasks.core.settings import get_settings
 from deepe_tasks.queue.check import check_source
-from deepe_tasks.queue.declared import apply_declared, declared_params
+from deepe_tasks.queue.declared import PATH, Declared, apply_declared, declared_params
 from deepe_tasks.queue.deepext import arguments, is_deepextension
 from deepe_tasks.queue.methods import Method
 from deepe_tasks.queue.params import TrainParams, parse_params, refuse_near_misses, resolve_params
@@ -26,28 +28,62 @@ class Admitted:
 
 
 def admit(method: Method, raw: dict[str, Any], storage_root: Path, job_id: str, *, check_paths: bool,
-          check_method: bool = True, gpu: bool | None = True) -> Admitted:
+          check_method: bool = True, gpu: bool | None = True, input_roots: Sequence[Path] | None = None) -> Admitted:
     """Everything submit refuses, as the errors `deepe submit` prints (exit 2, HTTP 422).
 
     ``gpu``: whether the machine that will run the job has CUDA (True for a GPU worker; None
-    for this machine, as for `run-local`).
+    for this machine, as for `run-local`). ``input_roots``: the folders besides the storage
+    that input paths may name; None takes DEEPE_INPUT_ROOTS for a job that a worker runs, and
+    sets no bound for a run on this machine (gpu None), which reads with its caller's rights.
     """
     report = check_source(method.source, method.path.name, gpu=gpu)
     if check_method and not report.ok:
         raise MethodContractError(f"{method.name} would fail on a worker: " + " ".join(report.errors)
                                   + f" (`deepe methods check {method.name}` shows the same.)")
     declared = declared_params(method.source)
-    raw = validate.params(raw)
+    raw = validate.params(raw, numbers=False)  # text, names and depth; numbers once typed, below
     custom = refuse_near_misses(raw, list(declared))
     params = parse_params(raw)
     if declared:
         params = params.model_copy(update=apply_declared(raw, declared))
     resolved = resolve_params(params, storage_root, job_id)
+    if declared:
+        resolved = resolved.model_copy(update=resolve_declared_paths(resolved.as_dict(), declared, storage_root))
+    validate.params(resolved.as_dict())  # every value as it will be stored: finite, 64-bit, UTF-8
+    if input_roots is None and gpu is not None:
+        input_roots = get_settings().input_root_list
+    if input_roots is not None:
+        inputs_allowed(params, declared, storage_root, input_roots)  # as given: the message repeats them
     if is_deepextension(method.source):
         arguments(method.source, resolved.as_dict(), job_id=job_id, attempt=1)  # a required flag left without a value
     if check_paths:
         inputs_exist(params, resolved, storage_root)
     return Admitted(resolved, custom, report.warnings)
+
+
+def input_names(declared: dict[str, Declared]) -> list[str]:
+    """The parameters that name a file the job reads: the platform's two and declared Paths."""
+    return ["MODEL_PATH", "DATASET_PATH", *(name for name, d in declared.items() if d.type == PATH)]
+
+
+def resolve_declared_paths(values: dict[str, Any], declared: dict[str, Declared], storage_root: Path) -> dict[str, Any]:
+    """The method's Path parameters as absolute paths (relative ones under the storage)."""
+    out = {}
+    for name, spec in declared.items():
+        if spec.type == PATH and values.get(name) is not None:
+            path = Path(validate.path_text(str(values[name]), name)).expanduser()  # a default may be any literal
+            out[name] = str((path if path.is_absolute() else storage_root / path).resolve())
+    return out
+
+
+def inputs_allowed(given: TrainParams, declared: dict[str, Declared], storage_root: Path,
+                   roots: Sequence[Path]) -> None:
+    """Refuse an input path outside the storage and every DEEPE_INPUT_ROOTS folder (docs/methods.md,
+    "Who may read what"): a job must not read /etc/shadow as its dataset."""
+    problems = [validate.input_path_allowed(given.get(name), storage_root, roots, name=name)
+                for name in input_names(declared) if given.get(name) is not None]
+    if any(problems):
+        raise InvalidParams(" ".join(p for p in problems if p))
 
 
 def input_problems(given: TrainParams, resolved: TrainParams) -> list[tuple[str, Phase, str]]:

@@ -15,6 +15,8 @@ import shutil
 from dataclasses import dataclass, field
 from enum import Enum
 
+from deepe_tasks.core.errors import MethodContractError
+from deepe_tasks.queue.declared import declared_params
 from deepe_tasks.queue.deepext import TRAINING_FUNCTION, is_deepextension
 
 REQUIRED_NAMES = ("model", "tokenizer", "trainer")
@@ -37,6 +39,7 @@ class Problem(str, Enum):
     HIDDEN_NAME = "hidden-name"  # ... only inside a function or behind the main guard
     PLATFORM_CALL = "platform-call"  # it trains or saves itself, which the platform does
     WRITES_OUTPUT = "writes-output"  # it writes into OUTPUT_DIR, which the platform replaces
+    DECLARATION = "declaration"  # its METHOD_PARAMS is not in the documented form
     NO_CALLBACK = "no-callback"  # warning: a trainer built without `callbacks=[callback]`
     HUB_DOWNLOAD = "hub-download"  # warning: a model or dataset named by a hub id
     NEEDS_GPU = "needs-gpu"  # warning: bf16, fp16 or 4-bit on a machine without CUDA
@@ -94,6 +97,10 @@ def check_source(source: str, filename: str = "<method>", *, gpu: bool | None = 
         report.add(Problem.SYNTAX, f"Syntax error at line {e.lineno}: {e.msg}; fix that line.", e.lineno)
         return report
     _check_names(tree, report)
+    try:
+        declared_params(source)
+    except MethodContractError as e:
+        report.add(Problem.DECLARATION, str(e))
     nodes = _walk_skipping(tree, skip_functions)
     trainers = _trainer_names(nodes)
     for node in nodes:

@@ -16,6 +16,7 @@ from deepe_tasks.core.connection import get_redis, unreachable
 from deepe_tasks.core.errors import BrokerUnavailable, InvalidJobState, InvalidParams
 from deepe_tasks.core.records import Event, EventKind, JobRecord, JobStatus
 from deepe_tasks.core.settings import get_settings
+from deepe_tasks.core.storage import MERGED_SUFFIX, foreign_owner
 from deepe_tasks.queue.admission import admit
 from deepe_tasks.queue.methods import NAME_RE, load_method
 from deepe_tasks.queue.params import mask_secrets
@@ -55,8 +56,11 @@ def submit(
     if gpus > 1:
         _fits(client, gpus, queue)
     admitted = admit(found, params, settings.storage_root, job_id, check_paths=settings.check_paths,
+                     input_roots=settings.input_root_list,
                      check_method=check)
     resolved = admitted.params
+    if settings.check_paths:  # else the worker refuses it when it publishes
+        _refuse_taken(Path(str(resolved.OUTPUT_DIR)), settings.storage_root, job_id)
     record = JobRecord(
         id=job_id, method=found.name, method_sha256=found.sha256, params=resolved.as_dict(),
         output_dir=str(resolved.OUTPUT_DIR), queue=queue, priority=priority, time_limit=time_limit,
@@ -83,6 +87,14 @@ def _create_and_send(client: redis.Redis, record: JobRecord, source: str, messag
         error = f"The job could not be queued: {e}; submit it again."
         jobstore.fail_queued(client, record.id, error)
         raise BrokerUnavailable(error) from e
+
+
+def _refuse_taken(output: Path, storage_root: Path, job_id: str) -> None:
+    """Refuse an OUTPUT_DIR where publishing would replace or nest in another job's model."""
+    problem = foreign_owner(output, storage_root, job_id)
+    if problem is not None:
+        raise InvalidParams(f"OUTPUT_DIR {output} cannot take the model of job {job_id}: {problem}. Choose another "
+                            "OUTPUT_DIR, or delete that model first.")
 
 
 def _fits(client: redis.Redis, gpus: int, queue: str) -> None:
@@ -133,8 +145,12 @@ def merge(job_id: str, *, queue: str | None = None) -> Job:
                                   "LoRA adapter): there is nothing to merge. Use that folder as it is.")
         raise InvalidParams(f"The model of job {record.id} is not at {adapter} on this machine. Merge from a machine "
                             "that mounts DEEPE_STORAGE, or set DEEPE_CHECK_PATHS=false to let the worker look.")
-    target = adapter.parent / f"{adapter.name}-merged"
+    target = adapter.parent / f"{adapter.name}{MERGED_SUFFIX}"
     new_id = uuid.uuid4().hex
+    problem = foreign_owner(target, get_settings().storage_root, new_id, record.id) if get_settings().check_paths else None
+    if problem is not None:
+        raise InvalidParams(f"The merged model of job {record.id} would go to {target}, but {problem}. Move that "
+                            "folder away, then merge again.")
     queue = validate.queue_name(queue or record.queue)
     merged = JobRecord(
         id=new_id, method=METHOD, method_sha256=hashlib.sha256(b"").hexdigest(), kind="merge", queue=queue,

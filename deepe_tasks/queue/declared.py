@@ -4,23 +4,30 @@
         "temperature": (float, 0.7, "sampling temperature, 0 to 2"),
     }
 
-Each entry is NAME: (type, default, help), with type one of int, float, bool or str. A
-declared parameter is validated at submit like a platform parameter (a CLI string becomes
-its type), gets its default when not given, and reaches the method in ``params``.
+Each entry is NAME: (type, default, help), with NAME a Python identifier and type one of int,
+float, bool, str or Path (pathlib's: an input file or folder, resolved under DEEPE_STORAGE and
+held to the same rule as DATASET_PATH). A declared parameter is validated at submit like a
+platform parameter (a CLI string becomes its type), gets its default when not given, and
+reaches the method in ``params`` (a Path as the absolute path, a string).
 """
 
 from __future__ import annotations
 
 import ast
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import Field, FiniteFloat, TypeAdapter, ValidationError
 
 from deepe_tasks.core.errors import InvalidParams, MethodContractError
+from deepe_tasks.core.validate import MAX_INT_BITS, shown
 
 DECLARATION = "METHOD_PARAMS"
-TYPES: dict[str, type] = {"int": int, "float": float, "bool": bool, "str": str}
+MAX_NAME = 64
+INT64 = Annotated[int, Field(ge=-(2**MAX_INT_BITS), le=2**MAX_INT_BITS - 1)]
+# What each type's value is checked as: no infinite float, no integer past 64 bits.
+TYPES: dict[str, Any] = {"int": INT64, "float": FiniteFloat, "bool": bool, "str": str, "Path": str}
+PATH = "Path"
 
 
 @dataclass(frozen=True)
@@ -70,7 +77,14 @@ def _read(stmt: ast.Assign) -> dict[str, Declared]:
             raise MethodContractError(form) from None
         if type_name not in TYPES or not isinstance(help_text, str):
             raise MethodContractError(form)
-        out[key.value] = Declared(key.value, str(type_name), default_value, help_text)
+        name = key.value
+        # A name reaches an HTML form, a CLI flag, a Python namespace: only an identifier fits all.
+        if not (name.isidentifier() and name.isascii() and len(name) <= MAX_NAME):
+            raise MethodContractError(f"{DECLARATION} at line {line} declares the name {shown(name, 40)}; a "
+                                      f"parameter's name must be a Python identifier (letters, digits and '_', not "
+                                      f"starting with a digit, at most {MAX_NAME} characters), such as "
+                                      "\"temperature\"; rename it.")
+        out[name] = Declared(name, str(type_name), default_value, help_text)
     return out
 
 
@@ -85,6 +99,6 @@ def apply_declared(values: dict[str, Any], declared: dict[str, Declared]) -> dic
             out[name] = TypeAdapter(TYPES[spec.type]).validate_python(values[name])
         except ValidationError as e:
             reason = e.errors()[0]["msg"]
-            raise InvalidParams(f"{name}={values[name]!r} is not valid ({reason}); allowed: {spec.type}, "
+            raise InvalidParams(f"{name}={shown(values[name])} is not valid ({reason}); allowed: {spec.type}, "
                                 f"{spec.help}.") from e
     return out

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deepe_tasks.core.errors import MethodExists, MethodNotFound
+from deepe_tasks.core.errors import MethodContractError, MethodExists, MethodNotFound
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 TEMPLATE = "custom-template.py"
@@ -26,6 +26,7 @@ class Method:
     path: Path
     source: str
     builtin: bool = False
+    problem: str = ""  # why the file cannot be used (not UTF-8, unreadable); its source is then ""
 
     @property
     def kind(self) -> str:
@@ -37,7 +38,7 @@ class Method:
 
     @property
     def description(self) -> str:
-        return describe(self.source)
+        return f"(unusable: {self.problem})" if self.problem else describe(self.source)
 
 
 def sha256_of(source: str) -> str:
@@ -48,7 +49,7 @@ def describe(source: str) -> str:
     """The first line of the method's module docstring, or an empty string."""
     try:
         doc = ast.get_docstring(ast.parse(source)) or ""
-    except SyntaxError:
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
         return "(syntax error)"
     return doc.strip().splitlines()[0] if doc.strip() else ""
 
@@ -57,11 +58,27 @@ def _is_method_file(path: Path) -> bool:
     return path.suffix == ".py" and "template" not in path.stem and bool(NAME_RE.match(path.stem))
 
 
+def read_source(path: Path) -> tuple[str, str]:
+    """(the file's text, "") or ("", why it cannot be read): one bad file in the store must not
+    break the listing of every other."""
+    try:
+        return path.read_text(encoding="utf-8"), ""
+    except UnicodeDecodeError as e:
+        return "", (f"the file is not UTF-8 text (byte 0x{e.object[e.start]:02X} at offset {e.start}); save it "
+                    "as UTF-8")
+    except OSError as e:
+        return "", f"the file cannot be read ({e.strerror or e}); check its permissions"
+
+
 def _in(folder: Path, builtin: bool) -> dict[str, Method]:
     if not folder.is_dir():
         return {}
-    return {p.stem: Method(p.stem, p, p.read_text(encoding="utf-8"), builtin)
-            for p in sorted(folder.glob("*.py")) if _is_method_file(p)}
+    found = {}
+    for path in sorted(folder.glob("*.py")):
+        if _is_method_file(path):
+            source, problem = read_source(path)
+            found[path.stem] = Method(path.stem, path, source, builtin, problem)
+    return found
 
 
 def list_methods(store: Path) -> list[Method]:
@@ -84,7 +101,10 @@ def load_method(store: Path, name: str) -> Method:
     for folder, builtin in ((store, False), (BUILTIN, True)):
         path = folder / f"{name}.py"
         if path.is_file():
-            return Method(name, path, path.read_text(encoding="utf-8"), builtin)
+            source, problem = read_source(path)
+            if problem:
+                raise MethodContractError(f"The method {name!r} ({path}) cannot be used: {problem}.")
+            return Method(name, path, source, builtin)
     known = ", ".join(m.name for m in list_methods(store))
     raise MethodNotFound(
         f"There is no method {name!r} in the store {store} (DEEPE_METHOD_STORE) or among the built-in ones; "
@@ -123,9 +143,13 @@ def describe_method(method: Method) -> dict[str, Any]:
     platform = [{"name": name, "type": _type_name(info.annotation), "default": None if info.is_required() else
                  info.default, "help": info.description or "", "declared_by": "platform"}
                 for name, info in TrainParams.model_fields.items()]
-    own = [{**d.as_dict(), "declared_by": "method"} for d in declared_params(method.source).values()]
+    description = method.description
+    try:
+        own = [{**d.as_dict(), "declared_by": "method"} for d in declared_params(method.source).values()]
+    except MethodContractError as e:  # listed with the reason, as a file that is not UTF-8 is
+        own, description = [], f"(unusable: {e})"
     return {"name": method.name, "kind": method.kind, "file_kind": file_kind(method.source), "path": str(method.path),
-            "description": method.description, "sha256": method.sha256, "params": platform + own}
+            "description": description, "sha256": method.sha256, "params": platform + own}
 
 
 def _type_name(annotation: Any) -> str:

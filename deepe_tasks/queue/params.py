@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from pathlib import Path
@@ -19,8 +20,14 @@ from pydantic import (
 
 from deepe_tasks.core.errors import InvalidParams
 from deepe_tasks.core.storage import MANIFEST
+from deepe_tasks.core.validate import path_text, shown
 
 MAX_PARAMS_BYTES = 1_000_000
+MAX_COUNT = 10**9  # steps, warm-up steps, samples: far beyond any run, far below an overflow
+MAX_PATH = 4096  # characters in a path (PATH_MAX)
+MAX_COLUMN = 1024  # characters in a column name
+NEAR_MISS_LENGTH = 64  # a key longer than this is never a misspelt parameter name
+NEAR_MISS_RATIO = 0.8
 SECRET_KEY = re.compile(r"token|secret|password|passwd|key", re.IGNORECASE)
 MASK = "***"
 
@@ -42,26 +49,31 @@ class TrainParams(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True, validate_assignment=True,
                               alias_generator=AliasGenerator(validation_alias=lambda n: AliasChoices(n, snake_case(n))))
 
-    MODEL_PATH: str = _field(..., "a model folder (relative paths resolve under DEEPE_STORAGE)", min_length=1)
+    MODEL_PATH: str = _field(..., "a model folder (relative paths resolve under DEEPE_STORAGE)", min_length=1,
+                             max_length=MAX_PATH)
     MAX_SEQ_LENGTH: int = _field(1024, "an integer from 8 to 1048576", ge=8, le=1_048_576)
     LORA_RANK: int = _field(16, "an integer from 1 to 1024", ge=1, le=1024)
     LOAD_IN_4BIT: bool = _field(False, "true or false (also 1/0, yes/no)")
-    DATASET_PATH: str = _field(..., "a dataset file or folder (relative paths resolve under DEEPE_STORAGE)", min_length=1)
+    DATASET_PATH: str = _field(..., "a dataset file or folder (relative paths resolve under DEEPE_STORAGE)",
+                               min_length=1, max_length=MAX_PATH)
     MAX_INPUT_LENGTH: int = _field(512, "an integer from 1 to 1048576", ge=1, le=1_048_576)
     MAX_CONTENT_LENGTH: int = _field(256, "an integer from 1 to 1048576", ge=1, le=1_048_576)
-    MAX_SAMPLES: int = _field(0, "an integer >= -1; 0 or -1 keeps every row", ge=-1)
+    MAX_SAMPLES: int = _field(0, "an integer from -1 to 10**9; 0 or -1 keeps every row", ge=-1, le=MAX_COUNT)
     NUM_GENERATIONS: int = _field(4, "an integer from 2 to 256", ge=2, le=256)
-    MAX_GRAD_NORM: float = _field(1.0, "a number > 0 and <= 1000", gt=0, le=1000)
-    OUTPUT_DIR: str | None = _field(None, "a folder inside DEEPE_STORAGE; default models/<job_id>")
-    MAX_STEPS: int = _field(-1, "-1 (train by epochs) or an integer >= 1", ge=-1)
-    NUM_EPOCHS: float = _field(1.0, "a number > 0 and <= 10000, used when MAX_STEPS is -1", gt=0, le=10_000)
+    MAX_GRAD_NORM: float = _field(1.0, "a number > 0 and <= 1000", gt=0, le=1000, allow_inf_nan=False)
+    OUTPUT_DIR: str | None = _field(None, "a folder inside DEEPE_STORAGE; default models/<job_id>", max_length=MAX_PATH)
+    MAX_STEPS: int = _field(-1, "-1 (train by epochs) or an integer from 1 to 10**9", ge=-1, le=MAX_COUNT)
+    NUM_EPOCHS: float = _field(1.0, "a number > 0 and <= 10000, used when MAX_STEPS is -1", gt=0, le=10_000,
+                               allow_inf_nan=False)
     BATCH_SIZE: int = _field(2, "an integer from 1 to 65536", ge=1, le=65_536)
     GRAD_ACCUM_STEPS: int = _field(1, "an integer from 1 to 65536", ge=1, le=65_536)
-    LEARNING_RATE: float = _field(2e-4, "a number > 0 and <= 1", gt=0, le=1)
-    WARMUP_STEPS: int = _field(0, "an integer >= 0", ge=0)
+    LEARNING_RATE: float = _field(2e-4, "a number > 0 and <= 1", gt=0, le=1, allow_inf_nan=False)
+    WARMUP_STEPS: int = _field(0, "an integer from 0 to 10**9", ge=0, le=MAX_COUNT)
     # None means "the method's own default" (instruction/output for SFT, question/answer for GRPO).
-    PromptInputColumn: str | None = _field(None, "a column name, or empty for the method's default")
-    PromptOutputColumn: str | None = _field(None, "a column name, or empty for the method's default")
+    PromptInputColumn: str | None = _field(None, "a column name, or empty for the method's default",
+                                           max_length=MAX_COLUMN)
+    PromptOutputColumn: str | None = _field(None, "a column name, or empty for the method's default",
+                                            max_length=MAX_COLUMN)
 
     @field_validator("MAX_STEPS")
     @classmethod
@@ -102,24 +114,22 @@ def _plain(key: str) -> str:
     return re.sub(r"[\s_\-]", "", key).lower()
 
 
-def _distance(a: str, b: str) -> int:
-    """Levenshtein distance."""
-    row = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        prev, row[0] = row[0], i
-        for j, cb in enumerate(b, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
-    return row[-1]
-
-
 def near_miss(key: str, names: list[str]) -> str | None:
-    """The known name that ``key`` almost is (case, '_' or '-', up to two typos); None if none."""
+    """The known name that ``key`` almost is (case, '_' or '-', a typo or two); None if none.
+
+    difflib's ratio stands in for an edit distance (0.8 is about two typos in a name of ten),
+    and a key longer than any name could be is no near miss: a 1 MB key costs nothing."""
+    if len(key) > NEAR_MISS_LENGTH:
+        return None
     plain = _plain(key)
     same = [n for n in names if _plain(n) == plain]
     if same:
         return same[0]
-    close = sorted((_distance(plain, _plain(n)), n) for n in names)
-    return close[0][1] if close and len(plain) >= 4 and close[0][0] <= 2 else None
+    if len(plain) < 4:
+        return None
+    by_plain = {_plain(n): n for n in names}
+    close = difflib.get_close_matches(plain, list(by_plain), n=1, cutoff=NEAR_MISS_RATIO)
+    return by_plain[close[0]] if close else None
 
 
 def refuse_near_misses(raw: dict[str, Any], declared: list[str]) -> list[str]:
@@ -149,9 +159,8 @@ def _format_errors(err: ValidationError) -> str:
         if e["type"] == "missing":
             lines.append(f"{canonical} is required: give {_allowed(canonical)}.")
             continue
-        value = e.get("input")
         reason = e["msg"].removeprefix("Value error, ")
-        lines.append(f"{canonical}={value!r} is not valid ({reason}); allowed: {_allowed(canonical)}.")
+        lines.append(f"{canonical}={shown(e.get('input'))} is not valid ({reason}); allowed: {_allowed(canonical)}.")
     return " ".join(lines)
 
 
@@ -181,6 +190,10 @@ def _under(root: Path, value: str) -> Path:
 
 def resolve_params(params: TrainParams, storage_root: Path, job_id: str) -> TrainParams:
     """Resolve paths against the storage root; OUTPUT_DIR must stay inside it."""
+    for name in ("MODEL_PATH", "DATASET_PATH", "OUTPUT_DIR"):
+        value = getattr(params, name)
+        if value is not None:
+            path_text(value, name)  # before the file system sees it: ENAMETOOLONG is no answer
     out = params.model_copy()
     out.MODEL_PATH = str(_under(storage_root, params.MODEL_PATH))
     out.DATASET_PATH = str(_under(storage_root, params.DATASET_PATH))

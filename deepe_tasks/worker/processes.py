@@ -8,6 +8,7 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,60 @@ from celery.signals import worker_process_init, worker_process_shutdown
 
 from deepe_tasks.core.settings import get_settings
 from deepe_tasks.job.ipc import die_with_parent, killed_by
-from deepe_tasks.worker.zygote_client import ColdJob, JobProcess, WarmStart
+from deepe_tasks.worker.zygote_client import ForkedJob, WarmStart
 
 log = logging.getLogger(__name__)
 
 TAIL_LINES = 15
 JOB_ENV_HIDDEN = frozenset({"DEEPE_REDIS_URL", "DEEPE_API_TOKENS", "REDIS_PASSWORD", "FLOWER_BASIC_AUTH"})
+# How long a killed job process may take to be reported gone; past it the worker stops waiting.
+KILL_WAIT = 10.0
+
+
+class ColdJob:
+    """A job process started for its job (``--no-warm``): it imports, then reads its spec on stdin."""
+
+    warm = False
+    forked = False
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.started_at = time.time()
+        self.handed = False
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    def start(self, spec: str) -> None:
+        assert self.proc.stdin is not None
+        self.handed = True
+        try:
+            self.proc.stdin.write((spec + "\n").encode())
+            self.proc.stdin.close()
+        except BrokenPipeError:
+            pass  # it died before reading its job: the Supervisor reports the crash
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.proc.wait(timeout)
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def discard(self) -> None:
+        """Not needed after all: end it."""
+        self.proc.kill()
+        self.proc.wait(KILL_WAIT)
+
+    def abandon(self) -> None:
+        """A SIGKILLed process that does not go (stuck in the kernel): nothing more can be done."""
+        log.error("job process %d did not exit after SIGKILL within %.0f s; leaving it", self.pid, KILL_WAIT)
+
+
+JobProcess = ForkedJob | ColdJob
+
+
 def _job_process_setup(memory_gb: float | None) -> Callable[[], None]:
     def setup() -> None:
         die_with_parent()
@@ -100,16 +149,24 @@ def _close_warm(**_: Any) -> None:
 def job_process() -> JobProcess:
     """A process for the next job, waiting for its spec: the zygote's spare, or else a fresh one."""
     warm: WarmStart | None = start_warm()
-    forked = warm.take() if warm is not None else None
+    forked = warm.take(start_timeout=get_settings().handover_timeout) if warm is not None else None
     if forked is not None:
         return forked
     return ColdJob(spawn_job_process())
 
 
 def kill_group(proc: JobProcess) -> None:
-    """Kill the job process and its process group (DataLoader workers, torchrun children)."""
+    """Kill the job process and its process group (DataLoader workers, torchrun children), and
+    wait a bounded time for its end. A process never handed its job is given back instead: a
+    zygote's spare stays the zygote's (killing it would leave nobody to report its end)."""
+    if not proc.handed:
+        proc.discard()
+        return
     try:
         os.killpg(proc.pid, signal.SIGKILL)  # even after the leader ended: its children may not have
     except (ProcessLookupError, PermissionError):
         pass
-    proc.wait()
+    try:
+        proc.wait(KILL_WAIT)
+    except subprocess.TimeoutExpired:
+        proc.abandon()

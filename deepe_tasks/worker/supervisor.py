@@ -21,10 +21,9 @@ from deepe_tasks.core.events import decode
 from deepe_tasks.core.records import Event, EventKind, JobRecord, RunResult, StopReason
 from deepe_tasks.core.settings import Settings
 from deepe_tasks.job.ipc import CUTOFF_SIGNAL, PREEMPT_SIGNAL
-from deepe_tasks.worker import credentials
+from deepe_tasks.worker import credentials, watchdog
 from deepe_tasks.worker.lifecycle import worker_stopping
-from deepe_tasks.worker.processes import kill_group
-from deepe_tasks.worker.zygote_client import JobProcess
+from deepe_tasks.worker.processes import JobProcess, kill_group
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +133,7 @@ class Supervisor:
         troubled = False  # Redis failed since the last renewal: the attempt's user may be gone
         limit = self.attempt.record.time_limit
         while True:
+            watchdog.beat()
             try:
                 self.proc.wait(timeout=0.25)
                 return self._first_reason()

@@ -8,14 +8,13 @@ attempt is still the job's.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn
 
 import redis
 from celery import states
@@ -24,11 +23,10 @@ from celery.exceptions import Ignore, Reject
 from deepe_tasks.core import devices, jobstore, keys
 from deepe_tasks.core.connection import get_redis
 from deepe_tasks.core.errors import InvalidParams, JobFailed
-from deepe_tasks.core.events import append_jsonl, decode
+from deepe_tasks.core.events import append_jsonl
 from deepe_tasks.core.records import (
     Event,
     EventKind,
-    JobSpec,
     JobStatus,
     Phase,
     RunResult,
@@ -37,16 +35,21 @@ from deepe_tasks.core.records import (
 from deepe_tasks.core.settings import get_settings
 from deepe_tasks.core.storage import attempt_dir, job_dir, remove_checkpoints, remove_staging
 from deepe_tasks.job.ipc import LOG_FILE, RESULT_FILE
-from deepe_tasks.queue.client import PROGRESS_WINDOW
-from deepe_tasks.worker import credentials
+from deepe_tasks.worker import credentials, watchdog
 from deepe_tasks.worker.celery_app import app
+from deepe_tasks.worker.handover import NotHandedOver, hand_over, retry_redis
 from deepe_tasks.worker.lifecycle import UNSENT_GRACE, send_again, stop_worker
-from deepe_tasks.worker.processes import crash_message, job_process, kill_group
+from deepe_tasks.worker.processes import (
+    KILL_WAIT,
+    JobProcess,
+    crash_message,
+    job_process,
+    kill_group,
+)
+from deepe_tasks.worker.progress import FlowerProgress
 from deepe_tasks.worker.supervisor import Attempt, Supervisor
-from deepe_tasks.worker.zygote_client import JobProcess
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 @app.task(name="deepe.train", bind=True)
 def train(self: Any, job_id: str, method: str = "", gpus: int = 1) -> dict[str, Any]:
@@ -58,7 +61,10 @@ def train(self: Any, job_id: str, method: str = "", gpus: int = 1) -> dict[str, 
     settings = get_settings()
     hostname = self.request.hostname or os.uname().nodename
     holder = f"{hostname}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    world_size = _world_size(job_id, hostname)
+    try:
+        world_size = _world_size(job_id, hostname)
+    except redis.RedisError as e:
+        _hand_back(job_id, e)
     # A zygote's spare costs nothing until it is handed a job, so take it first: then the job
     # starts the moment it is ours. (Without a zygote this starts a process, ended if unused.)
     proc = job_process()
@@ -69,6 +75,11 @@ def train(self: Any, job_id: str, method: str = "", gpus: int = 1) -> dict[str, 
     try:
         claim = jobstore.claim(get_redis(), job_id, holder, settings.lease_key_ms, started,
                                worker=hostname, started_at=time.time(), pid=proc.pid)
+    except redis.RedisError as e:
+        # Whether the claim was made is unknown. If it was, the message sent again finds the
+        # lease held and is dropped, and the reaper requeues the job once the lease expires.
+        proc.discard()
+        _hand_back(job_id, e)
     except BaseException:
         proc.discard()
         raise
@@ -77,6 +88,7 @@ def train(self: Any, job_id: str, method: str = "", gpus: int = 1) -> dict[str, 
         proc.discard()
         _log_dropped(job_id, claim)
         raise Ignore()
+    watchdog.busy(job_id)
     attempt = Attempt(claim.record, holder, settings)
     _best_effort(lambda: self.update_state(state=states.STARTED, meta={"job": job_id, "attempt": attempt.number}))
     folder = job_dir(settings.storage_root, job_id)
@@ -97,14 +109,24 @@ def train(self: Any, job_id: str, method: str = "", gpus: int = 1) -> dict[str, 
             result = _run_attempt(self, attempt, claim.source, proc, folder)
     finally:
         attempt.drop_credential()
+        watchdog.idle()
         if settings.one_job:  # --one-job: this worker's job is done, however it went
             log.info("job %s ended and the worker runs one job only (--one-job); it stops", job_id)
             stop_worker()
     return _celery_outcome(self, job_id, result)
 
 
-# A worker that took a job too large for it waits this long before it hands the message back.
+# A worker that took a job too large for it, or could not reach Redis to claim it, waits this
+# long before it hands the message back.
 MISROUTED_BACKOFF = 5.0
+
+
+def _hand_back(job_id: str, e: redis.RedisError) -> NoReturn:
+    """Give a message back to its queue unclaimed: Redis failed before the job was ours."""
+    log.error("job %s: Redis failed before the job could be claimed (%s); its message goes back to the queue in "
+              "%.0f s", job_id, e, MISROUTED_BACKOFF)
+    time.sleep(MISROUTED_BACKOFF)
+    raise Reject(f"Redis failed at the claim of job {job_id}: {e}", requeue=True) from e
 
 
 def _world_size(job_id: str, hostname: str) -> int:
@@ -163,19 +185,14 @@ def _run_attempt(task: Any, attempt: Attempt, source: str, proc: JobProcess, fol
     record = attempt.record
     own = attempt_dir(settings.storage_root, record.id, attempt.number)
     try:
-        credential = attempt.credential.create()
-        spec = JobSpec(job_id=record.id, method=record.method, method_sha256=record.method_sha256, source=source,
-                       params=record.params, storage_root=str(settings.storage_root), attempt=attempt.number,
-                       lease_ttl=settings.lease_ttl, redis_url=credential.url, redis_username=credential.username,
-                       redis_password=credential.password, worker=record.worker or "",
-                       started_at=record.started_at or 0.0, time_limit=record.time_limit,
-                       checkpoint_minutes=settings.checkpoint_minutes, event_buffer=settings.event_buffer,
-                       world_size=record.gpus, kind=record.kind)
-        announced = proc.pid
-        proc.start(spec.model_dump_json())
-        if proc.pid != announced:  # the spare died just before the hand-over; another took the job
-            jobstore.set_pid(attempt.client, record.id, attempt.number, proc.pid)
-        ended_by = Supervisor(attempt, proc, progress=FlowerProgress(task, record.id).report).watch()
+        try:
+            hand_over(attempt, source, proc)
+        except NotHandedOver as e:
+            log.error("job %s: attempt %d could not start: %s", record.id, attempt.number, e.result.error)
+            not_started: NotHandedOver | None = e
+        else:
+            not_started = None
+            ended_by = Supervisor(attempt, proc, progress=FlowerProgress(task, record.id).report).watch()
     finally:
         # Whatever happened, nothing of this attempt (DataLoader workers, torchrun children)
         # outlives it, nor its Redis user (gone before its end is recorded, so whoever sees the
@@ -183,6 +200,8 @@ def _run_attempt(task: Any, attempt: Attempt, source: str, proc: JobProcess, fol
         kill_group(proc)
         attempt.drop_credential()
         remove_staging(Path(record.output_dir), record.id, [attempt.number])
+    if not_started is not None:
+        return _end(attempt, not_started.result, folder, preempted=not_started.preempted)
     if ended_by is StopReason.FENCED:
         return None
     result_path = own / RESULT_FILE
@@ -204,43 +223,8 @@ def _run_attempt(task: Any, attempt: Attempt, source: str, proc: JobProcess, fol
                            error=f"its worker could not reach Redis for DEEPE_LEASE_TTL={settings.lease_ttl:g} s")
     else:
         result = RunResult(status=JobStatus.FAILED, phase=Phase.RUNNING,
-                           error=crash_message(proc.wait(), folder / LOG_FILE))
+                           error=crash_message(proc.wait(KILL_WAIT), folder / LOG_FILE))
     return _end(attempt, result, folder, preempted=ended_by is StopReason.PREEMPT)
-
-
-class FlowerProgress:
-    """Shows training progress in Flower: a PROGRESS state and `task-progress` events.
-
-    The supervisor calls it about once a second, from the worker side, so the job process
-    itself does nothing extra.
-    """
-
-    def __init__(self, task: Any, job_id: str) -> None:
-        self.task = task
-        self.job_id = job_id
-        self.last_step: int | None = None
-        self.seen = "0"  # the newest stream entry read: each report reads only what came after it
-        # Celery keeps the task's request per thread, and reports come from the supervisor's
-        # progress thread: take what they need from the request here.
-        self.task_id: str = task.request.id
-        self.hostname: str = task.request.hostname
-
-    def report(self) -> None:
-        recent: Any = get_redis().xrevrange(keys.events(self.job_id), min=f"({self.seen}", count=PROGRESS_WINDOW)
-        if not recent:
-            return
-        self.seen = recent[0][0]
-        event = next((e for _, e in decode(recent) if e is not None and e.kind is EventKind.LOG), None)
-        if event is None or event.step is None or event.step == self.last_step:
-            return
-        self.last_step = event.step
-        meta = {"job": self.job_id, "step": event.step, "max_steps": event.max_steps,
-                "loss": event.metrics.get("loss"), "eta_s": event.eta_s}
-        self.task.update_state(task_id=self.task_id, state="PROGRESS", meta=meta)
-        # Flower keeps the standard task fields only; `result` is one, so the figures show in
-        # its task list and its API while the job trains.
-        with self.task.app.events.default_dispatcher(hostname=self.hostname) as dispatcher:
-            dispatcher.send("task-progress", uuid=self.task_id, result=json.dumps(meta), **meta)
 
 
 def _storage_problem(own: Path) -> str | None:
@@ -259,19 +243,6 @@ def _storage_problem(own: Path) -> str | None:
     return None
 
 
-def _retry(fn: Callable[[], T], timeout: float) -> T:
-    """Call ``fn`` until Redis answers or ``timeout`` passes (then its error is raised)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return fn()
-        except redis.RedisError as e:
-            if time.monotonic() > deadline:
-                raise
-            log.warning("Redis is unreachable (%s); retrying", e)
-            time.sleep(1.0)
-
-
 def _best_effort(fn: Callable[[], object]) -> None:
     try:
         fn()
@@ -286,7 +257,7 @@ def _end(attempt: Attempt, result: RunResult, folder: Path, preempted: bool = Fa
     if result.status is JobStatus.QUEUED:
         try:
             # Cut off, wait about a lease for Redis; beyond that the reaper requeues the job.
-            outcome = _retry(lambda: attempt.requeue(result.error or "the worker shut down", preempted),
+            outcome = retry_redis(lambda: attempt.requeue(result.error or "the worker shut down", preempted),
                              timeout=attempt.settings.lease_ttl)
         except redis.RedisError:
             log.error("job %s: Redis stayed away; the reaper will requeue the job", job_id)
@@ -316,7 +287,7 @@ def _end(attempt: Attempt, result: RunResult, folder: Path, preempted: bool = Fa
         return attempt.finish(result, final)
 
     # The job process flushed its events before it exited: the final event comes after them.
-    if not _retry(record_end, timeout=300):
+    if not retry_redis(record_end, timeout=300):
         log.error("job %s: attempt %d was replaced by another; not recording its end", job_id, attempt.number)
         return None
     append_jsonl(folder / "events.jsonl", [final.to_json()])

@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 SpawnZygote = Callable[[int, int], subprocess.Popen[bytes]]
 
 
+class HandoverFailed(Exception):
+    """Raised when a job process could not be handed its job: the zygote died or did not answer."""
+
+
 class ZygoteClient:
     """One running zygote, seen from the worker: its pipes and the spare it announced last.
 
@@ -108,6 +112,8 @@ class ZygoteClient:
             return None
         if reply.kind is Reply.SPARE:
             self.spare = (reply.pid, reply.value)
+        elif reply.kind is Reply.EXIT and self.spare is not None and self.spare[0] == reply.pid:
+            self.spare = None  # the spare died: the zygote announces the next one
         return reply
 
     def next_spare(self, wait: float) -> tuple[int, float, bool] | None:
@@ -122,6 +128,16 @@ class ZygoteClient:
             if line is not None:
                 self.handle(line)
         return None if self.spare is None else (*self.spare, False)
+
+    def kill(self) -> None:
+        """End a zygote that does not answer: its spare and job processes die with it
+        (PR_SET_PDEATHSIG), and ``WarmStart`` starts a new one."""
+        log.error("the zygote (pid %d) does not answer; killing it, and a new one is started", self.proc.pid)
+        self.spare = None
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            self.proc.kill()
 
     def close(self) -> None:
         """Let the zygote go: it reads EOF, ends its spare and exits.
@@ -147,30 +163,41 @@ class ZygoteClient:
 class ForkedJob:
     """A job process forked by the zygote: the part of ``subprocess.Popen`` the Supervisor uses."""
 
-    START_TIMEOUT = 60.0
     forked = True
 
-    def __init__(self, zygote: ZygoteClient, pid: int, started_at: float, warm: bool) -> None:
+    def __init__(self, zygote: ZygoteClient, pid: int, started_at: float, warm: bool,
+                 start_timeout: float = 60.0) -> None:
         self.zygote = zygote
         self.pid = pid
         self.started_at = started_at
         self.warm = warm
+        self.start_timeout = start_timeout
+        self.handed = False  # the spec was sent: the process is the job's, not the zygote's spare
         self.returncode: int | None = None
 
     def start(self, spec: str) -> None:
-        """Hand the job's spec to the spare; it starts training at once."""
+        """Hand the job's spec to the spare; it starts training at once.
+
+        Raises HandoverFailed when the zygote died or did not confirm within ``start_timeout``
+        (a zygote that does not answer is killed, so that a new one replaces it).
+        """
+        self.handed = True
         self.zygote.job_started()
         try:
             self.zygote.send((spec + "\n").encode())
-        except OSError:
+        except OSError as e:
             self._end(-signal.SIGKILL)  # the zygote is gone, and its spare with it
-            return
+            raise HandoverFailed("the zygote had died before it could start the job") from e
+        deadline = time.monotonic() + self.start_timeout
         while self.returncode is None:
-            line = self.zygote.read(self.START_TIMEOUT)
-            if line is None:  # the zygote died, or does not answer
-                log.error("the zygote did not start job process %d; treating it as killed", self.pid)
+            line = self.zygote.read(max(0.0, deadline - time.monotonic()))
+            if line is None:
                 self._end(-signal.SIGKILL)
-                return
+                if self.zygote.lines.eof:
+                    raise HandoverFailed("the zygote died before it started the job")
+                self.zygote.kill()
+                raise HandoverFailed(f"the zygote did not start the job within {self.start_timeout:g} s "
+                                     "(DEEPE_HANDOVER_TIMEOUT)")
             reply = self.zygote.handle(line)
             if reply is not None and reply.kind is Reply.START:
                 self.pid = reply.pid  # the same spare, unless it died just before the hand-over
@@ -205,43 +232,12 @@ class ForkedJob:
     def discard(self) -> None:
         """Not needed after all: the spare stays with the zygote for the next job."""
 
-
-class ColdJob:
-    """A job process started for its job (``--no-warm``): it imports, then reads its spec on stdin."""
-
-    warm = False
-    forked = False
-
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
-        self.proc = proc
-        self.pid = proc.pid
-        self.started_at = time.time()
-
-    @property
-    def returncode(self) -> int | None:
-        return self.proc.returncode
-
-    def start(self, spec: str) -> None:
-        assert self.proc.stdin is not None
-        try:
-            self.proc.stdin.write((spec + "\n").encode())
-            self.proc.stdin.close()
-        except BrokenPipeError:
-            pass  # it died before reading its job: the Supervisor reports the crash
-
-    def wait(self, timeout: float | None = None) -> int:
-        return self.proc.wait(timeout)
-
-    def poll(self) -> int | None:
-        return self.proc.poll()
-
-    def discard(self) -> None:
-        """Not needed after all: end it."""
-        self.proc.kill()
-        self.proc.wait()
-
-
-JobProcess = ForkedJob | ColdJob
+    def abandon(self) -> None:
+        """The zygote never reported this process's end: kill the zygote (the process dies with
+        it) and count the process as killed, so that nobody waits on it for ever."""
+        self.zygote.kill()
+        if self.returncode is None:
+            self._end(-signal.SIGKILL)
 
 
 class WarmStart:
@@ -290,23 +286,26 @@ class WarmStart:
             self._wake.wait(self.CHECK_INTERVAL)
             self._wake.clear()
 
-    def take(self, wait: float = 600.0) -> ForkedJob | None:
+    def take(self, wait: float = 600.0, start_timeout: float = 60.0) -> ForkedJob | None:
         """The zygote's spare, waiting for its spec; None if the zygote cannot give one.
 
         Nothing is used up until ``ForkedJob.start``: a job that is dropped leaves the spare.
         """
         deadline = time.monotonic() + 30
-        while self._zygote is None and not self._closed and time.monotonic() < deadline:
+        while True:
+            with self._lock:
+                z = self._zygote
+            if z is not None and z.proc.poll() is None:
+                break
+            if self._closed or time.monotonic() >= deadline:
+                return None
+            self._wake.set()  # a dead zygote is replaced now, not at the next check
             time.sleep(0.05)  # the zygote is being (re)started
-        with self._lock:
-            z = self._zygote
-        if z is None:
-            return None
         spare = z.next_spare(wait)
         if spare is None:
             return None
         pid, forked_at, ready = spare
-        return ForkedJob(z, pid, forked_at, warm=ready)
+        return ForkedJob(z, pid, forked_at, warm=ready, start_timeout=start_timeout)
 
     def close(self) -> None:
         self._closed = True

@@ -42,9 +42,13 @@ def parse_kv(pairs: list[str] | None, params_file: Path | None) -> dict[str, Any
     params: dict[str, Any] = {}
     if params_file is not None:
         try:
-            params.update(json.loads(params_file.read_text()))
-        except (OSError, ValueError) as e:
+            loaded = json.loads(params_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:  # a UnicodeDecodeError too: the file is not UTF-8
             fail(f"Could not read the parameters file {params_file}: {e}; give a JSON object of KEY: value.")
+        if not isinstance(loaded, dict):
+            fail(f"The parameters file {params_file} holds a {type(loaded).__name__}, not a JSON object; give an "
+                 "object of KEY: value.")
+        params.update(loaded)
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from rich.table import Column, Table
+from rich.text import Text
 
 from deepe_tasks.core.settings import get_settings
 from deepe_tasks.ui.cli.common import (
@@ -66,11 +67,12 @@ def status(job_id: str, as_json: JsonOpt = False) -> None:
     table = Table(show_header=False)
     table.add_column(no_wrap=True)
     table.add_column(overflow="fold")
+    # As Text, never markup: an error message or a metric's name may hold "[/]".
     for key in ("id", "status", "method", "method_sha256", "queue", "worker", "output_dir", "error", "attempts"):
         if info.get(key) not in (None, ""):
-            table.add_row(key, str(info[key]))
+            table.add_row(key, Text(str(info[key])))
     for key, value in info.get("metrics", {}).items():
-        table.add_row(f"metric {key}", str(value))
+        table.add_row(Text(f"metric {key}"), Text(str(value)))
     console.print(table)
     if failed:
         raise typer.Exit(EXIT_FAILED)

@@ -29,12 +29,15 @@ def methods_list(as_json: JsonOpt = False) -> None:
 
     found = list_methods(get_settings().method_root)
     if as_json:
-        print_json([{"name": m.name, "kind": m.kind, "description": m.description, "sha256": m.sha256,
-                     "path": str(m.path)} for m in found])
+        print_json([{"name": m.name, "kind": m.kind, "description": m.description,
+                     "sha256": None if m.problem else m.sha256, "path": str(m.path), "problem": m.problem or None}
+                    for m in found])
         return
     table = Table("method", "kind", "description", "sha256")
     for m in found:
-        table.add_row(m.name, m.kind, m.description, m.sha256[:12])
+        # A file that cannot be read is listed with the reason, never a traceback that hides the rest.
+        table.add_row(m.name, m.kind, Text(m.description, style="red" if m.problem else ""),
+                      "-" if m.problem else m.sha256[:12])
     console.print(table)
 
 
@@ -47,13 +50,14 @@ def methods_show(name: str, as_json: JsonOpt = False) -> None:
     if as_json:
         print_json(info)
         return
-    console.print(f"[bold]{info['name']}[/] ({info['kind']}, {info['file_kind']} file) {info['path']}",
+    # As Text, never markup: a docstring or a help text may hold "[/]".
+    console.print(Text(info["name"], style="bold") + Text(f" ({info['kind']}, {info['file_kind']} file) {info['path']}"),
                   highlight=False, soft_wrap=True)
     if info["description"]:
-        console.print(info["description"], highlight=False, soft_wrap=True)
+        console.print(Text(info["description"]), highlight=False, soft_wrap=True)
     table = Table("parameter", "type", "default", "what", title="parameters")
     for p in info["params"]:
-        table.add_row(p["name"], p["type"], repr(p["default"]), p["help"])
+        table.add_row(Text(p["name"]), p["type"], Text(repr(p["default"])), Text(p["help"]))
     console.print(table)
 
 
@@ -75,7 +79,8 @@ def methods_check(name: str) -> None:
 
     method = load_method(get_settings().method_root, name)
     report = check_source(method.source, method.path.name)
-    console.print(f"{name}: a {file_kind(method.source)} method file ({method.path})", highlight=False, soft_wrap=True)
+    console.print(f"{name}: a {file_kind(method.source)} method file ({method.path})", highlight=False, soft_wrap=True,
+                  markup=False)
     for line in report.errors:
         console.print(Text("error: ", style="red") + Text(line), soft_wrap=True)
     for line in report.warnings:

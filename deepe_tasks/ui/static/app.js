@@ -288,12 +288,17 @@ function submitPage() {
   view.replaceChildren(el("h1", {}, "Submit a job"), el("div", { class: "toolbar" }, el("label", {}, "Method "), methods),
                        form, result);
   let current = null;
+  // Each parameter's input, by name: held, never looked up with a selector built from a name.
+  let inputs = new Map();
   async function showMethod() {
     current = await api(`../methods/${encodeURIComponent(methods.value)}`);
+    inputs = new Map();
     const fields = [];
     for (const p of current.params) {
       if (p.name === "OUTPUT_DIR") continue;
+      // el() sets attributes and text through the DOM: no name or help text is ever parsed as HTML.
       const input = el("input", { name: p.name, id: `param-${p.name}`, placeholder: p.default === null ? "" : String(p.default) });
+      inputs.set(p.name, input);
       fields.push(el("label", { for: `param-${p.name}` }, p.name + (p.declared_by === "method" ? " (method)" : "")), input,
                   el("div", { class: "help" }, `${p.type}. ${p.help}`));
     }
@@ -305,9 +310,8 @@ function submitPage() {
   form.addEventListener("submit", async (e) => {
     e.preventDefault();
     const params = {};
-    for (const p of current.params) {
-      const input = form.querySelector(`[name="${p.name}"]`);
-      if (input && input.value !== "") params[p.name] = input.value;  // typed and checked by the server
+    for (const [name, input] of inputs) {
+      if (input.value !== "") params[name] = input.value;  // typed and checked by the server
     }
     const body = { method: current.name, params, gpus: Number(document.getElementById("gpus").value || 1) };
     const queue = document.getElementById("queue").value;

@@ -1,0 +1,55 @@
+"""The one way a job process publishes a model: stage, check, publish, clean up.
+
+Used by the runner (a trained model) and the merge (a merged one). The folder is checked
+before anything is staged beside it and again just before the rename (`storage.foreign_owner`:
+inside the storage once symbolic links are followed, no other job's model there, above or
+around it); the rename comes only after the last stop check (a merge's cancel) and the fenced
+check that this attempt still owns the job.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from deepe_tasks.core.errors import AttemptFenced
+from deepe_tasks.core.records import JobSpec
+from deepe_tasks.core.storage import (
+    RETRY_ELSEWHERE,
+    publish,
+    refuse_foreign,
+    remove_staging,
+    staging_dir,
+)
+
+
+def publish_model(spec: JobSpec, target: Path, write: Callable[[Path], None],
+                  may_publish: Callable[[], bool] | None = None, *, what: str = "model", fix: str = RETRY_ELSEWHERE,
+                  before_publish: Callable[[], None] | None = None, merged_from: str | None = None) -> Path:
+    """Write the model with ``write(staging)`` and publish it at ``target``; return ``target``.
+
+    Raises InvalidParams when ``target`` is refused (nothing is staged or touched then),
+    AttemptFenced when the attempt lost its job, and whatever ``write`` or ``before_publish``
+    raise; in every case nothing of this attempt stays beside ``target``.
+    """
+    root = Path(spec.storage_root)
+    # Before the staging folder too, which is written beside the target.
+    refuse_foreign(target, root, spec.job_id, merged_from, what=what, fix=fix)
+    staging = staging_dir(target, spec.job_id, spec.attempt)
+    try:
+        write(staging)
+        if before_publish is not None:
+            before_publish()
+        if may_publish is not None and not may_publish():
+            raise AttemptFenced(f"attempt {spec.attempt} no longer owns job {spec.job_id} (its lease was lost); its "
+                                f"{what} was not published")
+        publish(staging, target, job_id=spec.job_id, storage_root=root, merged_from=merged_from, what=what,
+                fix=fix)
+    except BaseException:
+        # A full disk, a fenced attempt, a cancel: nothing half-written stays beside OUTPUT_DIR.
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    # What earlier attempts of this job staged is stale: they were fenced off or lost.
+    remove_staging(target, spec.job_id, range(1, spec.attempt))
+    return target

@@ -1,0 +1,114 @@
+"""The worker's watchdog: a worker that is stuck says so and exits, so that its supervisor
+(systemd, Docker's restart policy, Kubernetes) starts a fresh one.
+
+Every wait of a pool process on another process, a pipe or Redis is bounded, so a pool process
+that does its work makes progress: it beats while it holds a claimed job (the Supervisor's loop
+four times a second, every retry), and a thread of its own beats every second whatever it does.
+The worker's main process reads both beats. A pool process whose thread stopped beating (it was
+stopped, or is wedged in native code) or whose claimed job made no progress for
+``Settings.stuck_after`` is killed, and the worker exits with ``EXIT_STUCK``: its job's lease
+expires and another worker resumes the job. A worker that only *looks* alive (it answers
+pings, its reaper runs) while it never takes another job is the failure this exists for.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+from celery.signals import worker_process_init, worker_ready, worker_shutting_down
+
+from deepe_tasks.core.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+EXIT_STUCK = 70  # EX_SOFTWARE: the worker found itself stuck and exited to be restarted
+ALIVE_INTERVAL = 1.0  # seconds between the pool process's own beats
+ALIVE_STALE = 30.0  # a pool process silent this long does not answer
+
+# Shared memory made before Celery forks its pool process (as `lifecycle._stopping`): the pool
+# process writes, the main process reads. Monotonic clock readings, the same in every process.
+_ctx = multiprocessing.get_context("fork")
+_pool_pid = _ctx.RawValue("i", 0)
+_alive = _ctx.RawValue("d", 0.0)  # the pool process's thread beat last
+_busy_since = _ctx.RawValue("d", 0.0)  # it claimed the job it holds now (0: it holds none)
+_progress = _ctx.RawValue("d", 0.0)  # its claimed job made progress last
+_job = _ctx.RawArray("c", 64)  # that job's id, for the log
+
+
+def busy(job_id: str) -> None:
+    """This pool process holds a claimed job from now on."""
+    _job.value = job_id.encode()[:63]
+    _progress.value = _busy_since.value = time.monotonic()
+
+
+def beat() -> None:
+    """The claimed job made progress (a lease renewal, a retry, a step of its hand-over)."""
+    _progress.value = time.monotonic()
+
+
+def idle() -> None:
+    """This pool process holds no job any more."""
+    _busy_since.value = 0.0
+
+
+def stuck_reason(now: float, stuck_after: float) -> str | None:
+    """Why the pool process is stuck, or None while it is not."""
+    if _alive.value and now - _alive.value > ALIVE_STALE:
+        return f"its pool process (pid {_pool_pid.value}) has not answered for {now - _alive.value:.0f} s"
+    if _busy_since.value and now - _progress.value > stuck_after:
+        return (f"its pool process (pid {_pool_pid.value}) has made no progress on job "
+                f"{_job.value.decode(errors='replace')} for {now - _progress.value:.0f} s")
+    return None
+
+
+def _alive_loop() -> None:
+    while True:
+        _alive.value = time.monotonic()
+        time.sleep(ALIVE_INTERVAL)
+
+
+@worker_process_init.connect
+def _pool_process_started(**_: Any) -> None:
+    _pool_pid.value = os.getpid()
+    _alive.value = time.monotonic()
+    _busy_since.value = 0.0
+    threading.Thread(target=_alive_loop, name="deepe-alive", daemon=True).start()
+
+
+_stop = threading.Event()
+
+
+def _watch(settings: Settings) -> None:
+    stuck_after = settings.stuck_after
+    while not _stop.wait(1.0):
+        reason = stuck_reason(time.monotonic(), stuck_after)
+        if reason is None or _stop.is_set():
+            continue
+        log.critical("this worker is stuck: %s (bound: %.0f s). It kills that process and exits with code %d so "
+                     "that its supervisor restarts it; the job's lease expires and another worker resumes it.",
+                     reason, stuck_after, EXIT_STUCK)
+        pid = _pool_pid.value
+        if pid:
+            try:
+                os.kill(pid, signal.SIGKILL)  # its zygote and job processes die with it (PDEATHSIG)
+            except ProcessLookupError:
+                pass
+        logging.shutdown()
+        os._exit(EXIT_STUCK)
+
+
+@worker_ready.connect
+def _start(**_: Any) -> None:
+    threading.Thread(target=_watch, args=(get_settings(),), name="deepe-watchdog", daemon=True).start()
+
+
+@worker_shutting_down.connect
+def _shutting_down(**_: Any) -> None:
+    # A warm shutdown waits for the running job to checkpoint, as long as it takes: not stuck.
+    _stop.set()
