@@ -184,3 +184,29 @@ def test_a_worker_whose_pool_process_stops_says_so_exits_and_its_job_resumes(
     workers.append(Worker("stuck-q", tmp_path / "next.log", env=env).start())
     assert job.wait(timeout=240) is JobStatus.SUCCEEDED
     assert job.info()["attempts"] >= 2
+
+
+def test_a_spec_that_cannot_be_serialised_fails_the_job_with_the_reason_and_starts_nothing(
+        tmp_path: Path) -> None:
+    # Unit tier, beside the end-to-end test above (where records now read back clean, so the
+    # hand-over's own refusal is no longer reached): a record whose values pydantic cannot write.
+    from types import SimpleNamespace
+
+    from deepe_tasks.core.records import JobRecord
+    from deepe_tasks.core.settings import Settings
+    from deepe_tasks.worker.handover import NotHandedOver, hand_over
+
+    record = JobRecord(id="j1", method="m", method_sha256="0" * 64, params={"note": "\udc80"}, output_dir="o",
+                       queue="q", worker="w", started_at=1.0)
+    credential = SimpleNamespace(url="redis://127.0.0.1:1/0", username="u", password="p")
+    attempt = SimpleNamespace(settings=Settings(storage_root=tmp_path), record=record, number=1,
+                              credential=SimpleNamespace(create=lambda: credential))
+    started: list[str] = []
+    proc = SimpleNamespace(pid=123, start=started.append)
+
+    with pytest.raises(NotHandedOver) as raised:
+        hand_over(attempt, "source", proc)  # type: ignore[arg-type]
+
+    assert raised.value.result.status is JobStatus.FAILED and not raised.value.preempted
+    assert "cannot be sent to its job process" in (raised.value.result.error or "")
+    assert started == []  # the job process was never handed a spec

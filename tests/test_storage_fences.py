@@ -88,6 +88,28 @@ def test_a_folder_with_only_this_job_s_events_is_kept_with_its_checkpoints(tmp_p
     assert json.loads((folder / "deepe-job.json").read_text())["submitted_at"] == repr(submitted)
 
 
+def test_a_worker_clock_behind_the_submitter_s_does_not_move_the_job_s_own_folder(tmp_path: Path) -> None:
+    # Given a job folder without a marker whose first event a worker wrote with its clock a
+    # minute behind the submitter's
+    submitted = 5_000.0
+    folder = tmp_path / "jobs" / "skewed"
+    (folder / "attempts" / "1").mkdir(parents=True)
+    (folder / "events.jsonl").write_text(_event("skewed", submitted - 60, "started") + "\n")
+    # When the job takes it, Then it stays where it is
+    assert shared.own_job_dir(tmp_path, "skewed", repr(submitted)) is None
+    assert (folder / "attempts" / "1").is_dir()
+
+
+def test_a_marker_that_cannot_be_read_hands_the_job_back_and_moves_nothing(tmp_path: Path) -> None:
+    # Given a job folder whose marker cannot be read now (an I/O error; here, a folder in its place)
+    folder = tmp_path / "jobs" / "unread"
+    (folder / "deepe-job.json").mkdir(parents=True)
+    # When the job takes it, Then it raises (the caller hands the job back) and nothing moved
+    with pytest.raises(OSError):
+        shared.own_job_dir(tmp_path, "unread", repr(5_000.0))
+    assert sorted(p.name for p in (tmp_path / "jobs").iterdir()) == ["unread"]
+
+
 def test_what_a_job_may_not_publish_over_names_the_job_that_owns_it(tmp_path: Path) -> None:
     root = tmp_path / "storage"
     models = root / "models"
@@ -224,8 +246,8 @@ def test_a_job_id_submitted_again_after_it_expired_trains_from_scratch(
     assert [line["kind"] for line in lines].count("started") == 1 and all(line["ts"] >= submitted for line in lines)
     aside = [p for p in folder.parent.iterdir() if p.name.startswith(f"{job_id}.expired-")]
     assert len(aside) == 1 and (aside[0] / "attempts" / "1" / "checkpoints").is_dir()
-    # (its result set aside as soon as the new attempt 1 started, before the folder moved)
-    assert RunResult.model_validate_json((aside[0] / "attempts" / "1" / "result.json.expired").read_text()).step == 6
+    # (whole: the worker moved it before the new attempt 1 wrote anything)
+    assert RunResult.model_validate_json((aside[0] / "attempts" / "1" / "result.json").read_text()).step == 6
 
 
 @pytest.mark.e2e

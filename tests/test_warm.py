@@ -107,6 +107,27 @@ def test_a_killed_zygote_is_restarted_and_takes_its_spare_with_it(
     assert "zygote" in w.log() and "restarting it" in w.log()
 
 
+def test_a_zygote_killed_while_its_job_trains_requeues_the_job_which_resumes(
+        workers: list[Worker], tmp_path: Path, store: Path, sft_params: dict[str, Any]) -> None:
+    from tests.conftest import SLOW_METHOD
+
+    slow = write_method(store, "zygote_slow", SLOW_METHOD)
+    # Given a warm worker training a job forked by its zygote
+    w = Worker("zygote-job-q", tmp_path / "worker.log", env={"DEEPE_CHECKPOINT_MINUTES": "0.001"}).start()
+    workers.append(w)
+    job = submit(slow, {**sft_params, "MAX_STEPS": 12, "step_sleep": 0.3, "PromptInputColumn": "instruction",
+                        "PromptOutputColumn": "output"}, queue="zygote-job-q")
+    wait_for(lambda: any(e.kind is EventKind.LOG for e in job.events()) or job.status().is_final, timeout=120)
+    assert job.status() is JobStatus.RUNNING, job.info().get("error")
+    # When the zygote is killed (its job process dies with it: PR_SET_PDEATHSIG)
+    os.kill(zygotes_of(w)[0], signal.SIGKILL)
+    # Then the job is not failed for it: it is requeued as a loss and resumes to the end
+    assert job.wait(timeout=240) is JobStatus.SUCCEEDED, (job.info().get("error"), w.log()[-3000:])
+    info = job.info()
+    assert info["attempts"] == 2 and info["losses"] == 1
+    assert any(e.kind is EventKind.REQUEUED and "zygote died" in (e.message or "") for e in job.events())
+
+
 def test_no_warm_runs_each_job_in_a_process_started_for_it(workers: list[Worker], tmp_path: Path,
                                                            sft_params: dict[str, Any]) -> None:
     w = Worker("cold-q", tmp_path / "worker.log", extra_args=["--no-warm"]).start()

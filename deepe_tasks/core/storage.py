@@ -36,7 +36,7 @@ def own_job_dir(storage_root: Path, job_id: str, incarnation: str) -> Path | Non
     """
     folder = job_dir(storage_root, job_id)
     owner = _marker(folder)
-    if owner == incarnation:
+    if owner is not None and _same(owner, incarnation):
         return None
     since = float(incarnation)
     moved = None
@@ -47,7 +47,7 @@ def own_job_dir(storage_root: Path, job_id: str, incarnation: str) -> Path | Non
         except FileNotFoundError:
             moved = None  # another attempt of this job moved it a moment ago
         else:
-            if _marker(moved) == incarnation:
+            if _same(_marker(moved) or "", incarnation):
                 # That attempt also made the new folder already: it was this job's, give it back.
                 with contextlib.suppress(OSError):
                     os.rename(moved, folder)
@@ -62,25 +62,44 @@ def own_job_dir(storage_root: Path, job_id: str, incarnation: str) -> Path | Non
 
 
 def _marker(folder: Path) -> str | None:
-    """The submit time the job folder's marker names; None without one ("" if unreadable)."""
+    """The submit time the job folder's marker names; None without one, "" if it is no marker
+    deepe wrote (those are written whole). A marker that cannot be read now (an I/O error)
+    raises OSError: the caller hands the job back rather than move a folder that may be its own."""
     try:
-        return str(json.loads((folder / JOB_MARKER).read_text()).get("submitted_at", ""))
+        text = (folder / JOB_MARKER).read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, AttributeError):
+    try:
+        return str(json.loads(text).get("submitted_at", ""))
+    except (ValueError, AttributeError):
         return ""
+
+
+def _same(owner: str, incarnation: str) -> bool:
+    """Whether two submit times are the same (as numbers: one may have been written by repr)."""
+    try:
+        return float(owner) == float(incarnation)
+    except ValueError:
+        return False
+
+
+# The job folder's first event was written by a worker, the submit time by the submitter: their
+# clocks may differ by this much without a job's own folder being taken for an earlier job's.
+CLOCK_SKEW = 300.0
 
 
 def _older(folder: Path, since: float) -> bool:
     """Whether a job folder without a marker holds what a job submitted before ``since`` wrote.
 
-    Events are appended in time order, so the first line says; without events, any file of an
-    attempt or the job's log is an earlier job's (this job's workers write an event first).
+    Since the worker marks the folder before it writes anything there, such a folder is an
+    earlier job's, or one left by a version of deepe that wrote no marker. Events are appended
+    in time order, so the first line says (allowing for clock skew); without events, any file
+    of an attempt or the job's log is an earlier job's.
     """
     events = folder / EVENTS_FILE
     if not events.exists():
         return (folder / "output.log").exists() or any((folder / "attempts").glob("*/*"))
-    return next((ts < since for _, ts in _lines(events)), False)
+    return next((ts < since - CLOCK_SKEW for _, ts in _lines(events)), False)
 
 
 def _lines(path: Path) -> Iterable[tuple[str, float]]:
@@ -141,7 +160,7 @@ def remove_staging(target: Path, job_id: str, attempts: Iterable[int]) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
             fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
@@ -219,12 +238,18 @@ def publish(staging: Path, target: Path, *, job_id: str, storage_root: Path, mer
     An existing model of the same job at ``target`` is moved aside first and removed after the
     swap; anything else ``foreign_owner`` refuses raises InvalidParams, with nothing touched.
     """
-    _fsync_tree(staging)
+    fsync_tree(staging)
     refuse_foreign(target, storage_root, job_id, merged_from, what=what, fix=fix)
     old = None
     if target.exists():
         old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
         os.rename(target, old)
+        # Another job may have published there since the check: what was moved aside says.
+        owner = _owner(old)
+        if owner is not None and owner[0] != job_id and (merged_from is None or owner[1] != merged_from):
+            os.rename(old, target)
+            raise InvalidParams(f"{target} holds the model of job {owner[0]} (published there a moment ago): the "
+                                f"{what} of job {job_id} was not published there, and nothing there was touched. {fix}")
     os.rename(staging, target)
     dir_fd = os.open(target.parent, os.O_RDONLY)
     try:

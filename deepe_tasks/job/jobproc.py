@@ -178,9 +178,16 @@ def run(line: str) -> int:
     incarnation = _start(spec, attempt)
     if incarnation is None:
         return 0
-    # An earlier job of the same id (its record expired) left its folder: it is moved aside.
-    moved = own_job_dir(Path(spec.storage_root), spec.job_id, incarnation)
-    attempt.mkdir(parents=True, exist_ok=True)
+    # An earlier job of the same id (its record expired) left its folder: it is moved aside (the
+    # worker did so already; a job process started by an older worker does it here).
+    try:
+        moved = own_job_dir(Path(spec.storage_root), spec.job_id, incarnation)
+        attempt.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            write_result(attempt, RunResult(status=JobStatus.QUEUED, phase=Phase.PREPARING, error=(
+                f"the job folder {folder} could not be made ready ({e}); the job is handed back")))
+        return 0
     os.chdir(folder)  # stray relative writes of a method land in its job folder
     _redirect_output(folder)
     # A multi-device job: the other ranks are forked now, while this process has no thread.

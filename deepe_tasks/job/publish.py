@@ -3,8 +3,8 @@
 Used by the runner (a trained model) and the merge (a merged one). The folder is checked
 before anything is staged beside it and again just before the rename (`storage.foreign_owner`:
 inside the storage once symbolic links are followed, no other job's model there, above or
-around it); the rename comes only after the last stop check (a merge's cancel) and the fenced
-check that this attempt still owns the job.
+around it); the rename comes only after the fenced check that this attempt still owns the job
+and then the last stop check (a merge's cancel), both after the staged files reached the disk.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from deepe_tasks.core.errors import AttemptFenced
 from deepe_tasks.core.records import JobSpec
 from deepe_tasks.core.storage import (
     RETRY_ELSEWHERE,
+    fsync_tree,
     publish,
     refuse_foreign,
     remove_staging,
@@ -39,11 +40,12 @@ def publish_model(spec: JobSpec, target: Path, write: Callable[[Path], None],
     staging = staging_dir(target, spec.job_id, spec.attempt)
     try:
         write(staging)
-        if before_publish is not None:
-            before_publish()
+        fsync_tree(staging)  # the slow part of the publish, before the checks that must be last
         if may_publish is not None and not may_publish():
             raise AttemptFenced(f"attempt {spec.attempt} no longer owns job {spec.job_id} (its lease was lost); its "
                                 f"{what} was not published")
+        if before_publish is not None:
+            before_publish()
         publish(staging, target, job_id=spec.job_id, storage_root=root, merged_from=merged_from, what=what,
                 fix=fix)
     except BaseException:

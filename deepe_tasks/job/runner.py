@@ -167,7 +167,7 @@ class Runner:
             try:
                 inputs_allowed(self.params, declared_params(self.spec.source), Path(self.spec.storage_root),
                                [Path(p) for p in self.spec.input_roots])
-            except InvalidParams as e:
+            except (InvalidParams, MethodContractError) as e:
                 raise PhaseFailure(Phase.PREPARING, f"Failed while {Phase.PREPARING}: {e}") from e
         problems = input_problems(self.params, self.params)
         if problems:

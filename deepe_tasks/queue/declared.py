@@ -4,7 +4,7 @@
         "temperature": (float, 0.7, "sampling temperature, 0 to 2"),
     }
 
-Each entry is NAME: (type, default, help), with NAME a Python identifier and type one of int,
+Each entry is NAME: (type, default, help), with NAME plain ASCII (``NAME``) and type one of int,
 float, bool, str or Path (pathlib's: an input file or folder, resolved under DEEPE_STORAGE and
 held to the same rule as DATASET_PATH). A declared parameter is validated at submit like a
 platform parameter (a CLI string becomes its type), gets its default when not given, and
@@ -14,6 +14,7 @@ reaches the method in ``params`` (a Path as the absolute path, a string).
 from __future__ import annotations
 
 import ast
+import re
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -24,6 +25,7 @@ from deepe_tasks.core.validate import MAX_INT_BITS, shown
 
 DECLARATION = "METHOD_PARAMS"
 MAX_NAME = 64
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
 INT64 = Annotated[int, Field(ge=-(2**MAX_INT_BITS), le=2**MAX_INT_BITS - 1)]
 # What each type's value is checked as: no infinite float, no integer past 64 bits.
 TYPES: dict[str, Any] = {"int": INT64, "float": FiniteFloat, "bool": bool, "str": str, "Path": str}
@@ -78,12 +80,13 @@ def _read(stmt: ast.Assign) -> dict[str, Declared]:
         if type_name not in TYPES or not isinstance(help_text, str):
             raise MethodContractError(form)
         name = key.value
-        # A name reaches an HTML form, a CLI flag, a Python namespace: only an identifier fits all.
-        if not (name.isidentifier() and name.isascii() and len(name) <= MAX_NAME):
+        # A name reaches an HTML form, a CLI flag (-p NAME=value) and a log line: ASCII letters,
+        # digits, '_', '-' and '.', starting with a letter or '_' (no quote, space, '=' or '<').
+        if not (NAME.fullmatch(name) and len(name) <= MAX_NAME):
             raise MethodContractError(f"{DECLARATION} at line {line} declares the name {shown(name, 40)}; a "
-                                      f"parameter's name must be a Python identifier (letters, digits and '_', not "
-                                      f"starting with a digit, at most {MAX_NAME} characters), such as "
-                                      "\"temperature\"; rename it.")
+                                      f"parameter's name must be ASCII letters, digits, '_', '-' and '.', starting "
+                                      f"with a letter or '_', at most {MAX_NAME} characters, such as "
+                                      "\"temperature\" or \"max-new-tokens\"; rename it.")
         out[name] = Declared(name, str(type_name), default_value, help_text)
     return out
 

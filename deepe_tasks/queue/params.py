@@ -27,7 +27,7 @@ MAX_COUNT = 10**9  # steps, warm-up steps, samples: far beyond any run, far belo
 MAX_PATH = 4096  # characters in a path (PATH_MAX)
 MAX_COLUMN = 1024  # characters in a column name
 NEAR_MISS_LENGTH = 64  # a key longer than this is never a misspelt parameter name
-NEAR_MISS_RATIO = 0.8
+NEAR_MISS_EDITS = 2  # a key this many edits from a known name is a typo of it
 SECRET_KEY = re.compile(r"token|secret|password|passwd|key", re.IGNORECASE)
 MASK = "***"
 
@@ -114,11 +114,17 @@ def _plain(key: str) -> str:
     return re.sub(r"[\s_\-]", "", key).lower()
 
 
-def near_miss(key: str, names: list[str]) -> str | None:
-    """The known name that ``key`` almost is (case, '_' or '-', a typo or two); None if none.
+def _edits(a: str, b: str) -> int:
+    """About the edit distance of two names, from difflib's opcodes (each changed block
+    costs its longer side)."""
+    ops = difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes()
+    return sum(max(i2 - i1, j2 - j1) for tag, i1, i2, j1, j2 in ops if tag != "equal")
 
-    difflib's ratio stands in for an edit distance (0.8 is about two typos in a name of ten),
-    and a key longer than any name could be is no near miss: a 1 MB key costs nothing."""
+
+def near_miss(key: str, names: list[str]) -> str | None:
+    """The known name that ``key`` almost is (case, '_' or '-', up to two typos); None if none.
+
+    A key longer than any name could be is no near miss, so a 1 MB key costs nothing."""
     if len(key) > NEAR_MISS_LENGTH:
         return None
     plain = _plain(key)
@@ -127,9 +133,9 @@ def near_miss(key: str, names: list[str]) -> str | None:
         return same[0]
     if len(plain) < 4:
         return None
-    by_plain = {_plain(n): n for n in names}
-    close = difflib.get_close_matches(plain, list(by_plain), n=1, cutoff=NEAR_MISS_RATIO)
-    return by_plain[close[0]] if close else None
+    close = sorted((_edits(plain, _plain(n)), n) for n in names
+                   if abs(len(_plain(n)) - len(plain)) <= NEAR_MISS_EDITS)
+    return close[0][1] if close and close[0][0] <= NEAR_MISS_EDITS else None
 
 
 def refuse_near_misses(raw: dict[str, Any], declared: list[str]) -> list[str]:
@@ -146,8 +152,9 @@ def refuse_near_misses(raw: dict[str, Any], declared: list[str]) -> list[str]:
         else:
             custom.append(key)
     if wrong:
-        raise InvalidParams(" ".join(wrong) + " (Fix the name; a key that is no parameter's near miss is passed "
-                                              "to the method as a custom parameter.)")
+        raise InvalidParams(" ".join(wrong) + " (Fix the name, or declare it in the method's METHOD_PARAMS; a key that "
+                                              "is no parameter's near miss is passed to the method as a custom "
+                                              "parameter.)")
     return custom
 
 

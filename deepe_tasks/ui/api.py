@@ -5,32 +5,26 @@ It has no logic of its own: every route calls the same client code as `deepe_tas
 
 from __future__ import annotations
 
-import json
 import logging
-import secrets
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
+from deepe_tasks.core import devices, validate
 from deepe_tasks.core.connection import get_redis
 from deepe_tasks.core.errors import (
-    BrokerUnavailable,
     DeepeError,
-    InvalidJobState,
-    JobExists,
-    JobNotFound,
-    MethodNotFound,
 )
 from deepe_tasks.core.records import Event, JobRecord, JobStatus
 from deepe_tasks.core.settings import get_settings
 from deepe_tasks.queue import client
 from deepe_tasks.queue.methods import Method, describe_method, list_methods, load_method
+from deepe_tasks.ui import answers, health, limits, sse
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +89,13 @@ class Error(BaseModel):
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": Error, "description": "No token, or a wrong one."},
+    401: {"model": Error, "description": "No token, or a wrong one (before any body is read)."},
     404: {"model": Error, "description": "No such job or method."},
+    413: {"model": Error, "description": "A body over DEEPE_API_MAX_BODY_BYTES (before it is read)."},
     422: {"model": Error, "description": "Bad input; the message says what to fix."},
+    503: {"model": Error, "description": "Redis does not answer; try again."},
 }
-EVENT_STREAM = "text/event-stream"
+EVENT_STREAM = sse.EVENT_STREAM
 
 
 def _info(record: JobRecord, progress: Event | None) -> JobInfo:
@@ -118,26 +114,8 @@ def authorised(request: Request,
                credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
     """The bearer token must be one of the app's tokens (none configured: `--insecure`)."""
     tokens: list[str] = request.app.state.tokens
-    if not tokens:
-        return
-    given = credentials.credentials if credentials else ""
-    # As bytes: compare_digest refuses str with non-ASCII characters (a header can carry them).
-    if not any(secrets.compare_digest(given.encode(), t.encode()) for t in tokens):
-        raise HTTPException(401, "A valid `Authorization: Bearer <token>` header is required.",
-                            headers={"WWW-Authenticate": "Bearer"})
-
-
-async def deepe_error(request: Request, exc: Exception) -> JSONResponse:
-    """A deepe error as an HTTP answer: the message says what to fix."""
-    if isinstance(exc, JobNotFound) or (isinstance(exc, MethodNotFound) and request.method == "GET"):
-        code = 404
-    elif isinstance(exc, (InvalidJobState, JobExists)):
-        code = 409
-    elif isinstance(exc, BrokerUnavailable):
-        code = 503
-    else:
-        code = 422  # bad input
-    return JSONResponse({"detail": str(exc)}, status_code=code)
+    if tokens and not limits.valid_token(tokens, credentials.credentials if credentials else ""):
+        raise HTTPException(401, limits.TOKEN_REQUIRED, headers={"WWW-Authenticate": "Bearer"})
 
 
 jobs_api = APIRouter(dependencies=[Depends(authorised)])  # jobs and methods: a token is needed
@@ -178,32 +156,28 @@ EVENTS_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 @jobs_api.get("/jobs/{job_id}/events", responses=EVENTS_RESPONSES, response_model=None)
-def events(job_id: str, follow: bool = True, since: Annotated[str, Query(pattern=r"^\d+(-\d+)?$")] = "0",
-           last_event_id: Annotated[str | None, Header(pattern=r"^\d+(-\d+)?$")] = None) -> Any:
+def events(request: Request, job_id: str, follow: bool = True,
+           since: Annotated[str, Query(pattern=r"^\d+(-\d+)?$")] = "0",
+           last_event_id: Annotated[str | None, Header()] = None) -> Any:
     """Replay a job's events from `since` (or after `Last-Event-ID`), then tail them until it ends.
 
     A quiet job's stream carries a comment (`: keepalive`) every `SSE_KEEPALIVE` seconds without
-    an event, so that a proxy does not close it as idle."""
+    an event, so that a proxy does not close it as idle. It ends with the job's final event, or
+    once the job has ended or its record expired. A token may hold DEEPE_API_MAX_STREAMS_PER_TOKEN
+    streams open at once (429 past that)."""
     job = client.find_job(job_id)
-    since = last_event_id or since
-    stream = job.events(since=since, follow=follow)  # a bad `since` or an unknown job fails here, before the 200
+    # Checked before the 200: a stream must not break after it.
+    since = validate.stream_id(since) if last_event_id is None else validate.stream_id(last_event_id, "Last-Event-ID")
+    job.status()  # a clear 404 for an unknown job
     if not follow:
-        return JSONResponse([e.model_dump(mode="json") for e in stream])
-    return StreamingResponse(_sse(job.id, since), media_type=EVENT_STREAM, headers={"Cache-Control": "no-cache"})
+        return JSONResponse([e.model_dump(mode="json") for e in sse.replay(get_redis(), job.id, since)])
+    tokens: list[str] = request.app.state.tokens
+    who = limits.bearer(request.headers.get("authorization")) if tokens else (request.client or ("", 0))[0]
+    give_back = request.app.state.streams.take(who)
+    return sse.EventStream(get_settings().redis_url, job.id, since, idle=SSE_KEEPALIVE, give_back=give_back)
 
 
 SSE_KEEPALIVE = 15.0  # seconds without an event after which an SSE stream gets a comment (nginx cuts at 60)
-
-
-def _sse(job_id: str, since: str) -> Iterator[str]:
-    """A job's events as Server-Sent Events until it ends, with a keepalive comment when it is quiet."""
-    from deepe_tasks.core.events import tail_events
-
-    for event in tail_events(get_redis(), job_id, since=since, follow=True, idle=SSE_KEEPALIVE):
-        if event is None:
-            yield ": keepalive\n\n"
-        else:
-            yield f"id: {event.id}\nevent: {event.kind.value}\ndata: {json.dumps(event.model_dump(mode='json'))}\n\n"
 
 
 @jobs_api.post("/jobs/{job_id}/cancel", response_model=JobRef,
@@ -259,7 +233,6 @@ def queues() -> Queues:
     """What `deepe queues` shows: each queue, its jobs and its workers; and the workers up now."""
     from dataclasses import asdict
 
-    from deepe_tasks.core import devices
     from deepe_tasks.queue.queues import overview
     from deepe_tasks.worker.celery_app import app_for
 
@@ -273,15 +246,13 @@ def queues() -> Queues:
 
 @open_api.get("/healthz", response_model=Health, responses={503: {"model": Health}})
 def healthz() -> Any:
-    """Whether Redis answers, and how many workers answered a ping."""
-    from deepe_tasks.worker.celery_app import app_for
-
-    try:
-        get_redis().ping()
-    except Exception:
+    """Whether Redis answers (503 when it does not, within about 2 s), and how many workers said
+    they were up within the last three lease TTLs."""
+    settings = get_settings()
+    up, workers = health.check(settings.redis_url, stale_after=devices.STALE_AFTER_TTLS * settings.lease_ttl)
+    if not up:
         return JSONResponse(Health(redis=False, workers=0).model_dump(), status_code=503)
-    replies = app_for(get_settings().redis_url).control.ping(timeout=0.5) or []
-    return Health(redis=True, workers=len(replies))
+    return Health(redis=True, workers=workers)
 
 
 @open_api.get("/metrics", response_class=PlainTextResponse)
@@ -303,9 +274,14 @@ def create_app(tokens: list[str], insecure: bool = False) -> FastAPI:
                          "or start with --insecure on a trusted network only.")
     if insecure and not tokens:
         log.warning("the deepe API runs WITHOUT authentication (--insecure)")
-    app = FastAPI(title="deepe", version="0.1.0", description=__doc__, responses={401: ERRORS[401]})
+    app = FastAPI(title="deepe", version="0.1.0", description=__doc__,
+                  responses={code: ERRORS[code] for code in (401, 413, 503)})
+    settings = get_settings()
     app.state.tokens = list(tokens)
-    app.add_exception_handler(DeepeError, deepe_error)
+    app.state.streams = limits.StreamSlots(settings.api_max_streams_per_token)
+    answers.install(app)
+    # Outermost: a body is refused (wrong token, too large) before any route reads it.
+    app.add_middleware(limits.BodyGate, tokens=app.state.tokens, max_bytes=settings.api_max_body_bytes)
     app.include_router(jobs_api)
     app.include_router(open_api)
     # The job page: static files, no token needed to load them; every call they make needs one.

@@ -32,6 +32,7 @@ class ColdJob:
 
     warm = False
     forked = False
+    zygote_died = False  # it has none
 
     def __init__(self, proc: subprocess.Popen[bytes]) -> None:
         self.proc = proc
@@ -61,11 +62,15 @@ class ColdJob:
     def discard(self) -> None:
         """Not needed after all: end it."""
         self.proc.kill()
-        self.proc.wait(KILL_WAIT)
+        try:
+            self.proc.wait(KILL_WAIT)
+        except subprocess.TimeoutExpired:
+            self.abandon()
 
     def abandon(self) -> None:
         """A SIGKILLed process that does not go (stuck in the kernel): nothing more can be done."""
         log.error("job process %d did not exit after SIGKILL within %.0f s; leaving it", self.pid, KILL_WAIT)
+        self.proc.returncode = -9  # it was sent SIGKILL: report it so, and wait on it no more
 
 
 JobProcess = ForkedJob | ColdJob

@@ -33,7 +33,13 @@ from deepe_tasks.core.records import (
     StopReason,
 )
 from deepe_tasks.core.settings import get_settings
-from deepe_tasks.core.storage import attempt_dir, job_dir, remove_checkpoints, remove_staging
+from deepe_tasks.core.storage import (
+    attempt_dir,
+    job_dir,
+    own_job_dir,
+    remove_checkpoints,
+    remove_staging,
+)
 from deepe_tasks.job.ipc import LOG_FILE, RESULT_FILE
 from deepe_tasks.worker import credentials, watchdog
 from deepe_tasks.worker.celery_app import app
@@ -96,7 +102,7 @@ def train(self: Any, job_id: str, method: str = "", gpus: int = 1) -> dict[str, 
     if attempt.number > 1:
         credentials.revoke(attempt.client, job_id, attempt.number - 1)
     try:
-        unwritable = _storage_problem(attempt_dir(settings.storage_root, job_id, attempt.number))
+        unwritable = _storage_problem(settings.storage_root, job_id, attempt.number, claim.record.submitted_at)
         append_jsonl(folder / "events.jsonl", [started.to_json()])
         if unwritable or claim.source is None:
             proc.discard()
@@ -221,17 +227,27 @@ def _run_attempt(task: Any, attempt: Attempt, source: str, proc: JobProcess, fol
     elif ended_by is StopReason.CUT_OFF:
         result = RunResult(status=JobStatus.QUEUED, phase=Phase.TRAINING,
                            error=f"its worker could not reach Redis for DEEPE_LEASE_TTL={settings.lease_ttl:g} s")
+    elif proc.zygote_died:
+        # Not the job's doing: the worker's zygote died (killed, or chosen by the OOM killer)
+        # and took its job process along. A loss, like a killed worker: the job resumes.
+        result = RunResult(status=JobStatus.QUEUED, phase=Phase.TRAINING,
+                           error="its worker's zygote died, and the job process with it")
     else:
         result = RunResult(status=JobStatus.FAILED, phase=Phase.RUNNING,
                            error=crash_message(proc.wait(KILL_WAIT), folder / LOG_FILE))
     return _end(attempt, result, folder, preempted=ended_by is StopReason.PREEMPT)
 
 
-def _storage_problem(own: Path) -> str | None:
+def _storage_problem(root: Path, job_id: str, number: int, submitted_at: float) -> str | None:
     """Why the attempt's folder on the shared storage cannot be written, or None if it can: a
     job that cannot write there fails at once, naming the storage, rather than being retried
-    as if its worker had been lost."""
+    as if its worker had been lost. First the job folder is made this job's (an earlier job of
+    the same id is moved aside), before anything of this attempt is written there."""
+    own = attempt_dir(root, job_id, number)
     try:
+        moved = own_job_dir(root, job_id, repr(submitted_at))
+        if moved is not None:
+            log.warning("job %s: the folder of an earlier job of that id (expired) was moved to %s", job_id, moved)
         own.mkdir(parents=True, exist_ok=True)
         probe = own / ".deepe-write-check"
         probe.write_bytes(b"")

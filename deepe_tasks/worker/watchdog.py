@@ -84,10 +84,32 @@ def _pool_process_started(**_: Any) -> None:
 _stop = threading.Event()
 
 
+# A round of the watch that comes this late means the worker's main process was stopped too
+# (SIGSTOP of the whole worker tree, then SIGCONT): every beat is old then, and the pool process
+# is given GRACE seconds to beat again before it is judged.
+LOOP_GAP = 3.0
+GRACE = 5.0
+
+
+class Rounds:
+    """When a round of the watch may judge: not within GRACE of a round that came late."""
+
+    def __init__(self, now: float) -> None:
+        self.last = self.judge_from = now
+
+    def may_judge(self, now: float) -> bool:
+        if now - self.last > LOOP_GAP:
+            self.judge_from = now + GRACE
+        self.last = now
+        return now >= self.judge_from
+
+
 def _watch(settings: Settings) -> None:
     stuck_after = settings.stuck_after
+    rounds = Rounds(time.monotonic())
     while not _stop.wait(1.0):
-        reason = stuck_reason(time.monotonic(), stuck_after)
+        now = time.monotonic()
+        reason = stuck_reason(now, stuck_after) if rounds.may_judge(now) else None
         if reason is None or _stop.is_set():
             continue
         log.critical("this worker is stuck: %s (bound: %.0f s). It kills that process and exits with code %d so "
@@ -104,7 +126,13 @@ def _watch(settings: Settings) -> None:
 
 
 @worker_ready.connect
-def _start(**_: Any) -> None:
+def _start(sender: Any = None, **_: Any) -> None:
+    concurrency = getattr(getattr(sender, "controller", None), "concurrency", 1)  # sender: the worker's Consumer
+    if isinstance(concurrency, int) and concurrency > 1:
+        # The beats are one pool process's; with more, the watchdog could not tell them apart.
+        log.warning("the watchdog watches one pool process and this worker has --concurrency %d: it is off. "
+                    "Run one deepe worker per device set (deepe worker runs with --concurrency 1).", concurrency)
+        return
     threading.Thread(target=_watch, args=(get_settings(),), name="deepe-watchdog", daemon=True).start()
 
 

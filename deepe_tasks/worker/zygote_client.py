@@ -174,6 +174,7 @@ class ForkedJob:
         self.start_timeout = start_timeout
         self.handed = False  # the spec was sent: the process is the job's, not the zygote's spare
         self.returncode: int | None = None
+        self.zygote_died = False  # it ended because its zygote died (PDEATHSIG), not by its own doing
 
     def start(self, spec: str) -> None:
         """Hand the job's spec to the spare; it starts training at once.
@@ -216,6 +217,7 @@ class ForkedJob:
             line = self.zygote.read(left)
             if line is None:
                 if self.zygote.lines.eof:  # the zygote died: its children got SIGKILL
+                    self.zygote_died = True
                     return self._end(-signal.SIGKILL)
                 raise subprocess.TimeoutExpired("job process", timeout or 0)
             reply = self.zygote.handle(line)

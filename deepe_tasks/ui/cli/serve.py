@@ -62,12 +62,17 @@ def api(
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
     insecure: Annotated[bool, typer.Option("--insecure", help="Serve without DEEPE_API_TOKENS.")] = False,
 ) -> None:
-    """Serve the HTTP API (needs the `api` extra: FastAPI and uvicorn)."""
-    import uvicorn
+    """Serve the HTTP API (needs the `api` extra: FastAPI and uvicorn).
 
+    Its limits come from the settings: DEEPE_API_MAX_BODY_BYTES (413), DEEPE_API_MAX_STREAMS_PER_TOKEN
+    (429), and DEEPE_API_HEADER_TIMEOUT, the seconds a connection may take to send a request's
+    headers or stay idle between requests before it is closed."""
     from deepe_tasks.ui.api import create_app
+    from deepe_tasks.ui.server import serve
 
-    uvicorn.run(create_app(get_settings().api_token_list, insecure=insecure), host=host, port=port)
+    settings = get_settings()
+    serve(create_app(settings.api_token_list, insecure=insecure), host=host, port=port,
+          header_timeout=settings.api_header_timeout)
 
 
 @app.command()

@@ -155,6 +155,13 @@ function followEvents(jobId, onEvent, onEnd) {
         if (last !== "0") headers["Last-Event-ID"] = last;
         const response = await fetch(`../jobs/${encodeURIComponent(jobId)}/events`, { headers, signal: controller.signal });
         if (response.status === 401) { showLogin("Your token was refused; sign in again."); return; }
+        if (response.status === 404) return;  // the job is gone (expired): nothing more will come
+        if (response.status === 429 || response.status === 503) {
+          // Too many open streams for this token, or Redis away: come back when the server says.
+          const after = Number(response.headers.get("Retry-After")) || 5;
+          await new Promise((r) => setTimeout(r, Math.min(after, 60) * 1000));
+          continue;
+        }
         if (!response.ok) throw new Error(`HTTP ${response.status}`);
         const reader = response.body.getReader();
         const decoder = new TextDecoder();
