@@ -124,7 +124,7 @@ def main() -> None:
             }
             for sock in streams:
                 sock.close()
-            report("api_followers", figures)
+            report("api_followers", figures, smoke=args.smoke)
         finally:
             proc.terminate()
             proc.wait(timeout=20)

@@ -14,31 +14,35 @@ plus the CPU time of the publisher's thread, per step (`callback_cpu_us_per_step
 
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 from typing import Any
 
-from common import environment, median, report, running_job, sft_params
+from common import environment, median, report, running_job, sft_params, smoke_flag
 
 STEPS = 400
 BLOCK = 10
 SKIP = 2
 ROUNDS = 2
+CPU_STEPS = 400
+SMOKE_STEPS, SMOKE_ROUNDS, SMOKE_CPU_STEPS = 40, 1, 20
 
 
-def step_times(ctx: dict[str, Any]) -> tuple[list[float], list[float]]:
+def step_times(ctx: dict[str, Any], job_id: str, steps: int) -> tuple[list[float], list[float]]:
+    """One run of ``steps`` steps as job ``job_id`` (a new id each run: an id is used once)."""
     import redis
     from transformers import TrainerCallback
 
     from deepe_tasks.core.events import EventPublisher
     from deepe_tasks.job.callback import DeepeCallback
-    from deepe_tasks.job.jobproc import StopFlags
+    from deepe_tasks.job.stops import StopFlags
     from deepe_tasks.ui.local import local_runner
 
     client = redis.Redis.from_url(ctx["url"], decode_responses=True)
-    publisher = EventPublisher(client, "bench-callback", running_job(client, "bench-callback"))
+    publisher = EventPublisher(client, job_id, running_job(client, job_id))
     runner = local_runner(ctx["work"] / "methods" / "sft-demo.py",
-                          sft_params(ctx, MAX_STEPS=STEPS, OUTPUT_DIR="models/bench"), publisher.emit)
+                          sft_params(ctx, MAX_STEPS=steps, OUTPUT_DIR=f"models/{job_id}"), publisher.emit)
     ours = runner.callback
     ours.should_stop = StopFlags(client, runner.spec).check
     trainer = runner.build()
@@ -101,7 +105,7 @@ def callback_cpu_per_step(ctx: dict[str, Any], steps: int = 400, step_s: float =
     from deepe_tasks.core.events import EventPublisher
     from deepe_tasks.core.records import JobSpec
     from deepe_tasks.job.callback import DeepeCallback
-    from deepe_tasks.job.jobproc import StopFlags
+    from deepe_tasks.job.stops import StopFlags
 
     client = redis.Redis.from_url(ctx["url"], decode_responses=True)
     publisher = EventPublisher(client, "bench-cpu", running_job(client, "bench-cpu"))
@@ -130,22 +134,26 @@ def callback_cpu_per_step(ctx: dict[str, Any], steps: int = 400, step_s: float =
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    smoke_flag(parser, f"{SMOKE_ROUNDS} run of {SMOKE_STEPS} steps, {SMOKE_CPU_STEPS} steps of the direct measure")
+    smoke = parser.parse_args().smoke
+    steps, runs, cpu_steps = (SMOKE_STEPS, SMOKE_ROUNDS, SMOKE_CPU_STEPS) if smoke else (STEPS, ROUNDS, CPU_STEPS)
     with environment() as ctx:
         ours: list[float] = []
         bare: list[float] = []
         rounds = []
-        for _ in range(ROUNDS):
-            mine, theirs = step_times(ctx)
+        for n in range(runs):
+            mine, theirs = step_times(ctx, f"bench-callback-{n}", steps)
             ours += mine
             bare += theirs
             rounds.append(round(median(mine) / median(theirs), 4))
-        cpu = callback_cpu_per_step(ctx)
+        cpu = callback_cpu_per_step(ctx, cpu_steps)
         report("callback_overhead", {
             "ours_median_step_s": round(median(ours), 6), "baseline_median_step_s": round(median(bare), 6),
             "ratio": round(median(ours) / median(bare), 4), "goal": "<= 1.02", "ratio_each_round": rounds,
             "steps": len(ours) + len(bare), "callback_cpu_us_per_step": round(cpu * 1e6, 1),
             "callback_cpu_share_of_step": round(cpu / median(bare), 5), "device": "cpu",
-        })
+        }, smoke=smoke)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -58,6 +59,12 @@ def write_method(ctx: dict[str, Any], name: str, source: str) -> str:
     return name
 
 
+def smoke_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--smoke``: the benchmark in a size that runs in seconds (``what``), to check that it still
+    works (tests/test_bench_smoke.py runs every one so); its figures mean nothing."""
+    parser.add_argument("--smoke", action="store_true", help=f"a few seconds' check that it runs: {what}")
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
@@ -73,8 +80,11 @@ def machine() -> dict[str, Any]:
     return {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
 
 
-def report(name: str, figures: dict[str, Any]) -> dict[str, Any]:
-    out = {"bench": name, **figures, "machine": machine(), "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+def report(name: str, figures: dict[str, Any], smoke: bool = False) -> dict[str, Any]:
+    """Print the benchmark's one JSON object. ``smoke``: it ran in its smoke size (`--smoke`),
+    which checks that it still works; its figures mean nothing."""
+    out = {"bench": name, "smoke": smoke, **figures, "machine": machine(),
+           "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     print(json.dumps(out))
     return out
 

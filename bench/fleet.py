@@ -24,6 +24,7 @@ rate is printed beside the target, and a replay that fell short says so.
     .venv/bin/python bench/fleet.py --window 30                 # everything, about 10 minutes
     .venv/bin/python bench/fleet.py --phases idle --workers 20 --window 60 --out bench/fleet.json
     .venv/bin/python bench/fleet.py --phases training,replay --window 60 --out bench/fleet.json
+    .venv/bin/python bench/fleet.py --smoke                     # every phase, tiny: does it still run?
 
 `--out` adds the phases run to what the file already holds (two runs, each under 10 minutes).
 """
@@ -40,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import environment, percentile, report, sft_params, write_method
+from common import environment, percentile, report, sft_params, smoke_flag, write_method
 from scaling import FIXED  # a job whose steps take STEP_SECONDS each
 
 # -- measuring Redis -----------------------------------------------------------------------------
@@ -110,8 +111,8 @@ class FlowerView:
 def _clients(url: str) -> tuple[Any, Any]:
     import redis
 
+    from deepe_tasks.core.broker import app_for
     from deepe_tasks.core.settings import get_settings
-    from deepe_tasks.worker.celery_app import app_for
 
     get_settings.cache_clear()
     return redis.Redis.from_url(url, decode_responses=True), app_for(url)
@@ -119,7 +120,7 @@ def _clients(url: str) -> tuple[Any, Any]:
 
 # -- 1 and 2: real workers -----------------------------------------------------------------------
 
-def idle_workers(profile: str, n: int, window: float) -> dict[str, Any]:
+def idle_workers(profile: str, n: int, window: float, settle: float = 15.0) -> dict[str, Any]:
     from deepe_tasks.fixtures.embedded import WorkerProcess
 
     with environment(workers=0, DEEPE_FLEET=profile, DEEPE_WARM="false") as ctx:
@@ -130,7 +131,7 @@ def idle_workers(profile: str, n: int, window: float) -> dict[str, Any]:
             for p in procs:
                 p.wait_ready(timeout=300)
             view = FlowerView(app)
-            time.sleep(15)  # past start-up (mingle, the first heartbeats, the reapers' first round)
+            time.sleep(settle)  # past start-up (mingle, the first heartbeats, the reapers' first round)
             figures = measure(r, window, per=n)
             figures["online_in_flower_view"] = f"{view.online()}/{n}"
             view.stop()
@@ -143,7 +144,7 @@ def idle_workers(profile: str, n: int, window: float) -> dict[str, Any]:
     return figures
 
 
-def training_worker(window: float) -> dict[str, Any]:
+def training_worker(window: float, logs: int = 5) -> dict[str, Any]:
     with environment(workers=1, DEEPE_FLEET="large", DEEPE_WARM="true") as ctx:
         from deepe_tasks import EventKind, submit
 
@@ -152,7 +153,7 @@ def training_worker(window: float) -> dict[str, Any]:
         write_method(ctx, "steps", FIXED)
         job = submit("steps", sft_params(ctx, MAX_STEPS=100_000, STEP_SECONDS=1.0))
         deadline = time.monotonic() + 300
-        while sum(1 for e in job.events() if e.kind is EventKind.LOG) < 5:
+        while sum(1 for e in job.events() if e.kind is EventKind.LOG) < logs:
             assert time.monotonic() < deadline and not job.status().is_final, job.info()
             time.sleep(1)
         figures = measure(r, window)
@@ -339,7 +340,7 @@ def populate(r: Any, fleet: int) -> None:
         pipe.execute()
 
 
-def replay(fleet: int, window: float, events_per_s: float, per_worker: int) -> dict[str, Any]:
+def replay(fleet: int, window: float, events_per_s: float, per_worker: int, settle: float = 10.0) -> dict[str, Any]:
     with environment(workers=0, DEEPE_FLEET="large") as ctx:
         r, _ = _clients(ctx["url"])
         empty = r.info("memory")["used_memory"]
@@ -350,7 +351,6 @@ def replay(fleet: int, window: float, events_per_s: float, per_worker: int) -> d
         for script in (lua.APPEND, lua.RENEW):
             r.script_load(script)
         assert set(jobstore._SHAS) >= {lua.APPEND, lua.RENEW}
-        settle = 10.0
         results: Any = multiprocessing.get_context("spawn").Queue()
         half = fleet // 2
         gens = [multiprocessing.get_context("spawn").Process(
@@ -411,8 +411,8 @@ def replay(fleet: int, window: float, events_per_s: float, per_worker: int) -> d
     return figures
 
 
-def model_check(measured: dict[str, Any], events_per_s: float) -> dict[str, Any]:
-    """The replay's model of one worker (1 simulated worker, for 30 s) beside phase 2's measure."""
+def model_check(measured: dict[str, Any], events_per_s: float, seconds: float = 30.0) -> dict[str, Any]:
+    """The replay's model of one worker (1 simulated worker, for ``seconds``) beside phase 2's measure."""
     with environment(workers=0, DEEPE_FLEET="large") as ctx:
         r, _ = _clients(ctx["url"])
         populate(r, 1)
@@ -422,10 +422,10 @@ def model_check(measured: dict[str, Any], events_per_s: float) -> dict[str, Any]
             r.script_load(script)
         results: Any = multiprocessing.get_context("spawn").Queue()
         g = multiprocessing.get_context("spawn").Process(target=_generator,
-                                                         args=(ctx["url"], 0, 1, 32, events_per_s, results))
+                                                         args=(ctx["url"], 0, 1, seconds + 2, events_per_s, results))
         g.start()
         time.sleep(1)
-        simulated = measure(r, 30)
+        simulated = measure(r, seconds)
         g.join(timeout=60)
     return {"measured_commands_per_s": measured["commands_per_s"], "model_commands_per_s": simulated["commands_per_s"],
             "measured_by_command": measured["by_command"], "model_by_command": simulated["by_command"]}
@@ -441,7 +441,14 @@ def main() -> None:
     parser.add_argument("--connections-per-worker", type=int, default=9,
                         help="Redis connections a real worker holds (the idle phase's clients / workers)")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here (adding to what it holds)")
+    smoke_flag(parser, "every phase with 2 idle workers, 20 simulated ones, 2 s windows and 2 s of settling")
     args = parser.parse_args()
+    # Settling before the idle workers' and the replay's measures, log events before the training
+    # worker's, the model check's seconds.
+    settle, replay_settle, logs, check_s = 15.0, 10.0, 5, 30.0
+    if args.smoke:
+        args.workers, args.window, args.fleet = 2, 2.0, 20
+        settle, replay_settle, logs, check_s = 2.0, 2.0, 2, 3.0
     phases = set(args.phases.split(","))
     assert phases <= {"idle", "training", "replay"}, args.phases
     figures: dict[str, Any] = {"command": "bench/fleet.py " + " ".join(
@@ -455,9 +462,9 @@ def main() -> None:
 
     if "idle" in phases:
         n, half = args.workers, max(1, args.workers // 2)
-        small_half = idle_workers("small", half, args.window)
-        small = idle_workers("small", n, args.window)
-        large = idle_workers("large", n, args.window)
+        small_half = idle_workers("small", half, args.window, settle)
+        small = idle_workers("small", n, args.window, settle)
+        large = idle_workers("large", n, args.window, settle)
         figures.update({
             f"idle_worker_small_profile_{half}_workers": small_half, f"idle_worker_small_profile_{n}_workers": small,
             f"idle_worker_large_profile_{n}_workers": large,
@@ -471,19 +478,19 @@ def main() -> None:
         })
         save()
     if "training" in phases:
-        training = training_worker(args.window)
+        training = training_worker(args.window, logs)
         figures["training_worker_large_profile"] = training
-        figures["replay_model_check"] = model_check(training, args.events_per_s)
+        figures["replay_model_check"] = model_check(training, args.events_per_s, check_s)
         save()
     if "replay" in phases:
-        fleet = replay(args.fleet, args.window, args.events_per_s, args.connections_per_worker)
+        fleet = replay(args.fleet, args.window, args.events_per_s, args.connections_per_worker, replay_settle)
         figures.update({
             f"replay_{args.fleet}_training_workers": fleet,
             "goal": f"{args.fleet} training workers <= 10 % of one Redis core",
             "met": fleet["redis_cpu_pct"] <= 10.0,
             "met_at_full_rate": fleet["generator_kept_up"],
         })
-    figures.update(report("fleet", figures))
+    figures.update(report("fleet", figures, smoke=args.smoke))
     save()
 
 

@@ -13,6 +13,10 @@ Prints one JSON object (runs, faults injected by kind, violations by invariant, 
 violation's detail), then a table; exits 1 if any invariant was broken.
 
     python bench/nemesis.py [--runs 10] [--faults 25] [--seed 1] [--minutes 90] [--workers 3]
+    python bench/nemesis.py --smoke     # 1 run, 2 faults, 2 jobs, 2 workers, a 10 s window
+
+Where network hosts cannot be made (no root, no `ip netns`), `--smoke` prints a JSON object
+with `skipped` (the reason) and exits 0; a full run exits with the reason.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from common import report
+from common import report, smoke_flag
 
 
 def arguments() -> argparse.Namespace:
@@ -44,7 +48,18 @@ def arguments() -> argparse.Namespace:
                         help="a comma-separated subset of the fault kinds, to search one region (default: all)")
     parser.add_argument("--claim-share", type=float, default=0.35,
                         help="of the faults that can wait for a worker's next claim, how many do (default 0.35)")
-    return parser.parse_args()
+    parser.add_argument("--merges", type=int, default=2, help="merges per run (default 2)")
+    smoke_flag(parser, "1 run, 2 faults, 2 jobs, no merge, 2 workers, a 10 s window")
+    args = parser.parse_args()
+    if args.smoke:
+        args.runs, args.faults, args.jobs, args.merges, args.workers, args.window = 1, 2, 2, 0, 2, 10.0
+    return args
+
+
+def skipped(reason: str) -> int:
+    """A smoke where the nemesis cannot run: it says why, and passes."""
+    report("nemesis", {"skipped": reason}, smoke=True)
+    return 0
 
 
 def table(runs: list[dict[str, Any]], kinds: dict[str, Counter[str]], invariants: Counter[str]) -> str:
@@ -62,12 +77,19 @@ def table(runs: list[dict[str, Any]], kinds: dict[str, Counter[str]], invariants
 
 def main() -> int:
     args = arguments()
+    from tests.netns import available
+
+    reason = available()
+    if reason and args.smoke:
+        return skipped(reason)
+    if reason:
+        raise SystemExit(f"cannot run: {reason}")
     work = Path(tempfile.mkdtemp(prefix="deepe-bench-nemesis-"))
     storage = work / "storage"
     os.environ.update({"DEEPE_STORAGE": str(storage), "DEEPE_METHOD_STORE": str(work / "methods"),
                        "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     from deepe_tasks.fixtures import tiny
-    from tests.conftest import SLOW_METHOD
+    from tests.helpers import SLOW_METHOD
     from tests.nemesis.faults import KINDS
     from tests.nemesis.harness import Config, Unavailable, run
     from tests.nemesis.workload import write_method
@@ -90,10 +112,12 @@ def main() -> int:
         if deadline is not None and runs and time.monotonic() > deadline:
             break
         config = Config(seed=args.seed + n, workers=args.workers, jobs=jobs, faults=args.faults, window_s=window,
-                        merges=2, kinds=kinds, claim_share=args.claim_share)
+                        merges=args.merges, kinds=kinds, claim_share=args.claim_share)
         try:
             result = run(config, work / f"run-{n}", storage, model, data, method)
         except Unavailable as e:
+            if args.smoke:
+                return skipped(str(e))
             raise SystemExit(f"cannot run: {e}") from e
         print(result.table(), file=sys.stderr, flush=True)
         summary = result.summary()
@@ -108,7 +132,7 @@ def main() -> int:
         "jobs": sum(r["jobs"] for r in runs), "work": str(work),
         "per_run": [{k: r[k] for k in ("seed", "faults_injected", "jobs", "outcomes", "duration_s", "violations",
                                        "notes")} for r in runs],
-    })
+    }, smoke=args.smoke)
     print(table(runs, by_kind, broken))
     return 1 if sum(broken.values()) else 0
 

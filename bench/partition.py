@@ -15,6 +15,10 @@ and the link is healed. Figures per run and their worst case, as JSON:
   after the job succeeded and the cut-off worker was back online (must be 0).
 
     python bench/partition.py [--runs 10] [--seed N]
+    python bench/partition.py --smoke       # 1 run of 12 steps, cut at step 3
+
+Where network hosts cannot be made (no root, no `ip netns`), `--smoke` prints a JSON object
+with `skipped` (the reason) and exits 0; a full run exits with the reason.
 """
 
 from __future__ import annotations
@@ -28,21 +32,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import report
+from common import report, smoke_flag
 
 TTL = 4.0
 FAST = {"DEEPE_LEASE_TTL": f"{TTL:g}", "DEEPE_CHECKPOINT_MINUTES": "0.02", "DEEPE_CANCEL_GRACE": "5"}
 MAX_STEPS = 40
+SMOKE_STEPS = 12
 
 
-def one_run(work: Path, model: Path, data: Path, cut_step: int, n: int) -> dict[str, Any]:
+def one_run(work: Path, model: Path, data: Path, cut_step: int, n: int, max_steps: int = MAX_STEPS) -> dict[str, Any]:
     from deepe_tasks import JobStatus, submit
     from deepe_tasks.core import keys
+    from deepe_tasks.core.broker import app_for
     from deepe_tasks.core.connection import get_redis
     from deepe_tasks.core.settings import get_settings
     from deepe_tasks.fixtures.embedded import RedisServer, WorkerProcess
-    from deepe_tasks.worker.celery_app import app_for
-    from tests.conftest import process_gone, wait_for
+    from tests.helpers import process_gone, wait_for
     from tests.netns import NetHost
 
     host = NetHost().create()
@@ -56,7 +61,7 @@ def one_run(work: Path, model: Path, data: Path, cut_step: int, n: int) -> dict[
                                 prefix=host.command([]), log_file=work / f"a-{n}.log").start()
         workers.append(cut_off)
         cut_off.wait_ready()
-        job = submit("slow", {"MODEL_PATH": str(model), "DATASET_PATH": str(data), "MAX_STEPS": MAX_STEPS,
+        job = submit("slow", {"MODEL_PATH": str(model), "DATASET_PATH": str(data), "MAX_STEPS": max_steps,
                               "BATCH_SIZE": 4, "MAX_SEQ_LENGTH": 64, "LORA_RANK": 4, "LEARNING_RATE": 5e-3,
                               "PromptInputColumn": "instruction", "PromptOutputColumn": "output"}, queue=queue)
         wait_for(lambda: any(e.step and e.step >= cut_step and e.kind.value == "log" for e in job.events()), 180)
@@ -102,23 +107,28 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=None)
+    smoke_flag(parser, f"1 run of {SMOKE_STEPS} steps, cut at step 3")
     args = parser.parse_args()
+    count, max_steps = (1, SMOKE_STEPS) if args.smoke else (args.runs, MAX_STEPS)
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="deepe-bench-partition-"))
     os.environ.update({"DEEPE_STORAGE": str(work / "storage"), "DEEPE_METHOD_STORE": str(work / "methods"),
                        "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     from deepe_tasks.fixtures import tiny
-    from tests.conftest import SLOW_METHOD
+    from tests.helpers import SLOW_METHOD
     from tests.netns import available
 
     reason = available()
+    if reason and args.smoke:
+        report("partition", {"skipped": reason}, smoke=True)
+        return
     if reason:
         raise SystemExit(f"cannot run: {reason}")
     (work / "methods").mkdir()
     (work / "methods" / "slow.py").write_text(SLOW_METHOD)
     model = tiny.build_model(work / "storage" / "base")
     data = tiny.write_jsonl(tiny.sft_rows(64), work / "storage" / "data.jsonl")
-    runs = [one_run(work, model, data, rng.randint(3, MAX_STEPS - 10), n) for n in range(args.runs)]
+    runs = [one_run(work, model, data, rng.randint(3, max(3, max_steps - 10)), n, max_steps) for n in range(count)]
     overlaps = [r["step_overlap_s"] for r in runs if r["step_overlap_s"] is not None]
     report("partition", {
         "runs": len(runs), "lease_ttl_s": TTL,
@@ -128,7 +138,7 @@ def main() -> None:
         "max_process_overlap_s": max(r["process_overlap_s"] or 0 for r in runs),
         "stale_events_after_heal": sum(r["stale_events_after_heal"] for r in runs),
         "per_run": runs,
-    })
+    }, smoke=args.smoke)
 
 
 if __name__ == "__main__":

@@ -3,16 +3,18 @@ script (same method and parameters) from process start to its first step."""
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import time
+from typing import Any
 
-from common import environment, median, report, sft_params
+from common import environment, median, report, sft_params, smoke_flag
 
 RUNS = 3
 
 
-def ours(ctx: dict, params: dict) -> float:
+def ours(ctx: dict[str, Any], params: dict[str, Any]) -> float:
     from deepe_tasks import EventKind, submit
 
     t0 = time.time()
@@ -23,7 +25,7 @@ def ours(ctx: dict, params: dict) -> float:
     return first.ts - t0
 
 
-def baseline(ctx: dict, params: dict) -> float:
+def baseline(ctx: dict[str, Any], params: dict[str, Any]) -> float:
     script = (ctx["work"] / "methods" / "run_local_train_test_template.py").read_text()
     script = script.replace("'your-custom-file.py'", "'sft-demo.py'")
     script = script.replace("PARAMS = {", f"PARAMS = {params!r}\n_unused = {{")
@@ -44,20 +46,24 @@ def baseline(ctx: dict, params: dict) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    smoke_flag(parser, "1 run of each, of 1 step")
+    smoke = parser.parse_args().smoke
+    runs = 1 if smoke else RUNS
     with environment(workers=1) as ctx:
-        params = sft_params(ctx)
+        params = sft_params(ctx, MAX_STEPS=1) if smoke else sft_params(ctx)
         from deepe_tasks import submit
 
         submit("sft-demo", params).wait(timeout=180)  # first job: the worker's zygote imports the stack
         warm, local = [], []
-        for _ in range(RUNS):
+        for _ in range(runs):
             warm.append(ours(ctx, params))
             local.append(baseline(ctx, {**params, "OUTPUT_DIR": "models/local"}))
         report("time_to_first_step", {
             "ours_s": round(median(warm), 3), "baseline_s": round(median(local), 3),
             "ratio": round(median(warm) / median(local), 3), "goal": "<= 0.25",
-            "runs": RUNS, "ours_all": [round(x, 3) for x in warm], "baseline_all": [round(x, 3) for x in local],
-        })
+            "runs": runs, "ours_all": [round(x, 3) for x in warm], "baseline_all": [round(x, 3) for x in local],
+        }, smoke=smoke)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # `celery -A deepe_tasks worker` looks for `deepe_tasks.app`; load it only when asked.
     if name == "app":
-        from deepe_tasks.worker.celery_app import app
+        from deepe_tasks.core.broker import app
 
         return app
     raise AttributeError(f"module 'deepe_tasks' has no attribute {name!r}")

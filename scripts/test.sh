@@ -25,8 +25,9 @@ if ! command -v chromium >/dev/null; then
 fi
 ruff check --output-format concise deepe_tasks method_store tests scripts bench
 mypy
+lint-imports --no-cache  # the layers of docs/architecture.md (pyproject.toml, [tool.importlinter])
 set +e
-python -m pytest -q "$@"
+python -m pytest -q --durations=25 "$@"
 code=$?
 set -e
 # Exit code 5 means pytest collected no tests: treat it as a failure, loudly.

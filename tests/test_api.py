@@ -15,7 +15,7 @@ import pytest
 
 from deepe_tasks.core.connection import get_redis
 from deepe_tasks.fixtures.embedded import free_port
-from tests.conftest import SLOW_METHOD, Worker, wait_for, write_method
+from tests.helpers import SLOW_METHOD, Worker, wait_for, write_method
 
 # A real uvicorn in its own process, with the session's worker behind it.
 pytestmark = pytest.mark.e2e

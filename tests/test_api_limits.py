@@ -27,7 +27,7 @@ from fastapi.testclient import TestClient
 from deepe_tasks.core import jobstore, keys
 from deepe_tasks.core.records import Event, EventKind, JobRecord, JobStatus
 from deepe_tasks.fixtures.embedded import RedisServer, free_port
-from tests.conftest import wait_for
+from tests.helpers import wait_for
 
 TOKENS = [f"limits-token-{i}" for i in range(21)]
 STREAMS_PER_TOKEN = 4

@@ -13,7 +13,7 @@ import pytest
 from deepe_tasks import EventKind, JobStatus, submit
 from deepe_tasks.core.connection import get_redis
 from deepe_tasks.core.errors import DeepeError, InvalidParams, JobExists, MethodNotFound
-from tests.conftest import SLOW_METHOD, TRL_SNIPPET, Worker, wait_for, write_method
+from tests.helpers import SLOW_METHOD, TRL_SNIPPET, Worker, wait_for, write_method
 
 QUEUE = "matrix-q"
 
@@ -148,7 +148,7 @@ def test_a_pickle_message_is_refused_without_being_executed(matrix_worker: Worke
 
 @pytest.mark.e2e
 def test_messages_with_missing_fields_are_refused_and_logged(matrix_worker: Worker) -> None:
-    from deepe_tasks.worker.celery_app import app_for
+    from deepe_tasks.core.broker import app_for
 
     app = app_for(os.environ["DEEPE_REDIS_URL"])
     no_args = app.send_task("deepe.train", args=[], queue=QUEUE)
@@ -162,13 +162,14 @@ def test_messages_with_missing_fields_are_refused_and_logged(matrix_worker: Work
 def test_a_job_whose_message_cannot_be_sent_is_recorded_as_failed(sft_params: dict[str, Any],
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     # A broker that refuses the publish (a fake, beside the real submits above).
+    from deepe_tasks.core import broker
     from deepe_tasks.core.errors import BrokerUnavailable
     from deepe_tasks.queue import client as client_module
 
     def refuse(record: Any) -> None:
         raise ConnectionError("broker refused the publish")
 
-    monkeypatch.setattr(client_module, "enqueue", refuse)
+    monkeypatch.setattr(broker, "enqueue", refuse)
     with pytest.raises(BrokerUnavailable, match="could not be queued: broker refused the publish") as info:
         submit("sft-demo", sft_params, queue="refused-q", job_id="unsent-1")
     record = client_module.Job("unsent-1").info()

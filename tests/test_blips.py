@@ -20,8 +20,8 @@ import redis
 
 from deepe_tasks import JobStatus, submit
 from deepe_tasks.core import keys
-from tests.conftest import TRL_SNIPPET, Worker, wait_for, write_method
 from tests.faultproxy import FaultProxy
+from tests.helpers import TRL_SNIPPET, Worker, wait_for, write_method
 
 
 @pytest.fixture
@@ -68,7 +68,7 @@ def test_a_redis_blip_right_after_a_claim_does_not_hang_the_worker(
 
 def test_a_spare_never_handed_its_job_is_given_back_and_a_dead_one_is_reported() -> None:
     from deepe_tasks.worker.processes import kill_group, spawn_zygote
-    from deepe_tasks.worker.zygote_client import WarmStart
+    from deepe_tasks.worker.warm import WarmStart
 
     # Given a real zygote and the spare it offers for the next job
     warm = WarmStart(spawn_zygote)
@@ -97,7 +97,8 @@ def test_a_spare_never_handed_its_job_is_given_back_and_a_dead_one_is_reported()
 
 def test_a_zygote_that_does_not_answer_is_replaced_within_the_handover_bound() -> None:
     from deepe_tasks.worker.processes import kill_group, spawn_zygote
-    from deepe_tasks.worker.zygote_client import HandoverFailed, WarmStart
+    from deepe_tasks.worker.warm import WarmStart
+    from deepe_tasks.worker.zygote_client import HandoverFailed
 
     # Given a real zygote, its spare, and a hand-over bound of 3 s
     warm = WarmStart(spawn_zygote)
@@ -155,7 +156,7 @@ def pool_process(worker: Worker) -> psutil.Process:
 @pytest.mark.e2e
 def test_a_worker_whose_pool_process_stops_says_so_exits_and_its_job_resumes(
         workers: list[Worker], tmp_path: Path, store: Path, params: dict[str, Any]) -> None:
-    from tests.conftest import SLOW_METHOD
+    from tests.helpers import SLOW_METHOD
 
     slow = write_method(store, "stuck_slow", SLOW_METHOD)
     # Given a worker that counts itself stuck after 8 s without progress on a claimed job,
@@ -210,3 +211,33 @@ def test_a_spec_that_cannot_be_serialised_fails_the_job_with_the_reason_and_star
     assert raised.value.result.status is JobStatus.FAILED and not raised.value.preempted
     assert "cannot be sent to its job process" in (raised.value.result.error or "")
     assert started == []  # the job process was never handed a spec
+
+
+@pytest.mark.e2e
+def test_a_message_taken_by_a_worker_lost_before_its_claim_is_sent_again(
+        workers: list[Worker], tmp_path: Path, r: redis.Redis, method: str, params: dict[str, Any]) -> None:
+    from deepe_tasks.core import keys as deepe_keys
+
+    env = {"DEEPE_LEASE_TTL": "5"}  # a delivery unclaimed for 2 T + 30 s = 40 s counts as lost
+    # Given a worker whose pool process is stopped: its main process still takes a message
+    lost = Worker("unclaimed-q", tmp_path / "lost.log", env=env).start()
+    workers.append(lost)
+    os.kill(pool_process(lost).pid, signal.SIGSTOP)
+    job = submit(method, params, queue="unclaimed-q")
+    wait_for(lambda: f"[{job.id}] received" in lost.log(), timeout=60)
+
+    # When that worker is lost (SIGKILL of its whole process group) before it claimed the job
+    assert lost.process.proc is not None
+    os.killpg(lost.process.proc.pid, signal.SIGKILL)
+    lost.process.proc.wait(timeout=30)
+    assert job.status() is JobStatus.QUEUED and job.info()["attempts"] == 0
+    assert any(job.id in v for v in r.hvals(deepe_keys.KOMBU_UNACKED))  # the message sits with the dead worker
+
+    # Then another worker's reaper sends the job again, and it runs (not days later)
+    other = Worker("unclaimed-q", tmp_path / "other.log", env=env).start()
+    workers.append(other)
+    assert job.wait(timeout=240) is JobStatus.SUCCEEDED, (job.info().get("error"), other.log()[-3000:])
+    assert job.info()["attempts"] == 1
+    assert "never claimed it" in other.log()
+    # and the dead delivery was dropped (the new one is acknowledged as its task returns)
+    wait_for(lambda: not any(job.id in v for v in r.hvals(deepe_keys.KOMBU_UNACKED)), timeout=30)

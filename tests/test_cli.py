@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Worker, cli_here, run_cli
+from tests.helpers import Worker, cli_here, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from deepe_tasks import EventKind, Job, JobStatus, submit
+from deepe_tasks.contract.methods import BUILTIN
 from deepe_tasks.core.connection import get_redis
-from deepe_tasks.queue.methods import BUILTIN
-from tests.conftest import (
+from tests.helpers import (
     SLOW_METHOD,
     TRL_SNIPPET,
     Worker,
@@ -205,7 +205,7 @@ def test_load_in_4bit_on_cpu_fails_clearly(worker: Worker, sft_params: dict[str,
 
 def test_the_worker_answers_inspect_while_a_job_runs(store: Path, worker: Worker,
                                                      sft_params: dict[str, object]) -> None:
-    from deepe_tasks.worker.celery_app import app
+    from deepe_tasks.core.broker import app
 
     write_method(store, "slow", SLOW_METHOD)
     job = submit("slow", {**sft_params, "MAX_STEPS": 40, "PromptInputColumn": "instruction",
@@ -240,7 +240,7 @@ def test_a_queued_job_runs_the_source_pinned_at_submit(store: Path, sft_params: 
     finally:
         late.stop()
     manifest = json.loads((Path(job.info()["output_dir"]) / "deepe.json").read_text())
-    from deepe_tasks.queue.methods import sha256_of
+    from deepe_tasks.contract.methods import sha256_of
 
     assert manifest["method_sha256"] == sha256_of(source)
 

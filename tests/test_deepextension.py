@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 
 from deepe_tasks import EventKind, JobStatus, submit
+from deepe_tasks.contract.check import check_source
+from deepe_tasks.contract.deepext import arguments, is_deepextension
+from deepe_tasks.contract.methods import file_kind
 from deepe_tasks.core.errors import InvalidParams
 from deepe_tasks.fixtures import tiny
-from deepe_tasks.queue.check import check_source
-from deepe_tasks.queue.deepext import arguments, is_deepextension
-from deepe_tasks.queue.methods import file_kind
-from tests.conftest import Worker, cli_here
+from tests.helpers import Worker, cli_here
 
 HERE = Path(__file__).resolve().parent / "deepext"
 SFT_DE = HERE / "sft_de.py"

@@ -18,7 +18,7 @@ from deepe_tasks import submit
 from deepe_tasks.core import devices, keys, validate
 from deepe_tasks.core.errors import InvalidParams
 from deepe_tasks.core.settings import get_settings
-from tests.conftest import cli_here
+from tests.helpers import cli_here
 
 
 @pytest.fixture
@@ -145,11 +145,11 @@ def test_the_cli_and_the_api_take_gpus(r: redis.Redis, no_workers: None, http: T
 
 def test_deepe_worker_consumes_every_size_it_can_run(fresh_settings: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DEEPE_GPUS", "0")  # restored (unset) after the test, whatever `deepe worker` sets
-    with mock.patch("deepe_tasks.worker.celery_app.app.worker_main") as main:
+    with mock.patch("deepe_tasks.core.broker.app.worker_main") as main:
         assert cli_here("worker", "--queues", "a100,gpu", "--gpus", "0,1,2").returncode == 0
     argv = main.call_args.args[0]
     assert argv[argv.index("-Q") + 1] == "a100.3gpus,a100.2gpus,a100,gpu.3gpus,gpu.2gpus,gpu"
-    with mock.patch("deepe_tasks.worker.celery_app.app.worker_main") as main:
+    with mock.patch("deepe_tasks.core.broker.app.worker_main") as main:
         refused = cli_here("worker", "--gpus", "0,0")
     assert refused.returncode == 2 and "not a list of distinct device indexes" in refused.stderr
     main.assert_not_called()

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from deepe_tasks.contract.check import check_source
+from deepe_tasks.contract.methods import BUILTIN
 from deepe_tasks.core.records import EventKind, JobStatus
 from deepe_tasks.fixtures import tiny
-from deepe_tasks.queue.check import check_source
-from deepe_tasks.queue.methods import BUILTIN
 from deepe_tasks.ui.local import check_output, run_method_file
-from tests.conftest import paste_into_template
+from tests.helpers import paste_into_template
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -17,11 +17,11 @@ import redis
 from fastapi.testclient import TestClient
 
 from deepe_tasks import submit
+from deepe_tasks.contract.check import Problem, check_source
 from deepe_tasks.core import jobstore, keys
 from deepe_tasks.core.errors import InvalidParams, MethodContractError
 from deepe_tasks.core.settings import get_settings
-from deepe_tasks.queue.check import Problem, check_source
-from tests.conftest import cli_here
+from tests.helpers import cli_here
 
 DECLARING = '''"""Declares a parameter of its own."""
 METHOD_PARAMS = {
@@ -248,7 +248,7 @@ def test_ids_and_paths_are_never_cut_when_piped(r: redis.Redis, sft_params: dict
 def test_checkpoints_go_after_a_publish_and_a_missing_column_is_named_with_the_columns_there(
         worker: Any, store: Path, storage: Path, sft_params: dict[str, Any]) -> None:
     from deepe_tasks.core.records import JobStatus
-    from tests.conftest import TRL_SNIPPET, write_method
+    from tests.helpers import TRL_SNIPPET, write_method
 
     # A method that checkpoints every step, so that each job leaves checkpoints behind
     write_method(store, "saves01", TRL_SNIPPET.replace("logging_steps=1,", "logging_steps=1, save_steps=1,"))

@@ -22,7 +22,7 @@ from deepe_tasks.core.errors import JobNotFound
 from deepe_tasks.core.records import Event, EventKind, JobRecord, JobStatus
 from deepe_tasks.core.settings import get_settings
 from deepe_tasks.queue.client import Job
-from tests.conftest import Worker, cli_here, wait_for
+from tests.helpers import Worker, cli_here, wait_for
 
 
 @pytest.fixture
@@ -300,8 +300,8 @@ def test_a_one_job_worker_exits_after_its_job_and_an_idle_one_after_the_idle_tim
 
 
 def test_the_large_fleet_profile_turns_off_gossip_and_mingle_and_slows_heartbeats_and_polls() -> None:
+    from deepe_tasks.core.broker import make_app, worker_flags
     from deepe_tasks.core.settings import Settings
-    from deepe_tasks.worker.celery_app import make_app, worker_flags
 
     assert worker_flags(Settings(fleet="small")) == []
     assert worker_flags(Settings(fleet="large")) == ["--without-gossip", "--without-mingle", "--heartbeat-interval", "10"]
@@ -310,7 +310,7 @@ def test_the_large_fleet_profile_turns_off_gossip_and_mingle_and_slows_heartbeat
 
 
 def test_a_large_fleet_worker_answers_pings_and_flower_sees_it_online(workers: list[Worker], tmp_path: Path) -> None:
-    from deepe_tasks.worker.celery_app import app_for
+    from deepe_tasks.core.broker import app_for
 
     w = Worker("large-q", tmp_path / "large.log", env={"DEEPE_FLEET": "large"}).start()  # start() pings it
     workers.append(w)

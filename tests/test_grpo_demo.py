@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from deepe_tasks import EventKind, JobStatus, submit
+from deepe_tasks.contract.methods import BUILTIN
 from deepe_tasks.fixtures import tiny
-from deepe_tasks.queue.methods import BUILTIN
-from tests.conftest import Worker
+from tests.helpers import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
 GRPO = BUILTIN / "grpo-demo.py"

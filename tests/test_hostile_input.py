@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from deepe_tasks import submit
 from deepe_tasks.core.errors import InvalidParams
-from tests.conftest import API_TOKEN, cli_here
+from tests.helpers import API_TOKEN, cli_here
 
 BIG = "1" * 30  # beyond 64 bits
 DEEP: dict[str, Any] = {}

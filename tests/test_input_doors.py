@@ -18,11 +18,11 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 from deepe_tasks import submit
+from deepe_tasks.contract.params import TrainParams, near_miss
 from deepe_tasks.core import keys
 from deepe_tasks.core.errors import DeepeError, InvalidParams, MethodContractError
 from deepe_tasks.core.settings import get_settings
-from deepe_tasks.queue.params import TrainParams, near_miss
-from tests.conftest import cli_here
+from tests.helpers import cli_here
 
 QUEUE = "doors-q"  # nobody consumes it
 
@@ -373,7 +373,7 @@ def test_any_value_through_http_is_refused_clearly_or_read_back_by_every_route(
 
 
 def test_a_declared_name_with_dashes_or_dots_is_accepted() -> None:
-    from deepe_tasks.queue.declared import declared_params
+    from deepe_tasks.contract.declared import declared_params
 
     source = 'METHOD_PARAMS = {"max-new-tokens": (int, 8, "tokens"), "lora.alpha": (float, 16.0, "alpha")}\n'
     assert sorted(declared_params(source)) == ["lora.alpha", "max-new-tokens"]

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from deepe_tasks import JobStatus, submit
 from deepe_tasks.core import keys
 from deepe_tasks.core.errors import InvalidParams
-from tests.conftest import TRL_SNIPPET, Worker, cli_here, write_method
+from tests.helpers import TRL_SNIPPET, Worker, cli_here, write_method
 
 pytestmark = pytest.mark.e2e
 

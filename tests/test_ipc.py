@@ -15,9 +15,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from deepe_tasks.job.ipc import LineReader, Reply, ZygoteReply, write_all
-from deepe_tasks.worker.zygote_client import ForkedJob, WarmStart
-from tests.conftest import wait_for
+from deepe_tasks.core.ipc import LineReader, Reply, ZygoteReply, write_all
+from deepe_tasks.worker.warm import WarmStart
+from deepe_tasks.worker.zygote_client import ForkedJob
+from tests.helpers import wait_for
 
 # A job spec is {"code": N} (exit with N), {"kill": true} (die by SIGKILL) or {"block": true}.
 FAKE_ZYGOTE = """

@@ -12,7 +12,7 @@ import pytest
 
 from deepe_tasks.core.errors import MethodContractError
 from deepe_tasks.core.records import EventKind, JobStatus
-from tests.conftest import TRL_SNIPPET, paste_into_template, run_cli
+from tests.helpers import TRL_SNIPPET, paste_into_template, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 

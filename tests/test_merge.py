@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from deepe_tasks import EventKind, Job, JobStatus, merge, submit
 from deepe_tasks.core.errors import InvalidJobState
-from tests.conftest import Worker, cli_here, process_gone, wait_for, write_method
+from tests.helpers import Worker, cli_here, process_gone, wait_for, write_method
 
 pytestmark = pytest.mark.e2e
 

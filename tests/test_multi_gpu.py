@@ -19,7 +19,7 @@ import pytest
 from deepe_tasks import Event, EventKind, Job, JobStatus, submit
 from deepe_tasks.core.errors import InvalidParams
 from deepe_tasks.fixtures.embedded import free_port
-from tests.conftest import SLOW_METHOD, TRL_SNIPPET, Worker, wait_for, write_method
+from tests.helpers import SLOW_METHOD, TRL_SNIPPET, Worker, wait_for, write_method
 
 pytestmark = pytest.mark.e2e
 
@@ -165,8 +165,8 @@ def test_a_two_device_job_lands_on_the_worker_that_owns_two(workers: list[Worker
     assert {j.info()["worker"] for j in twos} == {large.hostname}
     assert all(e.metrics["world_size"] == 1 for j in ones for e in j.events() if e.kind is EventKind.STARTED)
     # And `deepe queues` (and Flower, from the same active_queues) shows who consumes which size
+    from deepe_tasks.core.broker import app
     from deepe_tasks.queue.queues import overview
-    from deepe_tasks.worker.celery_app import app
 
     active = app.control.inspect(timeout=2.0).active_queues() or {}
     assert [q["name"] for q in active[large.hostname]] == ["mroute.2gpus", "mroute"]

@@ -24,7 +24,7 @@ from deepe_tasks import EventKind, Job, JobStatus, submit
 from deepe_tasks.core.settings import get_settings
 from deepe_tasks.fixtures.embedded import RedisServer
 from tests import netns
-from tests.conftest import SLOW_METHOD, SLOW_SAVE, Worker, process_gone, wait_for, write_method
+from tests.helpers import SLOW_METHOD, SLOW_SAVE, Worker, process_gone, wait_for, write_method
 
 pytestmark = pytest.mark.e2e
 
@@ -132,7 +132,7 @@ def redis_view(job: Job) -> dict[str, Any]:
 
 def heal_and_check_silence(cluster: Cluster, job: Job, cut_off: Worker) -> None:
     """Heal the partition; the cut-off worker comes back, and writes nothing about the job."""
-    from deepe_tasks.worker.celery_app import app_for
+    from deepe_tasks.core.broker import app_for
 
     before_redis, before_storage = redis_view(job), storage_view(job)
     cluster.resume()

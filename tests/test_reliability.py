@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from deepe_tasks import EventKind, Job, JobStatus, submit
-from tests.conftest import SLOW_METHOD, SLOW_SAVE, Worker, process_gone, wait_for, write_method
+from tests.helpers import SLOW_METHOD, SLOW_SAVE, Worker, process_gone, wait_for, write_method
 
 pytestmark = pytest.mark.e2e
 
@@ -134,10 +134,9 @@ def test_a_job_that_keeps_losing_its_worker_fails_after_max_resumes(
 def test_a_duplicate_delivery_never_trains_the_job_twice(workers: list[Worker], tmp_path: Path,
                                                          slow_params: dict[str, object]) -> None:
     from deepe_tasks.core import jobstore
+    from deepe_tasks.core.broker import app_for, enqueue
     from deepe_tasks.core.connection import get_redis
     from deepe_tasks.core.settings import get_settings
-    from deepe_tasks.queue.client import enqueue
-    from deepe_tasks.worker.celery_app import app_for
 
     app = app_for(get_settings().redis_url)
 

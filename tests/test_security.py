@@ -12,7 +12,7 @@ import redis
 from deepe_tasks import JobStatus, submit
 from deepe_tasks.core.settings import get_settings
 from deepe_tasks.fixtures.embedded import RedisServer
-from tests.conftest import TRL_SNIPPET, Worker, write_method
+from tests.helpers import TRL_SNIPPET, Worker, write_method
 from tests.test_jobstore import needs_redis_7
 
 pytestmark = pytest.mark.e2e

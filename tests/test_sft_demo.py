@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
+from deepe_tasks.contract.methods import BUILTIN
 from deepe_tasks.core.records import Event, EventKind, JobStatus
 from deepe_tasks.fixtures import tiny
-from deepe_tasks.queue.methods import BUILTIN
 from deepe_tasks.ui.local import local_runner, run_method_file
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,7 +13,7 @@ import pytest
 
 from deepe_tasks import EventKind, JobStatus, submit
 from deepe_tasks.ui.local import run_method_file
-from tests.conftest import TRL_SNIPPET, Worker
+from tests.helpers import TRL_SNIPPET, Worker
 
 pytestmark = pytest.mark.e2e
 

@@ -19,7 +19,7 @@ import pytest
 
 from deepe_tasks import EventKind, Job, JobStatus
 from deepe_tasks.fixtures.embedded import free_port
-from tests.conftest import ROOT, SLOW_METHOD, Worker, wait_for, write_method
+from tests.helpers import ROOT, SLOW_METHOD, Worker, wait_for, write_method
 
 pytestmark = pytest.mark.e2e
 

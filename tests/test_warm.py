@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from deepe_tasks import EventKind, JobStatus, submit
-from tests.conftest import Worker, wait_for, write_method
+from tests.helpers import Worker, wait_for, write_method
 
 pytestmark = pytest.mark.e2e
 
@@ -109,7 +109,7 @@ def test_a_killed_zygote_is_restarted_and_takes_its_spare_with_it(
 
 def test_a_zygote_killed_while_its_job_trains_requeues_the_job_which_resumes(
         workers: list[Worker], tmp_path: Path, store: Path, sft_params: dict[str, Any]) -> None:
-    from tests.conftest import SLOW_METHOD
+    from tests.helpers import SLOW_METHOD
 
     slow = write_method(store, "zygote_slow", SLOW_METHOD)
     # Given a warm worker training a job forked by its zygote
@@ -177,7 +177,7 @@ def test_a_zygote_that_keeps_dying_young_is_given_up_and_jobs_start_cold(caplog:
     import subprocess
     import sys
 
-    from deepe_tasks.worker.zygote_client import WarmStart
+    from deepe_tasks.worker.warm import WarmStart
 
     def spawn(cmd_fd: int, reply_fd: int) -> subprocess.Popen[bytes]:
         return subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"], pass_fds=(cmd_fd, reply_fd))

@@ -18,8 +18,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from deepe_tasks.worker.zygote_client import ForkedJob, WarmStart
-from tests.conftest import wait_for
+from deepe_tasks.worker.warm import WarmStart
+from deepe_tasks.worker.zygote_client import ForkedJob
+from tests.helpers import wait_for
 from tests.test_ipc import Spawner
 
 

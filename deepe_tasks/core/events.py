@@ -14,7 +14,7 @@ from typing import Any
 import redis
 
 from deepe_tasks.core import jobstore, keys
-from deepe_tasks.core.records import FINAL_STATES, Event
+from deepe_tasks.core.records import FINAL_STATES, Event, EventKind
 
 log = logging.getLogger(__name__)
 
@@ -223,3 +223,18 @@ def tail_events(
             quiet_since = time.monotonic()
             if event.kind.is_final:
                 return
+
+
+# The latest `log` event is among a job's last this many events.
+PROGRESS_WINDOW = 50
+
+
+def progress_of(client: redis.Redis, job_ids: list[str]) -> dict[str, Event | None]:
+    """Each job's latest `log` event, in one round trip."""
+    pipe = client.pipeline(transaction=False)
+    for job_id in job_ids:
+        pipe.xrevrange(keys.events(job_id), count=PROGRESS_WINDOW)
+    found: dict[str, Event | None] = {}
+    for job_id, recent in zip(job_ids, pipe.execute(), strict=True):
+        found[job_id] = next((e for _, e in decode(recent) if e is not None and e.kind is EventKind.LOG), None)
+    return found

@@ -13,7 +13,6 @@ the platform's events): a batch sent again after a timeout is never appended twi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from enum import Enum
 from typing import Any
 
 import redis
+from redis.commands.core import Script
 
 from deepe_tasks.core import keys, lua
 from deepe_tasks.core.errors import InvalidJobState, JobExists, JobNotFound
@@ -28,24 +28,34 @@ from deepe_tasks.core.records import Event, EventKind, JobRecord, JobStatus
 from deepe_tasks.core.settings import get_settings
 
 CANCEL_FLAG_TTL = 30 * 24 * 3600
-ATTEMPT_PLACEHOLDER = "@ATTEMPT@"
+ATTEMPT_PLACEHOLDER = lua.ATTEMPT_PLACEHOLDER
 
-
-# The scripts a job process runs, by EVALSHA only: the worker loads them (`credentials`).
+# The scripts a job process runs, by EVALSHA only: the worker loads them (`credentials`) before
+# the job process starts, and again once a restarted Redis is back.
 JOB_SCRIPTS = (lua.APPEND, lua.CHECK)
-_SHAS = {script: hashlib.sha1(script.encode()).hexdigest() for script in (
-    *JOB_SCRIPTS, lua.CREATE, lua.CLAIM, lua.RENEW, lua.FINISH, lua.REQUEUE, lua.CANCEL, lua.FAIL_QUEUED,
-    lua.FORGET_RUNNING, lua.SET_PID, lua.PRUNE, lua.PAGE)}
+# redis-py's `Script` runs a script by EVALSHA (a fleet's renewals need not send its text each
+# time) and, on NOSCRIPT (a new Redis, or one that restarted: scripts are not kept), loads it
+# with SCRIPT LOAD and runs it again. It hashes the text with a client's encoding and runs on
+# that client unless told another: every call here names its own, so this one never connects.
+_TEXT_ONLY = redis.Redis()
+_SCRIPTS: dict[str, Script] = {name: _TEXT_ONLY.register_script(source) for name, source in lua.SOURCES.items()}
+_SHAS = {lua.SOURCES[name]: script.sha for name, script in _SCRIPTS.items()}  # by text (bench/fleet.py)
 
 
-def _loaded(client: redis.Redis, script: str, numkeys: int, *args: Any) -> Any:
-    """Run a script by its hash (a fleet's renewals need not send a script's text each time),
-    loading it first where this client may (not a job process's)."""
+def _run(client: redis.Redis, script: str, names: list[str], *args: Any) -> Any:
+    """Run script ``script`` (a name of `lua.PARTS`) with keys ``names`` on ``client``.
+
+    A job process's user may not load a script (it may run only those its worker loaded): where
+    one is missing, it gets an error that says so, and tries again later (its worker loads them
+    again once Redis is back)."""
     try:
-        return client.evalsha(_SHAS[script], numkeys, *args)
-    except redis.exceptions.NoScriptError:
-        client.script_load(script)
-        return client.evalsha(_SHAS[script], numkeys, *args)
+        return _SCRIPTS[script](names, args, client=client)
+    except redis.exceptions.NoPermissionError as e:
+        if "script|load" not in str(e):
+            raise
+        raise redis.exceptions.NoPermissionError(
+            f"Redis does not have the {script} script (it restarted, or its scripts were flushed), and this "
+            f"user may only run the scripts its worker loaded: the worker loads them again ({e})") from e
 
 
 def _flat(mapping: dict[str, str]) -> list[str]:
@@ -93,9 +103,9 @@ def create(client: redis.Redis, record: JobRecord, source: str, first_event: Eve
     """queued: write a new record, with its method's source pinned and its first event; refuse an
     id that is already taken."""
     names = [keys.job(record.id), keys.JOBS_INDEX, keys.method_source(record.method_sha256), keys.events(record.id),
-             keys.UNSENT]
-    if not _loaded(client, lua.CREATE, len(names), *names, source, record.submitted_at, record.id,
-                       first_event.to_json(), *_flat(record.to_redis())):
+             keys.UNSENT, keys.by_method(record.method)]
+    if not _run(client, "CREATE", names, source, record.submitted_at, record.id, first_event.to_json(),
+                *_flat(record.to_redis())):
         raise JobExists(f"A job with id {record.id!r} already exists; submit without an id, or pick a new one.")
 
 
@@ -123,8 +133,8 @@ def claim(client: redis.Redis, job_id: str, holder: str, ttl_ms: int, started: E
     data = started.model_dump(mode="json", exclude={"id"})
     data["attempt"] = data["metrics"]["attempt"] = ATTEMPT_PLACEHOLDER
     names = [keys.job(job_id), keys.lease(job_id), keys.RUNNING, keys.events(job_id), keys.UNSENT]
-    reply: Any = _loaded(client, lua.CLAIM, len(names), *names, holder, ttl_ms, job_id, worker, started_at, pid,
-                             keys.method_source(""), json.dumps(data, separators=(",", ":")))
+    reply: Any = _run(client, "CLAIM", names, holder, ttl_ms, job_id, worker, started_at, pid,
+                      json.dumps(data, separators=(",", ":")))
     if reply[0] != ClaimOutcome.OK.value:
         return Claim(outcome=ClaimOutcome(reply[0]), detail=reply[1])
     flat = reply[1]
@@ -141,7 +151,7 @@ class Renewal(int, Enum):
 def renew(client: redis.Redis, job_id: str, attempt: int, holder: str, ttl_ms: int) -> Renewal:
     """running → running: the current attempt keeps (or takes back) its lease."""
     value = lease_value(attempt, holder)
-    return Renewal(int(_loaded(client, lua.RENEW, 2, keys.job(job_id), keys.lease(job_id), attempt, value, ttl_ms)))
+    return Renewal(int(_run(client, "RENEW", [keys.job(job_id), keys.lease(job_id)], attempt, value, ttl_ms)))
 
 
 def lease_value(attempt: int, holder: str) -> str:
@@ -152,7 +162,7 @@ def append(client: redis.Redis, job_id: str, attempt: int, events: list[tuple[in
     """Append the current attempt's events, given as (sequence number, JSON) with rising numbers,
     each once; -1 if the attempt is fenced off (then nothing was appended)."""
     flat = [item for pair in events for item in pair]
-    return int(_loaded(client, lua.APPEND, 1, keys.events(job_id), keys.job(job_id), attempt, *flat))
+    return int(_run(client, "APPEND", [keys.events(job_id)], keys.job(job_id), attempt, *flat))
 
 
 class PublishCheck(int, Enum):
@@ -163,16 +173,16 @@ class PublishCheck(int, Enum):
 
 def check_current(client: redis.Redis, job_id: str, attempt: int, min_ttl_ms: int) -> PublishCheck:
     """Whether ``attempt`` is the job's current one with at least ``min_ttl_ms`` of lease left."""
-    return PublishCheck(int(_loaded(client, lua.CHECK, 0, keys.job(job_id), keys.lease(job_id), attempt, min_ttl_ms)))
+    return PublishCheck(int(_run(client, "CHECK", [], keys.job(job_id), keys.lease(job_id), attempt, min_ttl_ms)))
 
 
 def finish(client: redis.Redis, job_id: str, attempt: int, final: Event, *, status: JobStatus,
            error: str | None, metrics: dict[str, Any], output_dir: str | None) -> bool:
     """running → succeeded, failed or cancelled, by the current attempt; False if fenced off."""
     fields = _encode({"error": error, "metrics": metrics, "output_dir": output_dir})
-    names = [keys.job(job_id), keys.RUNNING, keys.lease(job_id), keys.events(job_id)]
-    return bool(_loaded(client, lua.FINISH, len(names), *names, attempt, job_id, final.to_json(), status.value,
-                            _retention(), time.time(), *_flat(fields)))
+    names = [keys.job(job_id), keys.RUNNING, keys.lease(job_id), keys.events(job_id), keys.cancel(job_id)]
+    return bool(_run(client, "FINISH", names, attempt, job_id, final.to_json(), status.value, _retention(),
+                     time.time(), *_flat(fields)))
 
 
 class RequeueOutcome(str, Enum):
@@ -199,8 +209,8 @@ def requeue(client: redis.Redis, record: JobRecord, why: str, max_resumes: int, 
                      metrics={"attempt": attempt})
     names = [keys.job(job_id), keys.RUNNING, keys.lease(job_id), keys.events(job_id), keys.cancel(job_id),
              keys.UNSENT]
-    reply = _loaded(
-        client, lua.REQUEUE, len(names), *names, attempt, job_id, int(lease_must_be_gone), max_resumes, time.time(),
+    reply = _run(
+        client, "REQUEUE", names, attempt, job_id, int(lease_must_be_gone), max_resumes, time.time(),
         cancelled, Event(kind=EventKind.CANCELLED, job=job_id, attempt=attempt, message=cancelled).to_json(),
         failed, Event(kind=EventKind.FAILED, job=job_id, attempt=attempt, message=failed).to_json(), requeued.to_json(),
         0 if preempted else 1, _retention())
@@ -223,8 +233,8 @@ def cancel(client: redis.Redis, job_id: str, save: bool) -> JobStatus:
     message = "cancelled before it started"
     event = Event(kind=EventKind.CANCELLED, job=job_id, message=message)
     names = [keys.job(job_id), keys.cancel(job_id), keys.events(job_id), keys.UNSENT]
-    reply = str(_loaded(client, lua.CANCEL, len(names), *names, "save" if save else "cancel", CANCEL_FLAG_TTL,
-                            time.time(), message, event.to_json(), _retention()))
+    reply = str(_run(client, "CANCEL", names, "save" if save else "cancel", CANCEL_FLAG_TTL, time.time(), message,
+                     event.to_json(), _retention()))
     if reply == "missing":
         raise not_found(job_id)
     if reply.startswith("ended:"):
@@ -235,17 +245,17 @@ def cancel(client: redis.Redis, job_id: str, save: bool) -> JobStatus:
 def fail_queued(client: redis.Redis, job_id: str, error: str) -> bool:
     """queued → failed: the job's message could not be sent."""
     event = Event(kind=EventKind.FAILED, job=job_id, message=error)
-    return bool(_loaded(client, lua.FAIL_QUEUED, 3, keys.job(job_id), keys.events(job_id), keys.UNSENT, time.time(), error,
-                            event.to_json(), _retention()))
+    names = [keys.job(job_id), keys.events(job_id), keys.UNSENT, keys.cancel(job_id)]
+    return bool(_run(client, "FAIL_QUEUED", names, time.time(), error, event.to_json(), _retention()))
 
 
 def set_pid(client: redis.Redis, job_id: str, attempt: int, pid: int) -> bool:
-    return bool(_loaded(client, lua.SET_PID, 1, keys.job(job_id), attempt, pid))
+    return bool(_run(client, "SET_PID", [keys.job(job_id)], attempt, pid))
 
 
 def forget_running(client: redis.Redis, job_id: str) -> bool:
     """Take a job that is not running (or has no record) out of the running set."""
-    return bool(_loaded(client, lua.FORGET_RUNNING, 2, keys.job(job_id), keys.RUNNING, job_id))
+    return bool(_run(client, "FORGET_RUNNING", [keys.job(job_id), keys.RUNNING], job_id))
 
 
 # -- the indexes -------------------------------------------------------------------------------
@@ -253,7 +263,7 @@ def forget_running(client: redis.Redis, job_id: str) -> bool:
 def prune(client: redis.Redis, limit: int = 1000) -> int:
     """Drop from the indexes up to ``limit`` jobs whose keys have expired (every transition that
     ends a job also drops a few); returns how many it looked at."""
-    return int(_loaded(client, lua.PRUNE, 0, limit))
+    return int(_run(client, "PRUNE", [], limit))
 
 
 # A page looks at no more than this many index entries (a filter that few jobs match returns a
@@ -269,6 +279,6 @@ def page(client: redis.Redis, status: JobStatus | None, method: str | None, rank
         names = [keys.by_status(status.value)] + ([keys.by_method(method)] if method is not None else [])
     else:
         names = [keys.by_method(method) if method is not None else keys.JOBS_INDEX]
-    reply: Any = _loaded(client, lua.PAGE, len(names), *names, rank, limit, PAGE_BUDGET)
+    reply: Any = _run(client, "PAGE", names, rank, limit, PAGE_BUDGET)
     next_rank = int(reply[0])
     return [str(i) for i in reply[1:]], (None if next_rank < 0 else next_rank)

@@ -13,6 +13,12 @@ QUEUES = f"{PREFIX}:queues"  # set: every queue a job was submitted to
 METHOD_USERS = f"{PREFIX}:method-users"  # hash: method sha256 -> jobs not ended that run it
 IDS = f"{PREFIX}:ids"  # sorted set, all scores 0: job ids in lexical order, for a lookup by prefix
 REAPER = f"{PREFIX}:reaper"  # string with TTL: the worker whose reaper does this round
+# string: the newest delivery time (kombu's unacked index) the reaper has looked at (lifecycle.send_unclaimed)
+UNACKED_CHECKED = f"{PREFIX}:unacked-checked"
+# kombu's Redis transport: delivered, unacknowledged messages (hash: tag -> message) and their
+# delivery times (sorted set). deepe sets no global_keyprefix, so these are kombu's defaults.
+KOMBU_UNACKED = "unacked"
+KOMBU_UNACKED_INDEX = "unacked_index"
 WORKERS = f"{PREFIX}:workers"  # hash: worker -> "<devices it owns> <when it said so>" (devices.py)
 
 

@@ -18,6 +18,17 @@ class Word(str, Enum):
         return str(self.value)
 
 
+class JobKind(Word):
+    """What a job does: train runs its method; merge folds a finished job's adapter into its base."""
+
+    TRAIN = "train"
+    MERGE = "merge"
+
+
+# The method name a merge job is recorded under: it has no file, its code is job/merge.py.
+MERGE_METHOD = "merge"
+
+
 class JobStatus(str, Enum):
     QUEUED = "queued"
     RUNNING = "running"
@@ -154,7 +165,7 @@ class JobRecord(BaseModel):
     queue: str
     priority: int | None = None
     gpus: int = 1  # devices the job trains on, one rank each
-    kind: str = "train"  # "train" runs its method; "merge" folds a finished job's adapter into its base
+    kind: JobKind = JobKind.TRAIN
     route: str | None = None  # the Celery queue its message goes to (devices.route); None: ``queue``
     status: JobStatus = JobStatus.QUEUED
     error: str | None = None
@@ -213,7 +224,7 @@ class JobSpec(BaseModel):
     time_limit: float | None = None
     checkpoint_minutes: float | None = None
     event_buffer: int = 100_000  # DEEPE_EVENT_BUFFER: events held in memory while Redis is away
-    kind: str = "train"  # JobRecord.kind: "merge" runs job/merge.py instead of a method
+    kind: JobKind = JobKind.TRAIN  # JobRecord.kind: a merge runs job/merge.py instead of a method
     world_size: int = 1  # the job's ranks: this process is rank 0 and starts the others (job/ranks.py)
     # The folders besides the storage that the job's input paths may name (DEEPE_INPUT_ROOTS);
     # None sets no bound (run-local, which reads with its caller's own rights).
@@ -227,8 +238,27 @@ class RunResult(BaseModel):
     """
 
     status: JobStatus
-    phase: str = ""
+    phase: Phase | None = None
     error: str | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
     output_dir: str | None = None
     step: int | None = None
+
+
+# Parameter names whose values are secrets: masked wherever a record is shown (Flower, the API,
+# deepe.json).
+SECRET_KEY = re.compile(r"token|secret|password|passwd|key", re.IGNORECASE)
+MASK = "***"
+
+
+def mask_secrets(values: dict[str, Any]) -> dict[str, Any]:
+    """A copy with the values of secret-looking keys (token, secret, password, key) masked."""
+    return {k: MASK if SECRET_KEY.search(k) and v not in (None, "") else _mask_nested(v) for k, v in values.items()}
+
+
+def _mask_nested(value: Any) -> Any:
+    if isinstance(value, dict):
+        return mask_secrets(value)
+    if isinstance(value, list):
+        return [_mask_nested(v) for v in value]
+    return value

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -135,8 +134,11 @@ class Settings(BaseSettings):
 
 
 def safe_url(url: str) -> str:
-    """A Redis URL with its password masked, for messages and logs."""
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+    """A Redis URL with its password masked, for messages and logs (kombu's, as Celery's own
+    logs mask it)."""
+    from kombu.utils.url import maybe_sanitize_url
+
+    return str(maybe_sanitize_url(url))
 
 
 def redis_ssl_options(settings: Settings) -> dict[str, str] | None:

@@ -74,7 +74,7 @@ class DeepeCallback(TrainerCallback):
     def on_step_end(self, args: TrainingArguments, state: TrainerState,
                     control: TrainerControl, **kwargs: Any) -> None:
         save = self.checkpoint_s is not None and time.monotonic() - self._last_checkpoint >= self.checkpoint_s
-        reason = self.should_stop() if self.should_stop is not None else None  # cheap: see jobproc.StopFlags
+        reason = self.should_stop() if self.should_stop is not None else None  # cheap: see stops.StopFlags
         if self.world_size > 1:
             save, reason = _agree(args, save, reason)
         if save:

@@ -14,10 +14,10 @@ from collections.abc import Iterator
 from enum import Enum, auto
 from typing import Any
 
+from deepe_tasks.contract.deepext import CALLBACK_MODULE
 from deepe_tasks.core.records import Event, EventKind, Phase
 from deepe_tasks.job.callback import DeepeCallback, Emit
 from deepe_tasks.job.phases import PhaseTracker
-from deepe_tasks.queue.deepext import CALLBACK_MODULE
 
 
 class LogEnum(Enum):

@@ -18,15 +18,14 @@ from pathlib import Path
 
 import redis
 
-from deepe_tasks.core import jobstore, keys
+from deepe_tasks.core import keys
 from deepe_tasks.core.connection import tls_options
 from deepe_tasks.core.events import EventPublisher
-from deepe_tasks.core.records import JobSpec, JobStatus, Phase, RunResult, StopReason
+from deepe_tasks.core.ipc import CUTOFF_SIGNAL, FENCED_EXIT, LOG_FILE, PREEMPT_SIGNAL, RESULT_FILE
+from deepe_tasks.core.records import JobKind, JobSpec, JobStatus, Phase, RunResult, StopReason
 from deepe_tasks.core.storage import attempt_dir, job_dir, own_job_dir
 from deepe_tasks.job import merge, ranks, runner
-from deepe_tasks.job.ipc import CUTOFF_SIGNAL, FENCED_EXIT, LOG_FILE, PREEMPT_SIGNAL, RESULT_FILE
-
-CANCEL_READ_INTERVAL = 1.0
+from deepe_tasks.job.stops import PublishFence, StopFlags
 
 
 def _redirect_output(folder: Path) -> None:
@@ -37,75 +36,6 @@ def _redirect_output(folder: Path) -> None:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
-
-
-class StopFlags:
-    """Why this job should stop, checked by the callback on every step.
-
-    Preemption and a lost lease arrive as signals from the worker and the time limit is a
-    clock: none costs anything. The cancel flag is in Redis, read at most once a second.
-    """
-
-    def __init__(self, client: redis.Redis, spec: JobSpec) -> None:
-        self.client = client
-        self.key = keys.cancel(spec.job_id)
-        self.deadline = time.monotonic() + spec.time_limit if spec.time_limit else None
-        self.signalled: StopReason | None = None
-        self._next_read = 0.0
-        self._cancel: StopReason | None = None
-
-    def on_signal(self, signum: int, frame: object) -> None:
-        self.signalled = StopReason.CUT_OFF if signum == CUTOFF_SIGNAL else StopReason.PREEMPT
-
-    def check(self, fresh: bool = False) -> StopReason | None:
-        """Why to stop now, or None; ``fresh`` reads the cancel flag even if it was read less than
-        a second ago (a merge asks a few times only, the last just before it publishes)."""
-        if self.signalled:
-            return self.signalled
-        now = time.monotonic()
-        if self.deadline is not None and now >= self.deadline:
-            return StopReason.TIME_LIMIT
-        if fresh or now >= self._next_read:
-            self._next_read = now + CANCEL_READ_INTERVAL
-            try:
-                value = self.client.get(self.key)
-            except redis.RedisError:
-                value = None  # a Redis outage must not stop training
-            if value is not None:
-                self._cancel = StopReason.CANCEL_SAVE if value == "save" else StopReason.CANCEL
-        return self._cancel
-
-
-class PublishFence:
-    """The last step before a model is renamed into OUTPUT_DIR: is this attempt still the job's?
-
-    It waits (up to one lease TTL) while Redis is unreachable or the lease is about to expire,
-    and says no once another attempt owns the job, or if Redis never answered.
-    """
-
-    MIN_LEASE_MS = 1000
-
-    def __init__(self, client: redis.Redis, spec: JobSpec) -> None:
-        self.client = client
-        self.spec = spec
-        self.refused = False
-
-    def __call__(self) -> bool:
-        self.refused = not self._current()
-        return not self.refused
-
-    def _current(self) -> bool:
-        deadline = time.monotonic() + self.spec.lease_ttl
-        while True:
-            try:
-                answer = jobstore.check_current(self.client, self.spec.job_id, self.spec.attempt, self.MIN_LEASE_MS)
-                if answer is not jobstore.PublishCheck.LEASE_SHORT:
-                    return answer is jobstore.PublishCheck.OK
-            except redis.RedisError as e:
-                logging.warning("the publish check could not reach Redis: %s", e)
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.25)
 
 
 def write_result(folder: Path, result: RunResult, name: str = RESULT_FILE) -> None:
@@ -206,18 +136,14 @@ def run(line: str) -> int:
     signal.signal(CUTOFF_SIGNAL, flags.on_signal)
 
     fence = PublishFence(client, spec)
-    job: runner.Runner | merge.MergeRunner
-    if spec.kind == "merge":
-        job = merge.MergeRunner(spec, publisher.emit, lambda: flags.check(fresh=True), may_publish=fence)
-    else:
-        job = runner.Runner(spec, publisher.emit, flags.check, may_publish=fence)
+    job = _runner(spec, publisher, flags, fence)
     if others is not None:
         others.watch(lambda error: _rank_failed(attempt, publisher, job, error))
     try:
         result = job.run()
     except BaseException as e:  # the runner reports method errors itself; this is for its own
         logging.exception("the runner failed")
-        result = RunResult(status=JobStatus.FAILED, phase="running the job",
+        result = RunResult(status=JobStatus.FAILED, phase=Phase.RUNNING,
                            error=f"The job process failed outside the method: {type(e).__name__}: {e}")
     if others is not None:
         failed = result.status is JobStatus.FAILED and not job.stopped
@@ -226,24 +152,39 @@ def run(line: str) -> int:
         if failed:
             others.failed.wait(3.0)
         others.stop(2.0 if failed else ranks.EXIT_GRACE)
+    _finish(spec, attempt, result, publisher, cut_off=flags.signalled is StopReason.CUT_OFF or fence.refused)
+    return 0
+
+
+JobRunner = runner.Runner | merge.MergeRunner
+
+
+def _runner(spec: JobSpec, publisher: EventPublisher, flags: StopFlags, fence: PublishFence) -> JobRunner:
+    """The runner of the job's kind: both run(), stop at the flags and publish behind the fence."""
+    if spec.kind is JobKind.MERGE:
+        # A merge has no step boundary to wait for: each of its checks reads the flag afresh.
+        return merge.MergeRunner(spec, publisher.emit, lambda: flags.check(fresh=True), may_publish=fence)
+    return runner.Runner(spec, publisher.emit, flags.check, may_publish=fence)
+
+
+def _finish(spec: JobSpec, attempt: Path, result: RunResult, publisher: EventPublisher, cut_off: bool) -> None:
+    """Flush the attempt's events, then write its result (which the worker reads)."""
     # Held by _rank_failed while it records a rank's death as the job's end and kills every
     # rank, this process included: then this wait never ends, as it should.
     _ended.acquire()
     # The worker writes the final event; ours must be in the stream before it. Cut off from
     # Redis, or refused as stale, this attempt waits no longer than a lease for it.
-    wait = spec.lease_ttl if flags.signalled is StopReason.CUT_OFF or fence.refused else 300
-    if not publisher.close(timeout=wait):
+    if not publisher.close(timeout=spec.lease_ttl if cut_off else 300):
         logging.warning("some events reached events.jsonl but not Redis")
     write_result(attempt, result)
     sys.stdout.flush()
     sys.stderr.flush()
-    return 0
 
 
 _ended = threading.Lock()
 
 
-def _rank_failed(attempt: Path, publisher: EventPublisher, job: runner.Runner | merge.MergeRunner,
+def _rank_failed(attempt: Path, publisher: EventPublisher, job: JobRunner,
                  error: str) -> None:
     """Another rank died while the job trained: record the job's end, then end every rank.
 

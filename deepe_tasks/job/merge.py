@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from deepe_tasks.core.errors import AttemptFenced, InvalidParams
-from deepe_tasks.core.records import JobSpec, JobStatus, Phase, RunResult, StopReason
+from deepe_tasks.core.records import MERGE_METHOD, JobSpec, JobStatus, Phase, RunResult, StopReason
 from deepe_tasks.core.storage import MANIFEST
 from deepe_tasks.job import phases
 from deepe_tasks.job.callback import Emit, StopCheck
@@ -28,7 +28,6 @@ from deepe_tasks.job.publish import publish_model
 
 log = logging.getLogger(__name__)
 
-METHOD = "merge"  # the method name merge jobs are recorded under (no file: the code is here)
 MERGE_ELSEWHERE = "Move that folder away, then merge again."
 
 
@@ -57,7 +56,7 @@ def tree_sha256(folder: Path) -> str:
 class MergeRunner:
     """Runs one attempt of a merge job; the same interface as ``runner.Runner`` for jobproc.
 
-    ``should_stop`` (jobproc.StopFlags) is read before each heavy step and right before the
+    ``should_stop`` (stops.StopFlags) is read before each heavy step and right before the
     rename: a cancelled merge publishes nothing and ends cancelled.
     """
 
@@ -123,7 +122,7 @@ class MergeRunner:
         model.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
         manifest = {
-            "job": self.spec.job_id, "method": METHOD, "merged_from": self.merged_from,
+            "job": self.spec.job_id, "method": MERGE_METHOD, "merged_from": self.merged_from,
             "base": str(self.base), "adapter": str(self.adapter), **hashes,
             "merged_sha256": tree_sha256(staging), "attempt": self.spec.attempt,
             "worker": self.spec.worker or socket.gethostname(), "finished_at": time.time(),

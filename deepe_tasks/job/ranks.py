@@ -24,14 +24,14 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from deepe_tasks.core.records import JobSpec, RunResult
-from deepe_tasks.job.ipc import (
+from deepe_tasks.core.ipc import (
     CUTOFF_SIGNAL,
     PREEMPT_SIGNAL,
     die_with_parent,
     exit_forked,
     killed_by,
 )
+from deepe_tasks.core.records import JobSpec, RunResult
 
 log = logging.getLogger(__name__)
 

@@ -8,31 +8,24 @@ from __future__ import annotations
 
 import contextlib
 import json
-import linecache
 import logging
 import platform
 import socket
 import time
-import traceback
-import types
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from deepe_tasks.contract.params import TrainParams
 from deepe_tasks.core import records
 from deepe_tasks.core.errors import AttemptFenced, InvalidParams, MethodContractError
-from deepe_tasks.core.records import JobSpec, JobStatus, Phase, RunResult, StopReason
+from deepe_tasks.core.records import JobSpec, JobStatus, Phase, RunResult, StopReason, mask_secrets
 from deepe_tasks.core.storage import MANIFEST, attempt_dir, latest_checkpoint
-from deepe_tasks.job import deepext_shim, phases
+from deepe_tasks.job import method, phases
 from deepe_tasks.job.callback import DeepeCallback, Emit, StopCheck, TrainingComplete
-from deepe_tasks.job.phases import PhaseFailure, column_hint, describe
+from deepe_tasks.job.phases import PhaseFailure, describe
 from deepe_tasks.job.publish import publish_model
-from deepe_tasks.queue import deepext
-from deepe_tasks.queue.admission import input_problems, inputs_allowed
-from deepe_tasks.queue.check import Problem, check_source
-from deepe_tasks.queue.declared import declared_params
-from deepe_tasks.queue.params import TrainParams, mask_secrets
 
 log = logging.getLogger(__name__)
 
@@ -153,114 +146,14 @@ class Runner:
 
     def build(self) -> Any:
         """Execute the method and check the contract; return its trainer, ready to train."""
-        self._inputs_exist()
-        self._load_method()
-        return self._check_contract()
+        method.inputs_exist(self.spec, self.params)
+        self.namespace = method.execute(self.spec, self.params, self.callback, self.tracker, self.emit)
+        trainer, self.collective_save = method.check_contract(self.namespace, self.spec, self.callback,
+                                                               self.checkpoint_dir)
+        return trainer
 
     def _failed(self, phase: Phase, message: str) -> RunResult:
         return RunResult(status=JobStatus.FAILED, phase=phase, error=message)
-
-    def _inputs_exist(self) -> None:
-        """The clear message for a missing MODEL_PATH or DATASET_PATH, before the libraries' own;
-        and the input-path rule again, here: a link swapped into the storage after submit."""
-        if self.spec.input_roots is not None:
-            try:
-                inputs_allowed(self.params, declared_params(self.spec.source), Path(self.spec.storage_root),
-                               [Path(p) for p in self.spec.input_roots])
-            except (InvalidParams, MethodContractError) as e:
-                raise PhaseFailure(Phase.PREPARING, f"Failed while {Phase.PREPARING}: {e}") from e
-        problems = input_problems(self.params, self.params)
-        if problems:
-            param, phase, problem = problems[0]  # the one the method would meet first
-            raise PhaseFailure(phase, f"Failed while {phase}: {problem} (on {socket.gethostname()}: check that "
-                                      f"the workers mount the storage where {param} points).")
-
-    def _load_method(self) -> None:
-        report = check_source(self.spec.source, self.filename)
-        for syntax in report.of(Problem.SYNTAX):
-            raise PhaseFailure(Phase.LOADING_METHOD, f"Failed while {Phase.LOADING_METHOD}: {self.filename}: "
-                           f"{syntax.message}")
-        misuse = report.of(Problem.PLATFORM_CALL)
-        if misuse:
-            raise PhaseFailure(Phase.LOADING_METHOD, f"Failed while {Phase.LOADING_METHOD}: {self.filename} breaks "
-                           "the method contract. " + " ".join(f.message for f in misuse))
-        module = types.ModuleType(f"deepe_method_{self.spec.method.replace('-', '_')}")
-        module.__file__ = self.filename
-        ns = module.__dict__
-        # Every parameter under its own name, plus `params` (custom keys included) and `callback`.
-        ns.update({name: getattr(self.params, name) for name in TrainParams.model_fields})
-        ns.update(params=self.params, callback=self.callback)
-        self.namespace = ns
-        lines = self.spec.source.splitlines(keepends=True)
-        linecache.cache[self.filename] = (len(self.spec.source), None, lines, self.filename)
-        code = compile(self.spec.source, self.filename, "exec")
-        try:
-            with self.tracker.watching(), self._deepextension():
-                exec(code, ns)
-        except BaseException as e:
-            if isinstance(e, KeyboardInterrupt):
-                raise
-            log.exception("the method raised")
-            if isinstance(e, SystemExit):
-                e = RuntimeError(f"the method called sys.exit({e.code!r})")
-            phase = self.tracker.phase
-            own = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == self.filename]
-            if own:
-                phase = phases.refine(phase, own[-1].line or "")
-            raise PhaseFailure(phase, describe(e, phase, self.filename) + column_hint(e, self.namespace)) from e
-
-    def _deepextension(self) -> contextlib.AbstractContextManager[None]:
-        """For a DeepExtension file: its `train_callback` module and its command line."""
-        if not deepext.is_deepextension(self.spec.source):
-            return contextlib.nullcontext()
-        argv = [self.filename, *deepext.arguments(self.spec.source, self.params.as_dict(), job_id=self.spec.job_id,
-                                                  attempt=self.spec.attempt)]
-        shim = deepext_shim.module(self.spec.job_id, self.callback, self.tracker, self.emit)
-        return deepext_shim.installed(shim, argv)
-
-    def _check_contract(self) -> Any:
-        ns = self.namespace
-        missing = []
-        for name, attr in (("model", "save_pretrained"), ("tokenizer", "save_pretrained"), ("trainer", "train")):
-            if name not in ns:
-                missing.append(f"`{name}` is not defined")
-            elif not callable(getattr(ns[name], attr, None)):
-                missing.append(f"`{name}` ({type(ns[name]).__name__}) has no {attr}()")
-        if missing:
-            raise PhaseFailure(Phase.LOADING_METHOD, str(MethodContractError(
-                f"Failed while {Phase.LOADING_METHOD}: {self.filename} does not fulfil the contract: "
-                + "; ".join(missing) + ". Define `model`, `tokenizer` and `trainer` between the marker lines.")))
-        trainer = ns["trainer"]
-        args = getattr(trainer, "args", None)
-        # The model sharded over the ranks (FSDP): saving it is then a collective of every rank.
-        self.collective_save = self.spec.world_size > 1 and bool(getattr(trainer, "is_fsdp_enabled", False))
-        if self.collective_save and "FULL_STATE_DICT" not in str(getattr(getattr(
-                trainer.accelerator.state, "fsdp_plugin", None), "state_dict_type", "")):
-            raise PhaseFailure(Phase.BUILDING_TRAINER, (
-                f"Failed while {Phase.BUILDING_TRAINER}: the trainer shards the model with FSDP but saves a sharded "
-                "state dict, which would publish a model without its weights. Add fsdp_config={'state_dict_type': "
-                "'FULL_STATE_DICT'} to the trainer's config."))
-        if getattr(args, "fsdp", None) and not getattr(trainer, "is_fsdp_enabled", False):
-            raise PhaseFailure(Phase.BUILDING_TRAINER, (
-                f"Failed while {Phase.BUILDING_TRAINER}: the trainer's config asks for FSDP (fsdp={args.fsdp!r}), which "  # type: ignore[union-attr]
-                "needs CUDA devices and a job of gpus=2 or more; here accelerate would train without it, every rank "
-                "holding the whole model. Submit the job with --gpus N to a GPU worker, or remove fsdp from the "
-                "config to train with DDP."))
-        if args is not None and hasattr(args, "output_dir"):
-            # Trainer scratch and checkpoints go to the job folder, never into OUTPUT_DIR,
-            # which only ever receives the finished, published model. The last two are kept.
-            args.output_dir = str(self.checkpoint_dir)
-            args.save_total_limit = 2
-        handler = getattr(trainer, "callback_handler", None)
-        if handler is not None and not any(cb is self.callback for cb in handler.callbacks):
-            trainer.add_callback(self.callback)
-        if handler is not None:
-            # deepe's events say what transformers' printer and progress bar would: once is enough.
-            from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-            for quiet in (PrinterCallback, ProgressCallback):
-                trainer.remove_callback(quiet)
-        return trainer
 
     def _train(self, trainer: Any) -> dict[str, Any]:
         self.tracker.enter(Phase.TRAINING)

@@ -25,7 +25,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-from deepe_tasks.job.ipc import (
+from deepe_tasks.core.ipc import (
     LineReader,
     Reply,
     ZygoteReply,

@@ -11,18 +11,23 @@ from typing import Any
 
 import redis
 
-from deepe_tasks.core import devices, jobstore, keys, validate
+from deepe_tasks.contract.admission import admit
+from deepe_tasks.contract.methods import NAME_RE, load_method
+from deepe_tasks.core import broker, devices, jobstore, keys, validate
 from deepe_tasks.core.connection import get_redis, unreachable
 from deepe_tasks.core.errors import BrokerUnavailable, InvalidJobState, InvalidParams
-from deepe_tasks.core.records import Event, EventKind, JobRecord, JobStatus
+from deepe_tasks.core.events import progress_of
+from deepe_tasks.core.records import (
+    MERGE_METHOD,
+    Event,
+    EventKind,
+    JobKind,
+    JobRecord,
+    JobStatus,
+    mask_secrets,
+)
 from deepe_tasks.core.settings import get_settings
 from deepe_tasks.core.storage import MERGED_SUFFIX, foreign_owner
-from deepe_tasks.queue.admission import admit
-from deepe_tasks.queue.methods import NAME_RE, load_method
-from deepe_tasks.queue.params import mask_secrets
-
-TASK_NAME = "deepe.train"
-DEFAULT_PRIORITY = 5
 
 
 def submit(
@@ -80,7 +85,7 @@ def _create_and_send(client: redis.Redis, record: JobRecord, source: str, messag
     except (redis.ConnectionError, redis.TimeoutError) as e:
         raise unreachable(client, e) from e
     try:
-        enqueue(record)
+        broker.enqueue(record)
         jobstore.sent(client, record.id)
     except Exception as e:
         # No message means no worker will ever take it: say so in the record, not just here.
@@ -128,11 +133,9 @@ def merge(job_id: str, *, queue: str | None = None) -> Job:
     OUTPUT_DIR with ``-merged`` appended. Raises ``InvalidJobState`` for a job that did not
     succeed or whose model is complete already.
     """
-    from deepe_tasks.job.merge import METHOD  # torch-free: the module imports torch only to merge
-
     source = find_job(job_id)
     record = source.record()
-    if record.kind == "merge":
+    if record.kind is JobKind.MERGE:
         raise InvalidJobState(f"Job {record.id} is a merge: its model at {record.output_dir} is already a complete "
                               "model, with nothing to merge into it. Use that folder as it is.")
     if record.status is not JobStatus.SUCCEEDED:
@@ -153,7 +156,7 @@ def merge(job_id: str, *, queue: str | None = None) -> Job:
                             "folder away, then merge again.")
     queue = validate.queue_name(queue or record.queue)
     merged = JobRecord(
-        id=new_id, method=METHOD, method_sha256=hashlib.sha256(b"").hexdigest(), kind="merge", queue=queue,
+        id=new_id, method=MERGE_METHOD, method_sha256=hashlib.sha256(b"").hexdigest(), kind=JobKind.MERGE, queue=queue,
         params={"MODEL_PATH": record.params["MODEL_PATH"], "ADAPTER_PATH": str(adapter), "OUTPUT_DIR": str(target),
                 "MERGED_FROM": record.id},
         output_dir=str(target), route=queue,
@@ -180,21 +183,6 @@ def find_job(ref: str) -> Job:
         shown = ", ".join(sorted(str(m) for m in matches[:5])) + (", …" if len(matches) > 5 else "")
         raise InvalidParams(f"{ref!r} is the start of several job ids ({shown}); give more of the id.")
     return Job(ref)
-
-
-def enqueue(record: JobRecord) -> None:
-    """Send the job's one Celery message (JSON); the job id is the task id."""
-    from deepe_tasks.worker.celery_app import app_for
-
-    app_for(get_settings().redis_url).send_task(
-        TASK_NAME, args=[record.id], kwargs={"method": record.method, "gpus": record.gpus}, task_id=record.id,
-        # Without one, a job gets the middle priority: 0 is the highest, 9 the lowest.
-        queue=record.route or record.queue, priority=DEFAULT_PRIORITY if record.priority is None else record.priority,
-        # What Flower shows: the method and its parameters, secrets masked. The worker reads
-        # the parameters from the job record, never from the message.
-        argsrepr=repr([record.id]),
-        kwargsrepr=repr({"method": record.method, "gpus": record.gpus, "params": mask_secrets(record.params)}),
-    )
 
 
 class Job:
@@ -258,9 +246,7 @@ class Job:
         checkpoint; with ``save``, its model is also published, marked partial in deepe.json."""
         status = jobstore.cancel(get_redis(), self.id, save)
         if status is JobStatus.CANCELLED:  # it was queued: its message is dropped unread
-            from deepe_tasks.worker.celery_app import app_for
-
-            app_for(get_settings().redis_url).control.revoke(self.id)
+            broker.revoke(self.id)
         # Running: the job process reads the flag at its next step and stops there.
         return status
 
@@ -270,23 +256,6 @@ def masked(record: JobRecord) -> dict[str, Any]:
     data = record.model_dump(mode="json")
     data["params"] = mask_secrets(data["params"])
     return data
-
-
-# The latest `log` event is among a job's last this many events.
-PROGRESS_WINDOW = 50
-
-
-def progress_of(client: redis.Redis, job_ids: list[str]) -> dict[str, Event | None]:
-    """Each job's latest `log` event, in one round trip."""
-    from deepe_tasks.core.events import decode
-
-    pipe = client.pipeline(transaction=False)
-    for job_id in job_ids:
-        pipe.xrevrange(keys.events(job_id), count=PROGRESS_WINDOW)
-    found: dict[str, Event | None] = {}
-    for job_id, recent in zip(job_ids, pipe.execute(), strict=True):
-        found[job_id] = next((e for _, e in decode(recent) if e is not None and e.kind is EventKind.LOG), None)
-    return found
 
 
 def list_jobs(status: JobStatus | None = None, method: str | None = None, limit: int = 20,

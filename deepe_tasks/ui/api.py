@@ -15,15 +15,16 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
+from deepe_tasks.contract.methods import Method, describe_method, list_methods, load_method
 from deepe_tasks.core import devices, validate
 from deepe_tasks.core.connection import get_redis
 from deepe_tasks.core.errors import (
     DeepeError,
 )
+from deepe_tasks.core.events import progress_of
 from deepe_tasks.core.records import Event, JobRecord, JobStatus
 from deepe_tasks.core.settings import get_settings
 from deepe_tasks.queue import client
-from deepe_tasks.queue.methods import Method, describe_method, list_methods, load_method
 from deepe_tasks.ui import answers, health, limits, sse
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ def jobs(status: JobStatus | None = None, method: str | None = None,
          cursor: Annotated[str | None, Query(pattern=r"^\d+$")] = None) -> JobList:
     """Jobs, newest first."""
     records, next_cursor = client.list_jobs(status, method, limit, cursor)
-    progress = client.progress_of(get_redis(), [r.id for r in records])  # one round trip for the page
+    progress = progress_of(get_redis(), [r.id for r in records])  # one round trip for the page
     return JobList(jobs=[_info(r, progress[r.id]) for r in records], next_cursor=next_cursor)
 
 
@@ -233,11 +234,11 @@ def queues() -> Queues:
     """What `deepe queues` shows: each queue, its jobs and its workers; and the workers up now."""
     from dataclasses import asdict
 
+    from deepe_tasks.core.broker import active_queues
     from deepe_tasks.queue.queues import overview
-    from deepe_tasks.worker.celery_app import app_for
 
     settings = get_settings()
-    active = app_for(settings.redis_url).control.inspect(timeout=1.0).active_queues()
+    active = active_queues()
     infos = overview(get_redis(), active)
     up = devices.live(get_redis(), stale_after=devices.STALE_AFTER_TTLS * settings.lease_ttl)
     return Queues(queues=[QueueView(**asdict(i)) for i in infos],

@@ -10,11 +10,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from deepe_tasks.contract.admission import admit
+from deepe_tasks.contract.methods import Method, sha256_of
 from deepe_tasks.core.records import Event, JobSpec, JobStatus, RunResult
 from deepe_tasks.core.settings import get_settings
 from deepe_tasks.core.storage import MANIFEST, job_dir
-from deepe_tasks.queue.admission import admit
-from deepe_tasks.queue.methods import Method, sha256_of
 from deepe_tasks.ui.display import format_event
 
 if TYPE_CHECKING:
@@ -92,8 +92,8 @@ def run_local(method_file: str | Path, params: dict[str, Any], echo: Callable[[s
 def find_method_file(ref: str, beside: Path | None = None) -> Path:
     """A method by name (`custom01`, `sft-demo`) or by file (`custom01.py`, a path): tried as
     given, beside ``beside`` (the calling script), then in the method store and the built-ins."""
+    from deepe_tasks.contract.methods import load_method
     from deepe_tasks.core.errors import MethodNotFound
-    from deepe_tasks.queue.methods import load_method
 
     name = Path(ref)
     candidates = [name] if name.suffix == ".py" else []

@@ -1,7 +1,7 @@
 """Prometheus metrics of the whole system, read from what each transition keeps up to date.
 
 A scrape costs a few round trips whatever the history's size: the per-state indexes' sizes,
-the counters of `deepe:stats` (kept by the transitions' Lua, `core/lua.py`) and the length of
+the counters of `deepe:stats` (kept by the transitions' Lua, `core/lua/`) and the length of
 each queue's lists. It never reads a job record.
 """
 

@@ -8,6 +8,7 @@ while without one (`--one-job`, `--idle-exit`: for a KEDA ScaledJob).
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
@@ -20,7 +21,7 @@ import redis
 from celery.signals import worker_init, worker_ready, worker_shutting_down
 from celery.worker import state as worker_state
 
-from deepe_tasks.core import devices, jobstore, keys
+from deepe_tasks.core import broker, devices, jobstore, keys
 from deepe_tasks.core.connection import get_redis
 from deepe_tasks.core.errors import InvalidParams, JobNotFound
 from deepe_tasks.core.records import JobRecord, JobStatus
@@ -50,16 +51,15 @@ UNSENT_GRACE = 60.0
 def send_again(client: redis.Redis, record: JobRecord) -> None:
     """Send a requeued job's message. If that fails, the job stays in the unsent set, and a
     reaper sends it later."""
-    from deepe_tasks.queue.client import enqueue
 
-    enqueue(record)
+    broker.enqueue(record)
     jobstore.sent(client, record.id)
 
 
 def reap_once(client: redis.Redis) -> list[str]:
     """Requeue every running job whose lease has expired, and send the messages of queued jobs
     that never got one; return the ids of the jobs sent. Also drops expired jobs from the indexes."""
-    requeued = reap_lost(client) + send_unsent(client)
+    requeued = reap_lost(client) + send_unsent(client) + send_unclaimed(client)
     jobstore.prune(client)
     return requeued
 
@@ -106,6 +106,45 @@ def send_unsent(client: redis.Redis) -> list[str]:
         except Exception as e:
             log.warning("reaper: job %s: %s", job_id, e)
     return requeued
+
+
+def unclaimed_after() -> float:
+    """How long after its delivery a message whose job is still queued counts as lost: a live
+    worker claims within seconds (it waits at most for its zygote's spare first)."""
+    return 2 * get_settings().lease_ttl + 30
+
+
+def send_unclaimed(client: redis.Redis, now: float | None = None) -> list[str]:
+    """Send again the job of every message delivered to a worker that never claimed it.
+
+    A worker lost between taking a message and claiming its job (killed while it waited for a
+    job process, say) leaves the message in kombu's unacknowledged set until
+    DEEPE_VISIBILITY_TIMEOUT, days later, and the job has no lease for the reaper to find. Each
+    delivery is looked at once, when it is ``unclaimed_after()`` old: if its job is still queued,
+    the dead delivery is dropped and the job sent again. A worker that was only slow then finds
+    the job taken (or takes it first, and the new message is dropped): nothing runs twice.
+    """
+    upto = (time.time() if now is None else now) - unclaimed_after()
+    since: Any = client.get(keys.UNACKED_CHECKED)
+    tags = [str(t) for t in client.zrangebyscore(keys.KOMBU_UNACKED_INDEX, f"({since}" if since else "-inf", upto)]
+    sent: list[str] = []
+    for tag, raw in zip(tags, client.hmget(keys.KOMBU_UNACKED, tags) if tags else [], strict=True):
+        try:
+            job_id = str(json.loads(raw or "")[0]["headers"]["id"])
+            record = jobstore.get(client, job_id)
+        except (TypeError, ValueError, KeyError, IndexError, JobNotFound):
+            continue  # acknowledged meanwhile, not a deepe task, or a job that expired
+        if record.status is JobStatus.QUEUED:
+            log.warning("job %s: its message was delivered to a worker that never claimed it (lost); sending it "
+                        "again", job_id)
+            pipe = client.pipeline()
+            pipe.zrem(keys.KOMBU_UNACKED_INDEX, tag)
+            pipe.hdel(keys.KOMBU_UNACKED, tag)
+            pipe.execute()
+            send_again(client, record)
+            sent.append(job_id)
+    client.set(keys.UNACKED_CHECKED, repr(upto))
+    return sent
 
 
 def _reap(client: redis.Redis, job_id: str, max_resumes: int) -> bool:

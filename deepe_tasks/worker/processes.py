@@ -15,9 +15,10 @@ from typing import Any
 
 from celery.signals import worker_process_init, worker_process_shutdown
 
+from deepe_tasks.core.ipc import die_with_parent, killed_by
 from deepe_tasks.core.settings import get_settings
-from deepe_tasks.job.ipc import die_with_parent, killed_by
-from deepe_tasks.worker.zygote_client import ForkedJob, WarmStart
+from deepe_tasks.worker.warm import WarmStart
+from deepe_tasks.worker.zygote_client import ForkedJob
 
 log = logging.getLogger(__name__)
 

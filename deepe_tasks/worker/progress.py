@@ -7,9 +7,8 @@ from typing import Any
 
 from deepe_tasks.core import keys
 from deepe_tasks.core.connection import get_redis
-from deepe_tasks.core.events import decode
+from deepe_tasks.core.events import PROGRESS_WINDOW, decode
 from deepe_tasks.core.records import EventKind
-from deepe_tasks.queue.client import PROGRESS_WINDOW
 
 
 class FlowerProgress:

@@ -18,9 +18,9 @@ from redis.retry import Retry
 from deepe_tasks.core import jobstore, keys
 from deepe_tasks.core.connection import tls_options
 from deepe_tasks.core.events import decode
+from deepe_tasks.core.ipc import CUTOFF_SIGNAL, PREEMPT_SIGNAL
 from deepe_tasks.core.records import Event, EventKind, JobRecord, RunResult, StopReason
 from deepe_tasks.core.settings import Settings
-from deepe_tasks.job.ipc import CUTOFF_SIGNAL, PREEMPT_SIGNAL
 from deepe_tasks.worker import credentials, watchdog
 from deepe_tasks.worker.lifecycle import worker_stopping
 from deepe_tasks.worker.processes import JobProcess, kill_group

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SLOW_METHOD, write_method
+from tests.helpers import SLOW_METHOD, write_method
 from tests.nemesis.harness import Config, Unavailable, run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.nemesis]

@@ -151,13 +151,13 @@ def queues(
     from dataclasses import asdict
 
     from deepe_tasks.core import validate
+    from deepe_tasks.core.broker import active_queues
     from deepe_tasks.core.connection import get_redis
     from deepe_tasks.queue.queues import overview, waiting_in
-    from deepe_tasks.worker.celery_app import app_for
 
     extra = [validate.queue_name(q) for q in queue or []]
     client = get_redis()
-    active = app_for(get_settings().redis_url).control.inspect(timeout=1.0).active_queues()
+    active = active_queues()
     infos = {i.name: i for i in overview(client, active)}
     for name in [get_settings().queue, *extra]:
         infos.setdefault(name, waiting_in(client, name))

@@ -25,7 +25,7 @@ from deepe_tasks.ui.cli.common import (
 @methods_app.command("list")
 def methods_list(as_json: JsonOpt = False) -> None:
     """Show the built-in methods and those in the store (DEEPE_METHOD_STORE), with descriptions."""
-    from deepe_tasks.queue.methods import list_methods
+    from deepe_tasks.contract.methods import list_methods
 
     found = list_methods(get_settings().method_root)
     if as_json:
@@ -44,7 +44,7 @@ def methods_list(as_json: JsonOpt = False) -> None:
 @methods_app.command("show")
 def methods_show(name: str, as_json: JsonOpt = False) -> None:
     """Show a method: where it is, what kind of file it is, and the parameters it takes."""
-    from deepe_tasks.queue.methods import describe_method, load_method
+    from deepe_tasks.contract.methods import describe_method, load_method
 
     info = describe_method(load_method(get_settings().method_root, name))
     if as_json:
@@ -64,7 +64,7 @@ def methods_show(name: str, as_json: JsonOpt = False) -> None:
 @methods_app.command("new")
 def methods_new(name: str) -> None:
     """Copy the custom template to NAME.py in the method store (never overwrites)."""
-    from deepe_tasks.queue.methods import new_method
+    from deepe_tasks.contract.methods import new_method
 
     path = new_method(get_settings().method_root, name)
     console.print(Text(f"Created {path}. Paste your training code between the marker lines, then "
@@ -74,8 +74,8 @@ def methods_new(name: str) -> None:
 @methods_app.command("check")
 def methods_check(name: str) -> None:
     """Check a method against the contract without running it."""
-    from deepe_tasks.queue.check import check_source
-    from deepe_tasks.queue.methods import file_kind, load_method
+    from deepe_tasks.contract.check import check_source
+    from deepe_tasks.contract.methods import file_kind, load_method
 
     method = load_method(get_settings().method_root, name)
     report = check_source(method.source, method.path.name)

@@ -45,8 +45,8 @@ def worker(
     if idle_exit is not None:
         os.environ["DEEPE_IDLE_EXIT"] = str(idle_exit)
     get_settings.cache_clear()
-    from deepe_tasks.worker.celery_app import app as celery_app
-    from deepe_tasks.worker.celery_app import worker_flags
+    from deepe_tasks.core.broker import app as celery_app
+    from deepe_tasks.core.broker import worker_flags
 
     owned = len(devices.device_list(get_settings().gpus))
     consumed = ",".join(devices.consumed(validate.queue_names(queues or get_settings().queue), owned))

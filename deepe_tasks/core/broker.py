@@ -1,15 +1,28 @@
-"""The Celery app, configured for long training jobs (each setting with its reason)."""
+"""The broker: the Celery app, configured for long training jobs (each setting with its reason),
+and what the other sides do with it (send a job's message, revoke one, ask the workers).
+
+It lives in core so that a submitter sends a message without importing the worker: the app
+names its task module by string (``include``), which only a worker imports.
+"""
 
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import TYPE_CHECKING, Any
 
-from celery import Celery
-
+from deepe_tasks.core.records import JobRecord, mask_secrets
 from deepe_tasks.core.settings import Settings, get_settings, redis_ssl_options
+
+TASK_NAME = "deepe.train"
+DEFAULT_PRIORITY = 5  # a job's without one: 0 is the highest, 9 the lowest
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 
 def make_app(settings: Settings) -> Celery:
+    from celery import Celery  # here: a command that sends no message does not import Celery
+
     app = Celery("deepe", broker=settings.redis_url, backend=settings.redis_url, include=["deepe_tasks.worker.tasks"])
     app.conf.update(
         # Pickle from a broker is remote code execution: JSON only, both ways.
@@ -64,4 +77,31 @@ def app_for(redis_url: str) -> Celery:
     return make_app(get_settings().model_copy(update={"redis_url": redis_url}))
 
 
-app = app_for(get_settings().redis_url)
+def __getattr__(name: str) -> Any:
+    # `app`, the app of this process's DEEPE_REDIS_URL: made when first asked for (the worker's
+    # task module, `celery -A deepe_tasks`), not when the module is imported.
+    if name == "app":
+        return app_for(get_settings().redis_url)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def enqueue(record: JobRecord) -> None:
+    """Send the job's one Celery message (JSON); the job id is the task id."""
+    app_for(get_settings().redis_url).send_task(
+        TASK_NAME, args=[record.id], kwargs={"method": record.method, "gpus": record.gpus}, task_id=record.id,
+        queue=record.route or record.queue, priority=DEFAULT_PRIORITY if record.priority is None else record.priority,
+        # What Flower shows: the method and its parameters, secrets masked. The worker reads
+        # the parameters from the job record, never from the message.
+        argsrepr=repr([record.id]),
+        kwargsrepr=repr({"method": record.method, "gpus": record.gpus, "params": mask_secrets(record.params)}),
+    )
+
+
+def revoke(job_id: str) -> None:
+    """Drop a queued job's message unread (a worker that gets it skips it)."""
+    app_for(get_settings().redis_url).control.revoke(job_id)
+
+
+def active_queues(timeout: float = 1.0) -> Any:
+    """What each live worker consumes (Celery's inspect), or None when no worker answered."""
+    return app_for(get_settings().redis_url).control.inspect(timeout=timeout).active_queues()

@@ -12,8 +12,8 @@ from __future__ import annotations
 import ast
 from typing import Any
 
+from deepe_tasks.contract.params import snake_case
 from deepe_tasks.core.errors import InvalidParams
-from deepe_tasks.queue.params import snake_case
 
 CALLBACK_MODULE = "train_callback"
 TRAINING_FUNCTION = "training"

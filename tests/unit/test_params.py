@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from deepe_tasks.contract.params import parse_params, resolve_params
 from deepe_tasks.core.errors import InvalidParams
-from deepe_tasks.queue.params import mask_secrets, parse_params, resolve_params
+from deepe_tasks.core.records import mask_secrets
 
 BASE = {"MODEL_PATH": "models/base", "DATASET_PATH": "data/train.jsonl"}
 

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from deepe_tasks.core.errors import MethodExists, MethodNotFound
-from deepe_tasks.queue.check import check_source
-from deepe_tasks.queue.methods import (
+from deepe_tasks.contract.check import check_source
+from deepe_tasks.contract.methods import (
     BEGIN_MARKER,
     BUILTIN,
     END_MARKER,
@@ -17,8 +16,9 @@ from deepe_tasks.queue.methods import (
     load_method,
     new_method,
 )
+from deepe_tasks.core.errors import MethodExists, MethodNotFound
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 STORE = ROOT / "method_store"
 
 

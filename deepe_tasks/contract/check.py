@@ -15,9 +15,9 @@ import shutil
 from dataclasses import dataclass, field
 from enum import Enum
 
+from deepe_tasks.contract.declared import declared_params
+from deepe_tasks.contract.deepext import TRAINING_FUNCTION, is_deepextension
 from deepe_tasks.core.errors import MethodContractError
-from deepe_tasks.queue.declared import declared_params
-from deepe_tasks.queue.deepext import TRAINING_FUNCTION, is_deepextension
 
 REQUIRED_NAMES = ("model", "tokenizer", "trainer")
 SAVE_CALLS = ("save_pretrained", "save_model", "push_to_hub")

@@ -130,15 +130,15 @@ def new_method(store: Path, name: str) -> Path:
 
 def file_kind(source: str) -> str:
     """"deepe" for a method of this contract; "DeepExtension" for a DeepExtension custom method."""
-    from deepe_tasks.queue.deepext import is_deepextension
+    from deepe_tasks.contract.deepext import is_deepextension
 
     return "DeepExtension" if is_deepextension(source) else "deepe"
 
 
 def describe_method(method: Method) -> dict[str, Any]:
     """What `deepe methods show` and `GET /methods/{name}` tell: the method and its parameters."""
-    from deepe_tasks.queue.declared import declared_params
-    from deepe_tasks.queue.params import TrainParams
+    from deepe_tasks.contract.declared import declared_params
+    from deepe_tasks.contract.params import TrainParams
 
     platform = [{"name": name, "type": _type_name(info.annotation), "default": None if info.is_required() else
                  info.default, "help": info.description or "", "declared_by": "platform"}

@@ -9,15 +9,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deepe_tasks.contract.check import check_source
+from deepe_tasks.contract.declared import PATH, Declared, apply_declared, declared_params
+from deepe_tasks.contract.deepext import arguments, is_deepextension
+from deepe_tasks.contract.methods import Method
+from deepe_tasks.contract.params import (
+    TrainParams,
+    parse_params,
+    refuse_near_misses,
+    resolve_params,
+)
 from deepe_tasks.core import validate
 from deepe_tasks.core.errors import InvalidParams, MethodContractError
 from deepe_tasks.core.records import Phase
 from deepe_tasks.core.settings import get_settings
-from deepe_tasks.queue.check import check_source
-from deepe_tasks.queue.declared import PATH, Declared, apply_declared, declared_params
-from deepe_tasks.queue.deepext import arguments, is_deepextension
-from deepe_tasks.queue.methods import Method
-from deepe_tasks.queue.params import TrainParams, parse_params, refuse_near_misses, resolve_params
 
 
 @dataclass

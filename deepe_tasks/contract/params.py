@@ -28,8 +28,6 @@ MAX_PATH = 4096  # characters in a path (PATH_MAX)
 MAX_COLUMN = 1024  # characters in a column name
 NEAR_MISS_LENGTH = 64  # a key longer than this is never a misspelt parameter name
 NEAR_MISS_EDITS = 2  # a key this many edits from a known name is a typo of it
-SECRET_KEY = re.compile(r"token|secret|password|passwd|key", re.IGNORECASE)
-MASK = "***"
 
 
 def snake_case(name: str) -> str:
@@ -228,16 +226,3 @@ def resolve_params(params: TrainParams, storage_root: Path, job_id: str) -> Trai
         )
     out.OUTPUT_DIR = str(output)
     return out
-
-
-def mask_secrets(values: dict[str, Any]) -> dict[str, Any]:
-    """A copy with the values of secret-looking keys (token, secret, password, key) masked."""
-    return {k: MASK if SECRET_KEY.search(k) and v not in (None, "") else _mask_nested(v) for k, v in values.items()}
-
-
-def _mask_nested(value: Any) -> Any:
-    if isinstance(value, dict):
-        return mask_secrets(value)
-    if isinstance(value, list):
-        return [_mask_nested(v) for v in value]
-    return value
