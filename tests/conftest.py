@@ -10,6 +10,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -24,7 +25,7 @@ def _fuzz_profiles() -> None:
     """Hypothesis's budget: full in CI (CI=true), under a third in the developer's fast loop."""
     from hypothesis import HealthCheck, settings
 
-    common = {"deadline": None, "suppress_health_check": list(HealthCheck)}
+    common: dict[str, Any] = {"deadline": None, "suppress_health_check": list(HealthCheck)}
     settings.register_profile("ci", max_examples=50, **common)
     settings.register_profile("dev", max_examples=15, **common)
     settings.load_profile("ci" if os.environ.get("CI") else "dev")

@@ -113,7 +113,8 @@ def test_a_dropped_sse_connection_resumes_with_last_event_id(api: httpx.Client, 
         first = sse(response, stop_after=4)  # then the connection drops
     with api.stream("GET", f"/jobs/{job_id}/events", headers={"Last-Event-ID": first[-1]["id"]}) as response:
         rest = sse(response)
-    stream = [entry_id for entry_id, _ in get_redis().xrange(f"deepe:events:{job_id}")]
+    entries: Any = get_redis().xrange(f"deepe:events:{job_id}")
+    stream = [entry_id for entry_id, _ in entries]
     assert [e["id"] for e in first + rest] == stream
     assert rest[-1]["event"] == "succeeded"
 

@@ -5,10 +5,13 @@ Routes run in-process (ASGI) against the session's Redis; no worker is needed.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, settings  # noqa: E402
+from schemathesis import Case  # noqa: E402
 
 from deepe_tasks.ui.api import create_app  # noqa: E402
 
@@ -23,7 +26,7 @@ NO_INPUT = ["/healthz", "/queues"]
 
 
 @schema.exclude(path=NO_INPUT).parametrize()
-def test_no_route_answers_with_a_server_error(case: schemathesis.Case) -> None:
+def test_no_route_answers_with_a_server_error(case: Case[Any]) -> None:
     if case.path == "/jobs/{job_id}/events":
         case.query = {**(case.query or {}), "follow": "false"}  # a live follow waits for a worker
     response = case.call(headers={"Authorization": f"Bearer {TOKEN}"})
@@ -33,14 +36,14 @@ def test_no_route_answers_with_a_server_error(case: schemathesis.Case) -> None:
 class Workflow(schema.as_state_machine()):  # type: ignore[misc]
     """Stateful fuzzing along the links schemathesis infers (submit → read → events → cancel)."""
 
-    def get_call_kwargs(self, case: schemathesis.Case) -> dict[str, object]:
+    def get_call_kwargs(self, case: Case[Any]) -> dict[str, object]:
         return {"headers": {"Authorization": f"Bearer {TOKEN}"}}
 
-    def before_call(self, case: schemathesis.Case) -> None:
+    def before_call(self, case: Case[Any]) -> None:
         if case.path == "/jobs/{job_id}/events":
             case.query = {**(case.query or {}), "follow": "false"}
 
-    def validate_response(self, response: object, case: schemathesis.Case, **kwargs: object) -> None:
+    def validate_response(self, response: object, case: Case[Any], **kwargs: object) -> None:
         status = getattr(response, "status_code", 0)
         assert status < 500, (case.method, case.path, status, getattr(response, "text", "")[:500])
 

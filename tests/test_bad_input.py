@@ -132,7 +132,7 @@ class _Evil:
 @pytest.mark.e2e
 def test_a_pickle_message_is_refused_without_being_executed(matrix_worker: Worker, tmp_path: Path,
                                                              sft_params: dict[str, Any]) -> None:
-    from kombu import Connection
+    from kombu.connection import Connection
 
     marker = tmp_path / "pwned"
     with Connection(os.environ["DEEPE_REDIS_URL"]) as conn:

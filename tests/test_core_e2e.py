@@ -6,6 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -61,7 +62,7 @@ def test_a_pasted_trl_snippet_trains_on_a_worker_and_saves_a_reloadable_model(
     loss_steps = [e.step for e in events if e.kind is EventKind.LOG and "loss" in e.metrics]
     assert loss_steps == [1, 2, 3, 4]
     assert all(e.max_steps == 4 for e in events if e.kind is EventKind.LOG)
-    assert [e.id for e in events] == sorted(e.id for e in events)
+    assert [e.id for e in events] == sorted(e.id or "" for e in events)
 
     # And the saved folder is complete, has its manifest, reloads and generates
     info = job.info()
@@ -100,7 +101,7 @@ def test_events_replay_from_the_start_and_from_any_id(worker: Worker, sft_params
     assert [e.id for e in job.events(follow=True)] == [e.id for e in everything]
     # Readers in any language: `data` holds one JSON event; `a` and `s` say which attempt wrote
     # it and its number within that attempt (0 for the platform's own events)
-    raw = get_redis().xrange(f"deepe:events:{job.id}")
+    raw: Any = get_redis().xrange(f"deepe:events:{job.id}")
     assert all(set(fields) == {"data", "a", "s"} for _, fields in raw)
     assert all(json.loads(f["data"])["attempt"] in (None, int(f["a"])) for _, f in raw)
     own = [int(f["s"]) for _, f in raw if f["s"] != "0"]

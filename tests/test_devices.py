@@ -24,7 +24,7 @@ from tests.helpers import cli_here
 @pytest.fixture
 def no_workers(r: redis.Redis) -> Iterator[None]:
     """deepe:workers as a test sets it, and as it was afterwards."""
-    saved = r.hgetall(keys.WORKERS)
+    saved: Any = r.hgetall(keys.WORKERS)
     r.delete(keys.WORKERS)
     yield
     r.delete(keys.WORKERS)

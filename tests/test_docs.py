@@ -13,7 +13,7 @@ import pytest
 
 from deepe_tasks.contract.check import check_source
 from deepe_tasks.contract.methods import BUILTIN
-from deepe_tasks.core.records import EventKind, JobStatus
+from deepe_tasks.core.records import Event, EventKind, JobStatus
 from deepe_tasks.fixtures import tiny
 from deepe_tasks.ui.local import check_output, run_method_file
 from tests.helpers import paste_into_template
@@ -39,7 +39,7 @@ def test_the_worked_example_in_docs_methods_runs_as_a_method(tiny_model: Path, t
     data = tiny.write_jsonl([{"question": f"What colour is the {k}?", "reply": f"It is {v}."}
                              for k, v in tiny.COLORS.items()], tmp_path / "support.jsonl")
     # When it runs with the parameters from the docs' commands
-    events = []
+    events: list[Event] = []
     result = run_method_file(method, {
         "MODEL_PATH": str(tiny_model), "DATASET_PATH": str(data), "PromptInputColumn": "question",
         "PromptOutputColumn": "reply", "MAX_STEPS": 3, "BATCH_SIZE": 2, "MAX_SEQ_LENGTH": 64,

@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 import redis
 
-from deepe_tasks.core import events as events_module
 from deepe_tasks.core import jobstore, keys
 from deepe_tasks.core.events import BATCH, EventPublisher, read_events
 from deepe_tasks.core.records import Event, EventKind, JobRecord, JobStatus
@@ -40,7 +39,8 @@ def running_job(r: redis.Redis) -> str:
 def logged(r: redis.Redis, job_id: str) -> list[tuple[int, int, int]]:
     """(step, attempt, sequence number) of each `log` event in the stream, in stream order."""
     out = []
-    for _, fields in r.xrange(keys.events(job_id)):  # type: ignore[union-attr]
+    entries: Any = r.xrange(keys.events(job_id))
+    for _, fields in entries:
         event = Event.from_json(fields["data"])
         if event.kind is EventKind.LOG:
             out.append((event.step or 0, int(fields["a"]), int(fields["s"])))
@@ -75,7 +75,7 @@ class FlakyAppend:
 def flaky(monkeypatch: pytest.MonkeyPatch) -> Callable[..., FlakyAppend]:
     def make(before: int = 0, after: int = 0) -> FlakyAppend:
         wrapper = FlakyAppend(jobstore.append, before, after)
-        monkeypatch.setattr(events_module.jobstore, "append", wrapper)
+        monkeypatch.setattr("deepe_tasks.core.events.jobstore.append", wrapper)
         return wrapper
     return make
 

@@ -26,7 +26,7 @@ def rewards() -> dict[str, Any]:
     # Only the imports the functions use (`re`): the training stack stays unloaded.
     imports = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))
                and {(a.asname or a.name).split(".")[0] for a in n.names} & used]
-    keep = [*imports, *functions, *(n for n in tree.body if isinstance(n, ast.Assign)
+    keep: list[ast.stmt] = [*imports, *functions, *(n for n in tree.body if isinstance(n, ast.Assign)
                                    and any(getattr(t, "id", "") == "SYSTEM_PROMPT" for t in n.targets))]
     namespace: dict[str, Any] = {}
     exec(compile(ast.Module(body=keep, type_ignores=[]), str(GRPO), "exec"), namespace)

@@ -12,7 +12,7 @@ import string
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
@@ -102,7 +102,7 @@ def sft_params(tiny_model: Path, colors_data: Path) -> dict[str, Any]:
 
 
 def key_types(r: redis.Redis) -> dict[str, str]:
-    found = {k: r.type(k) for k in r.scan_iter(count=1000)}  # type: ignore[misc]
+    found: dict[str, Any] = {k: r.type(k) for k in r.scan_iter(count=1000)}
     return {k: t for k, t in found.items() if t != "none"}  # "none": it expired since the scan (a lease)
 
 
@@ -156,11 +156,11 @@ HEADER_TEXT = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0
 
 
 @given(token=HEADER_TEXT, last_event_id=HEADER_TEXT)
-@settings(max_examples=3 * settings.default.max_examples)
+@settings(max_examples=3 * cast(settings, settings.default).max_examples)
 def test_any_authorization_and_last_event_id_header_gets_a_clear_answer(token: str, last_event_id: str,
                                                                         http: TestClient, a_job: str) -> None:
     headers = {"Authorization": f"Bearer {token}".encode(), "Last-Event-ID": last_event_id.encode()}
-    response = http.get(f"/jobs/{a_job}/events?follow=false", headers=headers)  # type: ignore[dict-item]
+    response = http.get(f"/jobs/{a_job}/events?follow=false", headers=headers)  # type: ignore[arg-type]
     assert response.status_code in (200, 401, 422), (response.status_code, response.text[:300])
     ok_id = last_event_id == "" or all(c in string.digits + "-" for c in last_event_id)
     if response.status_code == 200:

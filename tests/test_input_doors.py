@@ -72,7 +72,7 @@ def assert_readable(http: TestClient, job_id: str) -> None:
 
 # ---- 1. text that is not UTF-8 --------------------------------------------------------------
 
-SURROGATE_CASES = {
+SURROGATE_CASES: dict[str, tuple[dict[str, Any], str]] = {
     "a custom value": ({"note": "caf\udce9"}, "params['note']"),
     "a custom name": ({"n\udc80te": "x"}, "params name 'n\\udc80te'"),
     "a value in a list": ({"tags": ["ok", "\ud800"]}, "params['tags'][1]"),
@@ -158,7 +158,7 @@ def test_every_typed_parameter_refuses_a_value_out_of_its_range_with_the_range(n
 
 # ---- 3. the values of issue 23 over HTTP, and paths -----------------------------------------
 
-HTTP_CASES = {
+HTTP_CASES: dict[str, tuple[dict[str, Any], str]] = {
     "MAX_STEPS=10**400": ({"MAX_STEPS": 10**400}, "integer from 1 to 10**9"),
     "WARMUP_STEPS=10**20": ({"WARMUP_STEPS": 10**20}, "integer from 0 to 10**9"),
     "a JSON Infinity": ({"LEARNING_RATE": float("inf")}, "finite number"),
@@ -221,7 +221,8 @@ def test_the_input_path_check_is_a_pure_function_of_the_path_the_storage_and_the
 
     # Given a storage, an input root, and a link in the storage to a folder outside both
     storage, root, outside = tmp_path / "storage", tmp_path / "root", tmp_path / "outside"
-    storage.mkdir(), root.mkdir(), outside.mkdir()
+    for folder in (storage, root, outside):
+        folder.mkdir()
     (storage / "out").symlink_to(outside)
     # Then paths inside the storage or the root pass, and every other path is refused
     assert input_path_allowed("data/x.jsonl", storage, []) is None

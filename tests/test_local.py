@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from deepe_tasks.core.errors import MethodContractError
-from deepe_tasks.core.records import EventKind, JobStatus
+from deepe_tasks.core.records import Event, EventKind, JobStatus
 from tests.helpers import TRL_SNIPPET, paste_into_template, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,7 +72,7 @@ def test_the_runner_attaches_the_callback_when_the_method_forgot_it(
 
     method = tmp_path / "forgot.py"
     method.write_text(TRL_SNIPPET.replace("    callbacks=[callback],\n", ""))
-    events = []
+    events: list[Event] = []
     result = run_method_file(method, {**sft_params, "MAX_STEPS": 2, "PromptInputColumn": "instruction",
                                       "PromptOutputColumn": "output"}, events.append)
     assert result.status is JobStatus.SUCCEEDED, result.error

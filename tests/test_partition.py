@@ -383,7 +383,7 @@ def test_a_hung_redis_never_gets_an_event_twice(tmp_path: Path, params: dict[str
         # Then every step's event is in the stream once, in order, and no entry is repeated
         assert job.wait(timeout=180) is JobStatus.SUCCEEDED, job.info()["error"]
         assert [e.step for e in events(job) if e.kind is EventKind.LOG and "loss" in e.metrics] == list(range(1, 61))
-        raw = get_redis().xrange(keys.events(job.id))
+        raw: Any = get_redis().xrange(keys.events(job.id))
         numbered = [(f["a"], f["s"]) for _, f in raw if f["s"] != "0"]
         assert len(numbered) == len(set(numbered))
         assert job.info()["attempts"] == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import secrets
 from pathlib import Path
+from typing import cast
 
 import pytest
 import redis
@@ -71,7 +72,7 @@ def test_a_method_gets_a_user_of_its_own_that_reaches_only_its_jobs_keys(
         # and every key beyond its own stream and reads was refused
         assert probe["tries"] == dict.fromkeys(probe["tries"], "NoPermissionError")
         # and once the attempt ended, its user is gone
-        assert not [u for u in admin.acl_users() if u.startswith("deepe-attempt-")]
+        assert not [u for u in cast(list[str], admin.acl_users()) if u.startswith("deepe-attempt-")]
         admin.close()
     finally:
         w.stop()

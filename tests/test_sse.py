@@ -149,7 +149,11 @@ def test_python_readers_never_see_a_keepalive(r: redis.Redis) -> None:
     ticking = tail_events(r, job_id, follow=True, block_ms=100, idle=0.2)
     assert next(plain).kind is EventKind.QUEUED and next(ticking).kind is EventKind.QUEUED  # type: ignore[union-attr]
     assert next(ticking) is None  # a tick, after a quiet 0.2 s
-    finish_later = threading.Timer(0.5, lambda: (claim(r, job_id), finish(r, job_id)))
+    def claim_and_finish() -> None:
+        claim(r, job_id)
+        finish(r, job_id)
+
+    finish_later = threading.Timer(0.5, claim_and_finish)
     finish_later.start()
     # Then the plain reader gets only the events, and both end with the job
     assert [e.kind for e in plain] == [EventKind.STARTED, EventKind.SUCCEEDED]

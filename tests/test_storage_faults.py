@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from deepe_tasks import EventKind, JobStatus, submit
+from deepe_tasks import Event, EventKind, JobStatus, submit
 from deepe_tasks.ui.local import run_method_file
 from tests.helpers import TRL_SNIPPET, Worker
 
@@ -84,7 +84,7 @@ def test_a_resume_from_a_checkpoint_at_the_last_step_trains_no_more_steps(
     assert first.status is JobStatus.SUCCEEDED
     assert (storage / "jobs" / job_id / "attempts" / "1" / "checkpoints" / "checkpoint-4" / "deepe-checkpoint.json").exists()
     # When the job runs again, from that checkpoint
-    events: list = []
+    events: list[Event] = []
     again = run_method_file(method, params, events.append, job_id=job_id)
     # Then it trains no step more than MAX_STEPS, and publishes the checkpoint's model
     assert again.status is JobStatus.SUCCEEDED, again.error

@@ -171,7 +171,7 @@ def test_a_merge_asked_to_stop_right_before_it_publishes_publishes_nothing(
     adapter = storage / "models" / f"adapter-{uuid.uuid4().hex[:8]}"
     lora = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
                           LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM"))
-    lora.save_pretrained(adapter)
+    lora.save_pretrained(str(adapter))
     AutoTokenizer.from_pretrained(tiny_model).save_pretrained(adapter)
     target = adapter.with_name(f"{adapter.name}-merged")
     spec = JobSpec(job_id=f"m-{uuid.uuid4().hex[:8]}", method="merge", method_sha256="", source="", kind="merge",

@@ -110,6 +110,6 @@ def test_the_api_serves_and_merges_without_torch(light: Path, workers: list[Work
 def _answers(base: str) -> bool:
     try:
         with urllib.request.urlopen(base + "/healthz", timeout=5) as answer:
-            return answer.status == 200
+            return bool(answer.status == 200)
     except OSError:
         return False
