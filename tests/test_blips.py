@@ -238,6 +238,5 @@ def test_a_message_taken_by_a_worker_lost_before_its_claim_is_sent_again(
     workers.append(other)
     assert job.wait(timeout=240) is JobStatus.SUCCEEDED, (job.info().get("error"), other.log()[-3000:])
     assert job.info()["attempts"] == 1
-    assert "never claimed it" in other.log()
     # and the dead delivery was dropped (the new one is acknowledged as its task returns)
     wait_for(lambda: not any(job.id in v for v in r.hvals(deepe_keys.KOMBU_UNACKED)), timeout=30)

@@ -69,7 +69,8 @@ def run_local(method_file: str | Path, params: dict[str, Any], echo: Callable[[s
     ``verbose``: the FAILED line already names the phase, the error and the method's line.
     """
     if not verbose:
-        logging.getLogger("deepe_tasks.job.runner").setLevel(logging.CRITICAL)
+        for name in ("deepe_tasks.job.runner", "deepe_tasks.job.method"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
         # The libraries' progress bars (loading weights, each dataset pass) say nothing the
         # events do not: they come back with --verbose.
         os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"

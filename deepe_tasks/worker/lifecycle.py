@@ -143,7 +143,8 @@ def send_unclaimed(client: redis.Redis, now: float | None = None) -> list[str]:
             pipe.execute()
             send_again(client, record)
             sent.append(job_id)
-    client.set(keys.UNACKED_CHECKED, repr(upto))
+    if since is None or upto > float(since):  # never back: workers of another lease TTL look less far
+        client.set(keys.UNACKED_CHECKED, repr(upto))
     return sent
 
 
