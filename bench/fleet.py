@@ -346,11 +346,11 @@ def replay(fleet: int, window: float, events_per_s: float, per_worker: int, sett
         empty = r.info("memory")["used_memory"]
         populate(r, fleet)
         per_entry = (r.info("memory")["used_memory"] - empty) / (fleet * POPULATED)
-        from deepe_tasks.core import jobstore, lua
+        from deepe_tasks.core import lua, scripts
 
         for script in (lua.APPEND, lua.RENEW):
             r.script_load(script)
-        assert set(jobstore._SHAS) >= {lua.APPEND, lua.RENEW}
+        assert set(scripts.SHAS) >= {lua.APPEND, lua.RENEW}
         results: Any = multiprocessing.get_context("spawn").Queue()
         half = fleet // 2
         gens = [multiprocessing.get_context("spawn").Process(

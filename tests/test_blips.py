@@ -200,7 +200,7 @@ def test_a_spec_that_cannot_be_serialised_fails_the_job_with_the_reason_and_star
     record = JobRecord(id="j1", method="m", method_sha256="0" * 64, params={"note": "\udc80"}, output_dir="o",
                        queue="q", worker="w", started_at=1.0)
     credential = SimpleNamespace(url="redis://127.0.0.1:1/0", username="u", password="p")
-    attempt = SimpleNamespace(settings=Settings(storage_root=tmp_path), record=record, number=1,
+    attempt = SimpleNamespace(settings=Settings(storage_root=tmp_path), record=record, number=1, holder="w:1:aa",
                               credential=SimpleNamespace(create=lambda: credential))
     started: list[str] = []
     proc = SimpleNamespace(pid=123, start=started.append)

@@ -11,7 +11,7 @@ import uuid
 import pytest
 import redis
 
-from deepe_tasks.core import jobstore, keys, lua
+from deepe_tasks.core import jobstore, keys, lua, scripts
 from deepe_tasks.core.records import Event, EventKind, JobRecord
 from deepe_tasks.worker import credentials
 
@@ -31,7 +31,7 @@ def running_job(r: redis.Redis) -> str:
 def test_every_lua_file_is_part_of_a_script_and_every_script_compiles(r: redis.Redis) -> None:
     # Every .lua file of the package is used, and every part a script names is a file
     assert lua.lua_files() == {p for parts in lua.PARTS.values() for p in parts}
-    assert set(lua.SOURCES) == set(lua.PARTS) == set(jobstore._SCRIPTS)
+    assert set(lua.SOURCES) == set(lua.PARTS) == set(scripts.SCRIPTS)
     # SCRIPT LOAD compiles a script: a syntax error fails it
     with pytest.raises(redis.ResponseError, match="(?i)error compiling script"):
         r.script_load("return (")
@@ -39,8 +39,8 @@ def test_every_lua_file_is_part_of_a_script_and_every_script_compiles(r: redis.R
         assert source.isascii() and "${" not in source, name
         sha = r.script_load(source)
         # the hash that a job process runs (EVALSHA) is the one its worker loaded
-        assert sha == jobstore._SCRIPTS[name].sha == hashlib.sha1(source.encode()).hexdigest(), name
-    assert set(jobstore.JOB_SCRIPTS) == {lua.APPEND, lua.CHECK}
+        assert sha == scripts.SCRIPTS[name].sha == hashlib.sha1(source.encode()).hexdigest(), name
+    assert set(scripts.JOB_SCRIPTS) == {lua.APPEND, lua.CHECK}
 
 
 def test_constants_are_written_into_the_lua_once_and_an_unknown_placeholder_fails() -> None:
@@ -61,7 +61,7 @@ def test_the_worker_loads_its_scripts_again_after_redis_forgot_them(r: redis.Red
     # Then the worker's transitions load them again and run
     assert jobstore.renew(r, job_id, 1, "w1", 60_000) is jobstore.Renewal.RENEWED
     assert jobstore.append(r, job_id, 1, [(1, "{}")]) == 1
-    assert r.script_exists(jobstore._SCRIPTS["RENEW"].sha, jobstore._SCRIPTS["APPEND"].sha) == [True, True]
+    assert r.script_exists(scripts.SCRIPTS["RENEW"].sha, scripts.SCRIPTS["APPEND"].sha) == [True, True]
 
 
 def test_a_job_process_never_loads_a_script_and_says_so_until_its_worker_does(r: redis.Redis,
@@ -83,7 +83,7 @@ def test_a_job_process_never_loads_a_script_and_says_so_until_its_worker_does(r:
                      lambda: jobstore.check_current(job, job_id, 1, 100)):
             with pytest.raises(redis.exceptions.NoPermissionError, match="only run the scripts its worker loaded"):
                 call()
-        assert r.script_exists(*(jobstore._SHAS[s] for s in jobstore.JOB_SCRIPTS)) == [False, False]
+        assert r.script_exists(*(scripts.SHAS[s] for s in scripts.JOB_SCRIPTS)) == [False, False]
         # Then once its worker made its user again (as after a restart), it goes on where it was
         credential.ensure()
         assert jobstore.append(job, job_id, 1, [(1, "{}"), (2, "{}")]) == 1

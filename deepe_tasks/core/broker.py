@@ -42,8 +42,10 @@ def make_app(settings: Settings) -> Celery:
             "priority_steps": list(range(10)),
             "sep": ":",
             **({"polling_interval": LARGE_FLEET_POLL} if settings.fleet == "large" else {}),
+            **_sentinel_options(settings),
         },
-        result_backend_transport_options={"visibility_timeout": settings.visibility_timeout},
+        result_backend_transport_options={"visibility_timeout": settings.visibility_timeout,
+                                          **_sentinel_options(settings)},
         broker_connection_retry_on_startup=True,
         # Flower sees every state, and the args of each task. The task records STARTED itself,
         # once it owns the job: a duplicate delivery never touches the result backend.
@@ -57,6 +59,19 @@ def make_app(settings: Settings) -> Celery:
         result_expires=int(settings.job_retention),  # Celery's result of a job goes with its record
     )
     return app
+
+
+def _sentinel_options(settings: Settings) -> dict[str, Any]:
+    """Under Sentinel (a ``sentinel://`` DEEPE_REDIS_URL), what kombu's transport and Celery's
+    result backend need to find the primary: its name, and the sentinels' password."""
+    if not settings.sentinel:
+        return {}
+    from deepe_tasks.core.connection import master_name
+
+    options: dict[str, Any] = {"master_name": master_name(settings)}
+    if settings.redis_sentinel_password:
+        options["sentinel_kwargs"] = {"password": settings.redis_sentinel_password}
+    return options
 
 
 # DEEPE_FLEET=large: what a worker costs one Redis shared by hundreds (bench/fleet.py).

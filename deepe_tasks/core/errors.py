@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from redis.exceptions import RedisError
+
 
 class DeepeError(Exception):
     """Base class for the errors deepe raises on purpose; the message is for people."""
@@ -45,3 +47,13 @@ class BrokerUnavailable(DeepeError):
 
 class AttemptFenced(DeepeError):
     """Raised when an attempt finds that another attempt owns its job now (its lease was lost)."""
+
+
+class ConfigError(DeepeError):
+    """Raised when deepe's settings cannot work together (a sentinel URL without its master name, ...)."""
+
+
+class NotReplicated(BrokerUnavailable, RedisError):
+    """Raised when a write did not reach DEEPE_REDIS_MIN_REPLICAS replicas in time: a failover
+    could lose it, so it does not count as done. A RedisError too: whoever rides out a Redis
+    outage rides this out the same way."""

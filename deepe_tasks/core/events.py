@@ -15,6 +15,7 @@ import redis
 
 from deepe_tasks.core import jobstore, keys
 from deepe_tasks.core.records import FINAL_STATES, Event, EventKind
+from deepe_tasks.core.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +201,7 @@ def tail_events(
     if not follow:
         return
     quiet_since = time.monotonic()
+    outage: float | None = None  # since when Redis has not answered
     while True:
         wait_ms = block_ms
         if idle is not None:
@@ -208,12 +210,23 @@ def tail_events(
                 yield None
                 quiet_since, left = time.monotonic(), idle
             wait_ms = max(1, min(block_ms, math.ceil(left * 1000)))  # 0 would block for ever
-        reply: Any = client.xread({stream: last or "0"}, block=wait_ms, count=BATCH)
-        if not reply:
-            # A reader that resumed after the final event (an SSE reconnect) ends here.
-            status = client.hget(keys.job(job_id), "status")
-            if status in FINAL_VALUES and not client.xread({stream: last or "0"}, count=1):
-                return
+        try:
+            reply: Any = client.xread({stream: last or "0"}, block=wait_ms, count=BATCH)
+            if not reply:
+                # A reader that resumed after the final event (an SSE reconnect) ends here.
+                status = client.hget(keys.job(job_id), "status")
+                if status in FINAL_VALUES and not client.xread({stream: last or "0"}, count=1):
+                    return
+                outage = None
+                continue
+            outage = None
+        except (redis.ConnectionError, redis.TimeoutError):
+            # A failover or a restart: read on from `last` once Redis answers (a sentinel
+            # client asks for the new primary), for as long as a running job rides it out.
+            outage = outage or time.monotonic()
+            if time.monotonic() - outage > get_settings().lease_ttl:
+                raise
+            time.sleep(0.5)
             continue
         for entry_id, event in decode(reply[0][1]):
             last = entry_id

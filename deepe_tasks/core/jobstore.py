@@ -20,43 +20,17 @@ from enum import Enum
 from typing import Any
 
 import redis
-from redis.commands.core import Script
 
 from deepe_tasks.core import keys, lua
 from deepe_tasks.core.errors import InvalidJobState, JobExists, JobNotFound
 from deepe_tasks.core.records import Event, EventKind, JobRecord, JobStatus
+from deepe_tasks.core.scripts import JOB_SCRIPTS, barrier, run_durable
+from deepe_tasks.core.scripts import run as _run
 from deepe_tasks.core.settings import get_settings
 
 CANCEL_FLAG_TTL = 30 * 24 * 3600
 ATTEMPT_PLACEHOLDER = lua.ATTEMPT_PLACEHOLDER
-
-# The scripts a job process runs, by EVALSHA only: the worker loads them (`credentials`) before
-# the job process starts, and again once a restarted Redis is back.
-JOB_SCRIPTS = (lua.APPEND, lua.CHECK)
-# redis-py's `Script` runs a script by EVALSHA (a fleet's renewals need not send its text each
-# time) and, on NOSCRIPT (a new Redis, or one that restarted: scripts are not kept), loads it
-# with SCRIPT LOAD and runs it again. It hashes the text with a client's encoding and runs on
-# that client unless told another: every call here names its own, so this one never connects.
-_TEXT_ONLY = redis.Redis()
-_SCRIPTS: dict[str, Script] = {name: _TEXT_ONLY.register_script(source) for name, source in lua.SOURCES.items()}
-_SHAS = {lua.SOURCES[name]: script.sha for name, script in _SCRIPTS.items()}  # by text (bench/fleet.py)
-
-
-def _run(client: redis.Redis, script: str, names: list[str], *args: Any) -> Any:
-    """Run script ``script`` (a name of `lua.PARTS`) with keys ``names`` on ``client``.
-
-    A job process's user may not load a script (it may run only those its worker loaded): where
-    one is missing, it gets an error that says so, and tries again later (its worker loads them
-    again once Redis is back)."""
-    try:
-        return _SCRIPTS[script](names, args, client=client)
-    except redis.exceptions.NoPermissionError as e:
-        if "script|load" not in str(e):
-            raise
-        raise redis.exceptions.NoPermissionError(
-            f"Redis does not have the {script} script (it restarted, or its scripts were flushed), and this "
-            f"user may only run the scripts its worker loaded: the worker loads them again ({e})") from e
-
+__all__ = ["JOB_SCRIPTS", "barrier"]  # the scripts a worker loads for its job process; a durable sync
 
 def _flat(mapping: dict[str, str]) -> list[str]:
     """A mapping as Redis script arguments: key, value, key, value…"""
@@ -133,7 +107,7 @@ def claim(client: redis.Redis, job_id: str, holder: str, ttl_ms: int, started: E
     data = started.model_dump(mode="json", exclude={"id"})
     data["attempt"] = data["metrics"]["attempt"] = ATTEMPT_PLACEHOLDER
     names = [keys.job(job_id), keys.lease(job_id), keys.RUNNING, keys.events(job_id), keys.UNSENT]
-    reply: Any = _run(client, "CLAIM", names, holder, ttl_ms, job_id, worker, started_at, pid,
+    reply: Any = run_durable(client, "CLAIM", names, holder, ttl_ms, job_id, worker, started_at, pid,
                       json.dumps(data, separators=(",", ":")))
     if reply[0] != ClaimOutcome.OK.value:
         return Claim(outcome=ClaimOutcome(reply[0]), detail=reply[1])
@@ -151,7 +125,7 @@ class Renewal(int, Enum):
 def renew(client: redis.Redis, job_id: str, attempt: int, holder: str, ttl_ms: int) -> Renewal:
     """running → running: the current attempt keeps (or takes back) its lease."""
     value = lease_value(attempt, holder)
-    return Renewal(int(_run(client, "RENEW", [keys.job(job_id), keys.lease(job_id)], attempt, value, ttl_ms)))
+    return Renewal(int(run_durable(client, "RENEW", [keys.job(job_id), keys.lease(job_id)], attempt, value, ttl_ms)))
 
 
 def lease_value(attempt: int, holder: str) -> str:
@@ -162,7 +136,7 @@ def append(client: redis.Redis, job_id: str, attempt: int, events: list[tuple[in
     """Append the current attempt's events, given as (sequence number, JSON) with rising numbers,
     each once; -1 if the attempt is fenced off (then nothing was appended)."""
     flat = [item for pair in events for item in pair]
-    return int(_run(client, "APPEND", [keys.events(job_id)], keys.job(job_id), attempt, *flat))
+    return int(run_durable(client, "APPEND", [keys.events(job_id)], keys.job(job_id), attempt, *flat))
 
 
 class PublishCheck(int, Enum):

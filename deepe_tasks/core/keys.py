@@ -48,3 +48,9 @@ def by_status(status: str) -> str:
 
 def by_method(method: str) -> str:
     return f"{JOBS_INDEX}:method:{method}"  # sorted set: the ids of this method's jobs -> submit time
+
+
+def sync(job_id: str) -> str:
+    # string with TTL: written just before a WAIT, so that the WAIT covers every write the
+    # primary made until then (jobstore.barrier); a job process may write its own job's.
+    return f"{PREFIX}:sync:{job_id}"

@@ -214,6 +214,10 @@ class JobSpec(BaseModel):
     params: dict[str, Any]
     storage_root: str
     attempt: int = 1  # the fencing token: every write of this attempt carries it
+    # What fences the attempt on the storage side, where Redis cannot (a failover that rolled
+    # back a claim): its claim's unique id, and the job's submit time (which job of the id).
+    claim: str = ""
+    submitted_at: float | None = None
     lease_ttl: float = 30.0
     # The attempt's own Redis credential (docs/reliability.md, "What a method can reach").
     redis_url: str | None = None

@@ -14,6 +14,16 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DEEPE_", extra="ignore")
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # With Redis Sentinel, DEEPE_REDIS_URL lists the sentinels, as Celery takes them:
+    # "sentinel://h1:26379;sentinel://h2:26379;sentinel://h3:26379/0" (a password in the URL is
+    # the Redis servers'); this names the primary they watch, and the sentinels' own password.
+    redis_sentinel_master: str | None = None
+    redis_sentinel_password: str | None = None
+    # A write that must survive a failover (a submit, a claim, a lease renewal, an event, a
+    # finish) counts as done only once this many replicas have it (Redis WAIT), within
+    # DEEPE_REDIS_REPLICATION_TIMEOUT seconds. Unset: 1 under Sentinel, 0 for a plain URL.
+    redis_min_replicas: int | None = Field(None, ge=0)
+    redis_replication_timeout: float = Field(2.0, gt=0)
     # For rediss:// URLs: the CA bundle that signed the server's certificate (the system's
     # bundle when unset).
     redis_ca_certs: Path | None = None
@@ -90,6 +100,17 @@ class Settings(BaseSettings):
     stuck_timeout: float | None = Field(None, gt=0)
 
     @property
+    def sentinel(self) -> bool:
+        return is_sentinel(self.redis_url)
+
+    @property
+    def min_replicas(self) -> int:
+        """How many replicas must have a write before it counts as done (DEEPE_REDIS_MIN_REPLICAS)."""
+        if self.redis_min_replicas is not None:
+            return self.redis_min_replicas
+        return 1 if self.sentinel else 0
+
+    @property
     def api_token_list(self) -> list[str]:
         return [t.strip() for t in self.api_tokens.split(",") if t.strip()]
 
@@ -133,12 +154,17 @@ class Settings(BaseSettings):
         return self.method_store.expanduser().resolve()
 
 
+def is_sentinel(url: str) -> bool:
+    """Whether a Redis URL lists sentinels (``sentinel://…``) rather than one server."""
+    return url.startswith("sentinel://")
+
+
 def safe_url(url: str) -> str:
     """A Redis URL with its password masked, for messages and logs (kombu's, as Celery's own
     logs mask it)."""
     from kombu.utils.url import maybe_sanitize_url
 
-    return str(maybe_sanitize_url(url))
+    return ";".join(str(maybe_sanitize_url(part)) for part in url.split(";"))
 
 
 def redis_ssl_options(settings: Settings) -> dict[str, str] | None:

@@ -14,8 +14,10 @@ from pathlib import Path
 
 from deepe_tasks.core.errors import InvalidParams
 from deepe_tasks.core.events import append_jsonl
+from deepe_tasks.core.fences import MANIFEST, published_by_another, refuse_second_publish
 
-MANIFEST = "deepe.json"  # written beside every published model
+__all__ = ["MANIFEST"]
+
 JOB_MARKER = "deepe-job.json"  # in the job folder: which job of that id (its submit time) owns it
 EVENTS_FILE = "events.jsonl"
 MERGED_SUFFIX = "-merged"  # a merge of the model at NAME publishes to NAME-merged
@@ -232,18 +234,24 @@ def refuse_foreign(target: Path, storage_root: Path, job_id: str, merged_from: s
 
 
 def publish(staging: Path, target: Path, *, job_id: str, storage_root: Path, merged_from: str | None = None,
-            what: str = "model", fix: str = RETRY_ELSEWHERE) -> None:
+            what: str = "model", fix: str = RETRY_ELSEWHERE, claim: str = "",
+            submitted_at: float | None = None) -> None:
     """Move a complete staging folder into place; a reader never sees a half-written one.
 
     An existing model of the same job at ``target`` is moved aside first and removed after the
-    swap; anything else ``foreign_owner`` refuses raises InvalidParams, with nothing touched.
+    swap, unless another claim of the job published it (AlreadyPublished: `fences`); anything
+    else ``foreign_owner`` refuses raises InvalidParams, with nothing touched.
     """
     fsync_tree(staging)
     refuse_foreign(target, storage_root, job_id, merged_from, what=what, fix=fix)
+    refuse_second_publish(target, job_id, submitted_at, claim)
     old = None
     if target.exists():
         old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
         os.rename(target, old)
+        if published_by_another(old, job_id, submitted_at, claim) is not None:
+            os.rename(old, target)  # another claim of this job published a moment ago: it stands
+            refuse_second_publish(target, job_id, submitted_at, claim)
         # Another job may have published there since the check: what was moved aside says.
         owner = _owner(old)
         if owner is not None and owner[0] != job_id and (merged_from is None or owner[1] != merged_from):

@@ -19,7 +19,7 @@ from pathlib import Path
 import redis
 
 from deepe_tasks.core import keys
-from deepe_tasks.core.connection import tls_options
+from deepe_tasks.core.connection import connect
 from deepe_tasks.core.events import EventPublisher
 from deepe_tasks.core.ipc import CUTOFF_SIGNAL, FENCED_EXIT, LOG_FILE, PREEMPT_SIGNAL, RESULT_FILE
 from deepe_tasks.core.records import JobKind, JobSpec, JobStatus, Phase, RunResult, StopReason
@@ -61,9 +61,8 @@ def _fenced() -> None:
 
 def _client(spec: JobSpec, timeout: float) -> redis.Redis:
     url = spec.redis_url or ""
-    return redis.Redis.from_url(url, username=spec.redis_username, password=spec.redis_password,
-                                decode_responses=True, socket_timeout=timeout, socket_connect_timeout=timeout,
-                                **tls_options(url))
+    return connect(url, username=spec.redis_username, password=spec.redis_password, decode_responses=True,
+                   socket_timeout=timeout, socket_connect_timeout=timeout)
 
 
 def _incarnation(spec: JobSpec) -> str | None:

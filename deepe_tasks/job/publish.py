@@ -31,7 +31,8 @@ def publish_model(spec: JobSpec, target: Path, write: Callable[[Path], None],
     """Write the model with ``write(staging)`` and publish it at ``target``; return ``target``.
 
     Raises InvalidParams when ``target`` is refused (nothing is staged or touched then),
-    AttemptFenced when the attempt lost its job, and whatever ``write`` or ``before_publish``
+    AttemptFenced when the attempt lost its job, AlreadyPublished when another claim of the
+    job published there (`core.fences`), and whatever ``write`` or ``before_publish``
     raise; in every case nothing of this attempt stays beside ``target``.
     """
     root = Path(spec.storage_root)
@@ -47,7 +48,7 @@ def publish_model(spec: JobSpec, target: Path, write: Callable[[Path], None],
         if before_publish is not None:
             before_publish()
         publish(staging, target, job_id=spec.job_id, storage_root=root, merged_from=merged_from, what=what,
-                fix=fix)
+                fix=fix, claim=spec.claim, submitted_at=spec.submitted_at)
     except BaseException:
         # A full disk, a fenced attempt, a cancel: nothing half-written stays beside OUTPUT_DIR.
         shutil.rmtree(staging, ignore_errors=True)

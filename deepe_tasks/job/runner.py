@@ -20,6 +20,7 @@ from typing import Any
 from deepe_tasks.contract.params import TrainParams
 from deepe_tasks.core import records
 from deepe_tasks.core.errors import AttemptFenced, InvalidParams, MethodContractError
+from deepe_tasks.core.fences import AlreadyPublished, published_by_another
 from deepe_tasks.core.records import JobSpec, JobStatus, Phase, RunResult, StopReason, mask_secrets
 from deepe_tasks.core.storage import MANIFEST, attempt_dir, latest_checkpoint
 from deepe_tasks.job import method, phases
@@ -81,6 +82,12 @@ class Runner:
 
     def run(self) -> RunResult:
         t0 = time.monotonic()
+        adopted = published_by_another(Path(self.params.OUTPUT_DIR or "."), self.spec.job_id, self.spec.submitted_at,
+                                       self.spec.claim)
+        if adopted is not None:  # a Redis failover lost that attempt's end: its model stands
+            return self._adopt(AlreadyPublished(
+                f"attempt {adopted.get('attempt')} of this job (claim {adopted['claim']}) already published its "
+                f"model at {self.params.OUTPUT_DIR}; this attempt does not train it again", adopted))
         try:
             trainer = self.build()
             self.timings["load_s"] = round(time.monotonic() - t0, 3)
@@ -107,6 +114,8 @@ class Runner:
             output = self._save(trainer, metrics, save_started=t2, partial=partial)
         except AttemptFenced as e:
             return RunResult(status=JobStatus.QUEUED, phase=Phase.SAVING, metrics=metrics, step=step, error=str(e))
+        except AlreadyPublished as e:
+            return self._adopt(e)
         except InvalidParams as e:  # OUTPUT_DIR is another job's model, or leads outside the storage
             return self._failed(Phase.SAVING, f"Failed while {Phase.SAVING}: {e}")
         except Exception as e:
@@ -117,6 +126,15 @@ class Runner:
                              output_dir=str(output), error=f"cancelled at step {step}; the partial model was saved")
         return RunResult(status=JobStatus.SUCCEEDED, phase=Phase.SAVING, metrics=metrics,
                          output_dir=str(output), step=step)
+
+    def _adopt(self, published: AlreadyPublished) -> RunResult:
+        """Succeed with the model another claim of this job published (`core.fences`)."""
+        log.warning("%s", published)
+        self.emit(records.Event(kind=records.EventKind.SAVING, job=self.spec.job_id, message=str(published)))
+        manifest = published.manifest
+        metrics = {k: v for k, v in (manifest.get("metrics") or {}).items() if isinstance(v, (int, float))}
+        return RunResult(status=JobStatus.SUCCEEDED, phase=Phase.SAVING, metrics=metrics,
+                         output_dir=str(self.params.OUTPUT_DIR), step=manifest.get("steps"))
 
     def _stopped(self, reason: StopReason | None, step: int) -> RunResult | None:
         """How an attempt that stopped early ended; None when it goes on to save."""
@@ -215,6 +233,8 @@ class Runner:
             "method": self.spec.method,
             "method_sha256": self.spec.method_sha256,
             "attempt": self.spec.attempt,
+            "claim": self.spec.claim,  # which claim of the attempt published it (core.fences)
+            "submitted_at": self.spec.submitted_at,
             "params": mask_secrets(self.params.as_dict()),
             "metrics": metrics,
             "steps": trainer.state.global_step,

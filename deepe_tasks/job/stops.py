@@ -75,8 +75,13 @@ class PublishFence:
         while True:
             try:
                 answer = jobstore.check_current(self.client, self.spec.job_id, self.spec.attempt, self.MIN_LEASE_MS)
+                if answer is jobstore.PublishCheck.OK:
+                    # What the check read (the claim, the lease) is on the replicas too: a
+                    # failover now cannot hand the job to another attempt before the rename.
+                    jobstore.barrier(self.client, self.spec.job_id, "The publish check")
+                    return True
                 if answer is not jobstore.PublishCheck.LEASE_SHORT:
-                    return answer is jobstore.PublishCheck.OK
+                    return False
             except redis.RedisError as e:
                 logging.warning("the publish check could not reach Redis: %s", e)
             if time.monotonic() > deadline:

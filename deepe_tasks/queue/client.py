@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 import uuid
@@ -91,6 +92,16 @@ def _create_and_send(client: redis.Redis, record: JobRecord, source: str, messag
         # No message means no worker will ever take it: say so in the record, not just here.
         error = f"The job could not be queued: {e}; submit it again."
         jobstore.fail_queued(client, record.id, error)
+        raise BrokerUnavailable(error) from e
+    try:
+        # Acknowledged means durable: the record, the message and `sent` are on the replicas
+        # (DEEPE_REDIS_MIN_REPLICAS), or the job is ended here and the submit fails.
+        jobstore.barrier(client, record.id, f"The submit of job {record.id}")
+    except redis.RedisError as e:
+        error = (f"The job could not be queued durably: {e} It was failed rather than left to run unacknowledged; "
+                 "submit it again once the replicas are back.")
+        with contextlib.suppress(redis.RedisError):
+            jobstore.fail_queued(client, record.id, error)
         raise BrokerUnavailable(error) from e
 
 
@@ -221,15 +232,27 @@ class Job:
         newest: Any = client.xrevrange(stream, count=1)
         last = newest[0][0] if newest else "0"  # read before the status: no event slips between
         deadline = None if timeout is None else time.monotonic() + timeout
+        outage: float | None = None  # since when Redis has not answered
         while True:
-            status = self.status()
-            if status.is_final:
-                return status
-            # Never block near the client's socket timeout (10 s), whatever `poll` says.
-            block = min(poll, 5.0) if deadline is None else min(poll, 5.0, deadline - time.monotonic())
-            if block <= 0:
-                raise TimeoutError(f"job {self.id} is still {status.value} after {timeout} s")
-            reply: Any = client.xread({stream: last}, block=max(1, int(block * 1000)), count=100)
+            try:
+                status = self.status()
+                if status.is_final:
+                    return status
+                # Never block near the client's socket timeout (10 s), whatever `poll` says.
+                block = min(poll, 5.0) if deadline is None else min(poll, 5.0, deadline - time.monotonic())
+                if block <= 0:
+                    raise TimeoutError(f"job {self.id} is still {status.value} after {timeout} s")
+                reply: Any = client.xread({stream: last}, block=max(1, int(block * 1000)), count=100)
+                outage = None
+            except (redis.ConnectionError, redis.TimeoutError):
+                # A failover, or a Redis restart: ask again (a sentinel client finds the new
+                # primary), for as long as a running job would ride it out.
+                outage = outage or time.monotonic()
+                if time.monotonic() - outage > get_settings().lease_ttl or (
+                        deadline is not None and time.monotonic() > deadline):
+                    raise
+                time.sleep(0.5)
+                continue
             if reply:
                 last = reply[0][1][-1][0]
 

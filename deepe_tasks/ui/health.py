@@ -9,7 +9,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from deepe_tasks.core import devices
-from deepe_tasks.core.connection import tls_options
+from deepe_tasks.core.connection import connect
 
 TIMEOUT = 1.0  # seconds per try: a probe (Kubernetes: 1 s by default) must get an answer, not a hang
 
@@ -17,8 +17,8 @@ TIMEOUT = 1.0  # seconds per try: a probe (Kubernetes: 1 s by default) must get 
 @lru_cache(maxsize=4)
 def _client(url: str) -> redis.Redis:
     # One retry: the first command after a Redis restart meets the pool's dead connection.
-    return redis.Redis.from_url(url, decode_responses=True, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT,
-                                retry=Retry(NoBackoff(), 1), **tls_options(url))
+    return connect(url, decode_responses=True, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT,
+                   retry=Retry(NoBackoff(), 1))
 
 
 def check(url: str, stale_after: float) -> tuple[bool, int]:

@@ -21,7 +21,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from deepe_tasks.core import keys
-from deepe_tasks.core.connection import tls_options
+from deepe_tasks.core.connection import connect_async
 from deepe_tasks.core.events import BATCH, FINAL_VALUES, decode, read_events
 from deepe_tasks.core.records import Event
 from deepe_tasks.core.validate import MAX_U64
@@ -105,8 +105,8 @@ class EventStream(StreamingResponse):
         super().__init__(self._events, media_type=EVENT_STREAM, headers={"Cache-Control": "no-cache"})
 
     async def _run(self, job_id: str, since: str, idle: float) -> AsyncGenerator[str, None]:
-        client = aredis.Redis.from_url(self._url, decode_responses=True, socket_timeout=BLOCK_MS / 1000 + READ_TIMEOUT,
-                                       socket_connect_timeout=5, **tls_options(self._url))  # type: ignore[arg-type]
+        client = connect_async(self._url, decode_responses=True, socket_timeout=BLOCK_MS / 1000 + READ_TIMEOUT,
+                               socket_connect_timeout=5)
         try:
             async for chunk in follow(client, job_id, since, idle):
                 yield chunk

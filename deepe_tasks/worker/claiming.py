@@ -14,10 +14,12 @@ from celery.exceptions import Ignore, Reject
 from deepe_tasks.core import devices, jobstore, keys
 from deepe_tasks.core.connection import get_redis
 from deepe_tasks.core.errors import InvalidParams
-from deepe_tasks.core.records import Event
+from deepe_tasks.core.fences import mark_attempt
+from deepe_tasks.core.records import Event, JobStatus, Phase, RunResult
 from deepe_tasks.core.settings import Settings, get_settings
 from deepe_tasks.core.storage import attempt_dir, own_job_dir
 from deepe_tasks.worker.processes import JobProcess
+from deepe_tasks.worker.supervisor import Attempt
 
 log = logging.getLogger(__name__)
 
@@ -114,3 +116,19 @@ def storage_problem(root: Path, job_id: str, number: int, submitted_at: float) -
     return None
 
 
+
+
+def taken_by(root: Path, attempt: Attempt) -> RunResult | None:
+    """The attempt's folder marked as its claim's (`core.fences`); where another claim of the
+    same attempt number marked it first (Redis handed the number out twice: a failover that
+    lost a claim), how this attempt ends: handed back, so that the next claim gets a new number."""
+    try:
+        other = mark_attempt(attempt_dir(root, attempt.job_id, attempt.number), attempt.holder)
+    except OSError as e:
+        other = f"(its claim marker could not be written: {e})"
+    if other is None:
+        return None
+    error = (f"attempt {attempt.number} of job {attempt.job_id} was claimed before by {other}; Redis handed the "
+             "number out twice (a failover to a replica that missed a claim?), so this claim hands the job back")
+    log.error("%s", error)
+    return RunResult(status=JobStatus.QUEUED, phase=Phase.PREPARING, error=error)

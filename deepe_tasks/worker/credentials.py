@@ -4,8 +4,9 @@ The job process runs user code, so it never gets the worker's Redis password. It
 read its job's record, lease and cancel flag, append to its job's event stream, and run the
 fenced scripts of `jobstore`; it reaches no other key. The worker deletes the user when the
 attempt ends, and the reaper (or the next claim) when the attempt is fenced off: Redis then
-closes the user's connections too. ACL users are not kept across a Redis restart, so the
-worker makes the user again once Redis is back.
+closes the user's connections too. ACL users are not kept across a Redis restart, nor
+replicated to a replica that a failover promotes, so the worker makes the user again once
+Redis is back, and, under Sentinel, whenever its renewal finds the primary without it.
 
 Read-only key rules (``%R~``) need Redis 7. On an older Redis, or where the worker's own user
 may not manage users, the job process gets the worker's credential instead, with a warning:
@@ -21,7 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
-from deepe_tasks.core import jobstore, keys
+from deepe_tasks.core import keys, scripts
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,9 @@ log = logging.getLogger(__name__)
 # the cancel flag, and connecting.
 # EVALSHA only: the worker loads the scripts, so a method cannot run Lua of its own (a script
 # that never ends would stall Redis for everyone).
-COMMANDS = ("+ping", "+hello", "+auth", "+select", "+evalsha", "+hget", "+xrevrange", "+xadd", "+get", "+pttl")
+# WAIT: its events and its publish check count only once replicated (DEEPE_REDIS_MIN_REPLICAS).
+COMMANDS = ("+ping", "+hello", "+auth", "+select", "+evalsha", "+hget", "+xrevrange", "+xadd", "+get", "+pttl",
+            "+wait")
 
 
 def username(job_id: str, attempt: int) -> str:
@@ -40,7 +43,9 @@ def rules(job_id: str) -> list[str]:
     """The ACL rules of an attempt of ``job_id``: its own stream, and its record, lease and cancel
     flag read-only."""
     return [*COMMANDS, f"~{keys.events(job_id)}", f"%R~{keys.job(job_id)}", f"%R~{keys.lease(job_id)}",
-            f"%R~{keys.cancel(job_id)}"]
+            f"%R~{keys.cancel(job_id)}",
+            # A selector: SET on its sync key alone (jobstore.barrier), not on its stream.
+            f"(+set ~{keys.sync(job_id)})"]
 
 
 @dataclass(frozen=True)
@@ -53,9 +58,12 @@ class Credential:
 
 
 def strip_auth(url: str) -> str:
-    parts = urlsplit(url)
-    host = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit(parts._replace(netloc=host))
+    """``url`` without a user or password (each host's, in a ``sentinel://a;sentinel://b`` list)."""
+    out = []
+    for part in url.split(";"):
+        parts = urlsplit(part)
+        out.append(urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1])))
+    return ";".join(out)
 
 
 class AttemptCredential:
@@ -84,10 +92,21 @@ class AttemptCredential:
     def ensure(self) -> None:
         """(Re)make the user, as after a Redis restart; the same password, so nothing changes for
         the job process but that it can connect again."""
-        for script in jobstore.JOB_SCRIPTS:
+        for script in scripts.JOB_SCRIPTS:
             self.client.script_load(script)
         self.client.execute_command("ACL", "SETUSER", self.username, "reset", "on", f">{self.password}",
                                     *rules(self.job_id))
+
+    def ensure_present(self) -> None:
+        """Make the user again where the primary lacks it or the job's scripts: a replica that a
+        failover promoted has neither (Redis does not replicate ACL SETUSER or SCRIPT LOAD)."""
+        if not self.scoped:
+            return
+        shas = [scripts.SHAS[script] for script in scripts.JOB_SCRIPTS]
+        if self.client.acl_getuser(self.username) is None or not all(self.client.script_exists(*shas)):
+            log.warning("job %s: the Redis primary lacks the job process's user (a failover?); making it again",
+                        self.job_id)
+            self.ensure()
 
     def delete(self) -> None:
         if self.scoped:

@@ -68,6 +68,7 @@ def hand_over(attempt: Attempt, source: str, proc: JobProcess) -> None:
     try:
         spec = JobSpec(job_id=record.id, method=record.method, method_sha256=record.method_sha256, source=source,
                        params=record.params, storage_root=str(settings.storage_root), attempt=attempt.number,
+                       claim=attempt.holder, submitted_at=record.submitted_at,
                        lease_ttl=settings.lease_ttl, redis_url=credential.url, redis_username=credential.username,
                        redis_password=credential.password, worker=record.worker or "",
                        started_at=record.started_at or 0.0, time_limit=record.time_limit,

@@ -81,6 +81,14 @@ def end(attempt: Attempt, result: RunResult, folder: Path, preempted: bool = Fal
     if not retry_redis(record_end, timeout=300):
         log.error("job %s: attempt %d was replaced by another; not recording its end", job_id, attempt.number)
         return None
+    try:
+        # Not part of record_end: the end is recorded on the primary already, and a second
+        # FINISH would find the job ended (not this attempt's any more).
+        retry_redis(lambda: jobstore.barrier(attempt.client, job_id, f"The end of job {job_id}"), timeout=60)
+    except redis.RedisError as e:
+        log.error("job %s: its end is recorded on the Redis primary, but no replica acknowledged it (%s). A "
+                  "failover now could roll it back; a later attempt then finds the published model and does "
+                  "not train again", job_id, e)
     append_jsonl(folder / "events.jsonl", [final.to_json()])
     policy = attempt.settings.keep_checkpoints
     if policy == "never" or (policy == "unless-succeeded" and result.status is JobStatus.SUCCEEDED):

@@ -16,7 +16,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from deepe_tasks.core import jobstore, keys
-from deepe_tasks.core.connection import tls_options
+from deepe_tasks.core.connection import connect
 from deepe_tasks.core.events import decode
 from deepe_tasks.core.ipc import CUTOFF_SIGNAL, PREEMPT_SIGNAL
 from deepe_tasks.core.records import Event, EventKind, JobRecord, RunResult, StopReason
@@ -40,8 +40,8 @@ def lease_client(url: str, timeout: float) -> redis.Redis:
     """A client that gives up fast: a worker cut off from Redis must notice within its lease."""
     # No retries inside redis-py: a lost reply is answered by the caller's own next step (each
     # transition is safe to send again), not by waiting out several timeouts here.
-    return redis.Redis.from_url(url, decode_responses=True, socket_timeout=timeout, socket_connect_timeout=timeout,
-                                retry=Retry(NoBackoff(), 0), **tls_options(url))
+    return connect(url, decode_responses=True, socket_timeout=timeout, socket_connect_timeout=timeout,
+                   retry=Retry(NoBackoff(), 0))
 
 
 def client_for(settings: Settings) -> redis.Redis:
@@ -147,15 +147,21 @@ class Supervisor:
                                   self.job_id, self.attempt.number)
                         kill_group(self.proc)  # never two trainers
                         return StopReason.FENCED
+                    # A renewal counts only once DEEPE_REDIS_MIN_REPLICAS replicas have it
+                    # (jobstore raises NotReplicated otherwise): the lease a failover could
+                    # promote is then never older than the cutoff below counts from.
                     self.last_renewed, next_renew = now, now + renew_every
+                    last_contact = time.monotonic()
                     if troubled and self.attempt.credential.scoped:
                         self.attempt.credential.ensure()  # a restarted Redis forgot ACL users
+                    elif self.settings.sentinel:
+                        self.attempt.credential.ensure_present()  # so does a promoted replica
                     troubled = False
-                    last_contact = time.monotonic()
                 if now >= next_cancel_read:
                     self._read_cancel(now)
                     next_cancel_read = now + CANCEL_READ_INTERVAL
-                    last_contact = time.monotonic()
+                    if not self.settings.min_replicas:  # a read proves nothing a replica has
+                        last_contact = time.monotonic()
             except redis.RedisError as e:
                 if not troubled:  # once per outage, not four times a second
                     log.warning("job %s: could not reach Redis: %s", self.job_id, e)

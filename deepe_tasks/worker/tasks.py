@@ -83,7 +83,11 @@ def train(self: Any, job_id: str, method: str = "", gpus: int = 1) -> dict[str, 
         unwritable = claiming.storage_problem(settings.storage_root, job_id, attempt.number,
                                               claim.record.submitted_at)
         append_jsonl(folder / "events.jsonl", [started.to_json()])
-        if unwritable or claim.source is None:
+        taken = None if unwritable else claiming.taken_by(settings.storage_root, attempt)
+        if taken is not None:
+            proc.discard()
+            result = outcome.end(attempt, taken, folder, preempted=True)
+        elif unwritable or claim.source is None:
             proc.discard()
             result = outcome.end(attempt, RunResult(
                 status=JobStatus.FAILED, phase=Phase.PREPARING if unwritable else Phase.LOADING_METHOD,

@@ -53,6 +53,9 @@ def worker(
     argv = ["worker", "--loglevel", loglevel, "--concurrency", "1", "-Q", consumed]
     if name:
         argv += ["--hostname", name]
+    from deepe_tasks.core.connection import check_redis
+
+    check_redis(get_settings())  # a wrong sentinel setup or too few replicas: said now, not per job
     celery_app.worker_main(argv + worker_flags(get_settings()))
 
 

@@ -1,0 +1,114 @@
+"""The Sentinel topology of tests/sentinel.py is real: replication, WAIT, a failover that the
+sentinels carry out after a SIGKILL, a killed primary that rejoins as a replica, and a
+stopped replica that acknowledges nothing."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from redis.sentinel import Sentinel
+
+from deepe_tasks.core.connection import parse_sentinel
+from tests.helpers import process_gone
+from tests.sentinel import Topology
+
+
+@pytest.fixture
+def topo(tmp_path: Path) -> Iterator[Topology]:
+    with Topology(tmp_path / "sentinel", replicas=1) as t:
+        yield t
+
+
+def _one_connection(t: Topology, port: int) -> redis.Redis:
+    # WAIT counts the acknowledgements of this connection's own last write: one connection only.
+    return redis.Redis(port=port, password=t.password, decode_responses=True, single_connection_client=True,
+                       socket_timeout=5)
+
+
+def _sentinel_client(t: Topology) -> redis.Redis:
+    sentinel = Sentinel([("127.0.0.1", p) for p in t.sentinel_ports],
+                        sentinel_kwargs={"socket_timeout": 1, "socket_connect_timeout": 1})
+    client: redis.Redis = sentinel.master_for(t.master_name, password=t.password, decode_responses=True, socket_timeout=2,
+                               socket_connect_timeout=1)
+    return client
+
+
+def test_the_sentinels_fail_over_to_the_replica_and_the_old_primary_rejoins(topo: Topology) -> None:
+    old = topo.primary_port()
+    assert topo.role(old) == "master"
+    [replica] = [p for p in topo.server_ports() if p != old]
+    assert topo.role(replica) == "slave"
+    assert topo.url == ";".join(f"sentinel://127.0.0.1:{p}" for p in topo.sentinel_ports) + "/0"
+
+    primary = _one_connection(topo, old)
+    primary.set("k", "before")
+    assert primary.execute_command("WAIT", 1, 1000) == 1
+    primary.close()
+    with topo.client(replica) as c:
+        assert c.get("k") == "before"
+    assert topo.replicas_acking(old) == 1
+
+    through_sentinels = _sentinel_client(topo)
+    through_sentinels.set("s", "before")
+
+    killed = time.monotonic()
+    topo.kill(old)
+    new = topo.wait_for_new_primary(old, timeout=30)
+    took = time.monotonic() - killed
+    assert new == replica
+    with topo.client(new) as c:
+        assert c.get("k") == "before"
+        assert c.set("k", "after")
+    # The client of the sentinels reaches the new primary by itself (redis-py retries its command
+    # on a new connection, which asks the sentinels again).
+    assert through_sentinels.set("s", "after")
+    assert through_sentinels.get("k") == "after"
+    through_sentinels.close()
+    print(f"\nfailover: SIGKILL of the primary -> every sentinel names {new}, which answers ROLE "
+          f"master: {took:.2f} s")
+    assert took < 15
+
+    restarted = time.monotonic()
+    topo.restart(old)
+    assert topo.wait_settled(timeout=45) == new
+    assert topo.role(old) == "slave"
+    assert topo.replicas_acking(new) == 1
+    with topo.client(old) as c:
+        assert c.get("k") == "after"
+    print(f"rejoin: restart of the old primary -> a replica of {new}: {time.monotonic() - restarted:.2f} s")
+
+
+def test_a_stopped_replica_acknowledges_nothing_and_a_password_is_honoured(tmp_path: Path) -> None:
+    with Topology(tmp_path / "sentinel", replicas=1, password='p "w" d') as topo:
+        assert topo.url.startswith("sentinel://:p%20%22w%22%20d@127.0.0.1:")
+        assert parse_sentinel(topo.url).password == 'p "w" d'  # as deepe reads it
+        port = topo.primary_port()
+        [replica] = [p for p in topo.server_ports() if p != port]
+        with pytest.raises(redis.AuthenticationError):
+            # (no retries: redis-py retries an AuthenticationError, a ConnectionError, for seconds)
+            redis.Redis(port=port, retry=Retry(NoBackoff(), 0)).ping()
+
+        primary = _one_connection(topo, port)
+        primary.set("k", 1)
+        assert primary.execute_command("WAIT", 1, 1000) == 1
+
+        topo.pause(replica)
+        primary.set("k", 2)
+        assert primary.execute_command("WAIT", 1, 300) == 0
+        topo.resume(replica)
+        assert primary.execute_command("WAIT", 1, 5000) == 1
+        primary.close()
+
+        through_sentinels = _sentinel_client(topo)
+        assert through_sentinels.incr("k") == 3
+        through_sentinels.close()
+        topo.pause(replica)  # stop() must end a stopped process too
+        pid = topo.pid(replica)
+    assert pid is not None and process_gone(pid) and topo.pid(replica) is None
+    topo.stop()  # twice is harmless
