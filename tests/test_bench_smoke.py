@@ -43,12 +43,18 @@ EXPECTED: dict[str, tuple[str, set[str]]] = {
     "api_followers.py": ("api_followers", {"followers", "requests", "healthz_with_followers",
                                            "healthz_baseline_no_followers", "p99_ratio", "met", "server_threads",
                                            "server_rss_mb"}),
+    "replication.py": ("replication", {"none", "replicated", "ratio_dispatch_p50", "ratio_dispatch_p99",
+                                       "ratio_submit_p50", "ratio_end_p50", "ratio_events_per_s", "replicas",
+                                       "rounds", "jobs", "events"}),
     "fleet.py": ("fleet", {"command", "small_profile_bytes_out_per_worker_growth", "training_worker_large_profile",
                            "replay_model_check", "goal", "met", "met_at_full_rate"}),
     "partition.py": ("partition", {"runs", "all_ok", "models_published", "max_step_overlap_s",
                                    "max_process_overlap_s", "stale_events_after_heal", "per_run"}),
     "nemesis.py": ("nemesis", {"runs", "faults_injected", "faults_by_kind", "violations_by_invariant", "violations",
                                "jobs", "per_run"}),
+    "failover.py": ("failover", {"runs", "acknowledged", "refused", "lost", "double_trainers", "bad_models",
+                                 "step_errors", "refused_ran", "violations", "errors", "next_step_s_median",
+                                 "per_run"}),
 }
 # Where network hosts cannot be made (no root, no `ip netns`), these print {"skipped": reason}.
 MAY_SKIP = {"partition.py", "nemesis.py"}
@@ -97,6 +103,10 @@ def test_smoke(script: str, tmp_path: Path) -> None:
         return
     missing = (COMMON | keys) - set(out)
     assert not missing, f"{script}: no {sorted(missing)} in {sorted(out)}"
+    if script == "replication.py":  # the figures of each setting
+        for setting in ("none", "replicated"):
+            assert {"dispatch_p50_ms", "dispatch_p99_ms", "events_per_s", "wait_calls"} <= set(out[setting]), out
+        assert out["replicated"]["wait_calls"] > 0, out
     if script == "fleet.py":  # keys named after the sizes run
         assert any(k.startswith("idle_worker_large_profile_") for k in out), sorted(out)
         assert any(k.startswith("replay_") and k.endswith("_training_workers") for k in out), sorted(out)

@@ -313,7 +313,8 @@ def test_a_redis_that_rolled_back_a_claim_and_a_finish_trains_no_second_model(
     primary = topo.primary_port()
     replica = next(p for p in topo.server_ports() if p != primary)
     sync = topo.client(primary).pipeline(transaction=False)
-    sync.set("test:sync", "1").wait(1, 5000)
+    sync.set("test:sync", "1")
+    sync.wait(1, 5000)
     assert sync.execute()[1] == 1  # the replica has the queued job and its message
     # When the replica stops (SIGSTOP), a worker claims the job, trains it and publishes its
     # model, and then the primary dies and the replica, which saw none of that, is promoted
@@ -375,5 +376,5 @@ def test_a_wrong_sentinel_setup_is_refused_at_start_up_with_the_fix(
     client = redis_client()
     with pytest.raises(BrokerUnavailable, match="only 1 of DEEPE_REDIS_MIN_REPLICAS=2"):
         submit("sft-demo", params, queue="fo-config")
-    failed = [j for j in client.zrange(keys.by_status("failed"), 0, -1)]
+    failed = [str(j) for j in client.zrange(keys.by_status("failed"), 0, -1)]
     assert len(failed) == 1 and "could not be queued durably" in str(jobstore.get(client, failed[0]).error)

@@ -17,6 +17,7 @@ from enum import Enum
 
 from deepe_tasks.contract.declared import declared_params
 from deepe_tasks.contract.deepext import TRAINING_FUNCTION, is_deepextension
+from deepe_tasks.contract.parsing import parse
 from deepe_tasks.core.errors import MethodContractError
 
 REQUIRED_NAMES = ("model", "tokenizer", "trainer")
@@ -92,7 +93,7 @@ def check_source(source: str, filename: str = "<method>", *, gpu: bool | None = 
     skip_functions = frozenset({TRAINING_FUNCTION}) if is_deepextension(source) else frozenset()
     report = CheckReport()
     try:
-        tree = ast.parse(source, filename=filename)
+        tree = parse(source, filename)
     except SyntaxError as e:
         report.add(Problem.SYNTAX, f"Syntax error at line {e.lineno}: {e.msg}; fix that line.", e.lineno)
         return report

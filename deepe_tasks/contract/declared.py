@@ -20,6 +20,7 @@ from typing import Annotated, Any
 
 from pydantic import Field, FiniteFloat, TypeAdapter, ValidationError
 
+from deepe_tasks.contract.parsing import parse
 from deepe_tasks.core.errors import InvalidParams, MethodContractError
 from deepe_tasks.core.validate import MAX_INT_BITS, shown
 
@@ -49,7 +50,7 @@ def declared_params(source: str) -> dict[str, Declared]:
     Raises MethodContractError for a declaration that is not in the documented form.
     """
     try:
-        tree = ast.parse(source)
+        tree = parse(source)
     except SyntaxError:
         return {}
     for stmt in tree.body:

@@ -10,9 +10,11 @@ and never calls `training()`: the platform trains, resumes, cancels and saves.
 from __future__ import annotations
 
 import ast
+import functools
 from typing import Any
 
 from deepe_tasks.contract.params import snake_case
+from deepe_tasks.contract.parsing import CACHED, parse
 from deepe_tasks.core.errors import InvalidParams
 
 CALLBACK_MODULE = "train_callback"
@@ -24,18 +26,24 @@ RENAMED = {"PromptInputColumn": "input_train_name", "PromptOutputColumn": "outpu
 def is_deepextension(source: str) -> bool:
     """A file that imports DeepExtension's `train_callback` module."""
     try:
-        tree = ast.parse(source)
+        return _imports_callback(source)
     except SyntaxError:
         return False
+
+
+# Submit asks twice (the static check, then admission) and the job process twice: the walk of
+# the whole tree is made once per source.
+@functools.lru_cache(maxsize=CACHED)
+def _imports_callback(source: str) -> bool:
     return any(isinstance(n, ast.ImportFrom) and n.module == CALLBACK_MODULE
                or isinstance(n, ast.Import) and any(a.name == CALLBACK_MODULE for a in n.names)
-               for n in ast.walk(tree))
+               for n in ast.walk(parse(source)))
 
 
 def _flags(source: str) -> dict[str, bool]:
     """The file's `--flag` arguments: {flag: required and without a default}."""
     out: dict[str, bool] = {}
-    for node in ast.walk(ast.parse(source)):
+    for node in ast.walk(parse(source)):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "add_argument":
             names = [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
             kw = {k.arg: k.value for k in node.keywords}

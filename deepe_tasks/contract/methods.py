@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from deepe_tasks.contract.parsing import parse
 from deepe_tasks.core.errors import MethodContractError, MethodExists, MethodNotFound
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -48,7 +49,7 @@ def sha256_of(source: str) -> str:
 def describe(source: str) -> str:
     """The first line of the method's module docstring, or an empty string."""
     try:
-        doc = ast.get_docstring(ast.parse(source)) or ""
+        doc = ast.get_docstring(parse(source)) or ""
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return "(syntax error)"
     return doc.strip().splitlines()[0] if doc.strip() else ""
