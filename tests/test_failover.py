@@ -220,6 +220,44 @@ def test_a_primary_killed_mid_job_fails_over_and_the_job_trains_on_once(
 
 
 @pytest.mark.e2e
+def test_a_second_failover_right_after_the_first_loses_no_event(
+        topo2: Topology, workers: list[Worker], tmp_path: Path, store: Path, storage: Path,
+        params: dict[str, Any]) -> None:
+    # Given a job training on a primary with two replicas (found by bench/failover.py, seed 2:
+    # the job process, which does not see the worker's DEEPE_REDIS_URL, took its events as
+    # acknowledged by no replica, and a primary demoted a moment later dropped them)
+    topo = topo2
+    method = write_method(store, "second_failover_sft", SLOW_METHOD)
+    w = Worker("fo-twice", tmp_path / "worker.log", env={"DEEPE_LEASE_TTL": "10"}).start()
+    workers.append(w)
+    output = storage / "models" / "fo-twice"
+    job = submit(method, {**params, "MAX_STEPS": 30, "step_sleep": 0.3, "OUTPUT_DIR": str(output)}, queue="fo-twice")
+    wait_for(lambda: last_step(job.id) >= 4, timeout=240)
+
+    # When the primary is killed, and the replica promoted in its place stops for 2.5 s right
+    # after (the sentinels promote the other replica, and demote it once it is back)
+    first = topo.primary_port()
+    topo.kill(first)
+    second = topo.wait_for_new_primary(first)
+    topo.restart(first)
+    time.sleep(0.3)
+    topo.pause(second)
+    time.sleep(2.5)
+    topo.resume(second)
+    topo.wait_for_new_primary(second, timeout=60)
+
+    # Then the job succeeds and its stream has every step, once: what the demoted primary took
+    # unacknowledged was sent again to the new one
+    assert settle(job, timeout=300) is JobStatus.SUCCEEDED, (job.info().get("error"), w.log()[-4000:])
+    steps = steps_by_attempt(job.id)
+    assert_contiguous(steps, 30)
+    jsonl = [json.loads(line) for line in (storage / "jobs" / job.id / "events.jsonl").read_text().splitlines()]
+    logged = {(e["attempt"], e["step"]) for e in jsonl if e["kind"] == "log" and "loss" in e.get("metrics", {})}
+    assert logged == {(attempt, step) for attempt, seen in steps.items() for step in seen}
+    assert_one_model(output, job.id)
+
+
+@pytest.mark.e2e
 def test_writes_a_stale_replica_never_got_are_never_acknowledged(
         topo: Topology, workers: list[Worker], tmp_path: Path, store: Path, storage: Path,
         params: dict[str, Any]) -> None:

@@ -218,6 +218,11 @@ class JobSpec(BaseModel):
     # back a claim): its claim's unique id, and the job's submit time (which job of the id).
     claim: str = ""
     submitted_at: float | None = None
+    # The worker's DEEPE_REDIS_MIN_REPLICAS and DEEPE_REDIS_REPLICATION_TIMEOUT: the job process
+    # does not see the worker's DEEPE_REDIS_URL (it holds its password), from which the first
+    # is derived, and its events and publish check must be acknowledged alike.
+    min_replicas: int = 0
+    replication_timeout: float = 2.0
     lease_ttl: float = 30.0
     # The attempt's own Redis credential (docs/reliability.md, "What a method can reach").
     redis_url: str | None = None

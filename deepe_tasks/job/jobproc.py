@@ -23,6 +23,7 @@ from deepe_tasks.core.connection import connect
 from deepe_tasks.core.events import EventPublisher
 from deepe_tasks.core.ipc import CUTOFF_SIGNAL, FENCED_EXIT, LOG_FILE, PREEMPT_SIGNAL, RESULT_FILE
 from deepe_tasks.core.records import JobKind, JobSpec, JobStatus, Phase, RunResult, StopReason
+from deepe_tasks.core.settings import get_settings
 from deepe_tasks.core.storage import attempt_dir, job_dir, own_job_dir
 from deepe_tasks.job import merge, ranks, runner
 from deepe_tasks.job.stops import PublishFence, StopFlags
@@ -84,6 +85,14 @@ def _incarnation(spec: JobSpec) -> str | None:
         client.close()
 
 
+def _replication(spec: JobSpec) -> None:
+    """Acknowledge this attempt's events and publish check as its worker does (the settings read
+    them from the environment: this process's lacks the worker's DEEPE_REDIS_URL)."""
+    os.environ["DEEPE_REDIS_MIN_REPLICAS"] = str(spec.min_replicas)
+    os.environ["DEEPE_REDIS_REPLICATION_TIMEOUT"] = str(spec.replication_timeout)
+    get_settings.cache_clear()
+
+
 def _start(spec: JobSpec, attempt: Path) -> str | None:
     """The job's incarnation (``_incarnation``); None if the attempt must not start (its result
     is written then)."""
@@ -102,6 +111,7 @@ def _start(spec: JobSpec, attempt: Path) -> str | None:
 def run(line: str) -> int:
     """Run the job whose spec (JSON) is ``line``; how it ended goes to the attempt's folder."""
     spec = JobSpec.model_validate_json(line)
+    _replication(spec)
     folder = job_dir(Path(spec.storage_root), spec.job_id)
     attempt = attempt_dir(Path(spec.storage_root), spec.job_id, spec.attempt)
     incarnation = _start(spec, attempt)

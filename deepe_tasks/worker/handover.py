@@ -69,6 +69,7 @@ def hand_over(attempt: Attempt, source: str, proc: JobProcess) -> None:
         spec = JobSpec(job_id=record.id, method=record.method, method_sha256=record.method_sha256, source=source,
                        params=record.params, storage_root=str(settings.storage_root), attempt=attempt.number,
                        claim=attempt.holder, submitted_at=record.submitted_at,
+                       min_replicas=settings.min_replicas, replication_timeout=settings.redis_replication_timeout,
                        lease_ttl=settings.lease_ttl, redis_url=credential.url, redis_username=credential.username,
                        redis_password=credential.password, worker=record.worker or "",
                        started_at=record.started_at or 0.0, time_limit=record.time_limit,
