@@ -183,7 +183,7 @@ async def sim_worker(url: str, i: int, stop_at: float, buckets: dict[int, int], 
     import redis.asyncio as aredis
 
     from deepe_tasks.core import keys, lua
-    from deepe_tasks.core.jobstore import _SHAS
+    from deepe_tasks.core.scripts import SHAS as _SHAS
     from deepe_tasks.core.records import Event, EventKind
 
     job = f"sim-{i}"

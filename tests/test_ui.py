@@ -120,7 +120,8 @@ def test_the_job_page_signs_in_submits_charts_live_survives_a_reload_and_cancels
     wait_for(lambda: points(page) >= first + 3, timeout=60)
     assert page.locator('[data-metric="learning_rate"]').count() == 1
     assert page.locator('[data-metric="grad_norm"]').count() == 1
-    assert page.locator("#job-state").inner_text() == "running"
+    # (the record is polled every 3 s: the page may have read it just before the claim)
+    wait_for(lambda: page.locator("#job-state").inner_text() == "running", timeout=15)
 
     # A reload mid-job replays the whole curve: every step logged so far, from step 1
     before = points(page)
