@@ -183,8 +183,8 @@ async def sim_worker(url: str, i: int, stop_at: float, buckets: dict[int, int], 
     import redis.asyncio as aredis
 
     from deepe_tasks.core import keys, lua
-    from deepe_tasks.core.scripts import SHAS as _SHAS
     from deepe_tasks.core.records import Event, EventKind
+    from deepe_tasks.core.scripts import SHAS as _SHAS
 
     job = f"sim-{i}"
     conn = aredis.Redis.from_url(url, decode_responses=True, max_connections=1)
