@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from deepe_tasks.core.errors import AttemptFenced, InvalidParams
+from deepe_tasks.core.fences import AlreadyPublished
 from deepe_tasks.core.records import MERGE_METHOD, JobSpec, JobStatus, Phase, RunResult, StopReason
 from deepe_tasks.core.storage import MANIFEST
 from deepe_tasks.job import phases
@@ -93,6 +94,9 @@ class MergeRunner:
             return e.result.model_copy(update={"phase": self.tracker.phase})
         except AttemptFenced as e:
             return RunResult(status=JobStatus.QUEUED, phase=Phase.SAVING, error=str(e))
+        except AlreadyPublished as e:  # another claim of this merge published it (core.fences): it stands
+            log.warning("%s", e)
+            return RunResult(status=JobStatus.SUCCEEDED, phase=Phase.SAVING, output_dir=str(self.target))
         except InvalidParams as e:  # OUTPUT_DIR holds another job's model, or leads outside the storage
             return RunResult(status=JobStatus.FAILED, phase=self.tracker.phase,
                              error=f"Failed while {self.tracker.phase}: {e}")
@@ -125,6 +129,7 @@ class MergeRunner:
             "job": self.spec.job_id, "method": MERGE_METHOD, "merged_from": self.merged_from,
             "base": str(self.base), "adapter": str(self.adapter), **hashes,
             "merged_sha256": tree_sha256(staging), "attempt": self.spec.attempt,
+            "claim": self.spec.claim, "submitted_at": self.spec.submitted_at,
             "worker": self.spec.worker or socket.gethostname(), "finished_at": time.time(),
             "seconds": round(time.monotonic() - t0, 3),
         }
