@@ -16,20 +16,21 @@ SMOKE_N, SMOKE_LAG_EVENTS = 2_000, 250
 LAG_RATE = 2_500  # events/s offered while the follower's lag is measured
 
 
-def publisher_rate(client: Any, n: int) -> float:
+def publisher_rate(client: Any, n: int, job_id: str = "bench-rate") -> float:
+    """Events/s one EventPublisher sustains on job ``job_id`` (a job's stream takes one run)."""
     from deepe_tasks.core.events import EventPublisher
     from deepe_tasks.core.records import Event, EventKind
 
-    attempt = running_job(client, "bench-rate")
-    publisher = EventPublisher(client, "bench-rate", attempt)
-    events = [Event(kind=EventKind.LOG, job="bench-rate", step=i, max_steps=n, metrics={"loss": 1.0 / (i + 1)})
+    attempt = running_job(client, job_id)
+    publisher = EventPublisher(client, job_id, attempt)
+    events = [Event(kind=EventKind.LOG, job=job_id, step=i, max_steps=n, metrics={"loss": 1.0 / (i + 1)})
               for i in range(n)]
     t0 = time.perf_counter()
     for e in events:
         publisher.emit(e)
     assert publisher.close(timeout=120), "the publisher did not hand over every event"
     elapsed = time.perf_counter() - t0
-    all_appended(client, "bench-rate", attempt, n)
+    all_appended(client, job_id, attempt, n)
     return n / elapsed
 
 

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 # common puts the repository root on sys.path: tests.sentinel is importable after it.
-from common import median, percentile, report, running_job, sft_params, smoke_flag, write_method
+from common import median, percentile, report, sft_params, smoke_flag, write_method
 from dispatch import TRIVIAL
-from events import all_appended
+from events import publisher_rate
 
 SETTINGS = {"none": 0, "replicated": 1}  # name: DEEPE_REDIS_MIN_REPLICAS
 ROUNDS, JOBS, EVENTS = 10, 20, 20_000  # per round and setting: jobs dispatched, events published
@@ -103,24 +103,6 @@ def dispatch(ctx: dict[str, Any], name: str, jobs: int, figures: dict[str, list[
         figures["end"].append(time.time() - t0)
 
 
-def publisher_rate(client: Any, job_id: str, n: int) -> float:
-    """events.py's publisher_rate, on a job of its own (a job's stream takes one run)."""
-    from deepe_tasks.core.events import EventPublisher
-    from deepe_tasks.core.records import Event, EventKind
-
-    attempt = running_job(client, job_id)
-    publisher = EventPublisher(client, job_id, attempt)
-    events = [Event(kind=EventKind.LOG, job=job_id, step=i, max_steps=n, metrics={"loss": 1.0 / (i + 1)})
-              for i in range(n)]
-    t0 = time.perf_counter()
-    for e in events:
-        publisher.emit(e)
-    assert publisher.close(timeout=120), "the publisher did not hand over every event"
-    elapsed = time.perf_counter() - t0
-    all_appended(client, job_id, attempt, n)
-    return n / elapsed
-
-
 def ms(seconds: float) -> float:
     return round(seconds * 1000, 1)
 
@@ -154,7 +136,7 @@ def main() -> None:
                 use(name)
                 before = wait_calls(ctx["primary"])
                 dispatch(ctx, name, jobs, times[name])
-                rates[name].append(publisher_rate(client, f"bench-rate-{r}-{name}", n))
+                rates[name].append(publisher_rate(client, n, f"bench-rate-{r}-{name}"))
                 waits[name] += wait_calls(ctx["primary"]) - before
         assert waits["replicated"] > 0, "no WAIT ran with DEEPE_REDIS_MIN_REPLICAS=1"
 
