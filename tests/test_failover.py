@@ -171,19 +171,27 @@ def api(tmp_path: Path, topo2: Topology) -> Iterator[str]:
         proc.wait(timeout=10)
 
 
+def train_slowly(store: Path, storage: Path, tmp_path: Path, workers: list[Worker], params: dict[str, Any],
+                 queue: str, max_steps: int, step_sleep: float) -> tuple[Worker, Job, Path]:
+    """A worker of its own (lease TTL 10 s) training a slow job on ``queue``, past its fourth step."""
+    method = write_method(store, queue.replace("-", "_"), SLOW_METHOD)
+    w = Worker(queue, tmp_path / "worker.log", env={"DEEPE_LEASE_TTL": "10"}).start()
+    workers.append(w)
+    output = storage / "models" / queue
+    job = submit(method, {**params, "MAX_STEPS": max_steps, "step_sleep": step_sleep, "OUTPUT_DIR": str(output)},
+                 queue=queue)
+    wait_for(lambda: last_step(job.id) >= 4, timeout=240)
+    return w, job, output
+
+
 @pytest.mark.e2e
 def test_a_primary_killed_mid_job_fails_over_and_the_job_trains_on_once(
         topo2: Topology, api: str, workers: list[Worker], tmp_path: Path, store: Path, storage: Path,
         params: dict[str, Any]) -> None:
     # Given a worker (lease TTL 10 s) and an SSE follower, on a primary with two replicas
     topo = topo2
-    method = write_method(store, "failover_sft", SLOW_METHOD)
-    w = Worker("fo-kill", tmp_path / "worker.log", env={"DEEPE_LEASE_TTL": "10"}).start()
-    workers.append(w)
-    output = storage / "models" / "fo-kill"
-    job = submit(method, {**params, "MAX_STEPS": 24, "step_sleep": 0.4, "OUTPUT_DIR": str(output)}, queue="fo-kill")
+    w, job, output = train_slowly(store, storage, tmp_path, workers, params, "fo-kill", 24, 0.4)
     follower = Follower(api, job.id)
-    wait_for(lambda: last_step(job.id) >= 4, timeout=240)
 
     # When the primary is killed mid-training
     old = topo.primary_port()
@@ -213,7 +221,7 @@ def test_a_primary_killed_mid_job_fails_over_and_the_job_trains_on_once(
     assert w.alive()
     users = topo.client(new).acl_users()
     assert not [u for u in users if str(u).startswith(f"deepe-attempt-{job.id}")], users
-    after = submit(method, {**params, "MAX_STEPS": 2, "step_sleep": 0}, queue="fo-kill")
+    after = submit("fo_kill", {**params, "MAX_STEPS": 2, "step_sleep": 0}, queue="fo-kill")
     assert settle(after, timeout=180) is JobStatus.SUCCEEDED
     print(f"\nfailover: primary promoted {promoted_after:.1f} s after the kill, next step logged after "
           f"{next_step_after:.1f} s; follower reconnected {follower.reconnects} times")
@@ -227,12 +235,7 @@ def test_a_second_failover_right_after_the_first_loses_no_event(
     # the job process, which does not see the worker's DEEPE_REDIS_URL, took its events as
     # acknowledged by no replica, and a primary demoted a moment later dropped them)
     topo = topo2
-    method = write_method(store, "second_failover_sft", SLOW_METHOD)
-    w = Worker("fo-twice", tmp_path / "worker.log", env={"DEEPE_LEASE_TTL": "10"}).start()
-    workers.append(w)
-    output = storage / "models" / "fo-twice"
-    job = submit(method, {**params, "MAX_STEPS": 30, "step_sleep": 0.3, "OUTPUT_DIR": str(output)}, queue="fo-twice")
-    wait_for(lambda: last_step(job.id) >= 4, timeout=240)
+    w, job, output = train_slowly(store, storage, tmp_path, workers, params, "fo-twice", 30, 0.3)
 
     # When the primary is killed, and the replica promoted in its place stops for 2.5 s right
     # after (the sentinels promote the other replica, and demote it once it is back)
