@@ -150,10 +150,24 @@ def worker() -> Iterator[Worker]:
     w.stop()
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Keep each phase's report on the test, so that fixtures can tell a failed test at teardown."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
 @pytest.fixture
-def workers() -> Iterator[list[Worker]]:
-    """Workers that a test starts for itself (append them); all stopped at its end."""
+def workers(request: pytest.FixtureRequest) -> Iterator[list[Worker]]:
+    """Workers that a test starts for itself (append them); all stopped at its end, and the
+    tail of each one's log printed when the test failed (CI keeps nothing else of them)."""
     started: list[Worker] = []
     yield started
     for w in started:
         w.stop()
+    call = getattr(request.node, "report_call", None)
+    if call is not None and call.failed:
+        for w in started:
+            tail = "\n".join(w.log().splitlines()[-40:])
+            print(f"\n----- the last 40 lines of {w.log_file} -----\n{tail}")

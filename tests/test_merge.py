@@ -117,7 +117,8 @@ def test_a_merge_survives_a_worker_kill(workers: list[Worker], tmp_path: Path, t
     try:
         os.mkfifo(weights)
         job = merge(trained.id, queue="merge-kill")
-        wait_for(lambda: job.status() is JobStatus.RUNNING, timeout=60)
+        wait_for(lambda: job.status() is JobStatus.RUNNING or job.status().is_final, timeout=60)
+        assert job.status() is JobStatus.RUNNING, job.info()
         pid = job.info()["pid"]
         # When its worker is killed, with its job process
         first.process.signal(signal.SIGKILL, group=True)

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -33,24 +34,28 @@ class AlreadyPublished(DeepeError):
 
 def mark_attempt(folder: Path, claim: str) -> str | None:
     """Make ``folder`` (an attempt's) this claim's; return the claim that already owns it, or
-    None if it is ours. The marker is created exclusively, so of two claims of one attempt
-    number exactly one wins, whatever Redis says."""
+    None if it is ours. The marker is written whole to a private file first and then hard-linked
+    into place, which fails if the name exists: of two claims of one attempt number exactly one
+    wins, whatever Redis says, and the loser always reads a complete marker."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / CLAIM_MARKER
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        owner = _claim_in(path)
-        return None if owner == claim else owner
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    staged = folder / f".{CLAIM_MARKER}.{os.getpid()}.{uuid.uuid4().hex}"
+    with open(staged, "w", encoding="utf-8") as f:
         f.write(json.dumps({"claim": claim, "at": time.time()}) + "\n")
         f.flush()
         os.fsync(f.fileno())
+    try:
+        os.link(staged, path)
+    except FileExistsError:
+        owner = _claim_in(path)
+        return None if owner == claim else owner
+    finally:
+        staged.unlink(missing_ok=True)
     return None
 
 
 def _claim_in(path: Path) -> str:
-    # Written whole (fsync before anyone reads it as done); unreadable counts as another's.
+    # Linked into place only once written whole; unreadable (damaged by hand) counts as another's.
     try:
         return str(json.loads(path.read_text(encoding="utf-8"))["claim"])
     except (OSError, ValueError, KeyError, TypeError):
