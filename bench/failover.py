@@ -71,6 +71,34 @@ BUSY_MARGIN = 1.1  # the kill is drawn over the calibrated busy period this much
 RETRY_FOR_S = 120.0
 SECOND_PAUSE_S = 2.5  # --second-failover: how long the promoted primary is stopped (down-after is 1 s)  # a refused submit is tried again for this long
 LOG_LINES = 40  # of each worker's log, per violation
+STALL_S = 20  # DEEPE_CONSUMER_STALL_TIMEOUT of the workers: an idle consumer that takes nothing exits
+EXIT_STUCK = 70  # a worker's "restart me" exit (deepe_tasks.worker.watchdog.EXIT_STUCK)
+
+
+class Supervisor:
+    """What a restart policy (Docker's, systemd's, a Deployment's) does for the bench's workers:
+    one that exits with code 70 (it found itself stuck) is started again, and counted."""
+
+    def __init__(self, workers: list[Any], notes: list[str]) -> None:
+        self.workers, self.notes, self.restarts = workers, notes, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-supervisor", daemon=True)
+
+    def start(self) -> Supervisor:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            for i, w in enumerate(self.workers):
+                if w.proc is not None and w.proc.poll() == EXIT_STUCK and not self._stop.is_set():
+                    self.restarts += 1
+                    self.notes.append(f"worker {i} exited with code {EXIT_STUCK} (stuck) and was restarted")
+                    w.start()
 
 
 @dataclass
@@ -358,7 +386,9 @@ def one_run(n: int, name: str, plan: Plan, work: Path, storage: Path, method: st
     get_settings.cache_clear()
     queue = f"fo-{name}"
     logs = [folder / f"worker{i}.log" for i in range(plan.workers)]
-    workers = [WorkerProcess({"DEEPE_LEASE_TTL": str(TTL)}, queues=queue, log_file=log) for log in logs]
+    workers = [WorkerProcess({"DEEPE_LEASE_TTL": str(TTL), "DEEPE_CONSUMER_STALL_TIMEOUT": str(STALL_S)},
+                             queues=queue, log_file=log) for log in logs]
+    supervisor = Supervisor(workers, notes)
     sub = Submitter(plan, method, {**params, "MAX_STEPS": plan.steps, "step_sleep": STEP_SLEEP},
                     storage / "models" / name, queue)
     killed_at: float | None = None
@@ -369,6 +399,7 @@ def one_run(n: int, name: str, plan: Plan, work: Path, storage: Path, method: st
             w.start()
         for w in workers:
             w.wait_ready(timeout=120)
+        supervisor.start()
         sub.start()
         sub.first_submit.wait(timeout=60)
         assert sub.started_at is not None
@@ -419,11 +450,13 @@ def one_run(n: int, name: str, plan: Plan, work: Path, storage: Path, method: st
         result = evaluate(n, plan, sub, acked, refused, statuses, storage, logs, killed_at, promoted_s, label,
                           states, notes, begun)
         result["failovers"] = failovers(topo)
+        result["worker_restarts"] = supervisor.restarts
         for d in result["details"]:
             if d["job"]:
                 d["servers"] = servers_view(topo, d["job"])
         return result
     finally:
+        supervisor.stop()
         for w in workers:
             w.signal(signal.SIGTERM)  # all at once: they stop side by side
         for w in workers:
@@ -522,7 +555,7 @@ def failed_run(n: int, plan: Plan, error: str) -> dict[str, Any]:
             "promoted_s": None, "next_step_s": None, "next_step_visible_s": None, "first_ack_after_kill_s": None,
             "attempts": [], "duration_s": None,
             "jobs_detail": [],
-            "notes": [], "details": [], "failovers": [], "error": error[:2000]}
+            "notes": [], "details": [], "failovers": [], "worker_restarts": 0, "error": error[:2000]}
 
 
 def table(runs: list[dict[str, Any]]) -> str:
@@ -629,6 +662,7 @@ def main() -> int:
                                                   "bad_models", "step_errors", "refused_ran", "violations")}
     totals["errors"] = sum(1 for r in runs + missed if r.get("error"))
     totals["runs_with_two_failovers"] = sum(1 for r in runs if len(r.get("failovers", [])) > 1)
+    totals["worker_restarts"] = sum(r.get("worker_restarts", 0) for r in runs + missed)
     nexts = [r["next_step_s"] for r in runs if r["next_step_s"] is not None]
     seen = [r["next_step_visible_s"] for r in runs if r["next_step_visible_s"] is not None]
     first_acks = [r["first_ack_after_kill_s"] for r in runs if r["first_ack_after_kill_s"] is not None]

@@ -240,3 +240,43 @@ def test_a_message_taken_by_a_worker_lost_before_its_claim_is_sent_again(
     assert job.info()["attempts"] == 1
     # and the dead delivery was dropped (the new one is acknowledged as its task returns)
     wait_for(lambda: not any(job.id in v for v in r.hvals(deepe_keys.KOMBU_UNACKED)), timeout=30)
+
+
+@pytest.mark.e2e
+def test_an_idle_worker_whose_consumer_takes_nothing_says_so_exits_and_another_runs_the_job(
+        workers: list[Worker], tmp_path: Path, store: Path, redis_url: str, method: str,
+        params: dict[str, Any]) -> None:
+    from deepe_tasks.core.broker import app_for
+    from tests.helpers import SLOW_METHOD
+
+    slow = write_method(store, "stall_slow", SLOW_METHOD)
+    # Given a worker that counts its consumer stalled after 3 s of messages waiting while idle
+    env = {"DEEPE_LEASE_TTL": "4", "DEEPE_CONSUMER_STALL_TIMEOUT": "3"}
+    first = Worker("stall-q", tmp_path / "first.log", env=env).start()
+    workers.append(first)
+    # a job that waits longer than that behind a running one is no stall: the worker is busy
+    running = submit(slow, {**params, "MAX_STEPS": 10, "step_sleep": 0.5}, queue="stall-q")
+    behind = submit(method, params, queue="stall-q")
+    assert running.wait(timeout=180) is JobStatus.SUCCEEDED
+    assert behind.wait(timeout=120) is JobStatus.SUCCEEDED
+    assert first.alive() and "consumer has taken no message" not in first.log()
+
+    # When its Celery consumer stops taking messages while the worker stays up (what a consumer
+    # that reconnected after a broker failover and consumes nothing looks like: celery#10096),
+    # here by cancelling its consumer, and a job is queued for it
+    replies = app_for(redis_url).control.cancel_consumer("stall-q", destination=[first.hostname], reply=True)
+    assert replies and "ok" in next(iter(replies[0].values()))
+    job = submit(method, params, queue="stall-q")
+
+    # Then the worker says why in its log and exits with code 70, for its supervisor to restart it
+    assert first.process.proc is not None
+    try:
+        code = first.process.proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the stalled worker did not exit:\n" + first.log()[-3000:])
+    assert code == 70, first.log()[-3000:]
+    assert "consumer has taken no message" in first.log() and "stall-q" in first.log()
+    assert job.status() is JobStatus.QUEUED
+    # And the restarted worker runs the job that waited
+    workers.append(Worker("stall-q", tmp_path / "next.log", env=env).start())
+    assert job.wait(timeout=120) is JobStatus.SUCCEEDED

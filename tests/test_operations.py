@@ -337,7 +337,7 @@ def test_the_kubernetes_manifests_validate_against_the_kubernetes_schemas() -> N
 
 
 def test_keda_runs_one_job_per_pod_on_every_priority_list_and_never_scales_in_a_busy_worker() -> None:
-    from deepe_tasks.queue.queues import priority_lists
+    from deepe_tasks.core.broker import priority_lists
     from deepe_tasks.ui.cli.common import app as cli_app
 
     docs = k8s_documents()

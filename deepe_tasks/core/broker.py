@@ -74,6 +74,21 @@ def _sentinel_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
+# Celery's Redis transport keeps one list per priority step: "gpu" for 0 (the highest), then
+# "gpu:1" … "gpu:9" (make_app sets sep=":" and priority steps 0-9).
+PRIORITIES = range(10)
+
+
+def priority_lists(queue: str) -> list[tuple[int, str]]:
+    """The Redis lists that hold a queue's messages, with the priority of each."""
+    return [(p, queue if p == 0 else f"{queue}:{p}") for p in PRIORITIES]
+
+
+def poll_interval(settings: Settings) -> float:
+    """Seconds an idle worker's BRPOP waits for a message (kombu's polling_interval)."""
+    return LARGE_FLEET_POLL if settings.fleet == "large" else 1.0
+
+
 # DEEPE_FLEET=large: what a worker costs one Redis shared by hundreds (bench/fleet.py).
 LARGE_FLEET_HEARTBEAT = 10  # seconds between worker heartbeats; Flower's expiry is twice this
 LARGE_FLEET_POLL = 10  # seconds an idle worker's BRPOP waits (a job still starts at once)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -27,9 +29,15 @@ class Settings(BaseSettings):
     # For rediss:// URLs: the CA bundle that signed the server's certificate (the system's
     # bundle when unset).
     redis_ca_certs: Path | None = None
-    # The shared storage root: models, job folders and checkpoints live under it.
-    # Every host must mount it at the same path.
-    storage: Path = Path("./deepe-data")
+    # The shared storage root: models, job folders and checkpoints live under it. A folder
+    # (every host mounts it at the same path), or an object store URL such as s3://bucket/prefix
+    # (fsspec; credentials and endpoint from the standard AWS variables and files).
+    storage: str = "./deepe-data"
+    # Where a worker keeps what it fetched from an object store (base models and datasets, keyed
+    # by their ETags, least recently used evicted beyond cache_gb) and its local copy of the
+    # store's layout (checkpoints before upload, staged models).
+    cache_dir: Path = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "deepe"
+    cache_gb: float = Field(50.0, gt=0)
     method_store: Path = Path("./method_store")
     queue: str = "gpu"
     # The devices this worker owns, as CUDA_VISIBLE_DEVICES for its jobs (`deepe worker --gpus
@@ -98,6 +106,11 @@ class Settings(BaseSettings):
     # past every bounded wait) exits so that its supervisor restarts it (`watchdog`). Unset:
     # DEEPE_HANDOVER_TIMEOUT + 2 x DEEPE_LEASE_TTL + 60 s.
     stuck_timeout: float | None = Field(None, gt=0)
+    # An idle worker whose queues have held a message this long without its Celery consumer
+    # taking one (a consumer that reconnected after a broker failover and consumes nothing)
+    # exits so that its supervisor restarts it (`watchdog`). A healthy idle worker takes a
+    # message within one poll (1 s; 10 s with DEEPE_FLEET=large).
+    consumer_stall_timeout: float = Field(60.0, gt=0)
 
     @property
     def sentinel(self) -> bool:
@@ -146,12 +159,28 @@ class Settings(BaseSettings):
         return [Path(p.strip()).expanduser().resolve() for p in self.input_roots.split(",") if p.strip()]
 
     @property
+    def storage_url(self) -> str | None:
+        """The object store's URL (``s3://bucket/prefix``), or None for a folder."""
+        return self.storage.rstrip("/") if is_remote(self.storage) else None
+
+    @property
     def storage_root(self) -> Path:
-        return self.storage.expanduser().resolve()
+        """The storage folder; on an object store, this machine's local copy of its layout."""
+        url = self.storage_url
+        if url is None:
+            return Path(self.storage).expanduser().resolve()
+        digest = hashlib.sha256(url.encode()).hexdigest()[:12]
+        return (self.cache_dir.expanduser() / "mirror" / digest).resolve()
 
     @property
     def method_root(self) -> Path:
         return self.method_store.expanduser().resolve()
+
+
+def is_remote(storage: str) -> bool:
+    """Whether DEEPE_STORAGE names an object store (an fsspec URL other than file://)."""
+    head, sep, _ = storage.partition("://")
+    return bool(sep) and head.isidentifier() and head.lower() not in ("file", "local")
 
 
 def is_sentinel(url: str) -> bool:

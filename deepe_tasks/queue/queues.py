@@ -9,15 +9,8 @@ from typing import Any
 import redis
 
 from deepe_tasks.core import devices, jobstore, keys
+from deepe_tasks.core.broker import priority_lists
 from deepe_tasks.core.errors import JobNotFound
-
-# Celery's Redis transport keeps one list per priority step: "gpu" for 0 (the highest), then
-# "gpu:1" … "gpu:9" (celery_app sets sep=":" and priority steps 0-9).
-PRIORITIES = range(10)
-
-
-def priority_lists(queue: str) -> list[tuple[int, str]]:
-    return [(p, queue if p == 0 else f"{queue}:{p}") for p in PRIORITIES]
 
 
 @dataclass

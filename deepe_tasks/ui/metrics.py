@@ -14,10 +14,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from deepe_tasks.core import jobstore, keys
+from deepe_tasks.core.broker import priority_lists
 from deepe_tasks.core.connection import get_redis
 from deepe_tasks.core.lua import DURATION_BUCKETS
 from deepe_tasks.core.records import FINAL_STATES, JobStatus
-from deepe_tasks.queue.queues import priority_lists
 
 
 class DeepeCollector(Collector):

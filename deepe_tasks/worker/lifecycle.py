@@ -26,7 +26,7 @@ from deepe_tasks.core.connection import get_redis
 from deepe_tasks.core.errors import InvalidParams, JobNotFound
 from deepe_tasks.core.records import JobRecord, JobStatus
 from deepe_tasks.core.settings import get_settings
-from deepe_tasks.worker import credentials
+from deepe_tasks.worker import credentials, watchdog
 
 log = logging.getLogger(__name__)
 
@@ -237,9 +237,7 @@ _worker_name = ""
 def _start_reaper(sender: Any = None, **_: Any) -> None:
     global _worker_name
     _worker_name = str(getattr(sender, "hostname", "") or f"{os.uname().nodename}:{os.getpid()}")
-    consumed = getattr(getattr(getattr(sender, "app", None), "amqp", None), "queues", None)
-    names = list(getattr(consumed, "consume_from", None) or [get_settings().queue])
-    queues = sorted({devices.unroute(str(q))[0] for q in names})
+    queues = sorted({devices.unroute(q)[0] for q in watchdog.consumed_queues(sender)})
     threading.Thread(target=_reaper_loop, args=(_reaper_stop, _worker_name, queues), name="deepe-reaper",
                      daemon=True).start()
     idle_exit = get_settings().idle_exit

@@ -9,6 +9,11 @@ stopped, or is wedged in native code) or whose claimed job made no progress for
 ``Settings.stuck_after`` is killed, and the worker exits with ``EXIT_STUCK``: its job's lease
 expires and another worker resumes the job. A worker that only *looks* alive (it answers
 pings, its reaper runs) while it never takes another job is the failure this exists for.
+
+The same holds for an idle worker whose Celery consumer stopped taking messages (after a broker
+failover, a consumer can reconnect and then consume nothing: celery/celery#10096): when its
+queues have held a message for ``Settings.consumer_stall_timeout`` while it held no job and took
+none, it exits the same way, and a fresh worker takes the messages.
 """
 
 from __future__ import annotations
@@ -22,7 +27,10 @@ import time
 from typing import Any
 
 from celery.signals import worker_process_init, worker_ready, worker_shutting_down
+from celery.worker import state as worker_state
 
+from deepe_tasks.core.broker import poll_interval, priority_lists
+from deepe_tasks.core.connection import get_redis
 from deepe_tasks.core.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -104,17 +112,80 @@ class Rounds:
         return now >= self.judge_from
 
 
-def _watch(settings: Settings) -> None:
+class ConsumerStall:
+    """When an idle worker's consumer counts as stalled: at every look for ``after`` seconds its
+    queues held messages, it held no job, it took none, and the messages did not go down."""
+
+    def __init__(self, after: float) -> None:
+        self.after = after
+        self.since: float | None = None
+        self._last: tuple[int, int] | None = None  # (tasks taken, messages waiting) at the last look
+
+    def observe(self, now: float, idle: bool, taken: int, waiting: int | None) -> float | None:
+        """Seconds stalled, once past the bound; else None. ``waiting`` None: not known now."""
+        last, self._last = self._last, (taken, waiting or 0)
+        moved = last is not None and (taken != last[0] or (waiting or 0) < last[1])
+        if not idle or not waiting or moved:
+            self.since = None
+            return None
+        if self.since is None:
+            self.since = now
+        return now - self.since if now - self.since >= self.after else None
+
+
+def consumed_queues(sender: Any) -> list[str]:
+    """The Celery queues a worker was started on (``sender``: its Consumer at worker_ready)."""
+    consumed = getattr(getattr(getattr(sender, "app", None), "amqp", None), "queues", None)
+    return [str(q) for q in (getattr(consumed, "consume_from", None) or [get_settings().queue])]
+
+
+def waiting_in(queues: list[str]) -> int | None:
+    """Messages waiting in these queues, all priorities; None when Redis does not answer."""
+    try:
+        pipe = get_redis().pipeline(transaction=False)
+        for queue in queues:
+            for _, name in priority_lists(queue):
+                pipe.llen(name)
+        return sum(int(n) for n in pipe.execute())
+    except Exception:  # unknown now: the next look tries again
+        return None
+
+
+def _idle() -> bool:
+    return not (worker_state.active_requests or worker_state.reserved_requests or _busy_since.value)
+
+
+def _stalled(stall: ConsumerStall, queues: list[str], now: float) -> str | None:
+    idle = _idle()
+    seconds = stall.observe(now, idle, worker_state.all_total_count[0], waiting_in(queues) if idle else 0)
+    if seconds is None:
+        return None
+    return (f"its Celery consumer has taken no message for {seconds:.0f} s while it was idle and its queues "
+            f"({', '.join(queues)}) held some (a consumer that reconnected after a broker failover and consumes "
+            "nothing: celery/celery#10096)")
+
+
+def _watch(settings: Settings, queues: list[str]) -> None:
     stuck_after = settings.stuck_after
     rounds = Rounds(time.monotonic())
+    # The bound is at least a few polls: a healthy idle worker takes a message within one.
+    stall = ConsumerStall(max(settings.consumer_stall_timeout, 3 * poll_interval(settings)))
+    look_every, next_look = min(10.0, stall.after / 4), 0.0
     while not _stop.wait(1.0):
         now = time.monotonic()
-        reason = stuck_reason(now, stuck_after) if rounds.may_judge(now) else None
+        if not rounds.may_judge(now):
+            continue
+        reason = stuck_reason(now, stuck_after)
+        if reason is not None:
+            reason += f" (bound: {stuck_after:.0f} s)"
+        elif now >= next_look:
+            next_look = now + look_every
+            reason = _stalled(stall, queues, now)
         if reason is None or _stop.is_set():
             continue
-        log.critical("this worker is stuck: %s (bound: %.0f s). It kills that process and exits with code %d so "
-                     "that its supervisor restarts it; the job's lease expires and another worker resumes it.",
-                     reason, stuck_after, EXIT_STUCK)
+        log.critical("this worker is stuck: %s. It kills its pool process and exits with code %d so that its "
+                     "supervisor restarts it; a job it held resumes elsewhere once its lease expires.",
+                     reason, EXIT_STUCK)
         pid = _pool_pid.value
         if pid:
             try:
@@ -133,7 +204,8 @@ def _start(sender: Any = None, **_: Any) -> None:
         log.warning("the watchdog watches one pool process and this worker has --concurrency %d: it is off. "
                     "Run one deepe worker per device set (deepe worker runs with --concurrency 1).", concurrency)
         return
-    threading.Thread(target=_watch, args=(get_settings(),), name="deepe-watchdog", daemon=True).start()
+    threading.Thread(target=_watch, args=(get_settings(), consumed_queues(sender)), name="deepe-watchdog",
+                     daemon=True).start()
 
 
 @worker_shutting_down.connect

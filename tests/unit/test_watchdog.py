@@ -28,3 +28,25 @@ def test_a_stale_beat_or_a_claimed_job_without_progress_is_stuck() -> None:
     watchdog.beat()
     watchdog.idle()
     assert watchdog.stuck_reason(watchdog._alive.value + 1, stuck_after=60) is None
+
+
+def test_an_idle_consumer_counts_as_stalled_only_after_messages_waited_the_whole_bound() -> None:
+    stall = watchdog.ConsumerStall(after=30)
+    # Messages wait while the worker is idle and takes none: stalled once 30 s have passed
+    assert [stall.observe(t, idle=True, taken=5, waiting=2) for t in (0, 10, 20)] == [None] * 3
+    assert stall.observe(30, idle=True, taken=5, waiting=2) == 30
+    # Any look where it held a job, took one, or the messages went down starts the count again
+    for reset in ({"idle": False, "taken": 5, "waiting": 2}, {"idle": True, "taken": 6, "waiting": 2},
+                  {"idle": True, "taken": 6, "waiting": 1}, {"idle": True, "taken": 6, "waiting": 0}):
+        stall = watchdog.ConsumerStall(after=30)
+        stall.observe(0, idle=True, taken=5, waiting=2)
+        assert stall.observe(20, **reset) is None  # type: ignore[arg-type]
+        # (the count starts at the next look that sees messages wait: a full 30 s again)
+        taken = int(reset["taken"])
+        assert [stall.observe(t, idle=True, taken=taken, waiting=3) for t in (21, 50)] == [None, None]
+        assert stall.observe(51, idle=True, taken=taken, waiting=3) == 30
+    # And a look at Redis that failed (waiting unknown) judges nothing
+    stall = watchdog.ConsumerStall(after=30)
+    assert stall.observe(0, idle=True, taken=0, waiting=3) is None
+    assert stall.observe(40, idle=True, taken=0, waiting=None) is None
+    assert stall.observe(60, idle=True, taken=0, waiting=3) is None
