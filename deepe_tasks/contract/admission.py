@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deepe_tasks.contract import stored
 from deepe_tasks.contract.check import check_source
 from deepe_tasks.contract.declared import PATH, Declared, apply_declared, declared_params
 from deepe_tasks.contract.deepext import arguments, is_deepextension
@@ -33,13 +34,16 @@ class Admitted:
 
 
 def admit(method: Method, raw: dict[str, Any], storage_root: Path, job_id: str, *, check_paths: bool,
-          check_method: bool = True, gpu: bool | None = True, input_roots: Sequence[Path] | None = None) -> Admitted:
+          check_method: bool = True, gpu: bool | None = True, input_roots: Sequence[Path] | None = None,
+          storage_url: str | None = None) -> Admitted:
     """Everything submit refuses, as the errors `deepe submit` prints (exit 2, HTTP 422).
 
     ``gpu``: whether the machine that will run the job has CUDA (True for a GPU worker; None
     for this machine, as for `run-local`). ``input_roots``: the folders besides the storage
     that input paths may name; None takes DEEPE_INPUT_ROOTS for a job that a worker runs, and
     sets no bound for a run on this machine (gpu None), which reads with its caller's rights.
+    ``storage_url``: an object store (``storage_root`` is then this machine's local copy of its
+    layout): paths may be URLs inside it, are checked on it, and come back as its URLs.
     """
     report = check_source(method.source, method.path.name, gpu=gpu)
     if check_method and not report.ok:
@@ -47,6 +51,8 @@ def admit(method: Method, raw: dict[str, Any], storage_root: Path, job_id: str, 
                                   + f" (`deepe methods check {method.name}` shows the same.)")
     declared = declared_params(method.source)
     raw = validate.params(raw, numbers=False)  # text, names and depth; numbers once typed, below
+    paths = [*input_names(declared), *stored.OUTPUTS]
+    raw = stored.to_relative(raw, paths, storage_url)
     custom = refuse_near_misses(raw, list(declared))
     params = parse_params(raw)
     if declared:
@@ -61,6 +67,11 @@ def admit(method: Method, raw: dict[str, Any], storage_root: Path, job_id: str, 
         inputs_allowed(params, declared, storage_root, input_roots)  # as given: the message repeats them
     if is_deepextension(method.source):
         arguments(method.source, resolved.as_dict(), job_id=job_id, attempt=1)  # a required flag left without a value
+    if storage_url is not None:
+        urls = stored.to_urls(resolved.as_dict(), paths, storage_root, storage_url)
+        if check_paths:
+            stored.inputs_on_store(params.as_dict(), urls, storage_url)
+        return Admitted(resolved.model_copy(update=urls), custom, report.warnings)
     if check_paths:
         inputs_exist(params, resolved, storage_root)
     return Admitted(resolved, custom, report.warnings)

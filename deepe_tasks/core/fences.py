@@ -16,9 +16,12 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deepe_tasks.core.errors import DeepeError
+
+if TYPE_CHECKING:
+    from deepe_tasks.core.objects import ObjectStore
 
 CLAIM_MARKER = "deepe-claim.json"  # in an attempt's folder: the claim that owns it
 MANIFEST = "deepe.json"  # written beside every published model
@@ -52,6 +55,16 @@ def mark_attempt(folder: Path, claim: str) -> str | None:
     finally:
         staged.unlink(missing_ok=True)
     return None
+
+
+def mark_attempt_on(store: ObjectStore, folder: str, claim: str) -> str | None:
+    """``mark_attempt`` on an object store: a create with If-None-Match: *, which one writer wins."""
+    body = (json.dumps({"claim": claim, "at": time.time()}) + "\n").encode()
+    if store.create(f"{folder}/{CLAIM_MARKER}", body):
+        return None
+    owner = (store.read_json(f"{folder}/{CLAIM_MARKER}") or {}).get("claim")
+    owner = str(owner) if owner else "(unreadable claim marker)"
+    return None if owner == claim else owner
 
 
 def _claim_in(path: Path) -> str:

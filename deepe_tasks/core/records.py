@@ -238,6 +238,11 @@ class JobSpec(BaseModel):
     # The folders besides the storage that the job's input paths may name (DEEPE_INPUT_ROOTS);
     # None sets no bound (run-local, which reads with its caller's own rights).
     input_roots: list[str] | None = None
+    # An object store (DEEPE_STORAGE=s3://…): its URL (storage_root is then the worker's local
+    # copy of its layout), and the worker's cache of what jobs read from it (`job/remote.py`).
+    storage_url: str | None = None
+    cache_dir: str | None = None
+    cache_gb: float = 50.0
 
 
 class RunResult(BaseModel):

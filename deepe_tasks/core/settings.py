@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     # store's layout (checkpoints before upload, staged models).
     cache_dir: Path = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "deepe"
     cache_gb: float = Field(50.0, gt=0)
+    # How long an object store operation that fails in a way that may pass (a cut connection,
+    # throttling, a 5xx) is tried again, with backoff, before the attempt fails.
+    storage_retry_seconds: float = Field(120.0, ge=0)
     method_store: Path = Path("./method_store")
     queue: str = "gpu"
     # The devices this worker owns, as CUDA_VISIBLE_DEVICES for its jobs (`deepe worker --gpus

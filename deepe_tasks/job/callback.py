@@ -44,6 +44,8 @@ class DeepeCallback(TrainerCallback):
         self._t0: float | None = None
         self._step0 = 0
         self._last_checkpoint = time.monotonic()
+        # Told of each complete checkpoint (its marker written): an object store uploads it.
+        self.on_checkpoint: Callable[[Path], None] | None = None
 
     def _eta(self, state: TrainerState) -> float | None:
         if self._t0 is None or not state.max_steps:
@@ -98,6 +100,8 @@ class DeepeCallback(TrainerCallback):
         folder = Path(args.output_dir or ".") / f"checkpoint-{state.global_step}"
         if folder.is_dir():
             (folder / CHECKPOINT_DONE).write_text(json.dumps({"job": self.job_id, "step": state.global_step}))
+            if self.on_checkpoint is not None:
+                self.on_checkpoint(folder)
         self._event(EventKind.CHECKPOINT, state, message=f"checkpoint at step {state.global_step}")
 
 

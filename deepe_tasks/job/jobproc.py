@@ -25,7 +25,7 @@ from deepe_tasks.core.ipc import CUTOFF_SIGNAL, FENCED_EXIT, LOG_FILE, PREEMPT_S
 from deepe_tasks.core.records import JobKind, JobSpec, JobStatus, Phase, RunResult, StopReason
 from deepe_tasks.core.settings import get_settings
 from deepe_tasks.core.storage import attempt_dir, job_dir, own_job_dir
-from deepe_tasks.job import merge, ranks, runner
+from deepe_tasks.job import merge, ranks, remote, runner
 from deepe_tasks.job.stops import PublishFence, StopFlags
 
 
@@ -129,9 +129,16 @@ def run(line: str) -> int:
         return 0
     os.chdir(folder)  # stray relative writes of a method land in its job folder
     _redirect_output(folder)
-    # A multi-device job: the other ranks are forked now, while this process has no thread.
-    others = ranks.Ranks.start(spec, attempt, run_rank) if spec.world_size > 1 else None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:  # on an object store: its inputs and newest checkpoint fetched, local paths from here on
+        spec = remote.start(spec)
+    except Exception as e:
+        logging.exception("the job's inputs could not be fetched")
+        write_result(attempt, RunResult(status=JobStatus.FAILED, phase=Phase.PREPARING, error=(
+            f"Failed while {Phase.PREPARING}: {e}")))
+        return 0
+    # A multi-device job: the other ranks are forked now, while this process has no thread of its own.
+    others = ranks.Ranks.start(spec, attempt, run_rank) if spec.world_size > 1 else None
     if moved is not None:
         logging.warning("the folder of an earlier job %s (expired) was moved to %s", spec.job_id, moved)
 
@@ -185,6 +192,9 @@ def _finish(spec: JobSpec, attempt: Path, result: RunResult, publisher: EventPub
     # Redis, or refused as stale, this attempt waits no longer than a lease for it.
     if not publisher.close(timeout=spec.lease_ttl if cut_off else 300):
         logging.warning("some events reached events.jsonl but not Redis")
+    store = remote.active()
+    if store is not None:  # the last checkpoint on the store before another worker may resume it
+        store.end()
     write_result(attempt, result)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -222,7 +232,8 @@ def run_rank(spec: JobSpec, rank: int) -> int:
     It publishes nothing and saves nothing; a failure goes to its rank file, for rank 0's report.
     """
     attempt = attempt_dir(Path(spec.storage_root), spec.job_id, spec.attempt)
-    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s %(levelname)s rank {rank} %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s %(levelname)s rank {rank} %(name)s: %(message)s",
+                        force=True)
     job = runner.Runner(spec, lambda event: None, rank=rank)
     try:
         result = job.run()

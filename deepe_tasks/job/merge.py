@@ -22,7 +22,7 @@ from deepe_tasks.core.errors import AttemptFenced, InvalidParams
 from deepe_tasks.core.fences import AlreadyPublished
 from deepe_tasks.core.records import MERGE_METHOD, JobSpec, JobStatus, Phase, RunResult, StopReason
 from deepe_tasks.core.storage import MANIFEST
-from deepe_tasks.job import phases
+from deepe_tasks.job import phases, remote
 from deepe_tasks.job.callback import Emit, StopCheck
 from deepe_tasks.job.phases import describe
 from deepe_tasks.job.publish import publish_model
@@ -75,6 +75,8 @@ class MergeRunner:
         self.adapter = Path(spec.params["ADAPTER_PATH"])
         self.target = Path(spec.params["OUTPUT_DIR"])
         self.merged_from = spec.params.get("MERGED_FROM")
+        store = remote.active()  # on an object store, the merged model is published there
+        self.published_at = store.output_url if store is not None and store.output_url else str(self.target)
 
     def run(self) -> RunResult:
         t0 = time.monotonic()
@@ -96,7 +98,7 @@ class MergeRunner:
             return RunResult(status=JobStatus.QUEUED, phase=Phase.SAVING, error=str(e))
         except AlreadyPublished as e:  # another claim of this merge published it (core.fences): it stands
             log.warning("%s", e)
-            return RunResult(status=JobStatus.SUCCEEDED, phase=Phase.SAVING, output_dir=str(self.target))
+            return RunResult(status=JobStatus.SUCCEEDED, phase=Phase.SAVING, output_dir=self.published_at)
         except InvalidParams as e:  # OUTPUT_DIR holds another job's model, or leads outside the storage
             return RunResult(status=JobStatus.FAILED, phase=self.tracker.phase,
                              error=f"Failed while {self.tracker.phase}: {e}")
@@ -104,7 +106,7 @@ class MergeRunner:
             log.exception("the merge failed")
             return RunResult(status=JobStatus.FAILED, phase=self.tracker.phase,
                              error=describe(e, self.tracker.phase, "the merge"))
-        return RunResult(status=JobStatus.SUCCEEDED, phase=Phase.SAVING, output_dir=str(self.target),
+        return RunResult(status=JobStatus.SUCCEEDED, phase=Phase.SAVING, output_dir=self.published_at,
                          metrics={"merge_s": round(time.monotonic() - t0, 3)})
 
     def _go_on(self) -> None:

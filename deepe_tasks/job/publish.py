@@ -5,6 +5,9 @@ before anything is staged beside it and again just before the rename (`storage.f
 inside the storage once symbolic links are followed, no other job's model there, above or
 around it); the rename comes only after the fenced check that this attempt still owns the job
 and then the last stop check (a merge's cancel), both after the staged files reached the disk.
+
+On an object store (`job/remote.py`) the model is staged here the same way, then uploaded and
+published by creating its ``deepe.json`` there (no rename); the local staging folder goes.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from deepe_tasks.core.storage import (
     remove_staging,
     staging_dir,
 )
+from deepe_tasks.job import remote
 
 
 def publish_model(spec: JobSpec, target: Path, write: Callable[[Path], None],
@@ -36,8 +40,14 @@ def publish_model(spec: JobSpec, target: Path, write: Callable[[Path], None],
     raise; in every case nothing of this attempt stays beside ``target``.
     """
     root = Path(spec.storage_root)
+    store = remote.active()
+    on_store = store is not None and store.output_url is not None
     # Before the staging folder too, which is written beside the target.
-    refuse_foreign(target, root, spec.job_id, merged_from, what=what, fix=fix)
+    if on_store:
+        assert store is not None
+        store.refuse_foreign(what=what, fix=fix, merged_from=merged_from)
+    else:
+        refuse_foreign(target, root, spec.job_id, merged_from, what=what, fix=fix)
     staging = staging_dir(target, spec.job_id, spec.attempt)
     try:
         write(staging)
@@ -47,6 +57,11 @@ def publish_model(spec: JobSpec, target: Path, write: Callable[[Path], None],
                                 f"{what} was not published")
         if before_publish is not None:
             before_publish()
+        if on_store:
+            assert store is not None
+            store.publish(staging, what=what, fix=fix, merged_from=merged_from)
+            shutil.rmtree(staging, ignore_errors=True)
+            return target
         publish(staging, target, job_id=spec.job_id, storage_root=root, merged_from=merged_from, what=what,
                 fix=fix, claim=spec.claim, submitted_at=spec.submitted_at)
     except BaseException:

@@ -23,7 +23,7 @@ from deepe_tasks.core.errors import AttemptFenced, InvalidParams, MethodContract
 from deepe_tasks.core.fences import AlreadyPublished, published_by_another
 from deepe_tasks.core.records import JobSpec, JobStatus, Phase, RunResult, StopReason, mask_secrets
 from deepe_tasks.core.storage import MANIFEST, attempt_dir, latest_checkpoint
-from deepe_tasks.job import method, phases
+from deepe_tasks.job import method, phases, remote
 from deepe_tasks.job.callback import DeepeCallback, Emit, StopCheck, TrainingComplete
 from deepe_tasks.job.phases import PhaseFailure, describe
 from deepe_tasks.job.publish import publish_model
@@ -79,11 +79,13 @@ class Runner:
         self.stopped = False  # the result is an agreed early stop (cancel, time limit, ...), not a failure
         self.timings: dict[str, float] = {}
         self.checkpoint_dir = attempt_dir(Path(spec.storage_root), spec.job_id, spec.attempt) / "checkpoints"
+        self.remote = remote.active()  # on an object store: checkpoints go up as they are made
+        if self.remote is not None and rank == 0:
+            self.callback.on_checkpoint = self.remote.uploads.checkpoint
 
     def run(self) -> RunResult:
         t0 = time.monotonic()
-        adopted = published_by_another(Path(self.params.OUTPUT_DIR or "."), self.spec.job_id, self.spec.submitted_at,
-                                       self.spec.claim)
+        adopted = self._published_by_another()
         if adopted is not None:  # a Redis failover lost that attempt's end: its model stands
             return self._adopt(AlreadyPublished(
                 f"attempt {adopted.get('attempt')} of this job (claim {adopted['claim']}) already published its "
@@ -123,9 +125,27 @@ class Runner:
             return self._failed(Phase.SAVING, describe(e, Phase.SAVING, self.filename))
         if partial:
             return RunResult(status=JobStatus.CANCELLED, phase=Phase.SAVING, metrics=metrics, step=step,
-                             output_dir=str(output), error=f"cancelled at step {step}; the partial model was saved")
+                             output_dir=self._output(output),
+                             error=f"cancelled at step {step}; the partial model was saved")
         return RunResult(status=JobStatus.SUCCEEDED, phase=Phase.SAVING, metrics=metrics,
-                         output_dir=str(output), step=step)
+                         output_dir=self._output(output), step=step)
+
+    def _published_by_another(self) -> dict[str, Any] | None:
+        if self.remote is None:
+            return published_by_another(Path(self.params.OUTPUT_DIR or "."), self.spec.job_id,
+                                        self.spec.submitted_at, self.spec.claim)
+        manifest = self.remote.published()
+        if manifest is None or manifest.get("job") != self.spec.job_id or not manifest.get("claim") \
+                or manifest.get("claim") == self.spec.claim:
+            return None
+        try:
+            return manifest if float(manifest.get("submitted_at")) == float(self.spec.submitted_at) else None  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return None
+
+    def _output(self, output: Path) -> str:
+        """Where the model is published: OUTPUT_DIR's URL on an object store, else the folder."""
+        return self.remote.output_url if self.remote is not None and self.remote.output_url else str(output)
 
     def _adopt(self, published: AlreadyPublished) -> RunResult:
         """Succeed with the model another claim of this job published (`core.fences`)."""
@@ -134,7 +154,7 @@ class Runner:
         manifest = published.manifest
         metrics = {k: v for k, v in (manifest.get("metrics") or {}).items() if isinstance(v, (int, float))}
         return RunResult(status=JobStatus.SUCCEEDED, phase=Phase.SAVING, metrics=metrics,
-                         output_dir=str(self.params.OUTPUT_DIR), step=manifest.get("steps"))
+                         output_dir=self._output(Path(self.params.OUTPUT_DIR or ".")), step=manifest.get("steps"))
 
     def _stopped(self, reason: StopReason | None, step: int) -> RunResult | None:
         """How an attempt that stopped early ended; None when it goes on to save."""

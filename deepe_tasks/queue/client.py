@@ -12,6 +12,7 @@ from typing import Any
 
 import redis
 
+from deepe_tasks.contract import stored
 from deepe_tasks.contract.admission import admit
 from deepe_tasks.contract.methods import NAME_RE, load_method
 from deepe_tasks.core import broker, devices, jobstore, keys, validate
@@ -61,12 +62,13 @@ def submit(
     client = get_redis()
     if gpus > 1:
         _fits(client, gpus, queue)
+    if settings.storage_url and settings.check_paths:
+        stored.check_store(settings.storage_url)  # a bucket that is not there, or not writable
     admitted = admit(found, params, settings.storage_root, job_id, check_paths=settings.check_paths,
-                     input_roots=settings.input_root_list,
-                     check_method=check)
+                     input_roots=settings.input_root_list, check_method=check, storage_url=settings.storage_url)
     resolved = admitted.params
     if settings.check_paths:  # else the worker refuses it when it publishes
-        _refuse_taken(Path(str(resolved.OUTPUT_DIR)), settings.storage_root, job_id)
+        stored.refuse_taken(str(resolved.OUTPUT_DIR), settings.storage_root, job_id, settings.storage_url)
     record = JobRecord(
         id=job_id, method=found.name, method_sha256=found.sha256, params=resolved.as_dict(),
         output_dir=str(resolved.OUTPUT_DIR), queue=queue, priority=priority, time_limit=time_limit,
@@ -103,14 +105,6 @@ def _create_and_send(client: redis.Redis, record: JobRecord, source: str, messag
         with contextlib.suppress(redis.RedisError):
             jobstore.fail_queued(client, record.id, error)
         raise BrokerUnavailable(error) from e
-
-
-def _refuse_taken(output: Path, storage_root: Path, job_id: str) -> None:
-    """Refuse an OUTPUT_DIR where publishing would replace or nest in another job's model."""
-    problem = foreign_owner(output, storage_root, job_id)
-    if problem is not None:
-        raise InvalidParams(f"OUTPUT_DIR {output} cannot take the model of job {job_id}: {problem}. Choose another "
-                            "OUTPUT_DIR, or delete that model first.")
 
 
 def _fits(client: redis.Redis, gpus: int, queue: str) -> None:
@@ -152,28 +146,38 @@ def merge(job_id: str, *, queue: str | None = None) -> Job:
     if record.status is not JobStatus.SUCCEEDED:
         raise InvalidJobState(f"Job {record.id} is {record.status.value}: only a job that succeeded has a model to "
                               "merge. Merge a job that succeeded, or submit this one again.")
+    settings = get_settings()
+    if settings.storage_url is not None:
+        target_text = stored.merge_target(settings.storage_url, record.id, record.output_dir, check=settings.check_paths)
+    else:
+        target_text = str(_merge_target(record, settings.check_paths))
+    queue = validate.queue_name(queue or record.queue)
+    new_id = uuid.uuid4().hex
+    merged = JobRecord(
+        id=new_id, method=MERGE_METHOD, method_sha256=hashlib.sha256(b"").hexdigest(), kind=JobKind.MERGE, queue=queue,
+        params={"MODEL_PATH": record.params["MODEL_PATH"], "ADAPTER_PATH": record.output_dir, "OUTPUT_DIR": target_text,
+                "MERGED_FROM": record.id},
+        output_dir=target_text, route=queue,
+    )
+    _create_and_send(get_redis(), merged, "", f"merge of job {record.id} queued on {queue}")
+    return Job(new_id)
+
+
+def _merge_target(record: JobRecord, check_paths: bool) -> Path:
+    """Where a merge of the job's adapter publishes, on a folder; refused with the fix where it cannot."""
     adapter = Path(record.output_dir)
-    if get_settings().check_paths and not (adapter / "adapter_config.json").exists():
+    if check_paths and not (adapter / "adapter_config.json").exists():
         if (adapter / "config.json").exists():
             raise InvalidJobState(f"The model of job {record.id} at {adapter} is already a complete model (it has no "
                                   "LoRA adapter): there is nothing to merge. Use that folder as it is.")
         raise InvalidParams(f"The model of job {record.id} is not at {adapter} on this machine. Merge from a machine "
                             "that mounts DEEPE_STORAGE, or set DEEPE_CHECK_PATHS=false to let the worker look.")
     target = adapter.parent / f"{adapter.name}{MERGED_SUFFIX}"
-    new_id = uuid.uuid4().hex
-    problem = foreign_owner(target, get_settings().storage_root, new_id, record.id) if get_settings().check_paths else None
+    problem = foreign_owner(target, get_settings().storage_root, "(the merge)", record.id) if check_paths else None
     if problem is not None:
         raise InvalidParams(f"The merged model of job {record.id} would go to {target}, but {problem}. Move that "
                             "folder away, then merge again.")
-    queue = validate.queue_name(queue or record.queue)
-    merged = JobRecord(
-        id=new_id, method=MERGE_METHOD, method_sha256=hashlib.sha256(b"").hexdigest(), kind=JobKind.MERGE, queue=queue,
-        params={"MODEL_PATH": record.params["MODEL_PATH"], "ADAPTER_PATH": str(adapter), "OUTPUT_DIR": str(target),
-                "MERGED_FROM": record.id},
-        output_dir=str(target), route=queue,
-    )
-    _create_and_send(get_redis(), merged, "", f"merge of job {record.id} queued on {queue}")
-    return Job(new_id)
+    return target
 
 
 MIN_PREFIX = 4

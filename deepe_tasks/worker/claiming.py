@@ -3,6 +3,7 @@ Redis fails on the way (the message goes back to its queue) or the job folder ca
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -14,10 +15,11 @@ from celery.exceptions import Ignore, Reject
 from deepe_tasks.core import devices, jobstore, keys
 from deepe_tasks.core.connection import get_redis
 from deepe_tasks.core.errors import InvalidParams
-from deepe_tasks.core.fences import mark_attempt
+from deepe_tasks.core.fences import mark_attempt, mark_attempt_on
+from deepe_tasks.core.objects import ObjectStore, StorageError
 from deepe_tasks.core.records import Event, JobStatus, Phase, RunResult
 from deepe_tasks.core.settings import Settings, get_settings
-from deepe_tasks.core.storage import attempt_dir, own_job_dir
+from deepe_tasks.core.storage import JOB_MARKER, attempt_dir, job_dir, own_job_dir
 from deepe_tasks.worker.processes import JobProcess
 from deepe_tasks.worker.supervisor import Attempt
 
@@ -101,6 +103,11 @@ def storage_problem(root: Path, job_id: str, number: int, submitted_at: float) -
     as if its worker had been lost. First the job folder is made this job's (an earlier job of
     the same id is moved aside), before anything of this attempt is written there."""
     own = attempt_dir(root, job_id, number)
+    storage_url = get_settings().storage_url
+    if storage_url is not None:
+        problem = stored_job_problem(storage_url, job_id, submitted_at)
+        if problem is not None:
+            return problem
     try:
         moved = own_job_dir(root, job_id, repr(submitted_at))
         if moved is not None:
@@ -118,13 +125,39 @@ def storage_problem(root: Path, job_id: str, number: int, submitted_at: float) -
 
 
 
+def stored_job_problem(storage_url: str, job_id: str, submitted_at: float) -> str | None:
+    """Why the job's folder on the object store is not this job's, or None once it is: an earlier
+    job of the same id (its record expired) left files there, which a store cannot move aside."""
+    store = ObjectStore(storage_url)
+    rel = job_dir(Path(""), job_id).as_posix()
+    marker = (json.dumps({"job": job_id, "submitted_at": repr(submitted_at)}) + "\n").encode()
+    try:
+        if store.create(f"{rel}/{JOB_MARKER}", marker):
+            return None
+        owner = (store.read_json(f"{rel}/{JOB_MARKER}") or {}).get("submitted_at")
+    except StorageError as e:
+        return f"The job folder {store.url_of(rel)} cannot be written ({e}). Fix the store or its credentials, then submit the job again."
+    try:
+        if owner is not None and float(owner) == float(submitted_at):
+            return None
+    except (TypeError, ValueError):
+        pass
+    return (f"{store.url_of(rel)} holds the files of an earlier job {job_id} (submitted at {owner}), whose record "
+            "expired; an object store cannot move them aside. Delete that folder, or submit the job with another id.")
+
+
 def taken_by(root: Path, attempt: Attempt) -> RunResult | None:
     """The attempt's folder marked as its claim's (`core.fences`); where another claim of the
     same attempt number marked it first (Redis handed the number out twice: a failover that
     lost a claim), how this attempt ends: handed back, so that the next claim gets a new number."""
+    storage_url = attempt.settings.storage_url
     try:
-        other = mark_attempt(attempt_dir(root, attempt.job_id, attempt.number), attempt.holder)
-    except OSError as e:
+        if storage_url is not None:  # the same exclusive create, on the object store
+            folder = attempt_dir(Path(""), attempt.job_id, attempt.number).as_posix()
+            other = mark_attempt_on(ObjectStore(storage_url), folder, attempt.holder)
+        else:
+            other = mark_attempt(attempt_dir(root, attempt.job_id, attempt.number), attempt.holder)
+    except (OSError, StorageError) as e:
         other = f"(its claim marker could not be written: {e})"
     if other is None:
         return None

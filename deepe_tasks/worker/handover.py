@@ -75,7 +75,8 @@ def hand_over(attempt: Attempt, source: str, proc: JobProcess) -> None:
                        started_at=record.started_at or 0.0, time_limit=record.time_limit,
                        checkpoint_minutes=settings.checkpoint_minutes, event_buffer=settings.event_buffer,
                        world_size=record.gpus, kind=record.kind,
-                       input_roots=[str(p) for p in settings.input_root_list]).model_dump_json()
+                       input_roots=[str(p) for p in settings.input_root_list], storage_url=settings.storage_url,
+                       cache_dir=str(settings.cache_dir.expanduser()), cache_gb=settings.cache_gb).model_dump_json()
     except ValueError as e:  # pydantic's serialisation errors are ValueErrors: the job's own values
         raise NotHandedOver(RunResult(
             status=JobStatus.FAILED, phase=Phase.PREPARING,

@@ -15,8 +15,9 @@ from deepe_tasks.core import jobstore
 from deepe_tasks.core.errors import JobFailed
 from deepe_tasks.core.events import append_jsonl
 from deepe_tasks.core.ipc import LOG_FILE
+from deepe_tasks.core.objects import ObjectStore
 from deepe_tasks.core.records import Event, EventKind, JobStatus, Phase, RunResult, StopReason
-from deepe_tasks.core.storage import remove_checkpoints
+from deepe_tasks.core.storage import job_dir, remove_checkpoints
 from deepe_tasks.worker.handover import retry_redis
 from deepe_tasks.worker.lifecycle import UNSENT_GRACE, send_again
 from deepe_tasks.worker.processes import KILL_WAIT, JobProcess, crash_message
@@ -93,7 +94,19 @@ def end(attempt: Attempt, result: RunResult, folder: Path, preempted: bool = Fal
     policy = attempt.settings.keep_checkpoints
     if policy == "never" or (policy == "unless-succeeded" and result.status is JobStatus.SUCCEEDED):
         remove_checkpoints(attempt.settings.storage_root, job_id)
+        if attempt.settings.storage_url is not None:
+            _remove_stored_checkpoints(attempt.settings.storage_url, job_id)
     return result
+
+
+def _remove_stored_checkpoints(storage_url: str, job_id: str) -> None:
+    """DEEPE_KEEP_CHECKPOINTS on the object store: every attempt's checkpoints there go too."""
+    store = ObjectStore(storage_url)
+    try:
+        for folder in store.glob(f"{job_dir(Path(''), job_id).as_posix()}/attempts/*/checkpoints"):
+            store.remove(folder)
+    except Exception as e:  # a lifecycle rule, or the next job's end, removes them later
+        log.warning("job %s: its checkpoints on %s could not be removed: %s", job_id, storage_url, e)
 
 
 def unreported(attempt: Attempt, ended_by: StopReason | None, proc: JobProcess, folder: Path) -> RunResult:

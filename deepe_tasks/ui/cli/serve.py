@@ -56,6 +56,9 @@ def worker(
     from deepe_tasks.core.connection import check_redis
 
     check_redis(get_settings())  # a wrong sentinel setup or too few replicas: said now, not per job
+    from deepe_tasks.core.objects import check_storage
+
+    check_storage(get_settings().storage_url)  # a bucket that is not there or not writable: said now too
     celery_app.worker_main(argv + worker_flags(get_settings()))
 
 
