@@ -6,6 +6,6 @@ ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 DEEPE_METHOD_STORE=/app/method_s
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY deepe_tasks ./deepe_tasks
-RUN pip install --no-cache-dir '.[train,gpu,monitor,api]'
+RUN pip install --no-cache-dir '.[train,gpu,monitor,api,s3]'
 COPY method_store ./method_store
 CMD ["deepe", "worker"]

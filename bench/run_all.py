@@ -15,7 +15,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ["events.py", "callback_overhead.py", "time_to_first_step.py", "ddp_first_step.py", "dispatch.py", "scaling.py",
-           "api_followers.py", "replication.py"]
+           "api_followers.py", "replication.py", "storage.py"]
 
 
 def main() -> int:

@@ -27,9 +27,10 @@ def moto_binary() -> str | None:
 
 
 class MotoServer:
-    def __init__(self, log_file: Path) -> None:
+    def __init__(self, log_file: Path, cpus: set[int] | None = None) -> None:
         self.port = free_port()
         self.log_file = log_file
+        self.cpus = cpus  # the CPUs it may run on (a benchmark keeps it off the trainer's)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -45,8 +46,10 @@ class MotoServer:
         if binary is None:
             raise RuntimeError("moto_server is not installed: pip install 'moto[server]' (the test extra has it)")
         with self.log_file.open("ab") as out:
+            cpus = self.cpus
             self.proc = subprocess.Popen([binary, "-H", "127.0.0.1", "-p", str(self.port)], stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+                                         stderr=subprocess.STDOUT, start_new_session=True,
+                                         preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -54,7 +54,8 @@ EXPECTED: dict[str, tuple[str, set[str]]] = {
                                "jobs", "per_run"}),
     "failover.py": ("failover", {"runs", "acknowledged", "refused", "lost", "double_trainers", "bad_models",
                                  "step_errors", "refused_ran", "violations", "errors", "next_step_s_median",
-                                 "per_run"}),
+                                 "worker_restarts", "per_run"}),
+    "storage.py": ("storage", {"step_s_uploading", "step_s_not_uploading", "step_ratio", "publish", "cache"}),
 }
 # Where network hosts cannot be made (no root, no `ip netns`), these print {"skipped": reason}.
 MAY_SKIP = {"partition.py", "nemesis.py"}

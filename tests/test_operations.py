@@ -293,6 +293,74 @@ def test_the_gpu_override_for_all_gpus_takes_the_ones_nvidia_smi_lists(tmp_path:
     assert refused.returncode != 0 and "lists no GPU" in refused.stderr and not out.exists()
 
 
+def compose_volume_target(entry: Any) -> str:
+    """A service volume's path in the container: the key by which Compose merges a service's volumes."""
+    return str(entry["target"]) if isinstance(entry, dict) else str(entry).split(":")[1]
+
+
+def interpolate(value: str, env: dict[str, str]) -> str:
+    """Compose's ${VAR}, ${VAR:-default} and ${VAR:?error}, enough for these files."""
+    import re
+
+    def one(m: re.Match[str]) -> str:
+        name, op, rest = m.group(1), m.group(2) or "", m.group(3) or ""
+        if env.get(name):
+            return env[name]
+        assert op != ":?", f"{name} is required: {rest}"
+        return rest
+
+    return re.sub(r"\$\{(\w+)(:[-?])?([^}]*)\}", one, value)
+
+
+def test_the_s3_override_runs_the_workers_and_the_api_on_the_store_without_the_shared_volume(tmp_path: Path) -> None:
+    from deepe_tasks.core.settings import Settings
+
+    path = ROOT / "docker-compose.s3.yml"
+    result = subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec",
+                             str(path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    base, override = yaml.safe_load((ROOT / "docker-compose.yml").read_text()), yaml.safe_load(path.read_text())
+    assert set(override["services"]) == {"worker", "api"}  # the two that mount the storage; Flower does not
+    # Merged as compose merges them; a service's volumes merge by their target path, so the
+    # override's /data entries replace the shared volume's
+    merged = merge_compose(base, override)
+    for name, service in override["services"].items():
+        by_target = {compose_volume_target(v): v for v in base["services"][name]["volumes"]}
+        by_target.update({compose_volume_target(v): v for v in service["volumes"]})
+        merged["services"][name]["volumes"] = list(by_target.values())
+    (tmp_path / "merged.yml").write_text(yaml.safe_dump(merged))
+    result = subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec",
+                             str(tmp_path / "merged.yml")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    caches = []
+    for name in ("worker", "api"):
+        service = merged["services"][name]
+        mounted = {compose_volume_target(v): str(v).split(":")[0] for v in service["volumes"]}
+        assert "deepe-storage" not in mounted.values(), name  # no shared storage left
+        assert mounted["/app/method_store"] == "./method_store"  # the rest kept
+        env = service["environment"]
+        assert env["DEEPE_REDIS_URL"] == base["services"][name]["environment"]["DEEPE_REDIS_URL"]
+        # An s3:// store, whose bucket the env file must give (the same for workers and submitters)
+        assert env["DEEPE_STORAGE"].startswith("s3://") and ":?" in env["DEEPE_STORAGE"]
+        storage = interpolate(env["DEEPE_STORAGE"], {"DEEPE_S3_BUCKET": "my-bucket/deepe"})
+        assert Settings(storage=storage).storage_url == "s3://my-bucket/deepe"
+        with pytest.raises(AssertionError, match="DEEPE_S3_BUCKET is required"):
+            interpolate(env["DEEPE_STORAGE"], {})
+        # AWS settings passed through from the environment or the env file, never written here
+        aws = {k: v for k, v in env.items() if k.startswith("AWS_")}
+        assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL_S3"} <= set(aws)
+        assert all(v is None for v in aws.values()), aws
+        # The cache on a named volume of its own
+        cache = env["DEEPE_CACHE_DIR"]
+        assert mounted[cache] in override["volumes"]
+        caches.append(mounted[cache])
+        assert float(interpolate(str(env["DEEPE_CACHE_GB"]), {})) > 0
+    assert len(set(caches)) == 2  # the worker and the API do not share one cache
+    # The worker is otherwise the base file's: its GPU, its grace, its command
+    for key in ("command", "deploy", "stop_signal", "stop_grace_period", "env_file", "image"):
+        assert merged["services"]["worker"][key] == base["services"]["worker"][key]
+
+
 def test_every_deepe_setting_in_the_deployment_files_is_one_deepe_reads() -> None:
     """A misspelt DEEPE_* in the env example, compose or k8s files would be silently ignored."""
     import re
@@ -300,22 +368,30 @@ def test_every_deepe_setting_in_the_deployment_files_is_one_deepe_reads() -> Non
     from deepe_tasks.core.settings import Settings
 
     known = {f"DEEPE_{name.upper()}" for name in Settings.model_fields}
-    # Used by compose itself, not by deepe: the image, the worker's queues flag, ports, grace.
-    compose_only = {"DEEPE_IMAGE", "DEEPE_WORKER_QUEUES", "DEEPE_STOP_GRACE", "DEEPE_API_PORT"}
-    files = [ROOT / "config/deepe.env.example", ROOT / "docker-compose.yml", *sorted((ROOT / "deploy").rglob("*.yaml"))]
+    # Used by compose itself, not by deepe: the image, the worker's queues flag, ports, grace, and
+    # the S3 override's bucket (DEEPE_STORAGE is s3:// and it).
+    compose_only = {"DEEPE_IMAGE", "DEEPE_WORKER_QUEUES", "DEEPE_STOP_GRACE", "DEEPE_API_PORT", "DEEPE_S3_BUCKET"}
+    files = [ROOT / "config/deepe.env.example", ROOT / "docker-compose.yml", ROOT / "docker-compose.s3.yml",
+             *sorted((ROOT / "deploy").rglob("*.yaml"))]
     named = {m for f in files for m in re.findall(r"\bDEEPE_[A-Z0-9_]+", f.read_text())}
     assert named, "no DEEPE_ settings found: the check would pass on nothing"
     assert named - known - compose_only == set()
 
 
-def k8s_documents() -> list[dict[str, Any]]:
-    return [doc for path in sorted((ROOT / "deploy/k8s").glob("*.yaml"))
+def k8s_documents(name: str = "*.yaml") -> list[dict[str, Any]]:
+    return [doc for path in sorted((ROOT / "deploy/k8s").glob(name))
             for doc in yaml.safe_load_all(path.read_text()) if doc]
 
 
-def worker_job(docs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The Kubernetes Job that KEDA makes of the ScaledJob's jobTargetRef."""
-    scaled = next(d for d in docs if d["kind"] == "ScaledJob")
+def scaled_jobs(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The workers' ScaledJobs: keda-scaledjob.yaml's (a shared folder) and keda-scaledjob-s3.yaml's."""
+    found = [d for d in docs if d["kind"] == "ScaledJob"]
+    assert found, "no ScaledJob found: the checks would pass on nothing"
+    return found
+
+
+def worker_job(scaled: dict[str, Any]) -> dict[str, Any]:
+    """The Kubernetes Job that KEDA makes of a ScaledJob's jobTargetRef."""
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "deepe-worker-x"},
             "spec": scaled["spec"]["jobTargetRef"]}
 
@@ -326,23 +402,30 @@ def test_the_kubernetes_manifests_validate_against_the_kubernetes_schemas() -> N
     docs = k8s_documents()
     core = [d for d in docs if not d["apiVersion"].startswith("keda.sh/")]
     assert {d["kind"] for d in core} >= {"StatefulSet", "Service", "ConfigMap", "Secret", "PersistentVolumeClaim"}
-    job = worker_job(docs)  # KEDA's CRDs are not in the schemas, but the Job it makes is
-    for doc in [*core, job]:
+    jobs = [worker_job(s) for s in scaled_jobs(docs)]  # KEDA's CRDs are not in the schemas, but the Job it makes is
+    assert len(jobs) == 2  # on a shared folder, and on S3
+    for doc in [*core, *jobs]:
         kubernetes_validate.validate(doc, "1.33.0", strict=True)
-    pod = job["spec"]["template"]["spec"]
-    assert pod["terminationGracePeriodSeconds"] >= 300 and pod["restartPolicy"] == "Never"
-    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    for job in jobs:
+        pod = job["spec"]["template"]["spec"]
+        assert pod["terminationGracePeriodSeconds"] >= 300 and pod["restartPolicy"] == "Never"
+        assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    job = jobs[0]
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate({**job, "spec": {**job["spec"], "parallelism": "many"}}, "1.33.0", strict=True)
 
 
 def test_keda_runs_one_job_per_pod_on_every_priority_list_and_never_scales_in_a_busy_worker() -> None:
+    docs = k8s_documents()
+    assert not [d for d in docs if d["kind"] in ("ScaledObject", "Deployment") and "worker" in d["metadata"]["name"]]
+    for scaled in scaled_jobs(docs):
+        check_scaled_job(scaled, docs)
+
+
+def check_scaled_job(scaled: dict[str, Any], docs: list[dict[str, Any]]) -> None:
     from deepe_tasks.core.broker import priority_lists
     from deepe_tasks.ui.cli.common import app as cli_app
 
-    docs = k8s_documents()
-    assert not [d for d in docs if d["kind"] in ("ScaledObject", "Deployment") and "worker" in d["metadata"]["name"]]
-    scaled = next(d for d in docs if d["kind"] == "ScaledJob")
     assert scaled["apiVersion"] == "keda.sh/v1alpha1"
     # Each pod is a worker that ends with its job (so KEDA never removes a busy one), or idles out
     command = scaled["spec"]["jobTargetRef"]["template"]["spec"]["containers"][0]["command"]
@@ -361,3 +444,60 @@ def test_keda_runs_one_job_per_pod_on_every_priority_list_and_never_scales_in_a_
     assert scaled["spec"]["jobTargetRef"]["backoffLimit"] >= 1
     auth = next(d for d in docs if d["kind"] == "TriggerAuthentication")
     assert {t["authenticationRef"]["name"] for t in scaled["spec"]["triggers"]} == {auth["metadata"]["name"]}
+
+
+def test_the_s3_scaledjob_has_no_shared_storage_and_aws_credentials_from_a_secret() -> None:
+    """keda-scaledjob-s3.yaml: keda-scaledjob.yaml with the store instead of the claim, and nothing else changed."""
+    import copy
+
+    from deepe_tasks.core.settings import Settings
+
+    docs = k8s_documents("keda-scaledjob-s3.yaml")
+    # No claim, and no Secret holding credentials in the file: it is made apart (or IRSA replaces it)
+    assert sorted(d["kind"] for d in docs) == ["ScaledJob", "TriggerAuthentication"]
+    (s3,) = scaled_jobs(docs)
+    folder_docs = k8s_documents("keda-scaledjob.yaml")
+    (folder,) = scaled_jobs(folder_docs)
+    pod = s3["spec"]["jobTargetRef"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert not [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert "/data" not in mounts
+    env = {e["name"]: e for e in container["env"]}
+    # The store: an s3:// URL, overriding the config map's folder (env wins over envFrom)
+    assert env["DEEPE_STORAGE"]["value"].startswith("s3://")
+    assert Settings(storage=env["DEEPE_STORAGE"]["value"]).storage_url == env["DEEPE_STORAGE"]["value"]
+    assert {"configMapRef": {"name": "deepe-config"}} in container["envFrom"]
+    # Credentials from a Secret, never literal values
+    credentials = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
+    assert not [name for name, e in env.items() if name in credentials and "value" in e]
+    from_secrets = {r["secretRef"]["name"] for r in container["envFrom"] if "secretRef" in r}
+    from_secrets |= {e["valueFrom"]["secretKeyRef"]["name"] for name, e in env.items()
+                     if name.startswith("AWS_") and "secretKeyRef" in e.get("valueFrom", {})}
+    assert from_secrets == {"deepe-s3"}
+    # DEEPE_CACHE_DIR on an emptyDir bounded above DEEPE_CACHE_GB, whose size the pod requests
+    cache = volumes[mounts[env["DEEPE_CACHE_DIR"]["value"]]]
+    limit = cache["emptyDir"]["sizeLimit"]
+    assert limit.endswith("Gi") and float(limit[:-2]) > float(env["DEEPE_CACHE_GB"]["value"])
+    assert container["resources"]["requests"]["ephemeral-storage"] == limit
+    assert volumes["shm"] == {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}}
+
+    def rest(scaled: dict[str, Any]) -> dict[str, Any]:
+        """The ScaledJob without its storage: the env, the mounts, the volumes and disk request."""
+        scaled = copy.deepcopy(scaled)
+        pod = scaled["spec"]["jobTargetRef"]["template"]["spec"]
+        for key in ("env", "envFrom", "volumeMounts"):
+            pod["containers"][0].pop(key)
+        pod["containers"][0]["resources"]["requests"].pop("ephemeral-storage", None)
+        pod.pop("volumes")
+        return scaled
+
+    # Everything else is the folder ScaledJob's, name included (apply one or the other): triggers,
+    # rollout, scaling, grace, command, resources, and its Redis settings
+    assert rest(s3) == rest(folder)
+    assert next(d for d in docs if d["kind"] == "TriggerAuthentication") \
+        == next(d for d in folder_docs if d["kind"] == "TriggerAuthentication")
+    folder_container = folder["spec"]["jobTargetRef"]["template"]["spec"]["containers"][0]
+    assert [e for e in container["env"] if e["name"] == "DEEPE_REDIS_URL"] \
+        == [e for e in folder_container["env"] if e["name"] == "DEEPE_REDIS_URL"]

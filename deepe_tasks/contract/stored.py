@@ -117,3 +117,20 @@ def merge_target(storage_url: str, job_id: str, adapter_url: str, *, check: bool
         raise InvalidParams(f"The merged model of job {job_id} would go to {target}, but the model of job "
                             f"{owner.get('job')} is there. Move it away, then merge again.")
     return target
+
+
+def folder_merge_target(job_id: str, adapter_dir: str, storage_root: Path, *, check: bool) -> Path:
+    """Where a merge of job ``job_id``'s adapter publishes on a folder; refused with the fix where it cannot."""
+    adapter = Path(adapter_dir)
+    if check and not (adapter / "adapter_config.json").exists():
+        if (adapter / "config.json").exists():
+            raise InvalidJobState(f"The model of job {job_id} at {adapter} is already a complete model (it has no "
+                                  "LoRA adapter): there is nothing to merge. Use that folder as it is.")
+        raise InvalidParams(f"The model of job {job_id} is not at {adapter} on this machine. Merge from a machine "
+                            "that mounts DEEPE_STORAGE, or set DEEPE_CHECK_PATHS=false to let the worker look.")
+    target = adapter.parent / f"{adapter.name}{MERGED_SUFFIX}"
+    problem = foreign_owner(target, storage_root, "(the merge)", job_id) if check else None
+    if problem is not None:
+        raise InvalidParams(f"The merged model of job {job_id} would go to {target}, but {problem}. Move that "
+                            "folder away, then merge again.")
+    return target

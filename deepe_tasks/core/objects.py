@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import logging
-import os
-import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -32,7 +29,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 BACKOFF = 0.5  # seconds before the second try; doubled each time, up to BACKOFF_MAX
 BACKOFF_MAX = 15.0
-COMPLETE = ".deepe-complete"  # in a cache entry, once everything in it was fetched
 
 
 class StorageError(DeepeError):
@@ -213,6 +209,9 @@ class ObjectStore:
             self.put_bytes(probe, b"deepe")
             step = "read an object of"
             self.read_bytes(probe)
+            step = "create an object only where none is (If-None-Match: *) in"
+            if self.create(probe, b"again"):
+                raise StorageError("the store wrote over an object that a conditional write must have left alone")
             step = "list"
             self.glob(".deepe-probe/*")
             step = "delete an object of"
@@ -232,6 +231,9 @@ def _why(e: BaseException) -> str:
         return "the bucket does not exist"
     if isinstance(e, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
         return f"access denied: {text}"
+    if isinstance(e, StorageError) and "conditional write" in text:
+        return (f"{text}: deepe publishes a model by a conditional create, which this server does not honour; "
+                "use AWS S3 or a server that supports If-None-Match on PUT")
     return f"{type(e).__name__}: {text}"
 
 
@@ -256,66 +258,3 @@ def check_once(url: str) -> None:
         return
     ObjectStore(url).check()
     _checked[url] = time.monotonic()
-
-
-class InputCache:
-    """A worker's copies of objects it read (base models, datasets), keyed by their ETags, so
-    that ten jobs on one base model fetch it once; least recently used evicted beyond ``max_bytes``."""
-
-    def __init__(self, root: Path, max_bytes: int) -> None:
-        self.root = root
-        self.max_bytes = max_bytes
-        self.hits = self.misses = 0
-
-    def fetch(self, store: ObjectStore, rel: str) -> Path:
-        """The local copy of the object or folder at ``rel`` (fetched now if the cache has no
-        copy of this version); for a single object, the file keeps its name."""
-        files = store.files(rel)
-        if not files:
-            raise FileNotFoundError(f"{store.url_of(rel)} does not exist (no object there, nor under it)")
-        digest = hashlib.sha256(store.url_of(rel).encode())
-        for name, info in sorted(files.items()):
-            digest.update(f"\0{name}\0{info.get('ETag') or info.get('etag') or ''}\0{info.get('size')}".encode())
-        entry = self.root / digest.hexdigest()[:32]
-        single = list(files) == [""]
-        name = rel.rstrip("/").rsplit("/", 1)[-1]
-        found = entry / name if single else entry
-        if (entry / COMPLETE).exists():
-            self.hits += 1
-            os.utime(entry / COMPLETE)  # its last use, for the eviction
-            return found
-        self.misses += 1
-        staging = self.root / f".{entry.name}.{uuid.uuid4().hex[:8]}"
-        try:
-            store.get(rel, staging / name if single else staging)
-            (staging / COMPLETE).write_text(store.url_of(rel) + "\n")
-            try:
-                os.rename(staging, entry)
-            except OSError:  # another job process of this host fetched it meanwhile
-                if not (entry / COMPLETE).exists():
-                    raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        self.evict(keep=entry)
-        return found
-
-    def evict(self, keep: Path | None = None) -> list[Path]:
-        """Remove the least recently used entries until the cache fits its bound."""
-        entries = []
-        for entry in self.root.iterdir() if self.root.is_dir() else []:
-            marker = entry / COMPLETE
-            if entry.name.startswith(".") or not marker.exists():
-                continue
-            size = sum(p.stat().st_size for p in entry.rglob("*") if p.is_file())
-            entries.append((marker.stat().st_mtime, size, entry))
-        total = sum(size for _, size, _ in entries)
-        removed = []
-        for _, size, entry in sorted(entries, key=lambda e: e[0]):
-            if total <= self.max_bytes:
-                break
-            if entry == keep:
-                continue
-            shutil.rmtree(entry, ignore_errors=True)
-            total -= size
-            removed.append(entry)
-        return removed

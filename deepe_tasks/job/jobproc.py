@@ -130,13 +130,10 @@ def run(line: str) -> int:
     os.chdir(folder)  # stray relative writes of a method land in its job folder
     _redirect_output(folder)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:  # on an object store: its inputs and newest checkpoint fetched, local paths from here on
-        spec = remote.start(spec)
-    except Exception as e:
-        logging.exception("the job's inputs could not be fetched")
-        write_result(attempt, RunResult(status=JobStatus.FAILED, phase=Phase.PREPARING, error=(
-            f"Failed while {Phase.PREPARING}: {e}")))
+    local = _localized(spec, attempt)
+    if local is None:
         return 0
+    spec = local
     # A multi-device job: the other ranks are forked now, while this process has no thread of its own.
     others = ranks.Ranks.start(spec, attempt, run_rank) if spec.world_size > 1 else None
     if moved is not None:
@@ -170,6 +167,18 @@ def run(line: str) -> int:
         others.stop(2.0 if failed else ranks.EXIT_GRACE)
     _finish(spec, attempt, result, publisher, cut_off=flags.signalled is StopReason.CUT_OFF or fence.refused)
     return 0
+
+
+def _localized(spec: JobSpec, attempt: Path) -> JobSpec | None:
+    """On an object store: the spec with local paths, its inputs and newest checkpoint fetched;
+    None if that failed (the attempt's result says why). On a folder: the spec as it is."""
+    try:
+        return remote.start(spec)
+    except Exception as e:
+        logging.exception("the job's inputs could not be fetched")
+        write_result(attempt, RunResult(status=JobStatus.FAILED, phase=Phase.PREPARING,
+                                        error=f"Failed while {Phase.PREPARING}: {e}"))
+        return None
 
 
 JobRunner = runner.Runner | merge.MergeRunner

@@ -7,7 +7,6 @@ import hashlib
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import redis
@@ -29,7 +28,6 @@ from deepe_tasks.core.records import (
     mask_secrets,
 )
 from deepe_tasks.core.settings import get_settings
-from deepe_tasks.core.storage import MERGED_SUFFIX, foreign_owner
 
 
 def submit(
@@ -150,7 +148,8 @@ def merge(job_id: str, *, queue: str | None = None) -> Job:
     if settings.storage_url is not None:
         target_text = stored.merge_target(settings.storage_url, record.id, record.output_dir, check=settings.check_paths)
     else:
-        target_text = str(_merge_target(record, settings.check_paths))
+        target_text = str(stored.folder_merge_target(record.id, record.output_dir, settings.storage_root,
+                                                     check=settings.check_paths))
     queue = validate.queue_name(queue or record.queue)
     new_id = uuid.uuid4().hex
     merged = JobRecord(
@@ -161,23 +160,6 @@ def merge(job_id: str, *, queue: str | None = None) -> Job:
     )
     _create_and_send(get_redis(), merged, "", f"merge of job {record.id} queued on {queue}")
     return Job(new_id)
-
-
-def _merge_target(record: JobRecord, check_paths: bool) -> Path:
-    """Where a merge of the job's adapter publishes, on a folder; refused with the fix where it cannot."""
-    adapter = Path(record.output_dir)
-    if check_paths and not (adapter / "adapter_config.json").exists():
-        if (adapter / "config.json").exists():
-            raise InvalidJobState(f"The model of job {record.id} at {adapter} is already a complete model (it has no "
-                                  "LoRA adapter): there is nothing to merge. Use that folder as it is.")
-        raise InvalidParams(f"The model of job {record.id} is not at {adapter} on this machine. Merge from a machine "
-                            "that mounts DEEPE_STORAGE, or set DEEPE_CHECK_PATHS=false to let the worker look.")
-    target = adapter.parent / f"{adapter.name}{MERGED_SUFFIX}"
-    problem = foreign_owner(target, get_settings().storage_root, "(the merge)", record.id) if check_paths else None
-    if problem is not None:
-        raise InvalidParams(f"The merged model of job {record.id} would go to {target}, but {problem}. Move that "
-                            "folder away, then merge again.")
-    return target
 
 
 MIN_PREFIX = 4

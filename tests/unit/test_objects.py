@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from deepe_tasks.core.objects import COMPLETE, InputCache, ObjectStore, StorageError, retrying
+from deepe_tasks.core.cache import COMPLETE, InputCache
+from deepe_tasks.core.objects import ObjectStore, StorageError, retrying
 from deepe_tasks.core.settings import Settings, is_remote
 
 
@@ -82,3 +83,31 @@ def test_the_cache_evicts_the_least_recently_used_entries_beyond_its_bound(tmp_p
     assert removed == [old] and mid.exists() and new.exists() and partial.exists()
     # the entry just fetched stays even where it alone is over the bound
     assert InputCache(tmp_path, max_bytes=100).evict(keep=new) == [mid] and new.exists()
+
+
+class _ForgetfulFs:
+    """A store that ignores If-None-Match (some S3-compatible servers): every write lands."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+
+    def pipe_file(self, key: str, data: bytes, mode: str = "overwrite") -> None:
+        self.objects[key] = data
+
+    def cat_file(self, key: str) -> bytes:
+        return self.objects[key]
+
+    def glob(self, pattern: str) -> list[str]:
+        return list(self.objects)
+
+    def rm(self, key: str, recursive: bool = False) -> None:
+        self.objects.pop(key, None)
+
+
+def test_a_store_that_ignores_conditional_writes_is_refused_with_the_reason() -> None:
+    # (tests/test_s3.py runs the same check against moto, which honours them)
+    store = ObjectStore.__new__(ObjectStore)
+    store.url, store.protocol, store.root, store.bucket = "s3://b/p", "s3", "b/p", "b"
+    store.fs = _ForgetfulFs()
+    with pytest.raises(StorageError, match="bucket 'b' .*does not honour.*If-None-Match"):
+        store.check()
