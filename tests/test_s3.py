@@ -250,3 +250,34 @@ def test_an_upload_cut_during_the_publish_is_retried_and_one_that_never_gets_thr
             assert "failed after" in error and "DEEPE_STORAGE_RETRY_SECONDS" in error, error
             assert f"models/{job.id}/a1-" in error, error
             assert manifest is None
+
+
+@pytest.mark.e2e
+def test_a_preempted_job_resumes_on_another_disk_from_its_last_checkpoint_and_cancel_save_publishes_there(
+        workers: list[Worker], tmp_path: Path, store: Path, moto: MotoServer, bucket_url: str,
+        on_store: ObjectStore) -> None:
+    slow = write_method(store, "s3_preempt", SLOW_METHOD)
+    # Given a job training on a worker whose checkpoints come only when it stops (60 minutes apart)
+    first = worker_on_store(workers, "s3-pre", tmp_path / "disk-a", moto, bucket_url, DEEPE_CHECKPOINT_MINUTES="60")
+    job = submit(slow, params(bucket_url, MAX_STEPS=40, step_sleep=0.3), queue="s3-pre")
+    wait_for(lambda: (p := job.progress()) is not None and (p.step or 0) >= 3, timeout=180)
+    # When that worker is told to stop (SIGTERM: a spot notice, a scale-in)
+    first.process.signal(signal.SIGTERM)
+    assert first.process.proc is not None and first.process.proc.wait(timeout=120) == 0
+    # Then the checkpoint it took on the way out is on the store before the job is queued again
+    assert job.status() is JobStatus.QUEUED, job.info()
+    stopped_at = [int(p.rsplit("-", 1)[1]) for p in on_store.glob(f"jobs/{job.id}/attempts/1/checkpoints/checkpoint-*")]
+    assert stopped_at and stopped_at[0] >= 3
+    # and a worker on another disk resumes from it
+    worker_on_store(workers, "s3-pre", tmp_path / "disk-b", moto, bucket_url, DEEPE_CHECKPOINT_MINUTES="60")
+    wait_for(lambda: any(e.kind is EventKind.RESUMED for e in job.events()) or job.status().is_final, timeout=180)
+    resumed = [e for e in job.events() if e.kind is EventKind.RESUMED]
+    assert resumed and resumed[0].step == stopped_at[0], [e.kind.value for e in job.events()]
+    # And a cancel with save publishes the partial model on the store, marked so
+    wait_for(lambda: (p := job.progress()) is not None and p.attempt == 2 and (p.step or 0) > stopped_at[0] + 1,
+             timeout=120)
+    job.cancel(save=True)
+    assert job.wait(timeout=120) is JobStatus.CANCELLED, job.info()
+    manifest, files = published(on_store, job.info()["output_dir"])
+    assert manifest["partial"] is True and stopped_at[0] < manifest["steps"] < 40
+    assert "adapter_model.safetensors" in files
