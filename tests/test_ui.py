@@ -160,3 +160,28 @@ def test_the_page_needs_no_token_to_load_but_the_api_refuses_without_one(api_url
     assert httpx.get(f"{api_url}/jobs", timeout=10).status_code == 401
     assert httpx.get(f"{api_url}/queues", timeout=10).status_code == 401
     assert httpx.get(f"{api_url}/queues", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10).status_code == 200
+
+
+def test_the_job_page_draws_the_eval_loss_on_the_loss_chart(
+        api_url: str, browser: Any, worker: Worker, sft_params: dict[str, Any]) -> None:
+    from deepe_tasks import submit
+
+    # Given a job that is evaluated on a held-out quarter of its data every 2 steps
+    job = submit("sft-demo", {**sft_params, "MAX_STEPS": 6, "EVAL_SPLIT": 0.25, "EVAL_STEPS": 2,
+                              "PromptInputColumn": "instruction", "PromptOutputColumn": "output"})
+    assert job.wait(timeout=180) is JobStatus.SUCCEEDED, job.info()
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(f"{api_url}/ui/")
+    page.fill("#login-token", TOKEN)
+    page.click("#login-submit")
+    page.wait_for_selector("#jobs-table")
+    # When its page is opened
+    page.goto(f"{api_url}/ui/#/jobs/{job.id}")
+    # Then the loss chart holds the eval loss beside the training loss, and the summary the last one
+    chart = page.locator('[data-metric="loss"]')
+    wait_for(lambda: chart.count() == 1 and chart.get_attribute("data-points2") == "3", timeout=30)
+    assert int(chart.get_attribute("data-points") or 0) == 6
+    last = [e for e in job.events() if e.kind is EventKind.EVAL][-1]
+    shown = page.locator("#job-eval").inner_text()
+    assert shown.endswith("(step 6)") and float(shown.split()[0]) == pytest.approx(last.metrics["eval_loss"], rel=1e-3)
+    page.close()

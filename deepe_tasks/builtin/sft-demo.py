@@ -3,7 +3,7 @@
 Parameters: MODEL_PATH, DATASET_PATH, PromptInputColumn (default "instruction"),
 PromptOutputColumn (default "output"), MAX_SEQ_LENGTH, LORA_RANK, LOAD_IN_4BIT, MAX_SAMPLES,
 BATCH_SIZE, GRAD_ACCUM_STEPS, LEARNING_RATE, WARMUP_STEPS, MAX_STEPS, NUM_EPOCHS,
-MAX_GRAD_NORM. The platform injects them, with `params` and `callback`, trains and saves.
+MAX_GRAD_NORM; EVAL_DATASET_PATH or EVAL_SPLIT (and EVAL_STEPS) for validation during training. The platform injects them, with `params` and `callback`, trains and saves.
 """
 
 from pathlib import Path
@@ -38,36 +38,51 @@ if LOAD_IN_4BIT:
 
 # ---- data ---------------------------------------------------------------------------------
 FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-path = Path(DATASET_PATH)
-if not path.exists():
-    raise FileNotFoundError(f"DATASET_PATH {path} does not exist")
-if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
-    dataset = load_from_disk(str(path))            # a folder written by save_to_disk
-    if hasattr(dataset, "keys"):
-        dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
-else:
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in FORMATS)
-    kinds = {FORMATS.get(p.suffix) for p in files}
-    if not files or None in kinds or len(kinds) != 1:
-        raise ValueError(f"DATASET_PATH {path} must be one JSON, JSONL, CSV or Parquet file, "
-                         "or a folder of files of one of those kinds")
-    if all(p.stat().st_size == 0 for p in files):
-        raise ValueError(f"the dataset at {path} has no rows")
-    kind = kinds.pop()
-    try:
-        dataset = load_dataset(kind, data_files=[str(p) for p in files], split="train")
-    except Exception as e:
-        raise ValueError(f"DATASET_PATH {path} could not be read as {kind}: {e}") from e
 
-for column in (input_column, output_column):
-    if column not in dataset.column_names:
-        raise ValueError(f"the dataset has no column {column!r}; its columns are "
-                         f"{dataset.column_names}. Set PromptInputColumn/PromptOutputColumn to match.")
+
+def load_rows(name, value):
+    """The rows of the dataset file or folder ``value`` (the parameter ``name``)."""
+    path = Path(value)
+    if not path.exists():
+        raise FileNotFoundError(f"{name} {path} does not exist")
+    if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+        rows = load_from_disk(str(path))            # a folder written by save_to_disk
+        if hasattr(rows, "keys"):
+            rows = rows["train"] if "train" in rows else next(iter(rows.values()))
+    else:
+        files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in FORMATS)
+        kinds = {FORMATS.get(p.suffix) for p in files}
+        if not files or None in kinds or len(kinds) != 1:
+            raise ValueError(f"{name} {path} must be one JSON, JSONL, CSV or Parquet file, "
+                             "or a folder of files of one of those kinds")
+        if all(p.stat().st_size == 0 for p in files):
+            raise ValueError(f"the dataset at {path} ({name}) has no rows")
+        kind = kinds.pop()
+        try:
+            rows = load_dataset(kind, data_files=[str(p) for p in files], split="train")
+        except Exception as e:
+            raise ValueError(f"{name} {path} could not be read as {kind}: {e}") from e
+    for column in (input_column, output_column):
+        if column not in rows.column_names:
+            raise ValueError(f"the dataset at {path} ({name}) has no column {column!r}; its columns are "
+                             f"{rows.column_names}. Set PromptInputColumn/PromptOutputColumn to match.")
+    if len(rows) == 0:
+        raise ValueError(f"the dataset at {path} ({name}) has no rows")
+    return rows
+
+
+dataset = load_rows("DATASET_PATH", DATASET_PATH)
 if MAX_SAMPLES > 0:
     dataset = dataset.select(range(min(MAX_SAMPLES, len(dataset))))
-if len(dataset) == 0:
-    raise ValueError(f"the dataset at {path} has no rows")
-
+# Validation during training (the platform evaluates every EVAL_STEPS steps): a held-out file,
+# or a seeded fraction of the training data.
+eval_dataset = load_rows("EVAL_DATASET_PATH", EVAL_DATASET_PATH) if EVAL_DATASET_PATH else None
+if eval_dataset is None and EVAL_SPLIT:
+    if round(len(dataset) * EVAL_SPLIT) < 1 or round(len(dataset) * (1 - EVAL_SPLIT)) < 1:
+        raise ValueError(f"EVAL_SPLIT={EVAL_SPLIT} of {len(dataset)} rows leaves no row to train on or to evaluate; "
+                         "give a fraction that keeps at least one row on each side.")
+    split = dataset.train_test_split(test_size=EVAL_SPLIT, seed=42)
+    dataset, eval_dataset = split["train"], split["test"]
 has_input = "input" in dataset.column_names and input_column != "input"
 use_chat = tokenizer.chat_template is not None
 
@@ -84,6 +99,8 @@ def to_prompt_completion(row):
 
 
 dataset = dataset.map(to_prompt_completion, remove_columns=dataset.column_names)
+if eval_dataset is not None:
+    eval_dataset = eval_dataset.map(to_prompt_completion, remove_columns=eval_dataset.column_names)
 
 # ---- trainer ------------------------------------------------------------------------------
 config = SFTConfig(
@@ -108,6 +125,7 @@ trainer = SFTTrainer(
     model=model,
     args=config,
     train_dataset=dataset,
+    eval_dataset=eval_dataset,
     processing_class=tokenizer,
     peft_config=peft_config,
     callbacks=[callback],

@@ -79,7 +79,7 @@ def admit(method: Method, raw: dict[str, Any], storage_root: Path, job_id: str, 
 
 def input_names(declared: dict[str, Declared]) -> list[str]:
     """The parameters that name a file the job reads: the platform's two and declared Paths."""
-    return ["MODEL_PATH", "DATASET_PATH", *(name for name, d in declared.items() if d.type == PATH)]
+    return ["MODEL_PATH", "DATASET_PATH", "EVAL_DATASET_PATH", *(name for name, d in declared.items() if d.type == PATH)]
 
 
 def resolve_declared_paths(values: dict[str, Any], declared: dict[str, Declared], storage_root: Path) -> dict[str, Any]:
@@ -112,11 +112,11 @@ def input_problems(given: TrainParams, resolved: TrainParams) -> list[tuple[str,
     elif not any((model / name).is_file() for name in ("config.json", "adapter_config.json")):
         problems.append(("MODEL_PATH", Phase.BUILDING_MODEL, f"MODEL_PATH={given.MODEL_PATH!r} resolves to {model}, "
                          "which has no config.json; give the folder that save_pretrained wrote."))
-    data = Path(resolved.DATASET_PATH)
-    if not data.exists():
-        problems.append(("DATASET_PATH", Phase.LOADING_DATASET, f"DATASET_PATH={given.DATASET_PATH!r} resolves to "
-                         f"{data}, which does not exist; give a dataset file or folder (JSON, JSONL, CSV, Parquet or "
-                         "save_to_disk)."))
+    for name in ("DATASET_PATH", "EVAL_DATASET_PATH"):
+        value = resolved.get(name)
+        if value is not None and not Path(value).exists():
+            problems.append((name, Phase.LOADING_DATASET, f"{name}={given.get(name)!r} resolves to {value}, which "
+                             "does not exist; give a dataset file or folder (JSON, JSONL, CSV, Parquet or save_to_disk)."))
     return problems
 
 

@@ -67,6 +67,13 @@ class TrainParams(BaseModel):
     GRAD_ACCUM_STEPS: int = _field(1, "an integer from 1 to 65536", ge=1, le=65_536)
     LEARNING_RATE: float = _field(2e-4, "a number > 0 and <= 1", gt=0, le=1, allow_inf_nan=False)
     WARMUP_STEPS: int = _field(0, "an integer from 0 to 10**9", ge=0, le=MAX_COUNT)
+    # Validation during training: a held-out file (the training data's columns) or a seeded
+    # fraction of the training data; evaluated every EVAL_STEPS steps (unset: 10 times a run).
+    EVAL_DATASET_PATH: str | None = _field(None, "a dataset file or folder with the training data's columns",
+                                           max_length=MAX_PATH)
+    EVAL_SPLIT: float | None = _field(None, "a fraction of the training data above 0 and below 1", gt=0, lt=1,
+                                      allow_inf_nan=False)
+    EVAL_STEPS: int | None = _field(None, "an integer from 1 to 10**9", ge=1, le=MAX_COUNT)
     # None means "the method's own default" (instruction/output for SFT, question/answer for GRPO).
     PromptInputColumn: str | None = _field(None, "a column name, or empty for the method's default",
                                            max_length=MAX_COLUMN)
@@ -80,7 +87,7 @@ class TrainParams(BaseModel):
             raise ValueError("0 steps would train nothing")
         return value
 
-    @field_validator("PromptInputColumn", "PromptOutputColumn", "OUTPUT_DIR", mode="before")
+    @field_validator("PromptInputColumn", "PromptOutputColumn", "OUTPUT_DIR", "EVAL_DATASET_PATH", mode="before")
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
@@ -195,13 +202,15 @@ def _under(root: Path, value: str) -> Path:
 
 def resolve_params(params: TrainParams, storage_root: Path, job_id: str) -> TrainParams:
     """Resolve paths against the storage root; OUTPUT_DIR must stay inside it."""
-    for name in ("MODEL_PATH", "DATASET_PATH", "OUTPUT_DIR"):
+    for name in ("MODEL_PATH", "DATASET_PATH", "EVAL_DATASET_PATH", "OUTPUT_DIR"):
         value = getattr(params, name)
         if value is not None:
             path_text(value, name)  # before the file system sees it: ENAMETOOLONG is no answer
     out = params.model_copy()
     out.MODEL_PATH = str(_under(storage_root, params.MODEL_PATH))
     out.DATASET_PATH = str(_under(storage_root, params.DATASET_PATH))
+    if params.EVAL_DATASET_PATH is not None:
+        out.EVAL_DATASET_PATH = str(_under(storage_root, params.EVAL_DATASET_PATH))
     output = _under(storage_root, params.OUTPUT_DIR or f"models/{job_id}")
     if output == storage_root or not output.is_relative_to(storage_root):
         raise InvalidParams(

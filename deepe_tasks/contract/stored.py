@@ -62,10 +62,11 @@ def inputs_on_store(given: dict[str, Any], urls: dict[str, Any], storage_url: st
         if not any(store.exists(f"{folder}/{name}") for name in ("config.json", "adapter_config.json")):
             problems.append(f"MODEL_PATH={given.get('MODEL_PATH')!r} resolves to {model}, where the store holds no "
                             "config.json; upload the folder that save_pretrained wrote there.")
-    data = urls.get("DATASET_PATH")
-    if isinstance(data, str) and not store.files(store.rel_of(data) or ""):
-        problems.append(f"DATASET_PATH={given.get('DATASET_PATH')!r} resolves to {data}, where the store holds no "
-                        "object; upload the dataset file (JSON, JSONL, CSV, Parquet) or folder there.")
+    for name in ("DATASET_PATH", "EVAL_DATASET_PATH"):
+        data = urls.get(name)
+        if isinstance(data, str) and not store.files(store.rel_of(data) or ""):
+            problems.append(f"{name}={given.get(name)!r} resolves to {data}, where the store holds no object; "
+                            "upload the dataset file (JSON, JSONL, CSV, Parquet) or folder there.")
     if problems:
         raise InvalidParams(" ".join(problems) + " If this machine cannot read the store, set DEEPE_CHECK_PATHS=false.")
 

@@ -55,6 +55,7 @@ class EventKind(str, Enum):
     SAVING = "saving"
     # progress
     LOG = "log"
+    EVAL = "eval"  # an evaluation on the held-out data: eval_loss, perplexity, ... at its step
     CHECKPOINT = "checkpoint"
     # outcomes
     SUCCEEDED = "succeeded"

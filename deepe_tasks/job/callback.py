@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +45,7 @@ class DeepeCallback(TrainerCallback):
         self._t0: float | None = None
         self._step0 = 0
         self._last_checkpoint = time.monotonic()
+        self.last_eval: dict[str, Any] = {}  # the newest evaluation's metrics, with its step
         # Told of each complete checkpoint (its marker written): an object store uploads it.
         self.on_checkpoint: Callable[[Path], None] | None = None
 
@@ -70,6 +72,13 @@ class DeepeCallback(TrainerCallback):
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         metrics = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float, str, bool))}
+        if "eval_loss" in metrics:  # the trainer's evaluation on the held-out data
+            loss = metrics["eval_loss"]
+            if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+                metrics["perplexity"] = math.exp(min(float(loss), 700.0))
+            self.last_eval = {"step": state.global_step, **metrics}
+            self._event(EventKind.EVAL, state, metrics=metrics)
+            return
         self.last_metrics.update(metrics)
         self._event(EventKind.LOG, state, metrics=metrics)
 

@@ -23,7 +23,7 @@ from deepe_tasks.core.errors import AttemptFenced, InvalidParams, MethodContract
 from deepe_tasks.core.fences import AlreadyPublished, published_by_another
 from deepe_tasks.core.records import JobSpec, JobStatus, Phase, RunResult, StopReason, mask_secrets
 from deepe_tasks.core.storage import MANIFEST, attempt_dir, latest_checkpoint
-from deepe_tasks.job import method, phases, remote
+from deepe_tasks.job import evaluation, method, phases, remote
 from deepe_tasks.job.callback import DeepeCallback, Emit, StopCheck, TrainingComplete
 from deepe_tasks.job.phases import PhaseFailure, describe
 from deepe_tasks.job.publish import publish_model
@@ -188,6 +188,10 @@ class Runner:
         self.namespace = method.execute(self.spec, self.params, self.callback, self.tracker, self.emit)
         trainer, self.collective_save = method.check_contract(self.namespace, self.spec, self.callback,
                                                                self.checkpoint_dir)
+        warning = evaluation.schedule(trainer, self.params)
+        if warning is not None:
+            log.warning("%s", warning)
+            self.emit(records.Event(kind=records.EventKind.LOG, job=self.spec.job_id, message=f"warning: {warning}"))
         return trainer
 
     def _failed(self, phase: Phase, message: str) -> RunResult:
@@ -257,6 +261,7 @@ class Runner:
             "submitted_at": self.spec.submitted_at,
             "params": mask_secrets(self.params.as_dict()),
             "metrics": metrics,
+            "eval": self.callback.last_eval or None,  # the last evaluation on the held-out data, with its step
             "steps": trainer.state.global_step,
             "max_steps": trainer.state.max_steps,
             "partial": partial,

@@ -42,6 +42,11 @@ def format_event(event: Event) -> str:
         step = f"step {event.step}/{event.max_steps}" if event.max_steps else f"step {event.step}"
         eta = f" eta {fmt_seconds(event.eta_s)}" if event.eta_s is not None else ""
         return f"{stamp} {step}{eta} " + " ".join(shown + rest)
+    if event.kind is EventKind.EVAL:
+        shown = [f"{k}={fmt_metric(v)}" for k, v in event.metrics.items()
+                 if k in ("eval_loss", "perplexity") or k.startswith("eval_") and "runtime" not in k
+                 and "per_second" not in k]
+        return f"{stamp} eval at step {event.step} " + " ".join(shown)
     text = f"{stamp} {event.kind.value}"
     if event.message and event.message != event.kind.value:
         text += f": {event.message}"

@@ -22,6 +22,7 @@ class FlowerProgress:
         self.task = task
         self.job_id = job_id
         self.last_step: int | None = None
+        self.eval_loss: Any = None  # the newest evaluation's, shown beside the training loss
         self.seen = "0"  # the newest stream entry read: each report reads only what came after it
         # Celery keeps the task's request per thread, and reports come from the supervisor's
         # progress thread: take what they need from the request here.
@@ -33,12 +34,16 @@ class FlowerProgress:
         if not recent:
             return
         self.seen = recent[0][0]
-        event = next((e for _, e in decode(recent) if e is not None and e.kind is EventKind.LOG), None)
+        events = [e for _, e in decode(recent) if e is not None]
+        evaluated = next((e for e in events if e.kind is EventKind.EVAL), None)
+        if evaluated is not None:
+            self.eval_loss = evaluated.metrics.get("eval_loss")
+        event = next((e for e in events if e.kind is EventKind.LOG), None)
         if event is None or event.step is None or event.step == self.last_step:
             return
         self.last_step = event.step
         meta = {"job": self.job_id, "step": event.step, "max_steps": event.max_steps,
-                "loss": event.metrics.get("loss"), "eta_s": event.eta_s}
+                "loss": event.metrics.get("loss"), "eval_loss": self.eval_loss, "eta_s": event.eta_s}
         self.task.update_state(task_id=self.task_id, state="PROGRESS", meta=meta)
         # Flower keeps the standard task fields only; `result` is one, so the figures show in
         # its task list and its API while the job trains.

@@ -198,25 +198,35 @@ function followEvents(jobId, onEvent, onEnd) {
   return () => controller.abort();
 }
 
-function makeChart(container, title, key) {
+function makeChart(container, title, key, extra = []) {
+  // `extra`: further series on the same steps, [label, colour] each (the loss chart's eval loss).
   const box = el("div", { class: "chart", "data-metric": key, "data-points": "0" }, el("h3", {}, title));
   container.append(box);
-  const data = [[], []];
+  const data = [[], [], ...extra.map(() => [])];
   const plot = new uPlot({
     width: 500, height: 220,
     scales: { x: { time: false } },
     axes: [{ label: "step" }, { size: 70, values: (u, splits) => splits.map((v) => (v === null ? "" : +v.toPrecision(3))) }],
-    series: [{ label: "step" }, { label: title, stroke: "#2f6fed", width: 1.5, points: { show: false } }],
+    series: [{ label: "step" }, { label: title, stroke: "#2f6fed", width: 1.5, points: { show: false } },
+             ...extra.map(([label, colour]) => ({ label, stroke: colour, width: 1.5, spanGaps: true,
+                                                  points: { show: true, size: 5 } }))],
   }, data, box);
+  const count = (which) => String(data[which].filter((v) => v !== null && v !== undefined).length);
   return {
-    add(step, value) {
+    add(step, value, which = 1) {
       // Steps may repeat after a resume (the steps since the last checkpoint run again): keep the latest.
-      const at = data[0].indexOf(step);
-      if (at >= 0) data[1][at] = value;
-      else { data[0].push(step); data[1].push(value); }
+      let at = data[0].indexOf(step);
+      if (at < 0) {  // a new step, in order: the other series have no value there
+        at = data[0].findIndex((s) => s > step);
+        if (at < 0) at = data[0].length;
+        data[0].splice(at, 0, step);
+        for (let i = 1; i < data.length; i++) data[i].splice(at, 0, null);
+      }
+      data[which][at] = value;
       plot.setData(data);
-      box.dataset.points = String(data[0].length);
-      box.dataset.last = String(step);
+      box.dataset.points = count(1);
+      if (which === 1) box.dataset.last = String(step);
+      else box.dataset[`points${which}`] = count(which);
     },
   };
 }
@@ -234,7 +244,9 @@ function jobPage(jobId) {
                        el("h2", {}, "Metrics"), charts, el("h2", {}, "Parameters"),
                        el("table", { id: "params" }, el("thead", {}, el("tr", {}, el("th", {}, "name"), el("th", {}, "value"))), params));
   const series = new Map();
-  let phase = "-", latest = null, record = null;
+  let phase = "-", latest = null, latestEval = null, record = null;
+  // The loss chart carries the eval loss as a second series; the others one each.
+  const chartFor = (key, title) => makeChart(charts, title, key, key === "loss" ? [["eval loss", "#e8590c"]] : []);
 
   function cell(label, value, id) { return el("div", {}, el("b", {}, label), el("span", { id }, value)); }
   function render() {
@@ -245,6 +257,8 @@ function jobPage(jobId) {
       cell("phase", phase, "job-phase"),
       cell("progress", p ? progressBar(p.step, p.max_steps) : "-", "job-progress"),
       cell("ETA", record.status === "running" ? duration(p?.eta_s) : "-", "job-eta"),
+      cell("eval loss", latestEval ? `${(+latestEval.metrics.eval_loss).toPrecision(4)} (step ${latestEval.step})` : "-",
+           "job-eval"),
       cell("devices", String(record.gpus || 1)), cell("attempts", String(record.attempts)),
       cell("worker", record.worker || "-"),
       cell("output", record.status === "succeeded" ? record.output_dir : "-"));
@@ -275,9 +289,15 @@ function jobPage(jobId) {
       for (const [key, title] of CHARTS) {
         const value = event.metrics[key];
         if (typeof value !== "number" || event.step === null) continue;
-        if (!series.has(key)) series.set(key, makeChart(charts, title, key));
+        if (!series.has(key)) series.set(key, chartFor(key, title));
         series.get(key).add(event.step, value);
       }
+    }
+    if (event.kind === "eval" && typeof event.metrics.eval_loss === "number" && event.step !== null) {
+      // The evaluation on the held-out data, on the loss chart beside the training loss
+      if (!series.has("loss")) series.set("loss", chartFor("loss", "Loss"));
+      series.get("loss").add(event.step, event.metrics.eval_loss, 2);
+      latestEval = event;
     }
     render();
   }
