@@ -80,3 +80,42 @@ def test_a_job_with_eval_split_records_its_last_evaluation_in_deepe_json(
     manifest = json.loads((Path(job.info()["output_dir"]) / "deepe.json").read_text())
     assert manifest["eval"]["step"] == 4
     assert manifest["eval"]["eval_loss"] == pytest.approx(evals[-1].metrics["eval_loss"])
+
+
+@pytest.mark.e2e
+def test_keep_best_publishes_the_checkpoint_with_the_lowest_eval_loss(tiny_model: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from deepe_tasks.ui.local import run_method_file
+
+    # Given held-out data that the training data makes worse to predict after a few steps (the
+    # same questions, answered in words the training data never uses)
+    rows = tiny.sft_rows(32)
+    data = tiny.write_jsonl(rows, tmp_path / "d.jsonl")
+    held_out = tiny.write_jsonl([{"instruction": r["instruction"], "output": "I do not know that at all."}
+                                 for r in rows[:8]], tmp_path / "held-out.jsonl")
+    events: list[Event] = []
+    result = run_method_file(SFT, params(tiny_model, data, MAX_STEPS=16, BATCH_SIZE=4, LEARNING_RATE=0.01,
+                                         EVAL_DATASET_PATH=str(held_out), EVAL_STEPS=2, KEEP_BEST=True),
+                             events.append)
+    assert result.status is JobStatus.SUCCEEDED, result.error
+    losses = {e.step or 0: e.metrics["eval_loss"] for e in events if e.kind is EventKind.EVAL}
+    best = min(losses, key=lambda s: losses[s])
+    assert best < 16, f"late steps did not get worse here: {losses}"
+    # Then the model published is that step's, and deepe.json says so
+    out = Path(str(result.output_dir))
+    manifest = json.loads((out / "deepe.json").read_text())
+    assert manifest["best"] == {"step": best, "eval_loss": pytest.approx(losses[best])}
+    assert manifest["steps"] == 16 and manifest["eval"]["step"] == 16
+    job_id = out.name  # OUTPUT_DIR defaults to models/<job id>
+    checkpoint = get_storage() / "jobs" / job_id / "attempts" / "1" / "checkpoints" / f"checkpoint-{best}"
+    published, kept = load_file(out / "adapter_model.safetensors"), load_file(checkpoint / "adapter_model.safetensors")
+    assert published.keys() == kept.keys() and all(bool((published[k] == kept[k]).all()) for k in kept)
+    assert any(e.kind is EventKind.LOG and f"publishing the checkpoint of step {best}" in (e.message or "")
+               for e in events)
+
+
+def get_storage() -> Path:
+    from deepe_tasks.core.settings import get_settings
+
+    return get_settings().storage_root

@@ -74,6 +74,8 @@ class TrainParams(BaseModel):
     EVAL_SPLIT: float | None = _field(None, "a fraction of the training data above 0 and below 1", gt=0, lt=1,
                                       allow_inf_nan=False)
     EVAL_STEPS: int | None = _field(None, "an integer from 1 to 10**9", ge=1, le=MAX_COUNT)
+    # Publish the checkpoint with the lowest eval_loss instead of the last step's.
+    KEEP_BEST: bool = _field(False, "true or false (also 1/0, yes/no)")
     # None means "the method's own default" (instruction/output for SFT, question/answer for GRPO).
     PromptInputColumn: str | None = _field(None, "a column name, or empty for the method's default",
                                            max_length=MAX_COLUMN)

@@ -46,6 +46,7 @@ class DeepeCallback(TrainerCallback):
         self._step0 = 0
         self._last_checkpoint = time.monotonic()
         self.last_eval: dict[str, Any] = {}  # the newest evaluation's metrics, with its step
+        self.keep_best = False  # KEEP_BEST: checkpoint each evaluation that is the best so far
         # Told of each complete checkpoint (its marker written): an object store uploads it.
         self.on_checkpoint: Callable[[Path], None] | None = None
 
@@ -77,6 +78,12 @@ class DeepeCallback(TrainerCallback):
             if isinstance(loss, (int, float)) and not isinstance(loss, bool):
                 metrics["perplexity"] = math.exp(min(float(loss), 700.0))
             self.last_eval = {"step": state.global_step, **metrics}
+            if self.keep_best and isinstance(loss, (int, float)) and (state.best_metric is None
+                                                                       or loss < state.best_metric):
+                # KEEP_BEST: a checkpoint at this step, which the trainer's rotation then keeps
+                state.best_metric = float(loss)
+                state.best_model_checkpoint = str(Path(args.output_dir or ".") / f"checkpoint-{state.global_step}")
+                control.should_save = True
             self._event(EventKind.EVAL, state, metrics=metrics)
             return
         self.last_metrics.update(metrics)

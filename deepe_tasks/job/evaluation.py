@@ -7,6 +7,7 @@ default. Each evaluation becomes an ``eval`` event with ``eval_loss`` and ``perp
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 from deepe_tasks.contract.params import TrainParams
@@ -47,3 +48,15 @@ def schedule(trainer: Any, params: TrainParams) -> str | None:
     elif params.EVAL_STEPS is not None and IntervalStrategy(args.eval_strategy) is IntervalStrategy.STEPS:
         args.eval_steps = params.EVAL_STEPS
     return None
+
+
+def load_best(trainer: Any) -> dict[str, Any] | None:
+    """KEEP_BEST, after training: load the checkpoint with the lowest eval_loss into the model if
+    it is not the last step's; what deepe.json says of it (None without an evaluation)."""
+    best = trainer.state.best_model_checkpoint
+    if best is None or trainer.state.best_metric is None:
+        return None
+    step = int(Path(best).name.rsplit("-", 1)[-1])
+    if step != trainer.state.global_step:
+        trainer._load_best_model()  # the trainer's own loader: full weights or a PEFT adapter
+    return {"step": step, "eval_loss": trainer.state.best_metric}

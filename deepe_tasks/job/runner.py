@@ -78,6 +78,7 @@ class Runner:
         self.collective_save = False  # every rank takes part in saving the model (FSDP)
         self.stopped = False  # the result is an agreed early stop (cancel, time limit, ...), not a failure
         self.timings: dict[str, float] = {}
+        self.best: dict[str, Any] | None = None  # KEEP_BEST: the checkpoint published instead of the last step
         self.checkpoint_dir = attempt_dir(Path(spec.storage_root), spec.job_id, spec.attempt) / "checkpoints"
         self.remote = remote.active()  # on an object store: checkpoints go up as they are made
         if self.remote is not None and rank == 0:
@@ -111,6 +112,11 @@ class Runner:
             return RunResult(status=JobStatus.SUCCEEDED, phase=Phase.TRAINING, step=step)
         partial = reason is StopReason.CANCEL_SAVE
         try:
+            self.best = evaluation.load_best(trainer) if self.params.KEEP_BEST else None
+            if self.best is not None and self.best["step"] != step:
+                self.emit(records.Event(kind=records.EventKind.LOG, job=self.spec.job_id, message=(
+                    f"KEEP_BEST: publishing the checkpoint of step {self.best['step']} (eval_loss "
+                    f"{self.best['eval_loss']:.4g}), the lowest, not step {step}'s")))
             t2 = time.monotonic()
             self.tracker.enter(Phase.SAVING, "saving the model and tokenizer")
             output = self._save(trainer, metrics, save_started=t2, partial=partial)
@@ -188,6 +194,7 @@ class Runner:
         self.namespace = method.execute(self.spec, self.params, self.callback, self.tracker, self.emit)
         trainer, self.collective_save = method.check_contract(self.namespace, self.spec, self.callback,
                                                                self.checkpoint_dir)
+        self.callback.keep_best = bool(self.params.KEEP_BEST)
         warning = evaluation.schedule(trainer, self.params)
         if warning is not None:
             log.warning("%s", warning)
@@ -262,6 +269,7 @@ class Runner:
             "params": mask_secrets(self.params.as_dict()),
             "metrics": metrics,
             "eval": self.callback.last_eval or None,  # the last evaluation on the held-out data, with its step
+            "best": self.best,  # KEEP_BEST: the step published and its eval_loss
             "steps": trainer.state.global_step,
             "max_steps": trainer.state.max_steps,
             "partial": partial,
