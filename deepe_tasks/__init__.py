@@ -18,10 +18,12 @@ from deepe_tasks.core.errors import (
 )
 from deepe_tasks.core.records import Event, EventKind, JobStatus
 from deepe_tasks.queue.client import Job, merge, submit
+from deepe_tasks.queue.evals import evaluate
 
 __all__ = [
     "submit",
     "merge",
+    "evaluate",
     "Job",
     "JobStatus",
     "Event",

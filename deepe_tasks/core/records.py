@@ -19,14 +19,17 @@ class Word(str, Enum):
 
 
 class JobKind(Word):
-    """What a job does: train runs its method; merge folds a finished job's adapter into its base."""
+    """What a job does: train runs its method; merge folds a finished job's adapter into its base;
+    eval scores a model on a dataset (`job/evaljob.py`)."""
 
     TRAIN = "train"
     MERGE = "merge"
+    EVAL = "eval"
 
 
 # The method name a merge job is recorded under: it has no file, its code is job/merge.py.
 MERGE_METHOD = "merge"
+EVAL_METHOD = "eval"
 
 
 class JobStatus(str, Enum):

@@ -25,7 +25,7 @@ from deepe_tasks.core.ipc import CUTOFF_SIGNAL, FENCED_EXIT, LOG_FILE, PREEMPT_S
 from deepe_tasks.core.records import JobKind, JobSpec, JobStatus, Phase, RunResult, StopReason
 from deepe_tasks.core.settings import get_settings
 from deepe_tasks.core.storage import attempt_dir, job_dir, own_job_dir
-from deepe_tasks.job import merge, ranks, remote, runner
+from deepe_tasks.job import evaljob, merge, ranks, remote, runner
 from deepe_tasks.job.stops import PublishFence, StopFlags
 
 
@@ -181,11 +181,13 @@ def _localized(spec: JobSpec, attempt: Path) -> JobSpec | None:
         return None
 
 
-JobRunner = runner.Runner | merge.MergeRunner
+JobRunner = runner.Runner | merge.MergeRunner | evaljob.EvalRunner
 
 
 def _runner(spec: JobSpec, publisher: EventPublisher, flags: StopFlags, fence: PublishFence) -> JobRunner:
     """The runner of the job's kind: both run(), stop at the flags and publish behind the fence."""
+    if spec.kind is JobKind.EVAL:
+        return evaljob.EvalRunner(spec, publisher.emit, lambda: flags.check(fresh=True), may_publish=fence)
     if spec.kind is JobKind.MERGE:
         # A merge has no step boundary to wait for: each of its checks reads the flag afresh.
         return merge.MergeRunner(spec, publisher.emit, lambda: flags.check(fresh=True), may_publish=fence)

@@ -13,7 +13,6 @@ from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, R
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field
 
 from deepe_tasks.contract.methods import Method, describe_method, list_methods, load_method
 from deepe_tasks.core import devices, validate
@@ -26,67 +25,22 @@ from deepe_tasks.core.records import Event, JobRecord, JobStatus
 from deepe_tasks.core.settings import get_settings
 from deepe_tasks.queue import client
 from deepe_tasks.ui import answers, health, limits, sse
+from deepe_tasks.ui.schemas import (
+    Error,
+    EvalRequest,
+    Health,
+    JobInfo,
+    JobList,
+    JobRef,
+    MethodInfo,
+    Queues,
+    QueueView,
+    SubmitRequest,
+    Submitted,
+    WorkerView,
+)
 
 log = logging.getLogger(__name__)
-
-
-class SubmitRequest(BaseModel):
-    method: str = Field(description="A method name in the method store, such as sft-demo.")
-    params: dict[str, Any] = Field(description="Parameters: MODEL_PATH, DATASET_PATH, ... and custom keys.")
-    queue: str | None = Field(None, description="The queue; DEEPE_QUEUE when absent.")
-    priority: int | None = Field(None, description="0 (highest) to 9.")
-    time_limit: float | None = Field(None, description="Seconds an attempt may train.")
-    check: bool = Field(True, description="Refuse a method that the static check rejects; false for code it misreads.")
-    gpus: int = Field(1, strict=True, description=(
-        "Devices the job trains on, one rank each (DDP); refused when no worker owns that many."))
-
-
-class JobRef(BaseModel):
-    id: str
-    status: JobStatus
-
-
-class Submitted(JobRef):
-    custom_params: list[str] = Field(default_factory=list, description=(
-        "The keys that are no parameter of the platform or the method, passed on as they are."))
-
-
-class JobInfo(JobRecord):
-    """The job record (secrets masked) and its latest progress."""
-
-    progress: Event | None = Field(None, description="The latest `log` event: step, max_steps, ETA, metrics.")
-
-
-class JobList(BaseModel):
-    jobs: list[JobInfo]
-    next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page.")
-
-
-class ParamInfo(BaseModel):
-    name: str
-    type: str
-    default: Any = None
-    help: str
-    declared_by: str = Field(description="`platform`, or `method` for one the method declares in METHOD_PARAMS.")
-
-
-class MethodInfo(BaseModel):
-    name: str
-    kind: str = Field(description="`built-in`, or `store` for one in DEEPE_METHOD_STORE.")
-    file_kind: str = Field(description="`deepe`, or `DeepExtension` for a DeepExtension custom method.")
-    description: str
-    sha256: str
-    params: list[ParamInfo]
-    source: str
-
-
-class Health(BaseModel):
-    redis: bool
-    workers: int
-
-
-class Error(BaseModel):
-    detail: str
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -198,6 +152,19 @@ def merge(job_id: str, queue: str | None = None) -> JobRef:
     return JobRef(id=job.id, status=job.status())
 
 
+@jobs_api.post("/jobs/{job_id}/eval", status_code=201, response_model=JobRef,
+               responses={404: ERRORS[404], 409: {"model": Error, "description": "The job has no published model."}})
+def evaluate(job_id: str, body: EvalRequest) -> JobRef:
+    """Queue an evaluation of a succeeded job's model on a dataset; returns the evaluation job."""
+    from deepe_tasks.queue.evals import evaluate as queue_eval
+
+    target = client.find_job(job_id)
+    target.record()  # an unknown job is a 404 here, not a model path
+    job = queue_eval(target.id, body.dataset, max_samples=body.max_samples, samples=body.samples,
+                     input_column=body.input_column, output_column=body.output_column, queue=body.queue)
+    return JobRef(id=job.id, status=job.status())
+
+
 @jobs_api.get("/methods", response_model=list[MethodInfo])
 def methods() -> list[MethodInfo]:
     return [_method_info(m) for m in list_methods(get_settings().method_root)]
@@ -206,27 +173,6 @@ def methods() -> list[MethodInfo]:
 @jobs_api.get("/methods/{name}", response_model=MethodInfo, responses={404: ERRORS[404]})
 def method(name: str) -> MethodInfo:
     return _method_info(load_method(get_settings().method_root, name))
-
-
-class QueueView(BaseModel):
-    name: str
-    gpus: int = Field(description="The devices each of its jobs trains on.")
-    length: int
-    waiting: list[dict[str, Any]] = Field(description="The jobs waiting, in the order they will start: id, priority.")
-    running: list[str]
-    workers: list[str] = Field(description="The workers consuming it (Celery's active_queues).")
-
-
-class WorkerView(BaseModel):
-    name: str
-    devices: int
-    seen: float = Field(description="When it last said it was up (epoch seconds).")
-    queues: list[str] = Field(description="The queues it takes jobs of (of every size up to its devices).")
-
-
-class Queues(BaseModel):
-    queues: list[QueueView]
-    workers: list[WorkerView]
 
 
 @jobs_api.get("/queues", response_model=Queues)

@@ -44,9 +44,11 @@ def format_event(event: Event) -> str:
         return f"{stamp} {step}{eta} " + " ".join(shown + rest)
     if event.kind is EventKind.EVAL:
         shown = [f"{k}={fmt_metric(v)}" for k, v in event.metrics.items()
-                 if k in ("eval_loss", "perplexity") or k.startswith("eval_") and "runtime" not in k
+                 if k in ("eval_loss", "loss", "perplexity") or k.startswith("eval_") and "runtime" not in k
                  and "per_second" not in k]
-        return f"{stamp} eval at step {event.step} " + " ".join(shown)
+        where = f"eval at step {event.step}" if event.step is not None else f"eval: {event.message or 'evaluated'}"
+        shown += [f"{k}={fmt_metric(v)}" for k, v in event.metrics.items() if k in ("exact_match", "rouge_l")]
+        return f"{stamp} {where} " + " ".join(shown)
     text = f"{stamp} {event.kind.value}"
     if event.message and event.message != event.kind.value:
         text += f": {event.message}"

@@ -9,10 +9,10 @@ import sys
 
 from deepe_tasks.core.errors import DeepeError
 from deepe_tasks.core.settings import get_settings, safe_url
-from deepe_tasks.ui.cli import jobs, methods, serve
+from deepe_tasks.ui.cli import evals, jobs, methods, serve
 from deepe_tasks.ui.cli.common import EXIT_FAILED, EXIT_USAGE, app, show_error
 
-__all__ = ["app", "main", "jobs", "methods", "serve"]
+__all__ = ["app", "main", "evals", "jobs", "methods", "serve"]
 
 
 def main() -> None:

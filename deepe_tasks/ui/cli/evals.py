@@ -1,0 +1,63 @@
+"""`deepe eval`: score a job's model, or a base model, on a dataset (a job of its own)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from deepe_tasks.ui.cli.common import EXIT_FAILED, JsonOpt, app, console, print_json
+
+
+@app.command("eval")
+def eval_(
+    target: Annotated[str, typer.Argument(help="A job id (its published model) or a model folder (a base model).")],
+    dataset: Annotated[str, typer.Option("--dataset", help="A dataset with the prompt and answer columns.")],
+    max_samples: Annotated[int | None, typer.Option(help="Evaluate at most this many rows.")] = None,
+    samples: Annotated[int, typer.Option(help="How many prompts to show with both answers.")] = 5,
+    input_column: Annotated[str | None, typer.Option(help="The prompt column; default instruction.")] = None,
+    output_column: Annotated[str | None, typer.Option(help="The answer column; default output.")] = None,
+    queue: Annotated[str | None, typer.Option(help="The queue; default the job's own, or DEEPE_QUEUE.")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the results and print them.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Evaluate a model: loss and perplexity of the answers, greedy answers scored by exact match
+    and ROUGE-L, and a few samples side by side; published as eval.json."""
+    from deepe_tasks.core.records import JobStatus
+    from deepe_tasks.queue.evals import evaluate, results
+
+    job = evaluate(target, dataset, max_samples=max_samples, samples=samples, input_column=input_column,
+                   output_column=output_column, queue=queue)
+    if not wait:
+        print_json({"id": job.id, "status": job.status().value}) if as_json else print(job.id)
+        return
+    status = job.wait()
+    found = results(job)
+    if as_json:
+        print_json(found)
+    else:
+        _show(found)
+    if status is not JobStatus.SUCCEEDED:
+        if not as_json:
+            console.print(f"the evaluation {job.id} {status.value}: {job.info().get('error') or ''}")
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _show(found: dict[str, object]) -> None:
+    table = Table(title=f"evaluation {found['job']} of {found.get('evaluated') or '?'}")
+    for name in ("metric", "value"):
+        table.add_column(name)
+    for key in ("loss", "perplexity", "exact_match", "rouge_l", "rows"):
+        value = found.get(key)
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    console.print(table)
+    shown = found.get("samples")
+    if isinstance(shown, list) and shown:
+        side = Table(title="samples")
+        for name in ("prompt", "expected", "generated"):
+            side.add_column(name, overflow="fold")
+        for s in shown:
+            side.add_row(str(s.get("prompt")), str(s.get("expected")), str(s.get("generated")))
+        console.print(side)
+    console.print(f"results: {found.get('output_dir')}")

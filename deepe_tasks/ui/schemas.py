@@ -1,0 +1,98 @@
+"""The HTTP API's request and response bodies (`ui/api.py`), as its OpenAPI document shows them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from deepe_tasks.core.records import Event, JobRecord, JobStatus
+
+
+class SubmitRequest(BaseModel):
+    method: str = Field(description="A method name in the method store, such as sft-demo.")
+    params: dict[str, Any] = Field(description="Parameters: MODEL_PATH, DATASET_PATH, ... and custom keys.")
+    queue: str | None = Field(None, description="The queue; DEEPE_QUEUE when absent.")
+    priority: int | None = Field(None, description="0 (highest) to 9.")
+    time_limit: float | None = Field(None, description="Seconds an attempt may train.")
+    check: bool = Field(True, description="Refuse a method that the static check rejects; false for code it misreads.")
+    gpus: int = Field(1, strict=True, description=(
+        "Devices the job trains on, one rank each (DDP); refused when no worker owns that many."))
+
+
+class JobRef(BaseModel):
+    id: str
+    status: JobStatus
+
+
+class Submitted(JobRef):
+    custom_params: list[str] = Field(default_factory=list, description=(
+        "The keys that are no parameter of the platform or the method, passed on as they are."))
+
+
+class JobInfo(JobRecord):
+    """The job record (secrets masked) and its latest progress."""
+
+    progress: Event | None = Field(None, description="The latest `log` event: step, max_steps, ETA, metrics.")
+
+
+class JobList(BaseModel):
+    jobs: list[JobInfo]
+    next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page.")
+
+
+class ParamInfo(BaseModel):
+    name: str
+    type: str
+    default: Any = None
+    help: str
+    declared_by: str = Field(description="`platform`, or `method` for one the method declares in METHOD_PARAMS.")
+
+
+class MethodInfo(BaseModel):
+    name: str
+    kind: str = Field(description="`built-in`, or `store` for one in DEEPE_METHOD_STORE.")
+    file_kind: str = Field(description="`deepe`, or `DeepExtension` for a DeepExtension custom method.")
+    description: str
+    sha256: str
+    params: list[ParamInfo]
+    source: str
+
+
+class Health(BaseModel):
+    redis: bool
+    workers: int
+
+
+class Error(BaseModel):
+    detail: str
+
+
+class EvalRequest(BaseModel):
+    dataset: str = Field(description="A dataset with the prompt and answer columns (a path as DATASET_PATH).")
+    max_samples: int | None = Field(None, description="Evaluate at most this many rows.")
+    samples: int = Field(5, description="How many prompts eval.json shows with both answers.")
+    input_column: str | None = Field(None, description="The prompt column; default instruction.")
+    output_column: str | None = Field(None, description="The answer column; default output.")
+    queue: str | None = Field(None, description="The queue; default the job's own.")
+
+
+class QueueView(BaseModel):
+    name: str
+    gpus: int = Field(description="The devices each of its jobs trains on.")
+    length: int
+    waiting: list[dict[str, Any]] = Field(description="The jobs waiting, in the order they will start: id, priority.")
+    running: list[str]
+    workers: list[str] = Field(description="The workers consuming it (Celery's active_queues).")
+
+
+class WorkerView(BaseModel):
+    name: str
+    devices: int
+    seen: float = Field(description="When it last said it was up (epoch seconds).")
+    queues: list[str] = Field(description="The queues it takes jobs of (of every size up to its devices).")
+
+
+class Queues(BaseModel):
+    queues: list[QueueView]
+    workers: list[WorkerView]

@@ -1,0 +1,137 @@
+"""Evaluation jobs: `deepe eval` on a base model and on a trained job, against a real worker; a
+lost evaluation started again; the refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deepe_tasks import EventKind, InvalidJobState, InvalidParams, Job, JobStatus, evaluate, submit
+from deepe_tasks.fixtures import tiny
+from deepe_tasks.queue.evals import results
+from tests.helpers import Worker, cli_here, process_gone, wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def sft_params(tiny_model: Path, colors_data: Path) -> dict[str, object]:  # module scope for `trained`
+    return {"MODEL_PATH": str(tiny_model), "DATASET_PATH": str(colors_data), "MAX_STEPS": 24,
+            "BATCH_SIZE": 4, "MAX_SEQ_LENGTH": 64, "LORA_RANK": 4, "LEARNING_RATE": 2e-2}
+
+
+@pytest.fixture(scope="module")
+def trained(worker: Worker, sft_params: dict[str, Any]) -> Job:
+    """A succeeded SFT job trained long enough to answer its own data better than its base."""
+    job = submit("sft-demo", sft_params)
+    assert job.wait(timeout=240) is JobStatus.SUCCEEDED, job.info()["error"]
+    return job
+
+
+def test_the_trained_model_beats_its_base_on_its_own_data_and_answers_are_shown(
+        worker: Worker, trained: Job, tiny_model: Path, colors_data: Path) -> None:
+    # When the base model and the trained job are evaluated on the training data
+    base = evaluate(str(tiny_model), str(colors_data), max_samples=16, samples=3)
+    done = cli_here("eval", trained.id, "--dataset", str(colors_data), "--max-samples", "16", "--samples", "3",
+                    "--wait", "--json")
+    assert done.returncode == 0, done.stderr
+    ours = json.loads(done.stdout)
+    assert base.wait(timeout=180) is JobStatus.SUCCEEDED, base.info()
+    theirs = results(base)
+    # Then each reports every metric, and the trained model's loss is lower
+    for found in (ours, theirs):
+        assert {"loss", "perplexity", "exact_match", "rouge_l"} <= found.keys()
+        assert found["perplexity"] == pytest.approx(2.718281828 ** found["loss"], rel=1e-6)
+        assert 0 <= found["exact_match"] <= 1 and 0 <= found["rouge_l"] <= 1 and found["rows"] == 16
+        assert len(found["samples"]) == 3 and all(isinstance(s["generated"], str) for s in found["samples"])
+        assert found["samples"][0]["expected"] == "The sky is blue."  # the dataset's first answer
+    assert ours["loss"] < theirs["loss"], (ours["loss"], theirs["loss"])
+    assert ours["evaluated"] == trained.id and ours["adapter"] == trained.info()["output_dir"]
+    assert theirs["evaluated"] == str(tiny_model) and theirs["adapter"] is None
+    # eval.json lies beside the job's model, and the evaluation's events carry the metrics
+    assert Path(ours["output_dir"]).parent == Path(trained.info()["output_dir"] + "-eval")
+    assert json.loads((Path(ours["output_dir"]) / "eval.json").read_text())["dataset_sha256"]
+    evaluated = [e for e in Job(ours["job"]).events() if e.kind is EventKind.EVAL]
+    assert len(evaluated) == 1 and evaluated[0].metrics["loss"] == pytest.approx(ours["loss"])
+
+
+def test_evaluations_that_cannot_work_are_refused_with_the_fix(
+        trained: Job, tiny_model: Path, colors_data: Path, tmp_path: Path, storage: Path) -> None:
+    with pytest.raises(InvalidParams, match="neither a job id nor a model folder"):
+        evaluate(str(storage / "base" / "no-such-model"), str(colors_data))
+    other = tiny.write_jsonl([{"question": "q", "answer": "a"}], storage / "data" / "qa.jsonl")
+    with pytest.raises(InvalidParams, match=r"no column 'instruction'; its columns are \['answer', 'question'\]"):
+        evaluate(trained.id, str(other))
+    with pytest.raises(InvalidParams, match="does not exist"):
+        evaluate(trained.id, "data/missing.jsonl")
+    queued = submit("sft-demo", {"MODEL_PATH": str(tiny_model), "DATASET_PATH": str(colors_data)},
+                    queue="nobody-consumes-this")
+    with pytest.raises(InvalidJobState, match="has no published model"):
+        evaluate(queued.id, str(colors_data))
+    queued.cancel()
+
+
+def test_a_ten_megabyte_prompt_is_cut_to_its_last_tokens_not_a_failure(
+        worker: Worker, tiny_model: Path, storage: Path) -> None:
+    data = tiny.write_jsonl([{"instruction": "word " * (2 << 20), "output": "The sky is blue."},
+                             {"instruction": "What colour is the sky?", "output": "The sky is blue."}],
+                            storage / "data" / "huge-prompt.jsonl")
+    assert data.stat().st_size > 10 << 20
+    job = evaluate(str(tiny_model), str(data))
+    assert job.wait(timeout=240) is JobStatus.SUCCEEDED, job.info()
+    found = results(job)
+    assert found["rows"] == 2 and found["truncated_prompts"] == 1
+    assert len(found["samples"][0]["prompt"]) == 2000  # eval.json keeps the start of each prompt
+
+
+def test_a_lost_evaluation_is_started_again_and_publishes_one_eval_json(
+        workers: list[Worker], tmp_path: Path, tiny_model: Path, colors_data: Path, storage: Path) -> None:
+    # Given an evaluation stuck reading its model's weights (a FIFO stands in for them)
+    model = storage / "base" / f"stuck-{tmp_path.name}"
+    shutil.copytree(tiny_model, model)
+    weights = next(model.glob("*.safetensors"))
+    aside = tmp_path / weights.name
+    first = Worker("eval-kill", tmp_path / "w1.log", env={"DEEPE_LEASE_TTL": "3"}).start()
+    workers.append(first)
+    os.rename(weights, aside)
+    try:
+        os.mkfifo(weights)
+        job = evaluate(str(model), str(colors_data), max_samples=4, queue="eval-kill")
+        wait_for(lambda: job.status() is JobStatus.RUNNING or job.status().is_final, timeout=60)
+        assert job.status() is JobStatus.RUNNING, job.info()
+        pid = job.info()["pid"]
+        # When its worker is killed, with its job process
+        first.process.signal(signal.SIGKILL, group=True)
+        first.process.proc.wait()  # type: ignore[union-attr]
+        wait_for(lambda: process_gone(pid), timeout=10)
+    finally:
+        if weights.exists():
+            weights.unlink()
+        os.rename(aside, weights)
+    # Then another worker runs it again, and one eval.json is published
+    workers.append(Worker("eval-kill", tmp_path / "w2.log", env={"DEEPE_LEASE_TTL": "3"}).start())
+    assert job.wait(timeout=180) is JobStatus.SUCCEEDED, job.info()["error"]
+    assert job.info()["attempts"] == 2
+    out = Path(job.info()["output_dir"])
+    assert json.loads((out / "deepe.json").read_text())["attempt"] == 2
+    assert (out / "eval.json").exists()
+    assert not [p for p in out.parent.iterdir() if job.id in p.name and p != out]
+
+
+def test_the_api_queues_an_evaluation_and_refuses_as_the_cli_does(
+        http: Any, worker: Worker, trained: Job, colors_data: Path) -> None:
+    answer = http.post(f"/jobs/{trained.id}/eval", json={"dataset": str(colors_data), "max_samples": 4})
+    assert answer.status_code == 201, answer.text
+    job = Job(answer.json()["id"])
+    assert job.wait(timeout=180) is JobStatus.SUCCEEDED, job.info()
+    assert results(job)["rows"] == 4
+    missing = http.post(f"/jobs/{trained.id}/eval", json={"dataset": "data/missing.jsonl"})
+    assert missing.status_code == 422 and "does not exist" in missing.json()["detail"]
+    assert http.post(f"/jobs/{job.id}/eval", json={"dataset": str(colors_data)}).status_code == 409
+    assert http.post("/jobs/no-such-job/eval", json={"dataset": str(colors_data)}).status_code == 404
