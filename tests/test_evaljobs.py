@@ -135,3 +135,40 @@ def test_the_api_queues_an_evaluation_and_refuses_as_the_cli_does(
     assert missing.status_code == 422 and "does not exist" in missing.json()["detail"]
     assert http.post(f"/jobs/{job.id}/eval", json={"dataset": str(colors_data)}).status_code == 409
     assert http.post("/jobs/no-such-job/eval", json={"dataset": str(colors_data)}).status_code == 404
+
+
+def test_compare_shows_differing_params_losses_and_evaluations_of_three_jobs(
+        worker: Worker, trained: Job, sft_params: dict[str, Any], colors_data: Path, http: Any) -> None:
+    # Given two more jobs that differ from the first in their learning rate and steps, one with
+    # validation during training, and an evaluation of two of them on the same dataset
+    other = submit("sft-demo", {**sft_params, "LEARNING_RATE": 5e-3, "MAX_STEPS": 8, "EVAL_SPLIT": 0.25,
+                                "EVAL_STEPS": 4})
+    third = submit("sft-demo", {**sft_params, "LEARNING_RATE": 1e-3, "MAX_STEPS": 8})
+    for job in (other, third):
+        assert job.wait(timeout=180) is JobStatus.SUCCEEDED, job.info()
+    for job in (trained, other):
+        assert evaluate(job.id, str(colors_data), max_samples=4, samples=2).wait(timeout=180) is JobStatus.SUCCEEDED
+    # When they are compared, on the command line and over HTTP
+    done = cli_here("compare", trained.id, other.id[:10], third.id, "--json")
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    # Then the parameters that differ are named, and each job's losses and evaluations are there
+    assert {"LEARNING_RATE", "MAX_STEPS", "EVAL_SPLIT"} <= set(found["differing_params"])
+    assert "MODEL_PATH" not in found["differing_params"] and "OUTPUT_DIR" not in found["differing_params"]
+    rows = {r["id"]: r for r in found["jobs"]}
+    assert [r["id"] for r in found["jobs"]] == [trained.id, other.id, third.id]
+    assert rows[other.id]["eval"]["step"] == 8 and rows[trained.id]["eval"] is None
+    assert all(isinstance(r["train_loss"], float) for r in found["jobs"])
+    group = next(g for g in found["evaluations"] if g["dataset"] == str(colors_data))
+    assert set(group["results"]) == {trained.id, other.id}
+    assert {"loss", "perplexity", "exact_match", "rouge_l"} <= set(group["results"][other.id])
+    over_http = http.get("/compare", params={"jobs": f"{trained.id},{other.id}", "curves": "true"})
+    assert over_http.status_code == 200, over_http.text
+    page = over_http.json()
+    evals = [e for e in other.events() if e.kind is EventKind.EVAL]
+    assert page["jobs"][1]["curves"]["eval"] == [[e.step, pytest.approx(e.metrics["eval_loss"])] for e in evals]
+    assert [p[0] for p in page["jobs"][1]["curves"]["eval"]] == [4, 8]
+    assert len(page["jobs"][0]["curves"]["train"]) == 24
+    assert len(page["evaluations"][0]["results"][trained.id]["samples"]) == 2
+    assert http.get("/compare", params={"jobs": trained.id}).status_code == 422
+    assert http.get("/compare", params={"jobs": f"{trained.id},no-such-job"}).status_code == 404

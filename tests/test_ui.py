@@ -185,3 +185,41 @@ def test_the_job_page_draws_the_eval_loss_on_the_loss_chart(
     shown = page.locator("#job-eval").inner_text()
     assert shown.endswith("(step 6)") and float(shown.split()[0]) == pytest.approx(last.metrics["eval_loss"], rel=1e-3)
     page.close()
+
+
+def test_ticked_jobs_open_a_comparison_with_overlaid_curves_a_table_and_samples_side_by_side(
+        api_url: str, browser: Any, worker: Worker, sft_params: dict[str, Any], colors_data: Path,
+        tmp_path: Path) -> None:
+    from deepe_tasks import evaluate, submit
+
+    # Given two finished jobs, one validated during training, both evaluated on the same dataset
+    base = {**sft_params, "MAX_STEPS": 6, "PromptInputColumn": "instruction", "PromptOutputColumn": "output"}
+    jobs = [submit("sft-demo", {**base, "LEARNING_RATE": 2e-2, "EVAL_SPLIT": 0.25, "EVAL_STEPS": 2}),
+            submit("sft-demo", {**base, "LEARNING_RATE": 1e-3})]
+    for job in jobs:
+        assert job.wait(timeout=180) is JobStatus.SUCCEEDED, job.info()
+        assert evaluate(job.id, str(colors_data), max_samples=3, samples=3).wait(timeout=180) is JobStatus.SUCCEEDED
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(f"{api_url}/ui/")
+    page.fill("#login-token", TOKEN)
+    page.click("#login-submit")
+    # When both are ticked in the list and compared
+    for job in jobs:
+        page.wait_for_selector(f'[data-pick="{job.id}"]')
+        page.check(f'[data-pick="{job.id}"]')
+    page.click("#compare")
+    page.wait_for_selector("#compare-table")
+    # Then the table has both, the chart overlays both train curves and the eval curve, and the
+    # evaluation samples stand side by side (the same prompt, each model's answer)
+    assert page.locator("#compare-table tbody tr").count() == 2
+    assert "LEARNING_RATE" in page.inner_text("#compare-table thead")
+    assert page.locator("#compare-chart").get_attribute("data-series") == "3"
+    assert page.locator("#compare-chart canvas").count() >= 1
+    samples = page.locator("table.samples tbody tr.sample")
+    assert samples.count() == 3
+    assert samples.nth(0).locator("td.generated").count() == 2
+    assert "What colour is the sky?" in samples.nth(0).inner_text()
+    page.screenshot(path=str(tmp_path / "compare.png"), full_page=True)
+    if os.environ.get("DEEPE_UPDATE_SCREENSHOT"):
+        shutil.copy(tmp_path / "compare.png", ROOT / "docs" / "compare.png")
+    page.close()

@@ -165,6 +165,16 @@ def evaluate(job_id: str, body: EvalRequest) -> JobRef:
     return JobRef(id=job.id, status=job.status())
 
 
+@jobs_api.get("/compare", responses={404: ERRORS[404]})
+def compare(jobs: Annotated[str, Query(description="Two job ids or more, comma-separated.")],
+            curves: bool = False) -> dict[str, Any]:
+    """Jobs side by side: differing parameters, final train and eval loss, evaluations by dataset
+    (with `curves`, each job's train and eval loss by step, for a chart)."""
+    from deepe_tasks.queue.compare import compare as compare_jobs
+
+    return compare_jobs([j.strip() for j in jobs.split(",") if j.strip()], curves=curves)
+
+
 @jobs_api.get("/methods", response_model=list[MethodInfo])
 def methods() -> list[MethodInfo]:
     return [_method_info(m) for m in list_methods(get_settings().method_root)]

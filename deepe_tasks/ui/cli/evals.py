@@ -61,3 +61,39 @@ def _show(found: dict[str, object]) -> None:
             side.add_row(str(s.get("prompt")), str(s.get("expected")), str(s.get("generated")))
         console.print(side)
     console.print(f"results: {found.get('output_dir')}")
+
+
+@app.command()
+def compare(
+    jobs: Annotated[list[str], typer.Argument(help="Two jobs or more: ids, or unique starts of ids.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Jobs side by side: the parameters that differ, final train and eval loss, and the metrics
+    of every evaluation (`deepe eval`) run on the same dataset."""
+    from deepe_tasks.queue.compare import SHOWN_EVAL_METRICS
+    from deepe_tasks.queue.compare import compare as compare_jobs
+
+    found = compare_jobs(jobs)
+    if as_json:
+        print_json(found)
+        return
+    table = Table(title="jobs")
+    for name in ("job", "method", "status", *found["differing_params"], "train loss", "eval loss"):
+        table.add_column(name, overflow="fold")
+    for row in found["jobs"]:
+        last = row["eval"]
+        table.add_row(row["id"][:12], row["method"], row["status"], *(str(row["params"].get(k))
+                      for k in found["differing_params"]), _num(row["train_loss"]),
+                      f"{_num(last['eval_loss'])} (step {last['step']})" if last else "-")
+    console.print(table)
+    for group in found["evaluations"]:
+        evals = Table(title=f"evaluations on {group['dataset']}")
+        for name in ("job", *SHOWN_EVAL_METRICS):
+            evals.add_column(name)
+        for job_id, metrics in group["results"].items():
+            evals.add_row(job_id[:12], *(_num(metrics.get(k)) for k in SHOWN_EVAL_METRICS))
+        console.print(evals)
+
+
+def _num(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else ("-" if value is None else str(value))

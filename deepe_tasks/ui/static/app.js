@@ -119,14 +119,22 @@ function jobList() {
     ...["", "queued", "running", "succeeded", "failed", "cancelled"].map((s) => el("option", { value: s }, s || "all states")));
   const body = el("tbody");
   const table = el("table", { id: "jobs-table" },
-    el("thead", {}, el("tr", {}, ...["job", "state", "method", "progress", "loss", "age"].map((h) => el("th", {}, h)))), body);
-  view.replaceChildren(el("h1", {}, "Jobs"), el("div", { class: "toolbar" }, filter), table);
+    el("thead", {}, el("tr", {}, ...["", "job", "state", "method", "progress", "loss", "age"].map((h) => el("th", {}, h)))), body);
+  const chosen = new Set();  // the jobs ticked for a comparison; kept across refreshes
+  const compare = el("button", { id: "compare", onclick: () => {
+    if (chosen.size >= 2) location.hash = `#/compare/${[...chosen].join(",")}`;
+  } }, "Compare the ticked jobs");
+  view.replaceChildren(el("h1", {}, "Jobs"), el("div", { class: "toolbar" }, filter, " ", compare), table);
   const refresh = async () => {
     const q = filter.value ? `&status=${filter.value}` : "";
     const list = await api(`../jobs?limit=100${q}`);
     body.replaceChildren(...list.jobs.map((j) => {
       const p = j.progress;
+      const pick = el("input", { type: "checkbox", class: "pick", "data-pick": j.id,
+                                 onchange: (e) => (e.target.checked ? chosen.add(j.id) : chosen.delete(j.id)) });
+      pick.checked = chosen.has(j.id);
       return el("tr", { "data-job": j.id },
+        el("td", {}, pick),
         el("td", { class: "mono" }, el("a", { href: `#/jobs/${j.id}` }, j.id)),
         el("td", {}, state(j.status)),
         el("td", {}, j.method + (j.gpus > 1 ? ` (${j.gpus} devices)` : "")),
@@ -134,7 +142,7 @@ function jobList() {
         el("td", {}, fixed(p?.metrics?.loss ?? j.metrics?.train_loss)),
         el("td", {}, age(j.submitted_at)));
     }));
-    if (!list.jobs.length) body.append(el("tr", {}, el("td", { colspan: 6, class: "muted" }, "No jobs.")));
+    if (!list.jobs.length) body.append(el("tr", {}, el("td", { colspan: 7, class: "muted" }, "No jobs.")));
   };
   filter.addEventListener("change", refresh);
   return poll(refresh, 2000);
@@ -381,6 +389,73 @@ function queuesPage() {
   }, 3000);
 }
 
+// ---- jobs side by side -------------------------------------------------------------------
+
+const COLOURS = ["#2f6fed", "#e8590c", "#2b8a3e", "#862e9c", "#c92a2a", "#0b7285"];
+
+function comparePage(ids) {
+  const out = el("div", { id: "comparison" }, el("p", { class: "muted" }, "Loading…"));
+  view.replaceChildren(el("h1", {}, "Comparison"), out);
+  let stopped = false;
+  (async () => {
+    let found;
+    try {
+      found = await api(`../compare?jobs=${encodeURIComponent(ids)}&curves=true`);
+    } catch (err) {
+      out.replaceChildren(el("p", { class: "error" }, err.message));
+      return;
+    }
+    if (stopped) return;
+    const diff = found.differing_params;
+    const num = (v) => (typeof v === "number" ? v.toPrecision(4) : "-");
+    const table = el("table", { id: "compare-table" },
+      el("thead", {}, el("tr", {}, ...["job", "method", "state", ...diff, "train loss", "eval loss"].map((h) => el("th", {}, h)))),
+      el("tbody", {}, ...found.jobs.map((j) => el("tr", { "data-job": j.id },
+        el("td", { class: "mono" }, el("a", { href: `#/jobs/${j.id}` }, j.id.slice(0, 12))), el("td", {}, j.method),
+        el("td", {}, state(j.status)), ...diff.map((k) => el("td", { class: "mono" }, JSON.stringify(j.params[k]))),
+        el("td", {}, num(j.train_loss)), el("td", {}, j.eval ? `${num(j.eval.eval_loss)} (step ${j.eval.step})` : "-")))));
+    // One chart: each job's training loss (a line) and eval loss (points), on the union of their steps.
+    const steps = [...new Set(found.jobs.flatMap((j) => [...j.curves.train, ...j.curves.eval].map((p) => p[0])))].sort((a, b) => a - b);
+    const data = [steps];
+    const series = [{ label: "step" }];
+    found.jobs.forEach((j, i) => {
+      for (const [kind, points] of [["train", j.curves.train], ["eval", j.curves.eval]]) {
+        if (!points.length) continue;
+        const at = new Map(points);
+        data.push(steps.map((s) => (at.has(s) ? at.get(s) : null)));
+        series.push({ label: `${j.id.slice(0, 8)} ${kind}`, stroke: COLOURS[i % COLOURS.length], width: 1.5,
+                      dash: kind === "eval" ? [6, 4] : undefined, spanGaps: true, points: { show: kind === "eval", size: 5 } });
+      }
+    });
+    const box = el("div", { class: "chart", id: "compare-chart", "data-series": String(series.length - 1) },
+                   el("h3", {}, "Loss (train and eval)"));
+    const parts = [table, box];
+    for (const group of found.evaluations) {
+      const jobsHere = Object.keys(group.results);
+      parts.push(el("h2", {}, `Evaluations on ${group.dataset}`), el("table", { class: "evaluations" },
+        el("thead", {}, el("tr", {}, ...["job", "loss", "perplexity", "exact match", "ROUGE-L"].map((h) => el("th", {}, h)))),
+        el("tbody", {}, ...jobsHere.map((id) => {
+          const r = group.results[id];
+          return el("tr", {}, el("td", { class: "mono" }, id.slice(0, 12)), el("td", {}, num(r.loss)),
+                    el("td", {}, num(r.perplexity)), el("td", {}, num(r.exact_match)), el("td", {}, num(r.rouge_l)));
+        }))));
+      // The same prompts, each model's answer beside the expected one (as DeepExtension's assessment shows them)
+      const count = Math.max(0, ...jobsHere.map((id) => (group.results[id].samples || []).length));
+      const first = group.results[jobsHere[0]].samples || [];
+      parts.push(el("table", { class: "samples" },
+        el("thead", {}, el("tr", {}, el("th", {}, "prompt"), el("th", {}, "expected"),
+                                   ...jobsHere.map((id) => el("th", { class: "mono" }, id.slice(0, 12))))),
+        el("tbody", {}, ...Array.from({ length: count }, (_, n) => el("tr", { class: "sample" },
+          el("td", {}, first[n]?.prompt ?? ""), el("td", {}, first[n]?.expected ?? ""),
+          ...jobsHere.map((id) => el("td", { class: "generated" }, (group.results[id].samples || [])[n]?.generated ?? "")))))));
+    }
+    out.replaceChildren(...parts);
+    new uPlot({ width: 900, height: 300, scales: { x: { time: false } }, axes: [{ label: "step" }, { size: 70 }], series },
+              data, box);
+  })();
+  return () => { stopped = true; };
+}
+
 // ---- routing -----------------------------------------------------------------------------
 
 function route() {
@@ -390,7 +465,9 @@ function route() {
   document.getElementById("logout").hidden = false;
   const hash = location.hash || "#/";
   const job = hash.match(/^#\/jobs\/([A-Za-z0-9_.-]+)$/);
+  const compared = hash.match(/^#\/compare\/([A-Za-z0-9_.,-]+)$/);
   if (job) leave = jobPage(job[1]);
+  else if (compared) leave = comparePage(compared[1]);
   else if (hash === "#/submit") leave = submitPage();
   else if (hash === "#/queues") leave = queuesPage();
   else leave = jobList();
