@@ -9,6 +9,14 @@ UNSENT = f"{PREFIX}:unsent"  # sorted set: queued job id -> when; its Celery mes
 # sorted set: "<id> <method>" of an ended job -> when its keys expire; the indexes drop it then
 EXPIRING = f"{PREFIX}:expiring"
 STATS = f"{PREFIX}:stats"  # hash: counters kept at each transition, for /metrics
+# Webhooks (core/webhooks.py): the outbox that every transition appends to (while WEBHOOKS_ON
+# exists, or the job has a URL of its own), the state of the deliveries being retried, the
+# deliveries given up, and the lock of the dispatcher that sends them.
+WEBHOOKS_ON = f"{PREFIX}:webhooks:on"  # string: some submitter or worker has DEEPE_WEBHOOK_URLS
+WEBHOOK_OUTBOX = f"{PREFIX}:webhooks:outbox"  # stream: job, type; deleted once delivered or given up
+WEBHOOK_RETRIES = f"{PREFIX}:webhooks:retries"  # hash: outbox entry id -> JSON {tries, next_at, error}
+WEBHOOK_FAILED = f"{PREFIX}:webhooks:failed"  # stream (capped): deliveries given up, to list and re-send
+WEBHOOK_LOCK = f"{PREFIX}:webhooks:lock"  # string with TTL: the worker whose dispatcher sends now
 QUEUES = f"{PREFIX}:queues"  # set: every queue a job was submitted to
 METHOD_USERS = f"{PREFIX}:method-users"  # hash: method sha256 -> jobs not ended that run it
 IDS = f"{PREFIX}:ids"  # sorted set, all scores 0: job ids in lexical order, for a lookup by prefix

@@ -184,6 +184,7 @@ class JobRecord(BaseModel):
     losses: int = 0
     time_limit: float | None = None
     pid: int | None = None
+    webhook: str | None = None  # a URL of the job's own that its state changes are posted to (core/webhooks.py)
 
     def to_redis(self) -> dict[str, str]:
         return {

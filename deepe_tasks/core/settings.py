@@ -8,7 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -41,6 +41,15 @@ class Settings(BaseSettings):
     # How long an object store operation that fails in a way that may pass (a cut connection,
     # throttling, a 5xx) is tried again, with backoff, before the attempt fails.
     storage_retry_seconds: float = Field(120.0, ge=0)
+    # Webhooks (core/webhooks.py): the URLs every job's state changes are posted to
+    # (comma-separated), the Standard Webhooks secret they are signed with (whsec_…), how long a
+    # delivery is retried, whether private and loopback addresses may be called, and how long
+    # one request may take.
+    webhook_urls: str = ""
+    webhook_secret: SecretStr | None = None
+    webhook_retry_hours: float = Field(24.0, gt=0)
+    webhook_allow_private: bool = False
+    webhook_timeout: float = Field(10.0, gt=0)
     method_store: Path = Path("./method_store")
     queue: str = "gpu"
     # The devices this worker owns, as CUDA_VISIBLE_DEVICES for its jobs (`deepe worker --gpus
@@ -160,6 +169,10 @@ class Settings(BaseSettings):
     @property
     def input_root_list(self) -> list[Path]:
         return [Path(p.strip()).expanduser().resolve() for p in self.input_roots.split(",") if p.strip()]
+
+    @property
+    def webhook_url_list(self) -> list[str]:
+        return [u.strip() for u in self.webhook_urls.split(",") if u.strip()]
 
     @property
     def storage_url(self) -> str | None:

@@ -14,7 +14,7 @@ import redis
 from deepe_tasks.contract import stored
 from deepe_tasks.contract.admission import admit
 from deepe_tasks.contract.methods import NAME_RE, load_method
-from deepe_tasks.core import broker, devices, jobstore, keys, validate
+from deepe_tasks.core import broker, devices, jobstore, keys, validate, webhooks
 from deepe_tasks.core.connection import get_redis, unreachable
 from deepe_tasks.core.errors import BrokerUnavailable, InvalidJobState, InvalidParams
 from deepe_tasks.core.events import progress_of
@@ -40,13 +40,15 @@ def submit(
     time_limit: float | None = None,
     check: bool = True,
     gpus: int = 1,
+    webhook: str | None = None,
 ) -> Job:
     """Validate, pin the method's source, record the job and queue it. Returns the new ``Job``.
 
     Raises ``InvalidParams``, ``MethodNotFound`` or ``MethodContractError`` before anything is
     queued. ``check=False`` skips the static check of the method (for code it misreads); the
     worker still refuses a method that trains or saves itself. ``gpus`` is how many devices the
-    job trains on, one rank each (DDP); it is refused when no worker could run it.
+    job trains on, one rank each (DDP); it is refused when no worker could run it. ``webhook``:
+    a URL the job's state changes are posted to, besides DEEPE_WEBHOOK_URLS (`core/webhooks.py`).
     """
     settings = get_settings()
     found = load_method(settings.method_root, method)
@@ -57,7 +59,10 @@ def submit(
     time_limit = validate.time_limit(time_limit)
     queue = validate.queue_name(queue or settings.queue)
     gpus = validate.gpus(gpus)
+    if webhook is not None:
+        webhooks.check_url(webhook, settings.webhook_allow_private)
     client = get_redis()
+    webhooks.enable(client, settings)
     if gpus > 1:
         _fits(client, gpus, queue)
     if settings.storage_url and settings.check_paths:
@@ -70,7 +75,7 @@ def submit(
     record = JobRecord(
         id=job_id, method=found.name, method_sha256=found.sha256, params=resolved.as_dict(),
         output_dir=str(resolved.OUTPUT_DIR), queue=queue, priority=priority, time_limit=time_limit,
-        gpus=gpus, route=devices.route(queue, gpus),
+        gpus=gpus, route=devices.route(queue, gpus), webhook=webhook,
     )
     on = queue if gpus == 1 else f"{queue} for {gpus} devices ({record.route})"
     # The worker runs this exact source, whatever happens to the file afterwards.

@@ -81,7 +81,7 @@ open_api = APIRouter()  # health and metrics: for probes and Prometheus
 def submit(body: SubmitRequest) -> Submitted:
     """Validate and queue a job, exactly as `deepe submit` does."""
     job = client.submit(body.method, body.params, queue=body.queue, priority=body.priority,
-                        time_limit=body.time_limit, check=body.check, gpus=body.gpus)
+                        time_limit=body.time_limit, check=body.check, gpus=body.gpus, webhook=body.webhook)
     return Submitted(id=job.id, status=job.status(), custom_params=job.custom_params)
 
 

@@ -59,6 +59,12 @@ class DeepeCollector(Collector):
         yield finished
         yield CounterMetricFamily("deepe_events_published", "Events in the streams of the jobs that ended.",
                                   value=stats.get("events", 0))
+        hooks = CounterMetricFamily("deepe_webhook_deliveries", "Webhook deliveries, by outcome.", labels=["outcome"])
+        for outcome in ("delivered", "failed"):
+            hooks.add_metric([outcome], stats.get(f"webhooks:{outcome}", 0))
+        yield hooks
+        yield GaugeMetricFamily("deepe_webhook_pending", "Webhook deliveries not sent yet.",
+                                value=client.xlen(keys.WEBHOOK_OUTBOX))
 
         count = stats.get("duration:count", 0)
         buckets = [(str(float(b)), stats.get(f"duration:le:{b}", 0)) for b in DURATION_BUCKETS] + [("+Inf", count)]

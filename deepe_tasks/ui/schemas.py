@@ -18,6 +18,8 @@ class SubmitRequest(BaseModel):
     check: bool = Field(True, description="Refuse a method that the static check rejects; false for code it misreads.")
     gpus: int = Field(1, strict=True, description=(
         "Devices the job trains on, one rank each (DDP); refused when no worker owns that many."))
+    webhook: str | None = Field(None, description=(
+        "A URL this job's state changes are posted to (Standard Webhooks), besides DEEPE_WEBHOOK_URLS."))
 
 
 class JobRef(BaseModel):

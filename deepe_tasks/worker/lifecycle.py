@@ -21,7 +21,7 @@ import redis
 from celery.signals import worker_init, worker_ready, worker_shutting_down
 from celery.worker import state as worker_state
 
-from deepe_tasks.core import broker, devices, jobstore, keys
+from deepe_tasks.core import broker, devices, jobstore, keys, webhooks
 from deepe_tasks.core.connection import get_redis
 from deepe_tasks.core.errors import InvalidParams, JobNotFound
 from deepe_tasks.core.records import JobRecord, JobStatus
@@ -240,6 +240,10 @@ def _start_reaper(sender: Any = None, **_: Any) -> None:
     queues = sorted({devices.unroute(q)[0] for q in watchdog.consumed_queues(sender)})
     threading.Thread(target=_reaper_loop, args=(_reaper_stop, _worker_name, queues), name="deepe-reaper",
                      daemon=True).start()
+    # Every worker with webhooks set up may send the outbox; one at a time does (core/webhooks.py).
+    if webhooks.configured(get_settings()):
+        threading.Thread(target=webhooks.run_dispatcher, name="deepe-webhooks", daemon=True,
+                         args=(_reaper_stop, get_redis, get_settings(), f"{_worker_name}:{os.getpid()}")).start()
     idle_exit = get_settings().idle_exit
     if idle_exit is not None:
         threading.Thread(target=_idle_loop, args=(_reaper_stop, idle_exit), name="deepe-idle-exit",

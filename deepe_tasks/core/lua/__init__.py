@@ -62,7 +62,7 @@ CONSTANTS: dict[str, str] = {
     "JOBS_INDEX": keys.JOBS_INDEX, "EXPIRING": keys.EXPIRING, "STATS": keys.STATS, "QUEUES": keys.QUEUES,
     "METHOD_USERS": keys.METHOD_USERS, "IDS": keys.IDS,
     "BY_STATUS": keys.by_status(""), "BY_METHOD": keys.by_method(""), "JOB": keys.job(""),
-    "SOURCE": keys.method_source(""),
+    "SOURCE": keys.method_source(""), "WEBHOOKS_ON": keys.WEBHOOKS_ON, "WEBHOOK_OUTBOX": keys.WEBHOOK_OUTBOX,
     "STREAM_MAXLEN": str(STREAM_MAXLEN), "ENDED_STREAM_MAXLEN": str(ENDED_STREAM_MAXLEN),
     "DURATION_BUCKETS": ", ".join(str(b) for b in DURATION_BUCKETS),
     "ATTEMPT_PLACEHOLDER": ATTEMPT_PLACEHOLDER,  # inside a Lua pattern: no magic characters

@@ -5,6 +5,7 @@
 local INDEX, EXPIRING, STATS = '${JOBS_INDEX}', '${EXPIRING}', '${STATS}'
 local QUEUES, METHOD_USERS, IDS = '${QUEUES}', '${METHOD_USERS}', '${IDS}'
 local BY_STATUS, BY_METHOD, JOB, SOURCE = '${BY_STATUS}', '${BY_METHOD}', '${JOB}', '${SOURCE}'
+local WEBHOOKS_ON, OUTBOX = '${WEBHOOKS_ON}', '${WEBHOOK_OUTBOX}'
 local ENDED_MAXLEN = ${ENDED_STREAM_MAXLEN}
 local BUCKETS = {${DURATION_BUCKETS}}
 local FINAL = {'succeeded', 'failed', 'cancelled'}

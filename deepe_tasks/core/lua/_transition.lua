@@ -4,10 +4,16 @@
 local function event(stream, data, attempt)
   redis.pcall('xadd', stream, 'MAXLEN', '~', MAXLEN, '*', 'data', data, 'a', attempt, 's', 0)
 end
--- The job moves from one state's index to another's (from: false for a new job).
+-- The job moves from one state's index to another's (from: false for a new job). Where
+-- webhooks are on, its delivery goes into the outbox in this same step (core/webhooks.py).
 local function move(job, id, from, to)
   if from then redis.call('zrem', BY_STATUS .. from, id) end
   redis.call('zadd', BY_STATUS .. to, redis.call('hget', job, 'submitted_at') or 0, id)
+  if redis.call('exists', WEBHOOKS_ON) == 1 or redis.call('hexists', job, 'webhook') == 1 then
+    local kind = to
+    if to == 'running' then kind = 'started' elseif to == 'queued' and from then kind = 'requeued' end
+    redis.call('xadd', OUTBOX, '*', 'job', id, 'type', 'job.' .. kind)
+  end
 end
 local function now_s()
   local t = redis.call('time')
@@ -64,6 +70,7 @@ local function ended(job, id, stream, flag, status, now, retention)
 end
 -- The keys every transition may write besides its own, with their types.
 local SHARED = {STATS, 'hash', EXPIRING, 'zset', METHOD_USERS, 'hash', QUEUES, 'set', INDEX, 'zset', IDS, 'zset',
+                OUTBOX, 'stream',
                 BY_STATUS .. 'queued', 'zset', BY_STATUS .. 'running', 'zset', BY_STATUS .. 'succeeded', 'zset',
                 BY_STATUS .. 'failed', 'zset', BY_STATUS .. 'cancelled', 'zset'}
 -- All or nothing: before a step writes, every key it writes must hold its own type (or none),

@@ -97,3 +97,30 @@ def compare(
 
 def _num(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else ("-" if value is None else str(value))
+
+
+@app.command()
+def webhooks(
+    show_failed: Annotated[bool, typer.Option("--failed", help="List the deliveries given up instead.")] = False,
+    resend: Annotated[str | None, typer.Option(help="Send a failed delivery again (its id from --failed).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The webhook deliveries not sent yet (with their retries), or those given up; re-send one."""
+    from deepe_tasks.core import webhooks as hooks
+    from deepe_tasks.core.connection import get_redis
+
+    client = get_redis()
+    if resend is not None:
+        print(hooks.resend(client, resend))
+        return
+    rows = hooks.failed(client) if show_failed else hooks.pending(client)
+    if as_json:
+        print_json(rows)
+        return
+    table = Table(title="failed deliveries" if show_failed else "pending deliveries")
+    for name in ("id", "job", "type", "tries", "error"):
+        table.add_column(name, overflow="fold")
+    for row in rows:
+        table.add_row(row["id"], str(row.get("job")), str(row.get("type")), str(row.get("tries", 0)),
+                      str(row.get("error", "")))
+    console.print(table)

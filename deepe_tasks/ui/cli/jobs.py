@@ -33,6 +33,7 @@ def submit(
     time_limit: Annotated[float | None, typer.Option(help="Seconds of training before the job stops.")] = None,
     gpus: Annotated[int, typer.Option(help="Devices the job trains on, one rank each (DDP).")] = 1,
     job_id: Annotated[str | None, typer.Option(help="An id of your own; refused if taken.")] = None,
+    webhook: Annotated[str | None, typer.Option(help="A URL this job's state changes are posted to.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the job until it ends.")] = False,
     check: Annotated[bool, typer.Option("--check/--no-check", help=(
         "Run `deepe methods check` first and refuse a method it rejects; --no-check for code it misreads."))] = True,
@@ -42,7 +43,7 @@ def submit(
     from deepe_tasks.queue.client import submit as submit_job
 
     job = submit_job(method, parse_kv(param, params_file), queue=queue, priority=priority,
-                     time_limit=time_limit, job_id=job_id, check=check, gpus=gpus)
+                     time_limit=time_limit, job_id=job_id, check=check, gpus=gpus, webhook=webhook)
     if as_json:
         print_json({"id": job.id, "status": job.status().value, "custom_params": job.custom_params})
     else:
