@@ -185,6 +185,9 @@ class JobRecord(BaseModel):
     time_limit: float | None = None
     pid: int | None = None
     webhook: str | None = None  # a URL of the job's own that its state changes are posted to (core/webhooks.py)
+    # Its MLflow run (DEEPE_MLFLOW_URI), and the page of that run: written by the worker's tracker.
+    mlflow_run: str | None = None
+    mlflow_url: str | None = None
 
     def to_redis(self) -> dict[str, str]:
         return {

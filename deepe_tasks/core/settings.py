@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     webhook_retry_hours: float = Field(24.0, gt=0)
     webhook_allow_private: bool = False
     webhook_timeout: float = Field(10.0, gt=0)
+    # MLflow tracking (worker/tracking.py): every job one run in this experiment, fed from its
+    # events by the workers; with mlflow_log_model, a succeeded job's model files as artifacts.
+    mlflow_uri: str | None = None
+    mlflow_experiment: str = "deepe"
+    mlflow_log_model: bool = False
     method_store: Path = Path("./method_store")
     queue: str = "gpu"
     # The devices this worker owns, as CUDA_VISIBLE_DEVICES for its jobs (`deepe worker --gpus

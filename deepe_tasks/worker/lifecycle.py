@@ -241,6 +241,11 @@ def _start_reaper(sender: Any = None, **_: Any) -> None:
     threading.Thread(target=_reaper_loop, args=(_reaper_stop, _worker_name, queues), name="deepe-reaper",
                      daemon=True).start()
     # Every worker with webhooks set up may send the outbox; one at a time does (core/webhooks.py).
+    if get_settings().mlflow_uri:  # every job an MLflow run, fed by one worker at a time (tracking.py)
+        from deepe_tasks.worker import tracking
+
+        threading.Thread(target=tracking.run_tracker, name="deepe-mlflow", daemon=True,
+                         args=(_reaper_stop, get_redis, get_settings(), f"{_worker_name}:{os.getpid()}")).start()
     if webhooks.configured(get_settings()):
         threading.Thread(target=webhooks.run_dispatcher, name="deepe-webhooks", daemon=True,
                          args=(_reaper_stop, get_redis, get_settings(), f"{_worker_name}:{os.getpid()}")).start()

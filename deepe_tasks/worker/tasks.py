@@ -36,7 +36,7 @@ from deepe_tasks.core.storage import (
     job_dir,
     remove_staging,
 )
-from deepe_tasks.worker import claiming, credentials, outcome, watchdog
+from deepe_tasks.worker import claiming, credentials, outcome, tracking, watchdog
 from deepe_tasks.worker.handover import NotHandedOver, hand_over
 from deepe_tasks.worker.lifecycle import stop_worker
 from deepe_tasks.worker.processes import (
@@ -74,6 +74,8 @@ def train(self: Any, job_id: str, method: str = "", gpus: int = 1) -> dict[str, 
     assert claim.record is not None
     watchdog.busy(job_id)
     attempt = Attempt(claim.record, holder, settings)
+    if settings.mlflow_uri:
+        _best_effort(lambda: tracking.register(attempt.client, job_id))
     _best_effort(lambda: self.update_state(state=states.STARTED, meta={"job": job_id, "attempt": attempt.number}))
     folder = job_dir(settings.storage_root, job_id)
     started.attempt = started.metrics["attempt"] = attempt.number

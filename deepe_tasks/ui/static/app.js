@@ -269,7 +269,9 @@ function jobPage(jobId) {
            "job-eval"),
       cell("devices", String(record.gpus || 1)), cell("attempts", String(record.attempts)),
       cell("worker", record.worker || "-"),
-      cell("output", record.status === "succeeded" ? record.output_dir : "-"));
+      cell("output", record.status === "succeeded" ? record.output_dir : "-"),
+      cell("MLflow", record.mlflow_url ? el("a", { href: record.mlflow_url, target: "_blank", rel: "noopener", id: "mlflow-run" },
+                                            "the run") : "-"));
     error.textContent = record.error || "";
     const ended = ["succeeded", "failed", "cancelled"].includes(record.status);
     for (const b of actions.querySelectorAll("button")) b.disabled = ended;

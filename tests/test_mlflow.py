@@ -1,0 +1,111 @@
+"""MLflow tracking against a real `mlflow server` (SQLite): a job's run holds its losses step by
+step; a resumed job stays one run with contiguous steps; a server down for part of a job loses
+no metric; an evaluation logs into the run of the job it evaluated."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deepe_tasks import EventKind, Job, JobStatus, evaluate, submit
+from tests.helpers import SLOW_METHOD, Worker, wait_for, write_method
+from tests.mlflow_server import MlflowServer
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    s = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
+    yield s
+    s.stop()
+
+
+def client(server: MlflowServer) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=server.uri)
+
+
+def env(server: MlflowServer, **more: str) -> dict[str, str]:
+    return {"DEEPE_MLFLOW_URI": server.uri, "DEEPE_MLFLOW_EXPERIMENT": "deepe-tests", "DEEPE_LEASE_TTL": "3",
+            "DEEPE_CHECKPOINT_MINUTES": "0.02", **more}
+
+
+def ended_run(server: MlflowServer, job: Job, timeout: float = 90) -> Any:
+    """The job's run, once the tracker ended it."""
+    def done() -> Any:
+        run_id = job.info().get("mlflow_run")
+        if not run_id:
+            return None
+        run = client(server).get_run(run_id)
+        return run if run.info.status != "RUNNING" else None
+    return wait_for(done, timeout=timeout)
+
+
+def first_losses(job: Job) -> dict[int, float]:
+    """Each step's loss as the stream has it first (a resume runs some steps again)."""
+    out: dict[int, float] = {}
+    for e in job.events():
+        if e.kind is EventKind.LOG and e.step is not None and "loss" in e.metrics:
+            out.setdefault(e.step, e.metrics["loss"])
+    return out
+
+
+def history(server: MlflowServer, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client(server).get_metric_history(run_id, key))
+
+
+def test_a_job_is_one_run_with_its_losses_params_and_tags_and_an_evaluation_logs_into_it(
+        workers: list[Worker], tmp_path: Path, server: MlflowServer, sft_params: dict[str, Any],
+        colors_data: Path) -> None:
+    workers.append(Worker("mlflow-q", tmp_path / "w.log", env=env(server)).start())
+    job = submit("sft-demo", {**sft_params, "MAX_STEPS": 6, "EVAL_SPLIT": 0.25, "EVAL_STEPS": 3,
+                              "PromptInputColumn": "instruction", "PromptOutputColumn": "output"}, queue="mlflow-q")
+    assert job.wait(timeout=180) is JobStatus.SUCCEEDED, job.info()
+    run = ended_run(server, job)
+    assert run.info.status == "FINISHED"
+    assert history(server, run.info.run_id, "loss") == sorted(first_losses(job).items())
+    assert [s for s, _ in history(server, run.info.run_id, "eval_loss")] == [3, 6]
+    assert run.data.params["LEARNING_RATE"] == str(sft_params["LEARNING_RATE"])
+    assert run.data.tags["deepe.job_id"] == job.id and run.data.tags["deepe.status"] == "succeeded"
+    assert run.data.tags["deepe.model"] == job.info()["output_dir"]
+    assert job.info()["mlflow_url"].endswith(f"/runs/{run.info.run_id}")
+    # And an evaluation of the job logs its metrics into the job's run
+    evaluated = evaluate(job.id, str(colors_data), max_samples=4, queue="mlflow-q")
+    assert evaluated.wait(timeout=180) is JobStatus.SUCCEEDED
+    wait_for(lambda: history(server, run.info.run_id, "eval/colors/loss"), timeout=60)
+    assert history(server, run.info.run_id, "eval/colors/loss")[0][1] == pytest.approx(evaluated.info()["metrics"]["loss"])
+
+
+def test_a_resumed_job_with_the_server_down_meanwhile_is_one_run_with_every_step_once(
+        workers: list[Worker], tmp_path: Path, server: MlflowServer, store: Path,
+        sft_params: dict[str, Any]) -> None:
+    slow = write_method(store, "mlflow_slow", SLOW_METHOD)
+    first = Worker("mlflow-kill", tmp_path / "w1.log", env=env(server)).start()
+    workers.append(first)
+    job = submit(slow, {**sft_params, "MAX_STEPS": 16, "step_sleep": 0.4, "PromptInputColumn": "instruction",
+                        "PromptOutputColumn": "output"}, queue="mlflow-kill")
+    wait_for(lambda: len(first_losses(job)) >= 3 and job.info().get("mlflow_run"), timeout=180)
+    # When the tracking server goes away, and then the worker is SIGKILLed after a checkpoint
+    server.stop()
+    wait_for(lambda: any(e.kind is EventKind.CHECKPOINT for e in job.events()) and len(first_losses(job)) >= 6,
+             timeout=120)
+    first.process.signal(signal.SIGKILL, group=True)
+    workers.append(Worker("mlflow-kill", tmp_path / "w2.log", env=env(server)).start())
+    wait_for(lambda: any(e.kind is EventKind.RESUMED for e in job.events()), timeout=120)
+    # and comes back while the job trains on another worker
+    server.start()
+    assert job.wait(timeout=240) is JobStatus.SUCCEEDED, job.info()
+    run = ended_run(server, job)
+    # Then the job is one run, every step's loss once, as the stream had it first
+    assert job.info()["attempts"] == 2
+    losses = history(server, run.info.run_id, "loss")
+    assert [s for s, _ in losses] == list(range(1, 17))
+    assert losses == sorted(first_losses(job).items())
+    runs = client(server).search_runs([run.info.experiment_id], filter_string=f"tags.`deepe.job_id` = '{job.id}'")
+    assert len(runs) == 1
