@@ -281,3 +281,40 @@ def test_a_preempted_job_resumes_on_another_disk_from_its_last_checkpoint_and_ca
     manifest, files = published(on_store, job.info()["output_dir"])
     assert manifest["partial"] is True and stopped_at[0] < manifest["steps"] < 40
     assert "adapter_model.safetensors" in files
+
+
+@pytest.mark.e2e
+def test_a_failed_checkpoint_upload_costs_only_itself_and_the_time_limit_keeps_the_last_one_on_the_store(
+        workers: list[Worker], tmp_path: Path, moto: MotoServer, bucket_url: str, on_store: ObjectStore,
+        store: Path) -> None:
+    from tests.faultproxy import FaultProxy
+
+    slow = write_method(store, "s3_ckpt_faults", SLOW_METHOD)
+    # Given a worker that reaches the store through a proxy that cuts every connection for 12 s
+    # at the first checkpoint upload (each store call is tried for 4 s: this one fails)
+    with FaultProxy(moto.port, trigger=b"/checkpoints/checkpoint-", blackout=12.0) as proxy:
+        endpoint = f"http://127.0.0.1:{proxy.port}"
+        worker_on_store(workers, "s3-ckpt", tmp_path / "disk", moto, bucket_url, AWS_ENDPOINT_URL_S3=endpoint,
+                        AWS_ENDPOINT_URL=endpoint, DEEPE_STORAGE_RETRY_SECONDS="4", DEEPE_CHECKPOINT_MINUTES="0.05")
+        # When a job with a time limit trains through the outage
+        job = submit(slow, params(bucket_url, MAX_STEPS=400, step_sleep=0.3), queue="s3-ckpt", time_limit=30)
+        # Then training went on while the upload failed (steps kept coming during the outage)
+        wait_for(lambda: bool(proxy.fired_at) or job.status().is_final, timeout=120)
+        assert proxy.fired_at, job.info()
+        at_cut = max(first_losses_steps(job), default=0)
+        wait_for(lambda: max(first_losses_steps(job), default=0) >= at_cut + 10 or job.status().is_final, timeout=60)
+        assert max(first_losses_steps(job), default=0) >= at_cut + 10
+        # and the time limit stops it, failed, with its last checkpoint on the store
+        assert job.wait(timeout=120) is JobStatus.FAILED, job.info()
+    assert "time limit of 30 s reached" in job.info()["error"]
+    markers = on_store.glob(f"jobs/{job.id}/attempts/1/checkpoints/checkpoint-*/deepe-checkpoint.json")
+    steps = sorted(int(m.split("/")[-2].rsplit("-", 1)[1]) for m in markers)
+    last = [e.step for e in job.events() if e.kind is EventKind.CHECKPOINT][-1]
+    assert steps and steps[-1] == last, (steps, last)
+    assert on_store.read_json(f"models/{job.id}/deepe.json") is None  # a failed job publishes nothing
+    log = next((tmp_path / "disk" / "mirror").glob(f"*/jobs/{job.id}/output.log")).read_text()
+    assert "could not be uploaded" in log and "DEEPE_STORAGE_RETRY_SECONDS" in log, log[-3000:]
+
+
+def first_losses_steps(job: Any) -> list[int]:
+    return [e.step for e in job.events() if e.kind is EventKind.LOG and e.step is not None]
