@@ -119,3 +119,19 @@ def get_storage() -> Path:
     from deepe_tasks.core.settings import get_settings
 
     return get_settings().storage_root
+
+
+@pytest.mark.e2e
+def test_grpo_demo_honours_eval_split_with_eval_rewards(tiny_model: Path, tmp_path: Path) -> None:
+    from deepe_tasks.ui.local import run_method_file
+
+    data = tiny.write_jsonl(tiny.gsm_rows(16), tmp_path / "g.jsonl")
+    events: list[Event] = []
+    result = run_method_file(BUILTIN / "grpo-demo.py", {
+        "MODEL_PATH": str(tiny_model), "DATASET_PATH": str(data), "MAX_STEPS": 2, "BATCH_SIZE": 2,
+        "NUM_GENERATIONS": 2, "MAX_CONTENT_LENGTH": 8, "LORA_RANK": 4, "EVAL_SPLIT": 0.25, "EVAL_STEPS": 1},
+        events.append)
+    assert result.status is JobStatus.SUCCEEDED, result.error
+    evals = [e for e in events if e.kind is EventKind.EVAL]
+    assert [e.step for e in evals] == [1, 2]
+    assert all("eval_reward" in e.metrics and "eval_loss" in e.metrics for e in evals)

@@ -4,7 +4,8 @@ Parameters: MODEL_PATH, DATASET_PATH (a question column and an answer column who
 follows '####'), PromptInputColumn (default "question"), PromptOutputColumn (default
 "answer"), LORA_RANK, LOAD_IN_4BIT, NUM_GENERATIONS (completions per prompt), BATCH_SIZE
 (prompts per step), MAX_INPUT_LENGTH (prompt tokens), MAX_CONTENT_LENGTH (completion tokens),
-MAX_SAMPLES, LEARNING_RATE, WARMUP_STEPS, MAX_STEPS, NUM_EPOCHS, MAX_GRAD_NORM.
+MAX_SAMPLES, LEARNING_RATE, WARMUP_STEPS, MAX_STEPS, NUM_EPOCHS, MAX_GRAD_NORM; EVAL_DATASET_PATH or
+EVAL_SPLIT (and EVAL_STEPS) for validation during training (eval rewards).
 """
 
 import re
@@ -108,35 +109,51 @@ if LOAD_IN_4BIT:
 
 # ---- data ---------------------------------------------------------------------------------
 FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-path = Path(DATASET_PATH)
-if not path.exists():
-    raise FileNotFoundError(f"DATASET_PATH {path} does not exist")
-if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
-    dataset = load_from_disk(str(path))
-    if hasattr(dataset, "keys"):
-        dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
-else:
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in FORMATS)
-    kinds = {FORMATS.get(p.suffix) for p in files}
-    if not files or None in kinds or len(kinds) != 1:
-        raise ValueError(f"DATASET_PATH {path} must be one JSON, JSONL, CSV or Parquet file, "
-                         "or a folder of files of one of those kinds")
-    if all(p.stat().st_size == 0 for p in files):
-        raise ValueError(f"the dataset at {path} has no rows")
-    kind = kinds.pop()
-    try:
-        dataset = load_dataset(kind, data_files=[str(p) for p in files], split="train")
-    except Exception as e:
-        raise ValueError(f"DATASET_PATH {path} could not be read as {kind}: {e}") from e
 
-for column in (question_column, answer_column):
-    if column not in dataset.column_names:
-        raise ValueError(f"the dataset has no column {column!r}; its columns are "
-                         f"{dataset.column_names}. Set PromptInputColumn/PromptOutputColumn to match.")
+
+def load_rows(name, value):
+    """The rows of the dataset file or folder ``value`` (the parameter ``name``)."""
+    path = Path(value)
+    if not path.exists():
+        raise FileNotFoundError(f"{name} {path} does not exist")
+    if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+        rows = load_from_disk(str(path))
+        if hasattr(rows, "keys"):
+            rows = rows["train"] if "train" in rows else next(iter(rows.values()))
+    else:
+        files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in FORMATS)
+        kinds = {FORMATS.get(p.suffix) for p in files}
+        if not files or None in kinds or len(kinds) != 1:
+            raise ValueError(f"{name} {path} must be one JSON, JSONL, CSV or Parquet file, "
+                             "or a folder of files of one of those kinds")
+        if all(p.stat().st_size == 0 for p in files):
+            raise ValueError(f"the dataset at {path} ({name}) has no rows")
+        kind = kinds.pop()
+        try:
+            rows = load_dataset(kind, data_files=[str(p) for p in files], split="train")
+        except Exception as e:
+            raise ValueError(f"{name} {path} could not be read as {kind}: {e}") from e
+    for column in (question_column, answer_column):
+        if column not in rows.column_names:
+            raise ValueError(f"the dataset at {path} ({name}) has no column {column!r}; its columns are "
+                             f"{rows.column_names}. Set PromptInputColumn/PromptOutputColumn to match.")
+    if len(rows) == 0:
+        raise ValueError(f"the dataset at {path} ({name}) has no rows")
+    return rows
+
+
+dataset = load_rows("DATASET_PATH", DATASET_PATH)
 if MAX_SAMPLES > 0:
     dataset = dataset.select(range(min(MAX_SAMPLES, len(dataset))))
-if len(dataset) == 0:
-    raise ValueError(f"the dataset at {path} has no rows")
+# Validation during training (the platform evaluates every EVAL_STEPS steps): a held-out file,
+# or a seeded fraction of the training data.
+eval_dataset = load_rows("EVAL_DATASET_PATH", EVAL_DATASET_PATH) if EVAL_DATASET_PATH else None
+if eval_dataset is None and EVAL_SPLIT:
+    if round(len(dataset) * EVAL_SPLIT) < 1 or round(len(dataset) * (1 - EVAL_SPLIT)) < 1:
+        raise ValueError(f"EVAL_SPLIT={EVAL_SPLIT} of {len(dataset)} rows leaves no row to train on or to evaluate; "
+                         "give a fraction that keeps at least one row on each side.")
+    split = dataset.train_test_split(test_size=EVAL_SPLIT, seed=42)
+    dataset, eval_dataset = split["train"], split["test"]
 
 use_chat = tokenizer.chat_template is not None
 
@@ -156,16 +173,24 @@ def prompt_tokens(row):
     return len(tokenizer(row["prompt"]).input_ids)
 
 
-dataset = dataset.map(to_prompt, remove_columns=dataset.column_names)
-dataset = dataset.filter(lambda row: row["answer"] is not None and prompt_tokens(row) <= MAX_INPUT_LENGTH)
-if len(dataset) == 0:
-    raise ValueError(f"no row of the dataset has both a '####' answer and a prompt within "
-                     f"MAX_INPUT_LENGTH={MAX_INPUT_LENGTH} tokens")
+def prepared(rows, name):
+    rows = rows.map(to_prompt, remove_columns=rows.column_names)
+    rows = rows.filter(lambda row: row["answer"] is not None and prompt_tokens(row) <= MAX_INPUT_LENGTH)
+    if len(rows) == 0:
+        raise ValueError(f"no row of the dataset ({name}) has both a '####' answer and a prompt within "
+                         f"MAX_INPUT_LENGTH={MAX_INPUT_LENGTH} tokens")
+    return rows
+
+
+dataset = prepared(dataset, "DATASET_PATH")
+if eval_dataset is not None:
+    eval_dataset = prepared(eval_dataset, "EVAL_DATASET_PATH" if EVAL_DATASET_PATH else "EVAL_SPLIT")
 
 # ---- trainer ------------------------------------------------------------------------------
 config = GRPOConfig(
     num_generations=NUM_GENERATIONS,                               # completions per prompt
     per_device_train_batch_size=BATCH_SIZE * NUM_GENERATIONS,      # counted in completions
+    per_device_eval_batch_size=BATCH_SIZE * NUM_GENERATIONS,
     gradient_accumulation_steps=GRAD_ACCUM_STEPS,
     max_completion_length=MAX_CONTENT_LENGTH,
     learning_rate=LEARNING_RATE,
@@ -187,6 +212,7 @@ trainer = GRPOTrainer(
     reward_funcs=[xmlcount_reward, soft_format_reward, strict_format_reward, int_reward, correctness_reward],
     args=config,
     train_dataset=dataset,
+    eval_dataset=eval_dataset,
     processing_class=tokenizer,
     peft_config=peft_config,
     callbacks=[callback],
