@@ -25,8 +25,9 @@ class First(TrainerCallback):
             print("first step", flush=True)
 
 params = json.loads(sys.argv[2])
-namespace = {name: None for name in ("PromptInputColumn", "PromptOutputColumn")}
-namespace.update({"LOAD_IN_4BIT": False, "MAX_SAMPLES": 0, "GRAD_ACCUM_STEPS": 1, "WARMUP_STEPS": 0,
+namespace = {name: None for name in ("PromptInputColumn", "PromptOutputColumn", "EVAL_DATASET_PATH", "EVAL_SPLIT",
+                                     "EVAL_STEPS")}
+namespace.update({"KEEP_BEST": False, "LOAD_IN_4BIT": False, "MAX_SAMPLES": 0, "GRAD_ACCUM_STEPS": 1, "WARMUP_STEPS": 0,
                   "NUM_EPOCHS": 1, "MAX_GRAD_NORM": 1.0, **params, "params": params, "callback": First()})
 exec(compile(open(sys.argv[1]).read(), sys.argv[1], "exec"), namespace)
 namespace["trainer"].args.output_dir = "torchrun-out"

@@ -35,6 +35,9 @@ LEARNING_RATE = params.LEARNING_RATE            # peak learning rate
 WARMUP_STEPS = params.WARMUP_STEPS              # linear warm-up steps
 PromptInputColumn = params.PromptInputColumn or "instruction"  # the prompt column
 PromptOutputColumn = params.PromptOutputColumn or "output"     # the answer column
+EVAL_DATASET_PATH = params.EVAL_DATASET_PATH    # held-out data, or None: pass eval_dataset= to the
+EVAL_SPLIT = params.EVAL_SPLIT                  # trainer and the platform evaluates it every
+EVAL_STEPS = params.EVAL_STEPS                  # EVAL_STEPS steps (None: 10 times a run)
 
 #============ from here add your own train code
 
