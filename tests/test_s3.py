@@ -228,13 +228,13 @@ def test_an_upload_cut_during_the_publish_is_retried_and_one_that_never_gets_thr
     method = write_method(store, "s3_faults", SLOW_METHOD)
     # Given workers that reach the store through a proxy that cuts every connection, for a
     # while, when the model's files are uploaded to OUTPUT_DIR (under the attempt's key, a1-…)
-    # (each operation is tried for 8 s: DEEPE_STORAGE_RETRY_SECONDS)
-    for blackout, queue in ((2.0, "s3-blip"), (20.0, "s3-down")):
+    # (each operation is tried for 5 s: DEEPE_STORAGE_RETRY_SECONDS)
+    for blackout, queue in ((2.0, "s3-blip"), (12.0, "s3-down")):
         with FaultProxy(moto.port, trigger=b"/a1-", blackout=blackout) as proxy:
             endpoint = f"http://127.0.0.1:{proxy.port}"
             worker_on_store(workers, queue, tmp_path / f"disk-{queue}", moto, bucket_url,
                             AWS_ENDPOINT_URL_S3=endpoint, AWS_ENDPOINT_URL=endpoint,
-                            DEEPE_STORAGE_RETRY_SECONDS="8")
+                            DEEPE_STORAGE_RETRY_SECONDS="5")
             job = submit(method, params(bucket_url, MAX_STEPS=2, step_sleep=0), queue=queue)
             status = job.wait(timeout=240)
             assert proxy.fired_at, "the proxy never saw the upload"
