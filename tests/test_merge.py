@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -108,26 +107,26 @@ def test_the_api_merges_and_refuses_as_the_cli_does(http: TestClient, worker: Wo
 
 def test_a_merge_survives_a_worker_kill(workers: list[Worker], tmp_path: Path, trained: Job,
                                         tiny_model: Path) -> None:
-    # Given a merge that is stuck reading the base model's weights (a FIFO stands in for them)
-    weights = next(tiny_model.glob("*.safetensors"))
-    aside = tmp_path / weights.name
+    # Given a merge that is busy hashing its base model (a sparse 8 GB file in the base's folder
+    # takes it many seconds to read; transformers refuses a FIFO in place of the weights at once)
+    padding = tiny_model / "padding.bin"
     first = Worker("merge-kill", tmp_path / "w1.log", env=FAST).start()
     workers.append(first)
-    os.rename(weights, aside)
     try:
-        os.mkfifo(weights)
+        with padding.open("wb") as f:
+            f.truncate(8 << 30)
         job = merge(trained.id, queue="merge-kill")
         wait_for(lambda: job.status() is JobStatus.RUNNING or job.status().is_final, timeout=60)
         assert job.status() is JobStatus.RUNNING, job.info()
+        wait_for(lambda: job.info().get("pid"), timeout=30)
         pid = job.info()["pid"]
         # When its worker is killed, with its job process
         first.process.signal(signal.SIGKILL, group=True)
         first.process.proc.wait()  # type: ignore[union-attr]
         wait_for(lambda: process_gone(pid), timeout=10)
+        assert not job.status().is_final, job.info()  # it was still merging (or queued again by now)
     finally:
-        if weights.exists():
-            weights.unlink()
-        os.rename(aside, weights)
+        padding.unlink(missing_ok=True)
     # Then another worker takes it over and publishes the merged model, once
     workers.append(Worker("merge-kill", tmp_path / "w2.log", env=FAST).start())
     assert job.wait(timeout=120) is JobStatus.SUCCEEDED, job.info()["error"]
