@@ -88,7 +88,7 @@ def test_a_resumed_job_with_the_server_down_meanwhile_is_one_run_with_every_step
     slow = write_method(store, "mlflow_slow", SLOW_METHOD)
     first = Worker("mlflow-kill", tmp_path / "w1.log", env=env(server)).start()
     workers.append(first)
-    job = submit(slow, {**sft_params, "MAX_STEPS": 16, "step_sleep": 0.4, "PromptInputColumn": "instruction",
+    job = submit(slow, {**sft_params, "MAX_STEPS": 40, "step_sleep": 0.4, "PromptInputColumn": "instruction",
                         "PromptOutputColumn": "output"}, queue="mlflow-kill")
     wait_for(lambda: len(first_losses(job)) >= 3 and job.info().get("mlflow_run"), timeout=180)
     # When the tracking server goes away, and then the worker is SIGKILLed after a checkpoint
@@ -96,6 +96,7 @@ def test_a_resumed_job_with_the_server_down_meanwhile_is_one_run_with_every_step
     wait_for(lambda: any(e.kind is EventKind.CHECKPOINT for e in job.events()) and len(first_losses(job)) >= 6,
              timeout=120)
     first.process.signal(signal.SIGKILL, group=True)
+    assert not job.status().is_final, "the job ended before its worker was killed"
     workers.append(Worker("mlflow-kill", tmp_path / "w2.log", env=env(server)).start())
     wait_for(lambda: any(e.kind is EventKind.RESUMED for e in job.events()), timeout=120)
     # and comes back while the job trains on another worker
@@ -105,7 +106,7 @@ def test_a_resumed_job_with_the_server_down_meanwhile_is_one_run_with_every_step
     # Then the job is one run, every step's loss once, as the stream had it first
     assert job.info()["attempts"] == 2
     losses = history(server, run.info.run_id, "loss")
-    assert [s for s, _ in losses] == list(range(1, 17))
+    assert [s for s, _ in losses] == list(range(1, 41))
     assert losses == sorted(first_losses(job).items())
     runs = client(server).search_runs([run.info.experiment_id], filter_string=f"tags.`deepe.job_id` = '{job.id}'")
     assert len(runs) == 1

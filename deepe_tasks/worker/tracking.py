@@ -81,13 +81,12 @@ class Tracker:
         return self._experiment
 
     def round(self) -> int:
-        """One round over the running and still-open jobs; how many events it sent."""
+        """One round over the jobs whose runs are open (registered at their claim); how many metrics it sent."""
         if not self._lead():
             return 0
-        running: Any = self.redis.smembers(keys.RUNNING)
         opened: Any = self.redis.smembers(OPEN)
         sent = 0
-        for job_id in sorted(set(running) | set(opened)):
+        for job_id in sorted(opened):
             try:
                 sent += self.feed(str(job_id))
             except Exception as e:  # MLflow away, a job gone: the next round tries again
