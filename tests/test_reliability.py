@@ -208,9 +208,10 @@ def test_a_cancel_with_save_gets_the_grace_again_once_saving_began(
         workers: list[Worker], tmp_path: Path, store: Path, slow_params: dict[str, object]) -> None:
     # Given a job whose steps and final save each take longer than half the cancel grace
     write_method(store, "slowsave", SLOW_SAVE)
-    # (a 3.5 s margin on the save alone, so that a loaded machine cannot push it past the grace)
+    # (margins for a loaded machine: 3.5 s for reaching the step and its checkpoint, 2.5 s for
+    # the save alone; the two together always take longer than the grace)
     start_worker(workers, "csgrace-q", tmp_path, DEEPE_CANCEL_GRACE="6")
-    job = submit("slowsave", {**slow_params, "step_sleep": 4.5, "save_sleep": 2.5}, queue="csgrace-q")
+    job = submit("slowsave", {**slow_params, "step_sleep": 2.5, "save_sleep": 3.5}, queue="csgrace-q")
     wait_for_event(job, EventKind.LOG, count=2)
     # When it is cancelled with save: reaching the step, the checkpoint and the save together
     # take longer than DEEPE_CANCEL_GRACE, the save alone does not
