@@ -92,10 +92,14 @@ def configured(settings: Settings) -> bool:
     return bool(settings.webhook_url_list) or settings.webhook_secret is not None
 
 
+ON_FOR = 24 * 3600  # seconds the outbox stays on after the last process with webhook URLs said so
+
+
 def enable(client: redis.Redis, settings: Settings) -> None:
-    """Turn the outbox on where this process has DEEPE_WEBHOOK_URLS (idempotent)."""
+    """Keep the outbox on where this process has DEEPE_WEBHOOK_URLS (each submit, each dispatcher
+    round); once no process has them, it turns itself off a day later (the flag expires)."""
     if settings.webhook_url_list:
-        client.set(keys.WEBHOOKS_ON, "1")
+        client.set(keys.WEBHOOKS_ON, "1", ex=ON_FOR)
 
 
 def _message_id(entry_id: str, fields: dict[str, str]) -> str:
@@ -266,7 +270,7 @@ def run_dispatcher(stop: threading.Event, client_factory: Any, settings: Setting
         try:
             if dispatcher is None:
                 dispatcher = Dispatcher(client_factory(), settings, holder)
-                enable(dispatcher.client, settings)
+            enable(dispatcher.client, settings)
             dispatcher.round()
         except Exception as e:  # Redis away: the next round tries again
             log.warning("webhooks: %s", e)
