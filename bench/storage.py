@@ -3,8 +3,9 @@ endpoint on this machine (moto's standalone server: loopback, objects in memory,
 figures are deepe's own costs, not a network's):
 
 - training step time while a checkpoint uploads (deepe's uploader thread, sending a
-  checkpoint-sized folder again and again) against the same run's steps with no upload, in
-  alternating blocks of one run (`step_ratio`: what "uploaded without stalling training" costs),
+  checkpoint-sized folder again and again) against the same run's steps with no upload in
+  flight, in alternating phases of one run (`step_ratio`: what "uploaded without stalling
+  training" costs),
   and the CPU time the process spends per step in each kind of block (the uploader's own cost).
   The server is kept on a CPU of its own and training on the others, so that the server's work
   (which a real store does elsewhere) does not count as deepe's;
@@ -27,12 +28,12 @@ from typing import Any
 
 from common import environment, median, report, sft_params, smoke_flag
 
-BLOCK, SKIP = 8, 2  # steps per block (upload on / off), the first SKIP of each left out
-STEPS = 96
+PHASE_S = 1.5  # seconds of back-to-back uploads, then as long without
+STEPS = 800
 CHECKPOINT_MB = 50
 PUBLISH_MB = [100, 1024]
 BASE_MB = 200
-SMOKE: dict[str, Any] = {"steps": 16, "checkpoint_mb": 2, "publish_mb": [2], "base_mb": 2}
+SMOKE: dict[str, Any] = {"steps": 60, "checkpoint_mb": 2, "publish_mb": [2], "base_mb": 2}
 
 
 def payload(folder: Path, mb: int) -> Path:
@@ -46,14 +47,17 @@ def payload(folder: Path, mb: int) -> Path:
 
 
 def step_ratio(ctx: dict[str, Any], store: Any, work: Path, steps: int, checkpoint_mb: int) -> dict[str, Any]:
-    """Median step time in blocks with an upload running, over blocks without, in one run."""
+    """Median step time while an upload is in flight, over steps with none, in one run.
+
+    Uploads run back to back in phases of PHASE_S seconds, alternating with phases of none. A
+    step counts as "uploading" when an upload was in flight at both its ends, as "not" when none
+    was at either; a step across a switch is left out."""
     from transformers import TrainerCallback
 
     from deepe_tasks.ui.local import local_runner
 
     checkpoint = payload(work / "checkpoint", checkpoint_mb)
-    uploading = threading.Event()
-    stop = threading.Event()
+    uploading, busy, stop = threading.Event(), threading.Event(), threading.Event()
     uploads: list[float] = []
 
     def upload_loop() -> None:
@@ -61,35 +65,38 @@ def step_ratio(ctx: dict[str, Any], store: Any, work: Path, steps: int, checkpoi
         while not stop.is_set():
             if not uploading.wait(0.05):
                 continue
+            busy.set()
             t0 = time.monotonic()
             store.put_tree(checkpoint, f"bench/checkpoint-{n}", last=["config.json"])
             uploads.append(time.monotonic() - t0)
+            if not uploading.is_set():
+                busy.clear()
             n += 1
 
     times: dict[bool, list[float]] = {True: [], False: []}
     cpu: dict[bool, list[float]] = {True: [], False: []}
 
-    class Blocks(TrainerCallback):
-        last: tuple[float, float] | None = None
-        step = 0
+    class Phases(TrainerCallback):
+        last: tuple[float, float, bool] | None = None
+        switched = time.monotonic()
 
         def on_step_begin(self, *a: Any, **k: Any) -> None:
-            now = (time.monotonic(), time.process_time())
-            if self.last is not None and self.step % BLOCK >= SKIP:
-                times[uploading.is_set()].append(now[0] - self.last[0])
-                cpu[uploading.is_set()].append(now[1] - self.last[1])
+            now = (time.monotonic(), time.process_time(), busy.is_set())
+            if self.last is not None and self.last[2] == now[2]:
+                times[now[2]].append(now[0] - self.last[0])
+                cpu[now[2]].append(now[1] - self.last[1])
             self.last = now
-            self.step += 1
-            if self.step % BLOCK == 0:  # the next block: the other kind
+            if now[0] - self.switched >= PHASE_S:
+                self.switched = now[0]
                 if uploading.is_set():
-                    uploading.clear()
+                    uploading.clear()  # busy clears once the upload in flight ends
                 else:
                     uploading.set()
 
     runner = local_runner(ctx["work"] / "methods" / "sft-demo.py",
                           sft_params(ctx, MAX_STEPS=steps, OUTPUT_DIR=f"models/{uuid.uuid4().hex}"), lambda e: None)
     trainer = runner.build()
-    trainer.add_callback(Blocks())
+    trainer.add_callback(Phases())
     thread = threading.Thread(target=upload_loop, daemon=True)
     thread.start()
     try:
@@ -102,7 +109,8 @@ def step_ratio(ctx: dict[str, Any], store: Any, work: Path, steps: int, checkpoi
     return {"step_s_uploading": round(with_upload, 4), "step_s_not_uploading": round(without, 4),
             "step_ratio": round(with_upload / without, 3),
             "cpu_s_per_step_uploading": round(median(cpu[True]), 4),
-            "cpu_s_per_step_not_uploading": round(median(cpu[False]), 4), "steps_each": [len(times[True]), len(times[False])],
+            "cpu_s_per_step_not_uploading": round(median(cpu[False]), 4),
+            "steps_each": [len(times[True]), len(times[False])],
             "checkpoint_mb": checkpoint_mb, "checkpoint_uploads": len(uploads),
             "checkpoint_upload_s_median": round(median(uploads), 3) if uploads else None}
 
@@ -157,7 +165,7 @@ def cache_times(store: Any, work: Path, mb: int) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    smoke_flag(parser, "a 16-step run, 2 MB checkpoints and models")
+    smoke_flag(parser, "a 60-step run, 2 MB checkpoints and models")
     args = parser.parse_args()
     size: dict[str, Any] = SMOKE if args.smoke else {"steps": STEPS, "checkpoint_mb": CHECKPOINT_MB, "publish_mb": PUBLISH_MB,
                                      "base_mb": BASE_MB}
