@@ -44,6 +44,7 @@ class Uploader:
 
     def _run(self) -> None:
         while True:
+            # A daemon thread's wait for work: it ends with the job process, never holds it.
             folder = self._waiting.get()
             newer = [f for f in self._drain_queue() if f is not None]
             if newer:

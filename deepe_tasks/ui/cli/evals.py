@@ -32,6 +32,8 @@ def eval_(
     if not wait:
         print_json({"id": job.id, "status": job.status().value}) if as_json else print(job.id)
         return
+    # As `deepe submit --wait` and `merge --wait` follow theirs: until the job ends, which its
+    # lease bounds once a worker took it (a queue no worker consumes waits, as the job does).
     status = job.wait()
     found = results(job)
     if as_json:
