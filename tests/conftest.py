@@ -16,7 +16,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from tests.helpers import API_TOKEN, ROOT, SESSION_DIR, STORAGE, STORE, Worker
+from tests.helpers import API_TOKEN, ROOT, SESSION_DIR, STORAGE, STORE, Worker, copy_shipped_store
 
 _SESSION_DIR = SESSION_DIR
 
@@ -57,7 +57,7 @@ def pytest_configure(config: pytest.Config) -> None:
         server = RedisServer(folder=_SESSION_DIR / "redis").start()
         config._deepe_redis = server  # type: ignore[attr-defined]
         url = server.url
-    shutil.copytree(ROOT / "method_store", STORE)
+    copy_shipped_store(STORE)
     STORAGE.mkdir(parents=True)
     os.environ.update({
         "DEEPE_REDIS_URL": url,

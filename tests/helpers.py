@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,6 +54,19 @@ class Worker:
 
     def alive(self) -> bool:
         return self.process.proc is not None and self.process.proc.poll() is None
+
+
+# What the repository ships in method_store/: the user's own methods there (README: copy the
+# template to custom01.py) are theirs, and no test or check of the project reads them.
+SHIPPED_METHOD_FILES = ("custom-template.py", "run_local_train_test_template.py")
+
+
+def copy_shipped_store(target: Path) -> Path:
+    """A method store with only what the repository ships in method_store/."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in SHIPPED_METHOD_FILES:
+        shutil.copy2(ROOT / "method_store" / name, target / name)
+    return target
 
 
 def write_method(store: Path, name: str, source: str) -> str:

@@ -136,6 +136,21 @@ def test_bad_requests_get_422_with_the_clis_messages(api: httpx.Client, sft_para
     assert api.get("/methods/sft-demo").json()["description"].startswith("SFT-Demo:")
 
 
+def test_unknown_body_fields_are_refused_by_name_not_dropped(api: httpx.Client, sft_params: dict[str, Any]) -> None:
+    # Given a body with a misspelt field, and one with a field the route has not
+    typo = api.post("/jobs", json={"method": "sft-demo", "params": sft_params, "priorty": 0, "queue": "nobody-q"})
+    extra = api.post("/jobs", json={"method": "sft-demo", "params": sft_params, "job_id": "mine", "queue": "nobody-q"})
+    # Then both are refused, naming the field (and what was meant, where one is close)
+    assert typo.status_code == 422, typo.text
+    said = typo.json()["detail"][0]["msg"]
+    assert "'priorty'" in said and "did you mean 'priority'?" in said, said
+    assert extra.status_code == 422 and "'job_id'" in extra.json()["detail"][0]["msg"]
+    assert "did you mean" not in extra.json()["detail"][0]["msg"]
+    # And the evaluation route refuses its own unknown fields the same way
+    bad_eval = api.post("/jobs/whatever/eval", json={"dataset": "d.jsonl", "max_sample": 3})
+    assert bad_eval.status_code == 422 and "did you mean 'max_samples'?" in bad_eval.json()["detail"][0]["msg"]
+
+
 def test_every_protected_route_needs_the_token(api: httpx.Client) -> None:
     spec = api.get("/openapi.json").json()
     checked = 0

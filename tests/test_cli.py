@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Worker, cli_here, run_cli
+from tests.helpers import Worker, cli_here, copy_shipped_store, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,7 +76,7 @@ def test_deepe_demo_runs_end_to_end(tmp_path: Path) -> None:
     # The README's first command, with no Redis configured: it brings its own.
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEEPE_")}
     result = subprocess.run([sys.executable, "-m", "deepe_tasks", "demo", "--steps", "10"],
-                            cwd=tmp_path, env={**env, "DEEPE_METHOD_STORE": str(ROOT / "method_store")},
+                            cwd=tmp_path, env={**env, "DEEPE_METHOD_STORE": str(copy_shipped_store(tmp_path / "store"))},
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "model saved to" in result.stdout

@@ -16,7 +16,7 @@ from deepe_tasks.contract.methods import BUILTIN
 from deepe_tasks.core.records import Event, EventKind, JobStatus
 from deepe_tasks.fixtures import tiny
 from deepe_tasks.ui.local import check_output, run_method_file
-from tests.helpers import paste_into_template
+from tests.helpers import copy_shipped_store, paste_into_template
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,7 +71,7 @@ def first_run() -> list[str]:
 def test_the_readme_first_run_works_as_written(tmp_path: Path) -> None:
     """In a folder like a fresh clone (its method_store/), with the settings' defaults: the demo,
     then each line of the README's first-run block, the comments done as a user would."""
-    shutil.copytree(ROOT / "method_store", tmp_path / "method_store")
+    copy_shipped_store(tmp_path / "method_store")
     env = {k: v for k, v in os.environ.items() if k not in ("DEEPE_STORAGE", "DEEPE_METHOD_STORE")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # the venv's deepe and python3
 
@@ -101,3 +101,12 @@ def test_the_readme_first_run_works_as_written(tmp_path: Path) -> None:
     assert "custom01: OK" in outputs[1]
     assert "step 5/5" in outputs[2] and "OK:" in outputs[2]
     assert "OK:" in outputs[-1] and (tmp_path / "deepe-data/models/first-run/deepe.json").is_file()
+
+
+def test_every_install_command_in_the_docs_installs_from_this_repository() -> None:
+    # deepe-tasks is not on PyPI: `pip install deepe-tasks` (or an extra of it) fails for a user.
+    texts = {p.name: p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]}
+    for name, text in texts.items():
+        for command in re.findall(r"pip install [^`\n]*", text):
+            assert not re.search(r"['\"]?deepe[-_]tasks(\[|['\"]|\s|$)", command), f"{name}: {command}"
+    assert "pip install -e ." in texts["README.md"]

@@ -112,7 +112,7 @@ def test_an_ended_job_expires_with_its_index_entries_and_answers_unknown_or_expi
     with pytest.raises(JobNotFound, match="expired"):
         Job(succeeded).status()
     answer = http.get(f"/jobs/{succeeded}")
-    assert answer.status_code == 404 and "DEEPE_JOB_RETENTION=5" in answer.json()["detail"]
+    assert answer.status_code == 404 and "DEEPE_JOB_RETENTION (5 s)" in answer.json()["detail"]
     shown = cli_here("status", succeeded)
     assert shown.returncode == 2 and "expired" in shown.stderr
     listed = http.get("/jobs").json()["jobs"]

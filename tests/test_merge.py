@@ -72,9 +72,29 @@ def test_a_merged_model_gives_the_adapter_model_s_logits(trained: Job, tiny_mode
 
 
 def test_the_cli_merge_waits_and_prints_the_folder_last(trained: Job) -> None:
-    done = cli_here("merge", trained.id[:8], "--wait")
+    done = cli_here("merge", trained.id[:8], "--wait", "--force")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1].endswith(f"{Path(trained.info()['output_dir']).name}-merged")
+
+
+def test_merging_a_job_again_is_refused_unless_forced(trained: Job) -> None:
+    # Given a job whose adapter was merged
+    first = merge(trained.id, force=True)
+    assert first.wait(timeout=120) is JobStatus.SUCCEEDED, first.info()["error"]
+    out = Path(first.info()["output_dir"])
+    before = (out / "deepe.json").read_text()
+    # When it is merged again without --force, it is refused, naming where the merged model is
+    again = cli_here("merge", trained.id)
+    assert again.returncode == 2, again.stdout
+    assert f"Job {trained.id} was merged already: its merged model is at {out}" in again.stderr.replace("\n", "")
+    assert "--force" in again.stderr
+    with pytest.raises(InvalidJobState, match="was merged already"):
+        merge(trained.id)
+    assert (out / "deepe.json").read_text() == before  # nothing queued, nothing replaced
+    # And --force replaces it with a new merge
+    forced = merge(trained.id, force=True)
+    assert forced.wait(timeout=120) is JobStatus.SUCCEEDED, forced.info()["error"]
+    assert json.loads((out / "deepe.json").read_text())["job"] == forced.id
 
 
 def test_merging_a_failed_job_or_a_complete_model_is_refused(worker: Worker, trained: Job, store: Path,
@@ -87,7 +107,7 @@ def test_merging_a_failed_job_or_a_complete_model_is_refused(worker: Worker, tra
         merge(failed.id)
     refused = cli_here("merge", failed.id)
     assert refused.returncode == 2 and "only a job that succeeded" in refused.stderr
-    merged = merge(trained.id)
+    merged = merge(trained.id, force=True)
     assert merged.wait(timeout=120) is JobStatus.SUCCEEDED
     with pytest.raises(InvalidJobState, match="already a complete model"):
         merge(merged.id)
@@ -95,7 +115,10 @@ def test_merging_a_failed_job_or_a_complete_model_is_refused(worker: Worker, tra
 
 def test_the_api_merges_and_refuses_as_the_cli_does(http: TestClient, worker: Worker, trained: Job,
                                                       store: Path, sft_params: dict[str, Any]) -> None:
-    queued = http.post(f"/jobs/{trained.id}/merge")
+    merge(trained.id, force=True).wait(timeout=120)  # merged once: a second merge needs force
+    refused = http.post(f"/jobs/{trained.id}/merge")
+    assert refused.status_code == 409 and "was merged already" in refused.json()["detail"]
+    queued = http.post(f"/jobs/{trained.id}/merge", params={"force": "true"})
     assert queued.status_code == 201, queued.text
     job = Job(queued.json()["id"])
     assert job.wait(timeout=120) is JobStatus.SUCCEEDED
@@ -115,7 +138,7 @@ def test_a_merge_survives_a_worker_kill(workers: list[Worker], tmp_path: Path, t
     try:
         with padding.open("wb") as f:
             f.truncate(8 << 30)
-        job = merge(trained.id, queue="merge-kill")
+        job = merge(trained.id, queue="merge-kill", force=True)
         wait_for(lambda: job.status() is JobStatus.RUNNING or job.status().is_final, timeout=60)
         assert job.status() is JobStatus.RUNNING, job.info()
         wait_for(lambda: job.info().get("pid"), timeout=30)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.request
@@ -77,6 +78,9 @@ def test_flower_shows_the_job_its_progress_and_the_worker(workers: list[Worker],
         assert info["name"] == "deepe.train"
         assert "'method': 'slow'" in info["kwargs"] and "'HF_TOKEN': '***'" in info["kwargs"]
         assert "hf_secret_value" not in json.dumps(info)
+        # And the task list's columns show the job id, the method and the parameters, not only the task name
+        headers = re.findall(r'<th data-column="(\w+)"', flower.get("/tasks"))
+        assert headers[:4] == ["name", "uuid", "state", "kwargs"] and "worker" in headers, headers
         assert job.wait(timeout=120) is JobStatus.SUCCEEDED
         done = wait_for(lambda: _state(flower, job.id, "SUCCESS"), timeout=30)
         assert done["state"] == "SUCCESS"

@@ -289,6 +289,39 @@ def test_redis_unreachable_for_two_leases_mid_job(tmp_path: Path, params: dict[s
         get_settings.cache_clear()
 
 
+def test_a_message_lost_between_redis_and_a_consumer_is_sent_again(cluster: Cluster,
+                                                                   params: dict[str, object]) -> None:
+    import subprocess
+
+    import redis as redis_py
+
+    from deepe_tasks.core import keys
+    from deepe_tasks.core.broker import priority_lists
+
+    # Given an idle worker on its own host, its consumer blocked in BRPOP on its queue
+    cluster.worker("blip-q", on_host=True)
+    time.sleep(2)
+    client = redis_py.Redis.from_url(cluster.redis.url, decode_responses=True)
+    # When its link is cut and a job is queued at once, Redis pops the message for the BRPOP that
+    # was waiting and writes it into the dead link (kombu's Redis transport takes a message with
+    # BRPOP: at most once, until the consumer has it)
+    cluster.host.cut()
+    job = submit("slow", {**params, "MAX_STEPS": 4}, queue="blip-q")
+    wait_for(lambda: not any(client.llen(name) for _, name in priority_lists("blip-q")), timeout=5)
+    assert job.id not in " ".join(str(v) for v in client.hvals(keys.KOMBU_UNACKED))
+    # and Redis's end of those connections gives up before the link is back (as TCP does after
+    # its retries, or a keepalive, when a host is gone): the reply is dropped with them
+    killed = subprocess.run(["ss", "-K", "dst", cluster.host.ns_ip], capture_output=True, text=True)
+    if "ESTAB" not in killed.stdout:
+        pytest.skip(f"the kernel cannot close sockets here (ss -K): {killed.stderr.strip()}")
+    time.sleep(1)
+    cluster.host.heal()
+    # Then the reaper finds the queued job with its message nowhere and sends it again: it runs, once
+    assert job.wait(timeout=120) is JobStatus.SUCCEEDED, job.info()
+    assert job.info()["attempts"] == 1
+    assert f"job {job.id} is queued, but its message is in no queue" in cluster.workers[0].log()
+
+
 def test_the_harness_really_partitions(cluster: Cluster) -> None:
     # A check of the test itself: a cut link means no Redis from inside the host.
     import subprocess

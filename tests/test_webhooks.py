@@ -5,6 +5,7 @@ worker SIGKILLed before it delivered leaves the deliveries to another; hostile U
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,38 @@ def test_deliveries_of_a_worker_killed_before_it_sent_them_are_sent_by_another(
         assert again.rejected == 0
     finally:
         again.stop()
+
+
+@pytest.mark.e2e
+def test_deliveries_in_the_outbox_survive_a_redis_crash_and_restart_from_its_aof(
+        workers: list[Worker], tmp_path: Path, receiver: Receiver, hooked: dict[str, str], method: str,
+        sft_params: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    from deepe_tasks.fixtures.embedded import RedisServer
+
+    server = RedisServer(appendonly=True, folder=tmp_path / "redis").start()
+    monkeypatch.setenv("DEEPE_REDIS_URL", server.url)
+    get_settings.cache_clear()
+    try:
+        # Given a job queued with webhooks on and no worker up yet: its job.queued waits in the outbox
+        job = submit(method, params(sft_params), queue="hooks-aof")
+        assert [(p["job"], p["type"]) for p in webhooks.pending(_redis())] == [(job.id, "job.queued")]
+        # When Redis crashes (SIGKILL, once its AOF had its once-a-second fsync) and starts again from the AOF
+        time.sleep(1.5)
+        assert server.proc is not None
+        server.proc.kill()
+        server.proc.wait()
+        server.start()
+        # Then the delivery is still waiting, and a worker started now delivers every state change, in order
+        assert [(p["job"], p["type"]) for p in webhooks.pending(_redis())] == [(job.id, "job.queued")]
+        workers.append(Worker("hooks-aof", tmp_path / "w.log", env={**hooked, "DEEPE_REDIS_URL": server.url}).start())
+        assert job.wait(timeout=180) is JobStatus.SUCCEEDED, job.info()["error"]
+        wait_for(lambda: len(receiver.taken(job.id)) == 3, timeout=90)
+        assert [d["type"] for d in receiver.taken(job.id)] == TYPES, receiver.dump()
+        assert receiver.rejected == 0
+    finally:
+        for w in workers:
+            w.stop()
+        server.stop()
 
 
 def test_hostile_webhook_urls_are_refused_at_submit(sft_params: dict[str, Any], method: str,

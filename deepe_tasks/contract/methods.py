@@ -4,6 +4,7 @@ naming, listing, creating from the template, and pinning by sha256."""
 from __future__ import annotations
 
 import ast
+import difflib
 import hashlib
 import re
 import shutil
@@ -89,6 +90,13 @@ def list_methods(store: Path) -> list[Method]:
 
 
 def _check_name(name: str) -> None:
+    if name.endswith(".py"):
+        stem = Path(name).stem
+        raise MethodNotFound(
+            f"{name!r} is a file path; submit takes a method's name: its file name without .py, in the method "
+            f"store (DEEPE_METHOD_STORE). Give {stem!r} if the file is in the store, or copy it there first "
+            f"(`cp {name} $DEEPE_METHOD_STORE/`); `deepe run-local` runs a file where it is."
+        )
     if not NAME_RE.match(name) or "template" in name:
         raise MethodNotFound(
             f"{name!r} is not a method name: use lower-case letters, digits, '-' and '_', starting with a "
@@ -106,11 +114,16 @@ def load_method(store: Path, name: str) -> Method:
             if problem:
                 raise MethodContractError(f"The method {name!r} ({path}) cannot be used: {problem}.")
             return Method(name, path, source, builtin)
-    known = ", ".join(m.name for m in list_methods(store))
+    names = [m.name for m in list_methods(store)]
+    meant = difflib.get_close_matches(name.lower().replace("_", "-"), names, n=1, cutoff=0.75) or \
+        difflib.get_close_matches(name, names, n=1, cutoff=0.75)
+    if meant:
+        raise MethodNotFound(f"There is no method {name!r}: did you mean {meant[0]!r}? (`deepe methods list` "
+                             f"lists them all; `deepe methods new {name}` creates a new one.)")
     raise MethodNotFound(
         f"There is no method {name!r} in the store {store} (DEEPE_METHOD_STORE) or among the built-in ones; "
-        f"known methods: {known}. Create one with `deepe methods new {name}`, or point DEEPE_METHOD_STORE at "
-        "the folder that holds it."
+        f"known methods: {', '.join(names)}. Create one with `deepe methods new {name}`, or point "
+        "DEEPE_METHOD_STORE at the folder that holds it."
     )
 
 

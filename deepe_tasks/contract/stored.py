@@ -14,7 +14,7 @@ from deepe_tasks.core.errors import InvalidJobState, InvalidParams
 from deepe_tasks.core.fences import MANIFEST
 from deepe_tasks.core.objects import ObjectStore, StorageError, check_once
 from deepe_tasks.core.settings import is_remote
-from deepe_tasks.core.storage import MERGED_SUFFIX, foreign_owner
+from deepe_tasks.core.storage import MERGED_SUFFIX, foreign_owner, model_owner
 
 OUTPUTS = ("OUTPUT_DIR",)
 
@@ -98,7 +98,12 @@ def refuse_taken(output: str, storage_root: Path, job_id: str, storage_url: str 
                             "OUTPUT_DIR, or delete that model first.")
 
 
-def merge_target(storage_url: str, job_id: str, adapter_url: str, *, check: bool) -> str:
+def _merged_already(job_id: str, target: str, merge_job: str) -> InvalidJobState:
+    return InvalidJobState(f"Job {job_id} was merged already: its merged model is at {target} (merge job {merge_job}). "
+                           "Use that model, or merge again with --force (force=true over HTTP) to replace it.")
+
+
+def merge_target(storage_url: str, job_id: str, adapter_url: str, *, check: bool, force: bool = False) -> str:
     """Where a merge of job ``job_id``'s adapter at ``adapter_url`` publishes on the store."""
     target = f"{adapter_url.rstrip('/')}{MERGED_SUFFIX}"
     if not check:
@@ -117,10 +122,13 @@ def merge_target(storage_url: str, job_id: str, adapter_url: str, *, check: bool
     if owner is not None and owner.get("merged_from") != job_id:
         raise InvalidParams(f"The merged model of job {job_id} would go to {target}, but the model of job "
                             f"{owner.get('job')} is there. Move it away, then merge again.")
+    if owner is not None and not force:
+        raise _merged_already(job_id, target, str(owner.get("job")))
     return target
 
 
-def folder_merge_target(job_id: str, adapter_dir: str, storage_root: Path, *, check: bool) -> Path:
+def folder_merge_target(job_id: str, adapter_dir: str, storage_root: Path, *, check: bool,
+                        force: bool = False) -> Path:
     """Where a merge of job ``job_id``'s adapter publishes on a folder; refused with the fix where it cannot."""
     adapter = Path(adapter_dir)
     if check and not (adapter / "adapter_config.json").exists():
@@ -134,4 +142,7 @@ def folder_merge_target(job_id: str, adapter_dir: str, storage_root: Path, *, ch
     if problem is not None:
         raise InvalidParams(f"The merged model of job {job_id} would go to {target}, but {problem}. Move that "
                             "folder away, then merge again.")
+    owner = model_owner(target) if check else None
+    if owner is not None and not force:
+        raise _merged_already(job_id, str(target), owner[0])
     return target

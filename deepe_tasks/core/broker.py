@@ -7,6 +7,7 @@ names its task module by string (``include``), which only a worker imports.
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,10 @@ def make_app(settings: Settings) -> Celery:
             "priority_steps": list(range(10)),
             "sep": ":",
             **({"polling_interval": LARGE_FLEET_POLL} if settings.fleet == "large" else {}),
+            # kombu drops a consumer's BRPOP connection whose reply is overdue by this much (a
+            # half-open socket: its Redis end closed while the link was down) and reconnects;
+            # 25 s by default, so an idle worker was deaf for about 51 s. Every 5 s: about 11 s.
+            "health_check_interval": LARGE_FLEET_HEALTH_CHECK if settings.fleet == "large" else HEALTH_CHECK,
             **_sentinel_options(settings),
         },
         result_backend_transport_options={"visibility_timeout": settings.visibility_timeout,
@@ -90,6 +95,8 @@ def poll_interval(settings: Settings) -> float:
 
 
 # DEEPE_FLEET=large: what a worker costs one Redis shared by hundreds (bench/fleet.py).
+HEALTH_CHECK = 5  # seconds: kombu's checks of its long-lived connections (see make_app)
+LARGE_FLEET_HEALTH_CHECK = 25  # kombu's default: a PING per idle connection per 25 s, on a fleet of hundreds
 LARGE_FLEET_HEARTBEAT = 10  # seconds between worker heartbeats; Flower's expiry is twice this
 LARGE_FLEET_POLL = 10  # seconds an idle worker's BRPOP waits (a job still starts at once)
 
@@ -107,10 +114,18 @@ def app_for(redis_url: str) -> Celery:
     return make_app(get_settings().model_copy(update={"redis_url": redis_url}))
 
 
+# Flower's task list: the job id (the task id is the job's), its method, devices and parameters
+# (kwargs), not only `deepe.train`. Flower reads FLOWER_* after `celery -A deepe_tasks` made the
+# app, so setting the default here configures every Flower started on it; an operator's own
+# FLOWER_TASKS_COLUMNS (or --tasks_columns) wins.
+FLOWER_TASKS_COLUMNS = "name,uuid,state,kwargs,received,started,runtime,worker"
+
+
 def __getattr__(name: str) -> Any:
     # `app`, the app of this process's DEEPE_REDIS_URL: made when first asked for (the worker's
     # task module, `celery -A deepe_tasks`), not when the module is imported.
     if name == "app":
+        os.environ.setdefault("FLOWER_TASKS_COLUMNS", FLOWER_TASKS_COLUMNS)
         return app_for(get_settings().redis_url)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

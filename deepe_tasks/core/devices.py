@@ -8,7 +8,9 @@ than it asks for, and a large job, which only a large worker can run, is the one
 takes first.
 
 Each worker records how many devices it owns in ``deepe:workers`` (refreshed by its reaper
-thread); submit reads it to refuse a job that no worker could run.
+thread); submit reads it to refuse a job that no worker could run. An entry is keyed by the
+worker's name and a token of its process (``NAME#TOKEN``), so two workers that share a name
+(two ``celery@host`` on one host) never overwrite each other's entry.
 """
 
 from __future__ import annotations
@@ -60,13 +62,19 @@ def device_list(gpus: str | None) -> list[str]:
     return devices
 
 
-def register(client: redis.Redis, worker: str, devices: int, queues: list[str]) -> None:
-    """Record (again) that ``worker`` is up, owns ``devices`` devices and takes jobs of ``queues``."""
-    client.hset(keys.WORKERS, worker, f"{devices} {time.time():.0f} {','.join(sorted(set(queues)))}")
+def entry_key(worker: str, token: str) -> str:
+    """The key of one worker process's entry: its name, and a token only that process holds."""
+    return f"{worker}#{token}"
 
 
-def unregister(client: redis.Redis, worker: str) -> None:
-    client.hdel(keys.WORKERS, worker)
+def register(client: redis.Redis, key: str, devices: int, queues: list[str]) -> None:
+    """Record (again) that the worker of ``key`` is up, owns ``devices`` devices and takes jobs of
+    ``queues``."""
+    client.hset(keys.WORKERS, key, f"{devices} {time.time():.0f} {','.join(sorted(set(queues)))}")
+
+
+def unregister(client: redis.Redis, key: str) -> None:
+    client.hdel(keys.WORKERS, key)
 
 
 def live(client: redis.Redis, stale_after: float) -> list[tuple[str, int, float, list[str]]]:
@@ -75,17 +83,17 @@ def live(client: redis.Redis, stale_after: float) -> list[tuple[str, int, float,
     entries: dict[str, str] = client.hgetall(keys.WORKERS)  # type: ignore[assignment]
     now = time.time()
     found, gone = [], []
-    for worker, value in entries.items():
+    for key, value in entries.items():
         count_text, seen_text, *rest = value.split(" ", 2) + [""]
         try:
             count, seen = int(count_text), float(seen_text)
         except ValueError:
-            gone.append(worker)
+            gone.append(key)
             continue
         if now - seen > stale_after:
-            gone.append(worker)
+            gone.append(key)
         else:
-            found.append((worker, count, seen, [q for q in rest[0].split(",") if q]))
+            found.append((key.split("#", 1)[0], count, seen, [q for q in rest[0].split(",") if q]))
     if gone:
         client.hdel(keys.WORKERS, *gone)
     return sorted(found)

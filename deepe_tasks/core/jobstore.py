@@ -21,7 +21,7 @@ from typing import Any
 
 import redis
 
-from deepe_tasks.core import keys, lua
+from deepe_tasks.core import keys, lua, validate
 from deepe_tasks.core.errors import InvalidJobState, JobExists, JobNotFound
 from deepe_tasks.core.records import Event, EventKind, JobRecord, JobStatus
 from deepe_tasks.core.scripts import JOB_SCRIPTS, barrier, run_durable
@@ -47,7 +47,7 @@ def _encode(fields: dict[str, Any]) -> dict[str, str]:
 
 def not_found(job_id: str) -> JobNotFound:
     return JobNotFound(f"There is no job {job_id!r}: the id is unknown, or the job ended more than "
-                       f"DEEPE_JOB_RETENTION={get_settings().job_retention:g} s ago and expired. "
+                       f"DEEPE_JOB_RETENTION ({validate.duration(get_settings().job_retention)}) ago and expired. "
                        "`deepe jobs` lists the jobs that are kept.")
 
 

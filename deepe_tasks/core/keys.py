@@ -27,6 +27,10 @@ UNACKED_CHECKED = f"{PREFIX}:unacked-checked"
 # delivery times (sorted set). deepe sets no global_keyprefix, so these are kombu's defaults.
 KOMBU_UNACKED = "unacked"
 KOMBU_UNACKED_INDEX = "unacked_index"
+# Queued jobs whose message is in no queue and was delivered to no worker (worker/lost.py): the
+# time of the look that first found each one missing; and the lock that spaces the looks out.
+LOST_SEEN = f"{PREFIX}:lost-seen"  # hash: job id -> when a look first found its message missing
+LOST_LOOK = f"{PREFIX}:lost-look"  # string with TTL (one lease): a look was made
 WORKERS = f"{PREFIX}:workers"  # hash: worker -> "<devices it owns> <when it said so>" (devices.py)
 
 

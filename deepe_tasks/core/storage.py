@@ -190,26 +190,26 @@ def foreign_owner(target: Path, storage_root: Path, job_id: str, merged_from: st
     for folder in [parent, *parent.parents]:
         if folder == root or not folder.is_relative_to(root):
             break
-        if (owner := _owner(folder)) is not None:
+        if (owner := model_owner(folder)) is not None:
             return f"{here} is inside {folder}, the model of job {owner[0]}"
-    owner = _owner(here)
+    owner = model_owner(here)
     if owner is not None and owner[0] != job_id and (merged_from is None or owner[1] != merged_from):
         return f"{here} holds the model of job {owner[0]}"
     if here.is_dir():  # a model further down: this folder is above another job's model
         for marker in here.rglob(f"*/{MANIFEST}"):
-            inner = _owner(marker.parent)
+            inner = model_owner(marker.parent)
             if inner is not None and inner[0] != job_id:
                 return f"{here} holds the model of job {inner[0]} in {marker.parent}"
     if owner is None and here.is_dir() and any(here.iterdir()):
         return f"{here} holds files that are not a deepe model"
     if here.name.endswith(MERGED_SUFFIX):
-        source = _owner(here.with_name(here.name[: -len(MERGED_SUFFIX)]))
+        source = model_owner(here.with_name(here.name[: -len(MERGED_SUFFIX)]))
         if source is not None and source[0] not in (job_id, merged_from):
             return f"{here} is where a merge of job {source[0]} publishes"
     return None
 
 
-def _owner(folder: Path) -> tuple[str, str | None] | None:
+def model_owner(folder: Path) -> tuple[str, str | None] | None:
     """(job, the job it was merged from) that the model in ``folder`` names; None if it has no manifest."""
     path = folder / MANIFEST
     if not path.exists():
@@ -253,7 +253,7 @@ def publish(staging: Path, target: Path, *, job_id: str, storage_root: Path, mer
             os.rename(old, target)  # another claim of this job published a moment ago: it stands
             refuse_second_publish(target, job_id, submitted_at, claim)
         # Another job may have published there since the check: what was moved aside says.
-        owner = _owner(old)
+        owner = model_owner(old)
         if owner is not None and owner[0] != job_id and (merged_from is None or owner[1] != merged_from):
             os.rename(old, target)
             raise InvalidParams(f"{target} holds the model of job {owner[0]} (published there a moment ago): the "

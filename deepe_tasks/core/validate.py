@@ -201,3 +201,13 @@ def printable(text: str) -> str:
     """``text`` with any byte a file name held that is not UTF-8 written as an escape (\\udce9),
     so that a message naming a path can always be sent and printed."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def duration(seconds: float) -> str:
+    """A number of seconds as a person reads it: 90 s, 2 h, 30 days (the largest whole-ish unit)."""
+    for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size and (seconds % size == 0 or seconds >= 10 * size):
+            value = seconds / size
+            text = f"{value:.0f}" if value == int(value) or value >= 10 else f"{value:.1f}"
+            return f"{text} {'day' if unit == 'days' and text == '1' else unit}"
+    return f"{seconds:g} s"

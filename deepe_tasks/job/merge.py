@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from deepe_tasks.core import validate
 from deepe_tasks.core.errors import AttemptFenced, InvalidParams
 from deepe_tasks.core.fences import AlreadyPublished
 from deepe_tasks.core.records import MERGE_METHOD, JobSpec, JobStatus, Phase, RunResult, StopReason
@@ -119,7 +120,7 @@ class MergeRunner:
             raise Stopped(RunResult(status=JobStatus.CANCELLED, error=f"cancelled {where}"))
         if reason is StopReason.TIME_LIMIT:
             raise Stopped(RunResult(status=JobStatus.FAILED, error=(
-                f"time limit of {self.spec.time_limit:g} s reached {where}. Merge again with a longer time limit."
+                f"time limit of {validate.duration(self.spec.time_limit)} reached {where}. Merge again with a longer time limit."
                 if self.spec.time_limit else f"time limit reached {where}")))
         # A shutdown or a worker cut off from Redis: another worker merges again from the start.
         raise Stopped(RunResult(status=JobStatus.QUEUED, error=f"stopped ({reason}) {where}; it starts again"))

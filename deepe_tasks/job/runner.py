@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from deepe_tasks.contract.params import TrainParams
-from deepe_tasks.core import records
+from deepe_tasks.core import records, validate
 from deepe_tasks.core.errors import AttemptFenced, InvalidParams, MethodContractError
 from deepe_tasks.core.fences import AlreadyPublished, published_by_another
 from deepe_tasks.core.records import JobSpec, JobStatus, Phase, RunResult, StopReason, mask_secrets
@@ -174,7 +174,7 @@ class Runner:
                 f"{self.spec.lease_ttl:g} s"))
         if reason is StopReason.TIME_LIMIT:
             return RunResult(status=JobStatus.FAILED, error=(
-                f"time limit of {self.spec.time_limit:g} s reached at step {step}; the checkpoint is kept "
+                f"time limit of {validate.duration(self.spec.time_limit)} reached at step {step}; the checkpoint is kept "
                 "in the job folder. Submit again with a longer time_limit, or fewer MAX_STEPS."
                 if self.spec.time_limit else f"time limit reached at step {step}"))
         return None

@@ -16,7 +16,7 @@ from deepe_tasks.contract.admission import admit
 from deepe_tasks.contract.methods import NAME_RE, load_method
 from deepe_tasks.core import broker, devices, jobstore, keys, validate, webhooks
 from deepe_tasks.core.connection import get_redis, unreachable
-from deepe_tasks.core.errors import BrokerUnavailable, InvalidJobState, InvalidParams
+from deepe_tasks.core.errors import BrokerUnavailable, InvalidJobState, InvalidParams, JobNotFound
 from deepe_tasks.core.events import progress_of
 from deepe_tasks.core.records import (
     MERGE_METHOD,
@@ -28,6 +28,7 @@ from deepe_tasks.core.records import (
     mask_secrets,
 )
 from deepe_tasks.core.settings import get_settings
+from deepe_tasks.queue.queues import consumer_notice
 
 
 def submit(
@@ -80,7 +81,8 @@ def submit(
     on = queue if gpus == 1 else f"{queue} for {gpus} devices ({record.route})"
     # The worker runs this exact source, whatever happens to the file afterwards.
     _create_and_send(client, record, found.source, f"{found.name} queued on {on}")
-    return Job(job_id, custom_params=admitted.custom)
+    notice = consumer_notice(client, queue, gpus, devices.STALE_AFTER_TTLS * settings.lease_ttl)
+    return Job(job_id, custom_params=admitted.custom, notices=[notice] if notice else [])
 
 
 def _create_and_send(client: redis.Redis, record: JobRecord, source: str, message: str) -> None:
@@ -134,12 +136,13 @@ def _fits(client: redis.Redis, gpus: int, queue: str) -> None:
             f"DEEPE_MAX_JOB_GPUS={gpus} on the submitting side.")
 
 
-def merge(job_id: str, *, queue: str | None = None) -> Job:
+def merge(job_id: str, *, queue: str | None = None, force: bool = False) -> Job:
     """Queue a merge of a succeeded job's LoRA adapter into its base model; returns the merge job.
 
     The merge runs on a worker like any job and publishes a complete model to the adapter's
     OUTPUT_DIR with ``-merged`` appended. Raises ``InvalidJobState`` for a job that did not
-    succeed or whose model is complete already.
+    succeed, whose model is complete already, or that was merged already (``force`` replaces
+    that merged model).
     """
     source = find_job(job_id)
     record = source.record()
@@ -151,10 +154,11 @@ def merge(job_id: str, *, queue: str | None = None) -> Job:
                               "merge. Merge a job that succeeded, or submit this one again.")
     settings = get_settings()
     if settings.storage_url is not None:
-        target_text = stored.merge_target(settings.storage_url, record.id, record.output_dir, check=settings.check_paths)
+        target_text = stored.merge_target(settings.storage_url, record.id, record.output_dir,
+                                          check=settings.check_paths, force=force)
     else:
         target_text = str(stored.folder_merge_target(record.id, record.output_dir, settings.storage_root,
-                                                     check=settings.check_paths))
+                                                     check=settings.check_paths, force=force))
     queue = validate.queue_name(queue or record.queue)
     new_id = uuid.uuid4().hex
     merged = JobRecord(
@@ -174,8 +178,11 @@ def find_job(ref: str) -> Job:
     """A job by its id, or by a prefix of its id that only one job has (at least 4 characters)."""
     ref = validate.job_id(ref)
     client = get_redis()
-    if client.exists(keys.job(ref)) or len(ref) < MIN_PREFIX:
-        return Job(ref)  # an unknown full id fails where it is used, with "There is no job …"
+    if client.exists(keys.job(ref)):
+        return Job(ref)
+    if len(ref) < MIN_PREFIX:
+        raise JobNotFound(f"There is no job {ref!r}, and a prefix of a job id needs at least {MIN_PREFIX} "
+                          "characters; give more of the id (`deepe jobs` lists the jobs).")
     # The ids in lexical order: those that start with ref, found in O(log n). Ids hold only
     # letters, digits, "_", "." and "-" (validate.JOB_ID_RE), all below "~".
     matches: Any = client.zrangebylex(keys.IDS, f"[{ref}", f"[{ref}~", start=0, num=6)
@@ -184,16 +191,18 @@ def find_job(ref: str) -> Job:
     if len(matches) > 1:
         shown = ", ".join(sorted(str(m) for m in matches[:5])) + (", …" if len(matches) > 5 else "")
         raise InvalidParams(f"{ref!r} is the start of several job ids ({shown}); give more of the id.")
-    return Job(ref)
+    return Job(ref)  # an unknown full id fails where it is used, with "There is no job …"
 
 
 class Job:
     """A handle on a submitted job."""
 
-    def __init__(self, job_id: str, custom_params: list[str] | None = None) -> None:
+    def __init__(self, job_id: str, custom_params: list[str] | None = None, notices: list[str] | None = None) -> None:
         self.id = job_id
         # At submit: the keys that are no parameter of the platform or the method, passed on as they are.
         self.custom_params = custom_params or []
+        # At submit: what the submitter should know, e.g. that no worker consumes the job's queue now.
+        self.notices = notices or []
 
     def __repr__(self) -> str:
         return f"Job({self.id!r})"

@@ -11,6 +11,7 @@ import redis
 from deepe_tasks.core import devices, jobstore, keys
 from deepe_tasks.core.broker import priority_lists
 from deepe_tasks.core.errors import JobNotFound
+from deepe_tasks.core.records import JobStatus
 
 
 @dataclass
@@ -27,6 +28,8 @@ class QueueInfo:
 
 
 def _waiting(client: redis.Redis, queue: str) -> list[dict[str, Any]]:
+    """The jobs that wait in ``queue``, in start order. A message whose job has ended (cancelled
+    while queued, or expired) stays in the list until a worker takes and drops it: not shown."""
     out = []
     for priority, name in priority_lists(queue):
         raw: Any = client.lrange(name, 0, -1)
@@ -36,7 +39,11 @@ def _waiting(client: redis.Redis, queue: str) -> list[dict[str, Any]]:
             except (ValueError, AttributeError):
                 continue
             out.append({"id": headers.get("id"), "priority": priority})
-    return out
+    with client.pipeline(transaction=False) as pipe:
+        for entry in out:
+            pipe.hget(keys.job(str(entry["id"])), "status")
+        states = pipe.execute()
+    return [e for e, state in zip(out, states, strict=True) if state == JobStatus.QUEUED.value]
 
 
 def overview(client: redis.Redis, active_queues: dict[str, list[dict[str, Any]]] | None) -> list[QueueInfo]:
@@ -64,3 +71,21 @@ def waiting_in(client: redis.Redis, queue: str) -> QueueInfo:
     info = QueueInfo(queue, waiting=_waiting(client, queue))
     info.length = len(info.waiting)
     return info
+
+
+def consumer_notice(client: redis.Redis, queue: str, gpus: int, stale_after: float) -> str | None:
+    """One line for the submitter when no worker up now would take a job of ``gpus`` devices on
+    ``queue`` (None when one would): the job is queued all the same, for a fleet that starts
+    workers on demand, but a person waiting on it should know."""
+    try:
+        up = devices.live(client, stale_after)
+    except redis.RedisError:
+        return None  # the job is queued; this line is a courtesy, not worth failing the submit
+    if any(queue in queues and owned >= gpus for _, owned, _, queues in up):
+        return None
+    others = sorted({q for _, _, _, queues in up for q in queues})
+    size = "" if gpus == 1 else f" with {gpus} devices or more"
+    now = (f"workers are up for {', '.join(others)}" if others else "no worker is up at all")
+    start = f"deepe worker --queues {queue}" + ("" if gpus == 1 else " --gpus " + ",".join(map(str, range(gpus))))
+    return (f"No worker{size} consumes queue {queue!r} now ({now}): the job waits there until one starts "
+            f"(`{start}`).")

@@ -82,7 +82,7 @@ def submit(body: SubmitRequest) -> Submitted:
     """Validate and queue a job, exactly as `deepe submit` does."""
     job = client.submit(body.method, body.params, queue=body.queue, priority=body.priority,
                         time_limit=body.time_limit, check=body.check, gpus=body.gpus, webhook=body.webhook)
-    return Submitted(id=job.id, status=job.status(), custom_params=job.custom_params)
+    return Submitted(id=job.id, status=job.status(), custom_params=job.custom_params, notices=job.notices)
 
 
 @jobs_api.get("/jobs", response_model=JobList)
@@ -145,10 +145,10 @@ def cancel(job_id: str, save: bool = False) -> JobRef:
 
 @jobs_api.post("/jobs/{job_id}/merge", status_code=201, response_model=JobRef,
                responses={404: ERRORS[404], 409: {"model": Error, "description": "The job did not succeed, or has "
-                                                            "no adapter to merge."}})
-def merge(job_id: str, queue: str | None = None) -> JobRef:
+                                                            "no adapter to merge, or was merged already (force=true replaces that model)."}})
+def merge(job_id: str, queue: str | None = None, force: bool = False) -> JobRef:
     """Queue a merge of a succeeded job's LoRA adapter into its base model; returns the merge job."""
-    job = client.merge(client.find_job(job_id).id, queue=queue)
+    job = client.merge(client.find_job(job_id).id, queue=queue, force=force)
     return JobRef(id=job.id, status=job.status())
 
 

@@ -55,8 +55,9 @@ def format_event(event: Event) -> str:
     return text
 
 
-def follow(events: Iterable[Event], console: Console) -> Event | None:
-    """Show events live: a line per phase and outcome, a progress bar for the steps.
+def follow(events: Iterable[Event], console: Console, ids: bool = False) -> Event | None:
+    """Show events live: a line per phase and outcome, a progress bar for the steps; ``ids``
+    starts each line with its event id, as `deepe logs --ids` does.
 
     Returns the last event seen (the final one when the job ended).
     """
@@ -72,8 +73,9 @@ def follow(events: Iterable[Event], console: Console) -> Event | None:
         bar = progress.add_task("training", total=None, loss="-", eta="?", visible=False)
         for event in events:
             last = event
+            line = f"{event.id}  {format_event(event)}" if ids else format_event(event)
             if event.kind is EventKind.LOG and event.step is None:  # a method's own log line
-                progress.console.print(Text(format_event(event)))
+                progress.console.print(Text(line))
             elif event.kind is EventKind.LOG:
                 fields: dict[str, Any] = {"eta": fmt_seconds(event.eta_s)}
                 if "loss" in event.metrics:
@@ -82,5 +84,5 @@ def follow(events: Iterable[Event], console: Console) -> Event | None:
                                 visible=True, **fields)
             else:
                 style = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(event.kind.value, "cyan")
-                progress.console.print(Text(format_event(event), style=style))
+                progress.console.print(Text(line, style=style))
     return last

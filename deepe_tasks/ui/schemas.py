@@ -2,14 +2,36 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deepe_tasks.core.records import Event, JobRecord, JobStatus
 
 
-class SubmitRequest(BaseModel):
+class RequestBody(BaseModel):
+    """A request body: a field it does not have is refused (422) by name, never dropped."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            fields = list(cls.model_fields)
+            unknown = [k for k in data if k not in fields]
+            if unknown:
+                said = []
+                for key in unknown:
+                    close = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.7)
+                    said.append(f"{str(key)[:64]!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+                raise ValueError(f"this body has no field {', '.join(said)}; its fields are {', '.join(fields)}. "
+                                 "Fix or remove the field: unknown fields are refused, not ignored.")
+        return data
+
+
+class SubmitRequest(RequestBody):
     method: str = Field(description="A method name in the method store, such as sft-demo.")
     params: dict[str, Any] = Field(description="Parameters: MODEL_PATH, DATASET_PATH, ... and custom keys.")
     queue: str | None = Field(None, description="The queue; DEEPE_QUEUE when absent.")
@@ -30,6 +52,8 @@ class JobRef(BaseModel):
 class Submitted(JobRef):
     custom_params: list[str] = Field(default_factory=list, description=(
         "The keys that are no parameter of the platform or the method, passed on as they are."))
+    notices: list[str] = Field(default_factory=list, description=(
+        "What the submitter should know, e.g. that no worker consumes the job's queue now (it is queued anyway)."))
 
 
 class JobInfo(JobRecord):
@@ -70,7 +94,7 @@ class Error(BaseModel):
     detail: str
 
 
-class EvalRequest(BaseModel):
+class EvalRequest(RequestBody):
     dataset: str = Field(description="A dataset with the prompt and answer columns (a path as DATASET_PATH).")
     max_samples: int | None = Field(None, description="Evaluate at most this many rows.")
     samples: int = Field(5, description="How many prompts eval.json shows with both answers.")

@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from typing import Any
 
 import redis
@@ -26,7 +27,7 @@ from deepe_tasks.core.connection import get_redis
 from deepe_tasks.core.errors import InvalidParams, JobNotFound
 from deepe_tasks.core.records import JobRecord, JobStatus
 from deepe_tasks.core.settings import get_settings
-from deepe_tasks.worker import credentials, watchdog
+from deepe_tasks.worker import credentials, lost, watchdog
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,8 @@ def send_again(client: redis.Redis, record: JobRecord) -> None:
 
 def reap_once(client: redis.Redis) -> list[str]:
     """Requeue every running job whose lease has expired, and send the messages of queued jobs
-    that never got one; return the ids of the jobs sent. Also drops expired jobs from the indexes."""
-    requeued = reap_lost(client) + send_unsent(client) + send_unclaimed(client)
+    that never got one, or whose message was lost (worker/lost.py); return the ids of the jobs sent. Also drops expired jobs from the indexes."""
+    requeued = reap_lost(client) + send_unsent(client) + send_unclaimed(client) + lost.send_lost(client)
     jobstore.prune(client)
     return requeued
 
@@ -177,7 +178,7 @@ def _reap(client: redis.Redis, job_id: str, max_resumes: int) -> bool:
         credentials.revoke(client, job_id, record.attempts)
 
 
-def _reaper_loop(stop: threading.Event, worker: str, queues: list[str]) -> None:
+def _reaper_loop(stop: threading.Event, entry: str, queues: list[str]) -> None:
     interval = max(0.5, get_settings().lease_ttl / 3)
     holder = f"{os.uname().nodename}:{os.getpid()}"
     try:
@@ -188,7 +189,7 @@ def _reaper_loop(stop: threading.Event, worker: str, queues: list[str]) -> None:
     while True:
         try:
             if owned is not None:
-                devices.register(get_redis(), worker, owned, queues)  # what submit reads to refuse a job too large
+                devices.register(get_redis(), entry, owned, queues)  # what submit reads to refuse a job too large
         except Exception as e:
             log.warning("could not record this worker's devices: %s", e)
         if stop.wait(interval):
@@ -231,14 +232,16 @@ def _idle_loop(stop: threading.Event, idle_exit: float) -> None:
 
 
 _worker_name = ""
+_entry_key = ""  # this process's entry in deepe:workers (devices.entry_key)
 
 
 @worker_ready.connect
 def _start_reaper(sender: Any = None, **_: Any) -> None:
-    global _worker_name
+    global _worker_name, _entry_key
     _worker_name = str(getattr(sender, "hostname", "") or f"{os.uname().nodename}:{os.getpid()}")
+    _entry_key = devices.entry_key(_worker_name, uuid.uuid4().hex[:12])
     queues = sorted({devices.unroute(q)[0] for q in watchdog.consumed_queues(sender)})
-    threading.Thread(target=_reaper_loop, args=(_reaper_stop, _worker_name, queues), name="deepe-reaper",
+    threading.Thread(target=_reaper_loop, args=(_reaper_stop, _entry_key, queues), name="deepe-reaper",
                      daemon=True).start()
     # Every worker with webhooks set up may send the outbox; one at a time does (core/webhooks.py).
     if get_settings().mlflow_uri:  # every job an MLflow run, fed by one worker at a time (tracking.py)
@@ -260,12 +263,12 @@ def _on_shutdown(**_: Any) -> None:
     # The running job (in a pool process) sees this, checkpoints, and is requeued.
     _stopping.set()
     _reaper_stop.set()
-    if _worker_name:  # on a thread: a partitioned worker must not wait on Redis to shut down
-        threading.Thread(target=_unregister, args=(_worker_name,), name="deepe-unregister", daemon=True).start()
+    if _entry_key:  # on a thread: a partitioned worker must not wait on Redis to shut down
+        threading.Thread(target=_unregister, args=(_entry_key,), name="deepe-unregister", daemon=True).start()
 
 
-def _unregister(worker: str) -> None:
+def _unregister(entry: str) -> None:
     try:
-        devices.unregister(get_redis(), worker)
+        devices.unregister(get_redis(), entry)
     except Exception as e:  # its entry goes stale on its own
         log.warning("could not remove this worker's devices entry: %s", e)

@@ -11,7 +11,7 @@ import redis
 from celery import states
 from celery.exceptions import Ignore
 
-from deepe_tasks.core import jobstore
+from deepe_tasks.core import jobstore, validate
 from deepe_tasks.core.errors import JobFailed
 from deepe_tasks.core.events import append_jsonl
 from deepe_tasks.core.ipc import LOG_FILE
@@ -119,7 +119,7 @@ def unreported(attempt: Attempt, ended_by: StopReason | None, proc: JobProcess, 
                                f"{settings.cancel_grace:g} s and was killed")
     if ended_by is StopReason.TIME_LIMIT:
         return RunResult(status=JobStatus.FAILED, phase=Phase.TRAINING,
-                         error=f"time limit of {record.time_limit:g} s reached; the job did not stop within "
+                         error=f"time limit of {validate.duration(record.time_limit or 0)} reached; the job did not stop within "
                                f"DEEPE_CANCEL_GRACE={settings.cancel_grace:g} s and was killed")
     if ended_by is StopReason.PREEMPT:
         return RunResult(status=JobStatus.QUEUED, phase=Phase.TRAINING,

@@ -45,12 +45,15 @@ def submit(
     job = submit_job(method, parse_kv(param, params_file), queue=queue, priority=priority,
                      time_limit=time_limit, job_id=job_id, check=check, gpus=gpus, webhook=webhook)
     if as_json:
-        print_json({"id": job.id, "status": job.status().value, "custom_params": job.custom_params})
+        print_json({"id": job.id, "status": job.status().value, "custom_params": job.custom_params,
+                    "notices": job.notices})
     else:
         print(job.id)
         if job.custom_params:
             err.print("Passed to the method as custom parameters (no platform parameter has these names): "
                       + ", ".join(job.custom_params), highlight=False)
+        for notice in job.notices:
+            err.print(notice, highlight=False, markup=False)
     if wait:
         _follow(job.id)
 
@@ -79,12 +82,12 @@ def status(job_id: str, as_json: JsonOpt = False) -> None:
         raise typer.Exit(EXIT_FAILED)
 
 
-def _follow(job_id: str, since: str = "0") -> None:
+def _follow(job_id: str, since: str = "0", ids: bool = False) -> None:
     from deepe_tasks.core.records import EventKind
     from deepe_tasks.queue.client import find_job
     from deepe_tasks.ui.display import follow
 
-    last = follow(find_job(job_id).events(since=since, follow=True), console)
+    last = follow(find_job(job_id).events(since=since, follow=True), console, ids=ids)
     if last is not None and last.kind is EventKind.FAILED:
         raise typer.Exit(EXIT_FAILED)
 
@@ -94,12 +97,13 @@ def merge(
     job_id: str,
     queue: Annotated[str | None, typer.Option(help="The queue; default the job's own.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the merge; its last line is the merged model's folder.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Merge again, replacing a merged model of this job.")] = False,
 ) -> None:
     """Merge a succeeded job's LoRA adapter into its base model, as a complete model (a job of its own)."""
     from deepe_tasks.queue.client import find_job
     from deepe_tasks.queue.client import merge as merge_job
 
-    job = merge_job(find_job(job_id).id, queue=queue)
+    job = merge_job(find_job(job_id).id, queue=queue, force=force)
     print(job.id)
     if wait:
         _follow(job.id)
@@ -110,17 +114,19 @@ def merge(
 def logs(
     job_id: str,
     follow_: Annotated[bool, typer.Option("--follow", "-f", help="Tail until the job ends.")] = False,
-    since: Annotated[str, typer.Option(help="Replay after this event id.")] = "0",
+    since: Annotated[str, typer.Option(help="Replay after this event id (see --ids).")] = "0",
+    ids: Annotated[bool, typer.Option("--ids", help="Start each line with its event id, for --since.")] = False,
 ) -> None:
-    """Show a job's events: a line per phase, a progress bar while training."""
+    """Show a job's events: a line per phase and step (a progress bar with --follow)."""
     from deepe_tasks.queue.client import find_job
     from deepe_tasks.ui.display import format_event
 
     if follow_:
-        _follow(job_id, since)
+        _follow(job_id, since, ids)
         return
     for event in find_job(job_id).events(since=since):
-        console.print(f"{event.id}  {format_event(event)}", highlight=False, markup=False)
+        console.print(f"{event.id}  {format_event(event)}" if ids else format_event(event),
+                      highlight=False, markup=False)
 
 
 @app.command()

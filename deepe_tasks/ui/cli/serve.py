@@ -20,7 +20,9 @@ def worker(
     gpus: Annotated[str | None, typer.Option(help=(
         "The devices this worker owns, e.g. 0,1,2,3: its jobs' CUDA_VISIBLE_DEVICES; it runs jobs of up to that "
         "many devices. DEEPE_GPUS."))] = None,
-    name: Annotated[str | None, typer.Option(help="Celery node name, e.g. gpu0@%h.")] = None,
+    name: Annotated[str | None, typer.Option(help=(
+        "Celery node name, e.g. gpu0@%h (%h: this host's name). Default deepe-PID@%h, unique on a host, so that "
+        "several workers of one host are each listed and inspected."))] = None,
     loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO",
     warm: Annotated[bool, typer.Option(
         "--warm/--no-warm", help="Fork job processes from a warm zygote (--no-warm: start each cold).")] = True,
@@ -50,9 +52,9 @@ def worker(
 
     owned = len(devices.device_list(get_settings().gpus))
     consumed = ",".join(devices.consumed(validate.queue_names(queues or get_settings().queue), owned))
-    argv = ["worker", "--loglevel", loglevel, "--concurrency", "1", "-Q", consumed]
-    if name:
-        argv += ["--hostname", name]
+    # Celery names every worker celery@HOST: two on one host would answer inspect and ping as one.
+    argv = ["worker", "--loglevel", loglevel, "--concurrency", "1", "-Q", consumed,
+            "--hostname", name or f"deepe-{os.getpid()}@%h"]
     from deepe_tasks.core.connection import check_redis
 
     check_redis(get_settings())  # a wrong sentinel setup or too few replicas: said now, not per job
