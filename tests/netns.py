@@ -9,9 +9,13 @@ a kernel that allows network namespaces; `available` says why not where it canno
 
 from __future__ import annotations
 
+import fcntl
 import os
+import re
 import subprocess
+import tempfile
 from itertools import count
+from pathlib import Path
 
 _numbers = count(1)
 
@@ -41,12 +45,20 @@ class NetHost:
         self.name = f"deepe-{tag}"
         self.host_if = f"dph{tag}"[:15]  # the root namespace's end of the link
         self.ns_if = f"dpn{tag}"[:15]
-        # A /30 of our own per host, only ever on these two interfaces.
-        third = (os.getpid() + n) % 250 + 1
-        self.host_ip = f"10.213.{third}.1"
-        self.ns_ip = f"10.213.{third}.2"
+        self.host_ip = self.ns_ip = ""  # a /30 of its own, chosen when it is made
 
     def create(self) -> NetHost:
+        # Several test processes make hosts at once (pytest -n): a /30 that no interface holds
+        # is chosen and taken under one lock, so no two hosts share an address.
+        with (Path(tempfile.gettempdir()) / "deepe-netns.lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            used = {int(x) for x in re.findall(r"inet 10\.213\.(\d+)\.", _ip("-o", "addr").stdout)}
+            third = next(x for x in [*range((os.getpid() % 250) + 1, 251), *range(1, 251)] if x not in used)
+            self.host_ip = f"10.213.{third}.1"
+            self.ns_ip = f"10.213.{third}.2"
+            return self._make()
+
+    def _make(self) -> NetHost:
         steps = [
             ("netns", "add", self.name),
             ("link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if),

@@ -4,9 +4,11 @@ main guard), recognised, checked, given their arguments, run by the platform and
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +18,15 @@ from deepe_tasks import EventKind, JobStatus, submit
 from deepe_tasks.contract.check import check_source
 from deepe_tasks.contract.deepext import arguments, is_deepextension
 from deepe_tasks.contract.methods import file_kind
+from deepe_tasks.contract.params import TrainParams
 from deepe_tasks.core.errors import InvalidParams
 from deepe_tasks.fixtures import tiny
-from tests.helpers import Worker, cli_here
+from tests.helpers import Worker, cli_here, run_cli
 
 HERE = Path(__file__).resolve().parent / "deepext"
 SFT_DE = HERE / "sft_de.py"
 GRPO_DE = HERE / "grpo_de.py"
+LOOP_DE = HERE / "loop_de.py"  # flags made in a loop, in upper case, parsed strictly; SFTConfig(output_dir="out")
 
 
 @pytest.fixture
@@ -118,3 +122,104 @@ def test_the_local_test_template_runs_a_deepextension_file(de_params: dict[str, 
                             text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "step 2/2" in result.stdout and "OK:" in result.stdout
+
+
+# ---- flags of any shape, found from the parser itself (issue 29, item 4) ---------------------
+
+def parsed(parser: argparse.ArgumentParser, params: dict[str, Any]) -> argparse.Namespace:
+    """What ``parser.parse_args()`` gives a DeepExtension file run with ``params``."""
+    from deepe_tasks.job import deepext_shim
+
+    arguments = deepext_shim.Arguments("", TrainParams.model_validate(params).as_dict(), job_id="job-9", attempt=1,
+                                       filename="f.py")
+    namespace: dict[str, Any] = {"parser": parser}
+    with deepext_shim.installed(types.ModuleType("train_callback"), arguments):
+        exec(compile("args = parser.parse_args()", "f.py", "exec"), namespace)  # as the method's file does
+    args: argparse.Namespace = namespace["args"]
+    return args
+
+
+def test_each_parser_gets_the_flags_it_declares_in_any_spelling_and_style() -> None:
+    original = argparse.ArgumentParser.parse_known_args
+    # Given flags in every spelling and argparse style a file may use
+    parser = argparse.ArgumentParser()
+    for name in ("MODEL_PATH", "dataset-path"):
+        parser.add_argument(f"--{name}", required=True)
+    parser.add_argument("--lora_rank", type=int)
+    parser.add_argument("--load-in-4bit", action="store_true")
+    parser.add_argument("--keep", action=argparse.BooleanOptionalAction, default=True)  # no parameter: its default
+    parser.add_argument("--lr", dest="learning_rate", type=float)
+    parser.add_argument("model_name")  # a positional
+    # When the file parses them, then each gets its parameter
+    args = parsed(parser, {"MODEL_PATH": "/m", "DATASET_PATH": "/d.jsonl", "LOAD_IN_4BIT": True, "LEARNING_RATE": 0.1})
+    assert vars(args) == {"MODEL_PATH": "/m", "dataset_path": "/d.jsonl", "lora_rank": 16, "load_in_4bit": True,
+                          "keep": True, "learning_rate": 0.1, "model_name": "job-9"}
+    assert argparse.ArgumentParser.parse_known_args is original  # put back when the file has run
+    assert parser.parse_args(["--MODEL_PATH=a", "--dataset-path=b", "x"]).model_name == "x"  # given: as given
+
+
+def test_a_parser_the_file_does_not_call_reads_sys_argv_as_deepextension_passes_it() -> None:
+    from deepe_tasks.job import deepext_shim
+
+    params = TrainParams.model_validate({"MODEL_PATH": "/m", "DATASET_PATH": "/d", "MAX_STEPS": 3}).as_dict()
+    arguments = deepext_shim.Arguments("", params, job_id="j", attempt=1, filename="f.py")
+    library = argparse.ArgumentParser()
+    library.add_argument("--max_steps", type=int)
+    with deepext_shim.installed(types.ModuleType("train_callback"), arguments):
+        known, rest = library.parse_known_args()  # a library's parser, called from here, not from f.py
+    assert known.max_steps == 3 and "--model_path=/m" in rest and "--train_id=j" in rest
+
+
+def test_a_flag_nothing_fills_a_value_the_parser_refuses_and_a_parameter_no_flag_takes_are_sentences() -> None:
+    base = {"MODEL_PATH": "/m", "DATASET_PATH": "/d.jsonl"}
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model_path")
+    parser.add_argument("--dataset_path")
+    parser.add_argument("--temperature", type=float, required=True)
+    with pytest.raises(InvalidParams, match=r"requires --temperature; give temperature \(-p temperature=…\)"):
+        parsed(parser, base)
+    with pytest.raises(InvalidParams, match="parser refused the job's parameters: argument --temperature: invalid "
+                                            "float value: 'hot'"):
+        parsed(parser, {**base, "temperature": "hot"})
+    with pytest.raises(InvalidParams, match=r"MAX_STEPS=3 was given, but f.py declares no flag that takes it \(its "
+                                            r"flags: --model_path, --dataset_path, --temperature\), so it would train "
+                                            r"without it"):
+        parsed(parser, {**base, "temperature": "0.5", "MAX_STEPS": 3})
+
+
+@pytest.mark.e2e
+def test_flags_made_in_a_loop_and_in_upper_case_reach_the_file_in_run_local(
+        store: Path, sft_params: dict[str, Any], tmp_path: Path) -> None:
+    # Given a file that declares its flags in a loop, in upper case, MAX_STEPS optional, and parses strictly
+    shutil.copy(LOOP_DE, store / "de-loop.py")
+    # When the user runs it locally with MAX_STEPS=3
+    args = sum((["-p", f"{k}={v}"] for k, v in {**sft_params, "MAX_STEPS": 3}.items()), [])
+    result = run_cli("run-local", "de-loop", *args, cwd=tmp_path)
+    # Then every flag got its parameter, MAX_STEPS too, and it trained 3 steps
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "ActualParams: MAX_STEPS=3" in result.stdout and "step 3/3" in result.stdout and "OK:" in result.stdout
+    assert not (tmp_path / "out").exists()  # its SFTConfig(output_dir="out") went to the job folder
+
+
+def test_a_parameter_that_no_flag_takes_is_refused_before_anything_loads(
+        store: Path, sft_params: dict[str, Any], tmp_path: Path) -> None:
+    shutil.copy(LOOP_DE, store / "de-loop.py")
+    args = sum((["-p", f"{k}={v}"] for k, v in {**sft_params, "WARMUP_STEPS": 2}.items()), [])
+    result = run_cli("run-local", "de-loop", *args, cwd=tmp_path)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert ("FAILED: Failed while loading the method: WARMUP_STEPS=2 was given, but de-loop.py declares no flag "
+            "that takes it (its flags: --MODEL_PATH, ") in result.stdout
+    assert "parser.add_argument('--warmup_steps', ...)" in result.stdout
+    assert "loading_model" not in result.stdout and "Traceback" not in result.stdout + result.stderr
+
+
+@pytest.mark.e2e
+def test_flags_of_any_shape_reach_the_file_on_a_worker_and_leave_no_out_folder(
+        worker: Worker, store: Path, storage: Path, sft_params: dict[str, Any]) -> None:
+    shutil.copy(LOOP_DE, store / "de-loop-w.py")
+    job = submit("de-loop-w", {**sft_params, "MAX_STEPS": 2})
+    assert job.wait(timeout=180) is JobStatus.SUCCEEDED, job.info()["error"]
+    events = list(job.events())
+    assert any(e.message == "ActualParams: MAX_STEPS=2" for e in events if e.kind is EventKind.LOG)
+    assert [e.step for e in events if e.kind is EventKind.LOG and "loss" in e.metrics] == [1, 2]
+    assert not (storage / "jobs" / job.id / "out").exists()  # the job process works in the job folder

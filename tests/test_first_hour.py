@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 
 from deepe_tasks import submit
 from deepe_tasks.contract.check import Problem, check_source
+from deepe_tasks.contract.hardware import has_cuda
 from deepe_tasks.core import jobstore, keys
 from deepe_tasks.core.errors import InvalidParams, MethodContractError
 from deepe_tasks.core.settings import get_settings
@@ -178,6 +179,7 @@ def test_submit_refuses_what_the_check_refuses_with_its_message(store: Path, sft
     ("m = AutoModelForCausalLM.from_pretrained('Qwen/Qwen2.5-0.5B')\n", Problem.HUB_DOWNLOAD),
     ("d = load_dataset('openai/gsm8k')\n", Problem.HUB_DOWNLOAD),
     ("a = SFTConfig(bf16=True)\n", Problem.NEEDS_GPU),
+    ("a = SFTConfig(output_dir='out', max_steps=5)\n", Problem.NEEDS_GPU),  # TRL's bf16 default: on
     ('if __name__ == "__main__":\n    trainer = 1\n', Problem.HIDDEN_NAME),
 ])
 def test_the_check_sees_each_kind_of_problem(code: str, problem: Problem) -> None:
@@ -263,3 +265,18 @@ def test_checkpoints_go_after_a_publish_and_a_missing_column_is_named_with_the_c
     assert not list((storage / "jobs" / good.id / "attempts").glob("*/checkpoints"))  # DEEPE_KEEP_CHECKPOINTS
     assert (Path(good.info()["output_dir"]) / "deepe.json").is_file()
     assert "The dataset has no column 'nope' (PromptOutputColumn); the dataset's columns are" in bad.info()["error"]
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(has_cuda(), reason="what a fleet without CUDA sees")
+def test_load_in_4bit_on_a_worker_without_cuda_is_warned_in_the_jobs_events(
+        worker: Any, sft_params: dict[str, Any]) -> None:
+    from deepe_tasks import EventKind
+    from deepe_tasks.core.records import JobStatus
+
+    job = submit("sft-demo", {**sft_params, "LOAD_IN_4BIT": "true"})
+    assert job.wait(timeout=180) is JobStatus.FAILED
+    warnings = [e.message for e in job.events() if e.kind is EventKind.LOG and e.message.startswith("warning: ")]
+    assert any("LOAD_IN_4BIT=true asks for a 4-bit base model (bitsandbytes), which needs a CUDA GPU" in w
+               and "Set LOAD_IN_4BIT=false" in w for w in warnings), warnings
+    assert "set LOAD_IN_4BIT=false" in job.info()["error"]

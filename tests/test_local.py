@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -10,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from deepe_tasks.contract.hardware import has_cuda
 from deepe_tasks.core.errors import MethodContractError
 from deepe_tasks.core.records import Event, EventKind, JobStatus
-from tests.helpers import TRL_SNIPPET, paste_into_template, run_cli
+from tests.helpers import TRL_SNIPPET, cli_here, paste_into_template, run_cli, write_method
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,9 +93,18 @@ def test_a_trainer_train_left_in_the_method_is_refused_before_anything_runs(
     assert not events
 
 
-def test_run_local_refuses_an_unknown_method_with_exit_code_2() -> None:
-    result = run_cli("run-local", "nope", "-p", "MODEL_PATH=m", "-p", "DATASET_PATH=d")
-    assert result.returncode == 2 and "There is no method 'nope'" in result.stderr
+def test_run_local_refuses_a_wrong_method_or_parameter_in_one_failed_line_with_exit_code_2(
+        custom_method: Path, sft_params: dict[str, object]) -> None:
+    # As docs/methods.md says: one `FAILED:` line, the same as run_local_train_test.py prints
+    unknown = run_cli("run-local", "nope", "-p", "MODEL_PATH=m", "-p", "DATASET_PATH=d")
+    assert unknown.returncode == 2 and unknown.stderr.startswith("FAILED: There is no method file 'nope'")
+    args = sum((["-p", f"{k}={v}"] for k, v in {**sft_params, "MAX_STEPS": "abc"}.items()), [])
+    wrong = run_cli("run-local", "custom-local", *args)
+    assert wrong.returncode == 2 and wrong.stderr.startswith("FAILED: MAX_STEPS='abc' is not valid")
+    malformed = run_cli("run-local", "custom-local", "-p", "MAX_STEPS")
+    assert malformed.returncode == 2 and malformed.stderr.startswith("FAILED: -p 'MAX_STEPS' is not KEY=VALUE")
+    for done in (unknown, wrong, malformed):
+        assert "error:" not in done.stdout + done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.e2e
@@ -108,13 +119,78 @@ def test_a_failed_local_run_is_one_line_and_its_traceback_comes_with_verbose(
     assert verbose.returncode == 1 and "Traceback" in verbose.stdout + verbose.stderr
 
 
-def test_the_local_test_template_names_a_missing_method_without_a_traceback(tmp_path: Path) -> None:
+def local_script(tmp_path: Path, values: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run a copy of the local-test template with ``values`` put in for its placeholders."""
     script = (ROOT / "method_store/run_local_train_test_template.py").read_text()
-    (tmp_path / "run_local_train_test.py").write_text(script.replace("'your-custom-file.py'", "'custom99.py'"))
-    result = subprocess.run([sys.executable, "run_local_train_test.py"], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=120)
+    for placeholder, value in values.items():
+        script = script.replace(placeholder, value)
+    (tmp_path / "run_local_train_test.py").write_text(script)
+    return subprocess.run([sys.executable, "run_local_train_test.py"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_the_local_test_template_names_a_missing_method_without_a_traceback(
+        tmp_path: Path, sft_params: dict[str, object]) -> None:
+    result = local_script(tmp_path, {"'your-custom-file.py'": "'custom99.py'",
+                                     "'your-model_path'": repr(sft_params["MODEL_PATH"]),
+                                     "'your-dataset_path'": repr(sft_params["DATASET_PATH"]),
+                                     "'your-output_dir'": "'models/custom99'"})
     assert result.returncode == 2 and "Traceback" not in result.stdout + result.stderr
-    assert "FAILED: There is no method file 'custom99.py' (looked at" in result.stdout
+    assert "FAILED: There is no method file 'custom99.py' (looked at" in result.stderr
+
+
+def test_a_placeholder_left_in_the_local_test_template_is_refused(
+        custom_method: Path, tmp_path: Path, sft_params: dict[str, object], storage: Path) -> None:
+    # Given a copy of the template where the user filled in all but OUTPUT_DIR
+    shutil.copy(custom_method, tmp_path / "custom01.py")
+    result = local_script(tmp_path, {"'your-custom-file.py'": "'custom01.py'",
+                                     "'your-model_path'": repr(sft_params["MODEL_PATH"]),
+                                     "'your-dataset_path'": repr(sft_params["DATASET_PATH"])})
+    # Then it is one FAILED line that names it and what to put there, and nothing ran
+    assert result.returncode == 2 and "Traceback" not in result.stdout + result.stderr
+    assert result.stderr.startswith("FAILED: OUTPUT_DIR='your-output_dir' is still the template's placeholder; ")
+    assert "'models/custom01-test'" in result.stderr and not result.stdout
+    assert not (storage / "your-output_dir").exists()
+
+
+@pytest.mark.e2e
+def test_a_trainer_output_dir_in_the_method_leaves_no_folder_where_run_local_runs(
+        store: Path, sft_params: dict[str, object], storage: Path, tmp_path: Path) -> None:
+    # Given a method whose config says output_dir="out", as most scripts' do
+    write_method(store, "writes-out", TRL_SNIPPET.replace('output_dir="outputs"', 'output_dir="out"'))
+    args = sum((["-p", f"{k}={v}"] for k, v in {**sft_params, "MAX_STEPS": 1, "PromptInputColumn": "instruction",
+                                                 "PromptOutputColumn": "output"}.items()), [])
+    # When the user runs it locally
+    result = run_cli("run-local", "writes-out", *args, cwd=tmp_path)
+    # Then the trainer's scratch went to the job folder, and no out/ appeared where the user is
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert not (tmp_path / "out").exists(), sorted(p.name for p in tmp_path.iterdir())
+    job = Path(result.stdout.rsplit("are in ", 1)[1].strip()).name  # the model is in models/<job id>
+    assert (storage / "jobs" / job / "attempts" / "1" / "checkpoints" / "checkpoint-1").is_dir()
+
+
+@pytest.mark.skipif(has_cuda(), reason="what a machine without CUDA sees")
+def test_a_bf16_default_and_load_in_4bit_are_warned_and_the_failure_names_the_fix(
+        store: Path, sft_params: dict[str, object], tmp_path: Path) -> None:
+    # Given a method whose TRL config leaves bf16 to TRL's default (on), on a machine without CUDA
+    write_method(store, "bf16-default", TRL_SNIPPET.replace(", use_cpu=True", ""))
+    # When the user checks it, then the check warns (it still passes)
+    checked = cli_here("methods", "check", "bf16-default")
+    assert checked.returncode == 0, checked.stdout
+    assert re.search(r"warning: Line \d+ builds SFTConfig\(…\) without bf16= or use_cpu=, so TRL turns bf16 on",
+                     checked.stdout), checked.stdout
+    # When the user runs it locally with LOAD_IN_4BIT=true too
+    args = sum((["-p", f"{k}={v}"] for k, v in {**sft_params, "LOAD_IN_4BIT": "true", "PromptInputColumn": "instruction",
+                                                 "PromptOutputColumn": "output"}.items()), [])
+    result = run_cli("run-local", "bf16-default", *args, cwd=tmp_path)
+    # Then both are warned before anything loads, and the failure names the fix
+    out = result.stdout
+    assert result.returncode == 1, out + result.stderr
+    assert out.index("builds SFTConfig(…) without bf16= or use_cpu=") < out.index("loading_model")
+    assert out.index("warning: LOAD_IN_4BIT=true asks for a 4-bit base model") < out.index("loading_model")
+    failed = out[out.index("FAILED: "):]
+    assert "Your setup doesn't support bf16/gpu" in failed
+    assert "Pass bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported() to the config" in failed
 
 
 @pytest.mark.e2e

@@ -82,6 +82,33 @@ def test_a_job_is_one_run_with_its_losses_params_and_tags_and_an_evaluation_logs
     assert history(server, run.info.run_id, "eval/colors/loss")[0][1] == pytest.approx(evaluated.info()["metrics"]["loss"])
 
 
+def test_steps_a_resume_trains_again_are_sent_once_even_when_both_attempts_come_in_one_batch(
+        server: MlflowServer, r: Any, sft_params: dict[str, Any]) -> None:
+    from deepe_tasks.core import keys
+    from deepe_tasks.core.records import Event
+    from deepe_tasks.core.settings import get_settings
+    from deepe_tasks.worker.tracking import Tracker
+
+    # Given a job whose stream holds attempt 1's steps 1-5 and attempt 2's, resumed from the
+    # checkpoint of step 3, steps 4-7 (as a tracker finds it after its server was down meanwhile)
+    job = submit("sft-demo", sft_params, queue="mlflow-nobody")
+    for attempt, steps in ((1, range(1, 6)), (2, range(4, 8))):
+        for step in steps:
+            event = Event(kind=EventKind.LOG, job=job.id, attempt=attempt, step=step, max_steps=7,
+                          metrics={"loss": 10.0 * attempt + step})
+            r.xadd(keys.events(job.id), {"data": event.to_json()})
+    settings = get_settings().model_copy(update={"mlflow_uri": server.uri, "mlflow_experiment": "deepe-tests"})
+    # When one tracker round sends it all in one batch
+    tracker = Tracker(r, settings, "test-holder")
+    tracker.feed(job.id)
+    # Then each step is in the run once, with the value its first attempt logged
+    run_id = job.info()["mlflow_run"]
+    assert history(server, run_id, "loss") == [(s, 10.0 + s) for s in range(1, 6)] + [(6, 26.0), (7, 27.0)]
+    # And the next round, with nothing new, sends nothing again
+    assert tracker.feed(job.id) == 0
+    job.cancel()
+
+
 def test_a_resumed_job_with_the_server_down_meanwhile_is_one_run_with_every_step_once(
         workers: list[Worker], tmp_path: Path, server: MlflowServer, store: Path,
         sft_params: dict[str, Any]) -> None:

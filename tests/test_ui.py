@@ -1,12 +1,14 @@
 """The job page (/ui/ of `deepe api`) in headless Chromium: sign in, submit, live charts, reload, cancel.
 
 The API runs as a real `deepe api` process, the job on a real worker; Playwright drives
-Debian's chromium (a browser download of Playwright's own cannot work here).
+Debian's chromium (a browser download of Playwright's own cannot work here). The charts, the
+job list and the layout of finished jobs are in test_ui_charts.py, which uses the fixtures here.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,8 +18,10 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 
 from deepe_tasks import EventKind, Job, JobStatus
+from deepe_tasks.core import keys
 from deepe_tasks.fixtures.embedded import free_port
 from tests.helpers import ROOT, SLOW_METHOD, Worker, wait_for, write_method
 
@@ -29,7 +33,27 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # background connections (the closed network refuses them, slowly).
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
-SCREENSHOT = ROOT / "docs" / "job-page.png"
+RED = "rgb(192, 54, 44)"  # --bad in app.css: the Cancel button's border while it can cancel
+# Every chart the page draws, kept in window.__plots as uPlot builds it, so that the tests read
+# what uPlot drew on its canvas: the tick labels, the axis room, the width.
+PLOTS_HOOK = """(() => {
+  const plots = window.__plots = [];
+  let real;
+  Object.defineProperty(window, "uPlot", { configurable: true, get: () => real,
+    set: (v) => { real = new Proxy(v, { construct: (t, a, n) => { const u = Reflect.construct(t, a, n); plots.push(u); return u; } }); } });
+})()"""
+# Each chart on the page now: its card's width inside the padding, and each axis's labels; for
+# the value axis, the widest label and the room uPlot left it (beyond that it is cut off).
+PLOTS = """() => window.__plots.filter((u) => u.root.isConnected).map((u) => {
+  const box = u.root.parentElement, style = getComputedStyle(box), y = u.axes[1];
+  const ctx = document.createElement("canvas").getContext("2d");
+  ctx.font = y.font[0];
+  return { metric: box.dataset.metric || box.id, width: u.width,
+           inner: box.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight),
+           x: u.axes[0]._values.map(String), y: y._values.map(String),
+           widest: Math.max(...y._values.map((v) => ctx.measureText(String(v)).width)) / devicePixelRatio,
+           room: y._size - y.ticks.size - y.gap };
+})"""
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +95,34 @@ def browser() -> Iterator[Any]:
         b.close()
 
 
+def sign_in(browser: Any, api_url: str, width: int = 1280, height: int = 900) -> Any:
+    """A new browser context (no stored token or method) on the job list, signed in."""
+    page = browser.new_page(viewport={"width": width, "height": height})
+    page.add_init_script(PLOTS_HOOK)
+    page.goto(f"{api_url}/ui/")
+    page.fill("#login-token", TOKEN)
+    page.click("#login-submit")
+    page.wait_for_selector("#jobs-table")
+    return page
+
+
+def plots(page: Any) -> dict[str, dict[str, Any]]:
+    return {p["metric"]: p for p in page.evaluate(PLOTS)}
+
+
+def card(page: Any, label: str) -> Any:
+    """The value in the job page's summary card titled ``label``."""
+    title = page.locator("b", has_text=re.compile(f"^{label}$"))
+    return page.locator(".summary > div", has=title).locator("span").first
+
+
+def screenshot(page: Any, tmp_path: Path, name: str) -> None:
+    """Kept in tmp_path; copied into docs/ with DEEPE_UPDATE_SCREENSHOT=1."""
+    page.screenshot(path=str(tmp_path / name), full_page=True)
+    if os.environ.get("DEEPE_UPDATE_SCREENSHOT"):
+        shutil.copy(tmp_path / name, ROOT / "docs" / name)
+
+
 def log_steps(job: Job) -> list[int]:
     return [e.step or 0 for e in job.events() if e.kind is EventKind.LOG and "loss" in e.metrics]
 
@@ -86,6 +138,7 @@ def test_the_job_page_signs_in_submits_charts_live_survives_a_reload_and_cancels
     write_method(store, "slowui", SLOW_METHOD)
     workers.append(Worker("ui-q", tmp_path / "worker.log").start())
     page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.add_init_script(PLOTS_HOOK)
     page.goto(f"{api_url}/ui/")
 
     # A wrong token is refused, with a sentence; the right one opens the job list
@@ -98,12 +151,13 @@ def test_the_job_page_signs_in_submits_charts_live_survives_a_reload_and_cancels
     page.wait_for_selector("#jobs-table")
     assert not page.is_visible("#login-form")
 
-    # Submit from the form: the method's parameters, the queue
-    page.click("text=Submit")
+    # Submit from the form: the method's parameters, the queue. A learning rate of 2e-4 over
+    # 1,000 steps moves by 2e-7 a step: its chart's labels need five digits to differ.
+    page.click('nav a[href="#/submit"]')
     page.select_option("#method", "slowui")
-    page.wait_for_selector("#param-MODEL_PATH")
-    values = {**sft_params, "MAX_STEPS": 200, "PromptInputColumn": "instruction", "PromptOutputColumn": "output",
-              "step_sleep": 0.4}
+    page.wait_for_selector('#submit-form[data-method="slowui"]')
+    values = {**sft_params, "MAX_STEPS": 1000, "LEARNING_RATE": 2e-4, "PromptInputColumn": "instruction",
+              "PromptOutputColumn": "output", "step_sleep": 0.4}
     for name, value in values.items():
         if page.locator(f"#param-{name}").count():
             page.fill(f"#param-{name}", str(value))
@@ -111,7 +165,7 @@ def test_the_job_page_signs_in_submits_charts_live_survives_a_reload_and_cancels
     page.click("#submit")
     page.wait_for_url("**/ui/#/jobs/*")
     job = Job(page.url.rsplit("/", 1)[1])
-    assert job.info()["params"]["MAX_STEPS"] == 200
+    assert job.info()["params"]["MAX_STEPS"] == 1000
 
     # The loss chart grows as the job trains
     wait_for(lambda: points(page) >= 3 or job.status().is_final, timeout=180)
@@ -131,12 +185,15 @@ def test_the_job_page_signs_in_submits_charts_live_survives_a_reload_and_cancels
     assert page.locator('[data-metric="loss"]').get_attribute("data-points") is not None
     logged = log_steps(job)
     assert logged[0] == 1 and points(page) >= before
-    page.screenshot(path=str(tmp_path / "job-page.png"), full_page=True)
-    if os.environ.get("DEEPE_UPDATE_SCREENSHOT"):
-        shutil.copy(tmp_path / "job-page.png", SCREENSHOT)
+    # The learning rate's tick labels all differ, and none is wider than the room its axis has
+    lr = plots(page)["learning_rate"]
+    assert len(lr["y"]) >= 2 and len(set(lr["y"])) == len(lr["y"]), lr["y"]
+    assert lr["widest"] <= lr["room"], lr
+    screenshot(page, tmp_path, "job-page.png")
 
-    # Cancel from the page: the job stops at its next step, and the page shows it
+    # Cancel from the page, confirmed: the job stops at its next step, and the page shows it
     page.click("#cancel")
+    page.click("#confirm-yes")
     assert job.wait(timeout=60) is JobStatus.CANCELLED
     page.wait_for_selector("#job-state:has-text('cancelled')", timeout=30_000)
     assert page.locator("#cancel").is_disabled()
@@ -153,6 +210,84 @@ def test_the_job_page_signs_in_submits_charts_live_survives_a_reload_and_cancels
     page.close()
 
 
+def test_cancel_asks_first_and_cancel_and_save_ends_showing_the_partial_model_it_published(
+        api_url: str, browser: Any, workers: list[Worker], tmp_path: Path, store: Path,
+        sft_params: dict[str, Any], r: redis.Redis) -> None:
+    from deepe_tasks import submit
+
+    write_method(store, "slowui", SLOW_METHOD)
+    workers.append(Worker("ui-save", tmp_path / "worker.log").start())
+    # Given a job that trains, on its page
+    job = submit("slowui", {**sft_params, "MAX_STEPS": 1000, "PromptInputColumn": "instruction",
+                            "PromptOutputColumn": "output", "step_sleep": 0.4}, queue="ui-save")
+    page = sign_in(browser, api_url)
+    page.goto(page.url.split("#")[0] + f"#/jobs/{job.id}")
+    wait_for(lambda: points(page) >= 1 or job.status().is_final, timeout=180)
+    wait_for(lambda: page.inner_text("#job-state") == "running", timeout=15)
+    # When Cancel is pressed, it asks first; "No" leaves the job running, and asks nothing of it
+    page.click("#cancel")
+    assert page.is_visible("#confirm") and "not saved" in page.inner_text("#confirm-text")
+    page.click("#confirm-no")
+    assert not page.is_visible("#confirm")
+    assert r.get(keys.cancel(job.id)) is None and job.status() is JobStatus.RUNNING
+    # "Cancel and save the model", confirmed: the job stops at its next step and saves its model
+    page.evaluate("""() => { window.__notices = [];
+      new MutationObserver(() => window.__notices.push(document.getElementById("action-result").textContent))
+        .observe(document.getElementById("action-result"), { childList: true, characterData: true, subtree: true }); }""")
+    page.click("#cancel-save")
+    assert "partial model" in page.inner_text("#confirm-text")
+    page.click("#confirm-yes")
+    assert job.wait(timeout=120) is JobStatus.CANCELLED
+    page.wait_for_selector("#job-state:has-text('cancelled')", timeout=30_000)
+    # Then the page said it was asked, and says so no more; the output card shows the partial model
+    assert "Asked: it stops at its next step and saves its model." in page.evaluate("window.__notices")
+    assert page.inner_text("#action-result") == ""
+    output_dir = job.info()["output_dir"]
+    assert any(Path(output_dir).glob("*.safetensors")), output_dir
+    assert card(page, "output").inner_text() == f"{output_dir} (partial model)"
+    # and the buttons that can do nothing more look it: grey, not red
+    for button in ("#cancel", "#cancel-save"):
+        assert page.locator(button).is_disabled()
+        colours = page.eval_on_selector(button, "b => [getComputedStyle(b).borderColor, getComputedStyle(b).color]")
+        assert RED not in colours, (button, colours)
+    screenshot(page, tmp_path, "job-page-cancelled.png")
+    page.close()
+
+
+def test_the_submit_form_opens_on_sft_demo_then_on_the_method_last_submitted(
+        api_url: str, browser: Any, store: Path, sft_params: dict[str, Any]) -> None:
+    write_method(store, "slowui", SLOW_METHOD)
+    # Given a browser that never submitted a job, and methods of which sft-demo is not the first
+    page = sign_in(browser, api_url)
+    page.click('nav a[href="#/submit"]')
+    page.wait_for_selector("#param-MODEL_PATH")
+    names = page.eval_on_selector_all("#method option", "options => options.map((o) => o.value)")
+    assert names[0] != "sft-demo" and "slowui" in names
+    # Then the form opens on sft-demo
+    assert page.input_value("#method") == "sft-demo"
+    assert page.get_attribute("#submit-form", "data-method") == "sft-demo"
+    # When a job of another method is submitted from it (to a queue no worker takes: it waits)
+    page.select_option("#method", "slowui")
+    page.wait_for_selector('#submit-form[data-method="slowui"]')
+    for name, value in {**sft_params, "PromptInputColumn": "instruction", "PromptOutputColumn": "output"}.items():
+        if page.locator(f"#param-{name}").count():
+            page.fill(f"#param-{name}", str(value))
+    page.fill("#queue", "ui-idle")
+    page.click("#submit")
+    page.wait_for_url("**/ui/#/jobs/*")
+    job = Job(page.url.rsplit("/", 1)[1])
+    try:
+        # Then the form opens on that method: next time, and after a reload
+        for again in (lambda: page.click('nav a[href="#/submit"]'), page.reload):
+            again()
+            page.wait_for_selector("#param-MODEL_PATH")
+            assert page.input_value("#method") == "slowui"
+            assert page.get_attribute("#submit-form", "data-method") == "slowui"
+    finally:
+        assert job.cancel() is JobStatus.CANCELLED
+    page.close()
+
+
 def test_the_page_needs_no_token_to_load_but_the_api_refuses_without_one(api_url: str) -> None:
     page = httpx.get(f"{api_url}/ui/", timeout=10)
     assert page.status_code == 200 and "deepe" in page.text and "uPlot" in page.text or "uplot" in page.text
@@ -162,64 +297,3 @@ def test_the_page_needs_no_token_to_load_but_the_api_refuses_without_one(api_url
     assert httpx.get(f"{api_url}/queues", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10).status_code == 200
 
 
-def test_the_job_page_draws_the_eval_loss_on_the_loss_chart(
-        api_url: str, browser: Any, worker: Worker, sft_params: dict[str, Any]) -> None:
-    from deepe_tasks import submit
-
-    # Given a job that is evaluated on a held-out quarter of its data every 2 steps
-    job = submit("sft-demo", {**sft_params, "MAX_STEPS": 6, "EVAL_SPLIT": 0.25, "EVAL_STEPS": 2,
-                              "PromptInputColumn": "instruction", "PromptOutputColumn": "output"})
-    assert job.wait(timeout=180) is JobStatus.SUCCEEDED, job.info()
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
-    page.goto(f"{api_url}/ui/")
-    page.fill("#login-token", TOKEN)
-    page.click("#login-submit")
-    page.wait_for_selector("#jobs-table")
-    # When its page is opened
-    page.goto(f"{api_url}/ui/#/jobs/{job.id}")
-    # Then the loss chart holds the eval loss beside the training loss, and the summary the last one
-    chart = page.locator('[data-metric="loss"]')
-    wait_for(lambda: chart.count() == 1 and chart.get_attribute("data-points2") == "3", timeout=30)
-    assert int(chart.get_attribute("data-points") or 0) == 6
-    last = [e for e in job.events() if e.kind is EventKind.EVAL][-1]
-    shown = page.locator("#job-eval").inner_text()
-    assert shown.endswith("(step 6)") and float(shown.split()[0]) == pytest.approx(last.metrics["eval_loss"], rel=1e-3)
-    page.close()
-
-
-def test_ticked_jobs_open_a_comparison_with_overlaid_curves_a_table_and_samples_side_by_side(
-        api_url: str, browser: Any, worker: Worker, sft_params: dict[str, Any], colors_data: Path,
-        tmp_path: Path) -> None:
-    from deepe_tasks import evaluate, submit
-
-    # Given two finished jobs, one validated during training, both evaluated on the same dataset
-    base = {**sft_params, "MAX_STEPS": 6, "PromptInputColumn": "instruction", "PromptOutputColumn": "output"}
-    jobs = [submit("sft-demo", {**base, "LEARNING_RATE": 2e-2, "EVAL_SPLIT": 0.25, "EVAL_STEPS": 2}),
-            submit("sft-demo", {**base, "LEARNING_RATE": 1e-3})]
-    for job in jobs:
-        assert job.wait(timeout=180) is JobStatus.SUCCEEDED, job.info()
-        assert evaluate(job.id, str(colors_data), max_samples=3, samples=3).wait(timeout=180) is JobStatus.SUCCEEDED
-    page = browser.new_page(viewport={"width": 1280, "height": 1000})
-    page.goto(f"{api_url}/ui/")
-    page.fill("#login-token", TOKEN)
-    page.click("#login-submit")
-    # When both are ticked in the list and compared
-    for job in jobs:
-        page.wait_for_selector(f'[data-pick="{job.id}"]')
-        page.check(f'[data-pick="{job.id}"]')
-    page.click("#compare")
-    page.wait_for_selector("#compare-table")
-    # Then the table has both, the chart overlays both train curves and the eval curve, and the
-    # evaluation samples stand side by side (the same prompt, each model's answer)
-    assert page.locator("#compare-table tbody tr").count() == 2
-    assert "LEARNING_RATE" in page.inner_text("#compare-table thead")
-    assert page.locator("#compare-chart").get_attribute("data-series") == "3"
-    assert page.locator("#compare-chart canvas").count() >= 1
-    samples = page.locator("table.samples tbody tr.sample")
-    assert samples.count() == 3
-    assert samples.nth(0).locator("td.generated").count() == 2
-    assert "What colour is the sky?" in samples.nth(0).inner_text()
-    page.screenshot(path=str(tmp_path / "compare.png"), full_page=True)
-    if os.environ.get("DEEPE_UPDATE_SCREENSHOT"):
-        shutil.copy(tmp_path / "compare.png", ROOT / "docs" / "compare.png")
-    page.close()

@@ -1,9 +1,11 @@
 """Test a method on this machine before you submit it: no queue, no Redis, the worker's runner.
 
-Copy this file to run_local_train_test.py, fill in the values below, then run:
+Copy this file to run_local_train_test.py, fill in the values below (every 'your-...'
+placeholder: one left in is refused, never taken as a path), then run:
     python3 run_local_train_test.py
 It runs the method in this process through the same runner the workers use, prints every
-event as a line, and checks that the model, the tokenizer and deepe.json were written.
+event as a line, and checks that the model, the tokenizer and deepe.json were written. A wrong
+method or parameter is one FAILED: line on stderr (exit 2), a failed run one FAILED: line (exit 1).
 """
 
 import sys

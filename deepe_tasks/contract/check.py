@@ -10,13 +10,12 @@ the top level (not function bodies, not the main guard) to find `model`, `tokeni
 from __future__ import annotations
 
 import ast
-import os
-import shutil
 from dataclasses import dataclass, field
 from enum import Enum
 
 from deepe_tasks.contract.declared import declared_params
 from deepe_tasks.contract.deepext import TRAINING_FUNCTION, is_deepextension
+from deepe_tasks.contract.hardware import gpu_settings, has_cuda
 from deepe_tasks.contract.parsing import parse
 from deepe_tasks.core.errors import MethodContractError
 
@@ -29,7 +28,6 @@ WRITE_CALLS = frozenset({"open", "save", "save_to_disk", "to_json", "to_csv", "t
 HUB_CALLS = frozenset({"from_pretrained", "load_dataset"})
 DATA_FILES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".arrow", ".safetensors", ".bin")
 HUB_ONLY_CALLS = frozenset({"hf_hub_download", "snapshot_download"})
-GPU_ONLY = {"bf16": "bf16=True", "fp16": "fp16=True", "load_in_4bit": "load_in_4bit=True"}
 
 
 class Problem(str, Enum):
@@ -43,7 +41,7 @@ class Problem(str, Enum):
     DECLARATION = "declaration"  # its METHOD_PARAMS is not in the documented form
     NO_CALLBACK = "no-callback"  # warning: a trainer built without `callbacks=[callback]`
     HUB_DOWNLOAD = "hub-download"  # warning: a model or dataset named by a hub id
-    NEEDS_GPU = "needs-gpu"  # warning: bf16, fp16 or 4-bit on a machine without CUDA
+    NEEDS_GPU = "needs-gpu"  # warning: bf16 (TRL's default too), fp16 or 4-bit on a machine without CUDA
 
 
 WARNINGS = frozenset({Problem.NO_CALLBACK, Problem.HUB_DOWNLOAD, Problem.NEEDS_GPU})
@@ -79,11 +77,6 @@ class CheckReport:
         self.findings.append(Finding(problem, message, line))
 
 
-def has_cuda() -> bool:
-    """Whether this machine has an NVIDIA GPU, without importing torch."""
-    return os.path.exists("/proc/driver/nvidia/version") or shutil.which("nvidia-smi") is not None
-
-
 def check_source(source: str, filename: str = "<method>", *, gpu: bool | None = None) -> CheckReport:
     """Check a method against the contract without running it.
 
@@ -109,7 +102,8 @@ def check_source(source: str, filename: str = "<method>", *, gpu: bool | None = 
             _check_call(node, trainers, report)
     _check_callbacks(nodes, report)
     if not (has_cuda() if gpu is None else gpu):
-        _check_gpu_settings(nodes, report)
+        for line, message in gpu_settings(nodes):
+            report.add(Problem.NEEDS_GPU, message, line)
     return report
 
 
@@ -273,17 +267,3 @@ def _check_callbacks(nodes: list[ast.AST], report: CheckReport) -> None:
             report.add(Problem.NO_CALLBACK, f"Line {node.lineno} builds `{call_name(node)}` without "
                                             "`callbacks=[callback]`; the platform attaches it anyway, but pass it "
                                             "so local runs match.", node.lineno)
-
-
-def _check_gpu_settings(nodes: list[ast.AST], report: CheckReport) -> None:
-    # A setting under an `if` is taken to be guarded (`if LOAD_IN_4BIT:`, `if torch.cuda…`).
-    guarded = {id(n) for node in nodes if isinstance(node, ast.If) for s in node.body + node.orelse
-               for n in ast.walk(s)}
-    for node in nodes:
-        if not isinstance(node, ast.Call) or id(node) in guarded:
-            continue
-        for kw in node.keywords:
-            if kw.arg in GPU_ONLY and isinstance(kw.value, ast.Constant) and kw.value.value is True:
-                report.add(Problem.NEEDS_GPU, f"Line {node.lineno} sets {GPU_ONLY[kw.arg]}, which needs a CUDA GPU; "
-                                              "this machine has none, so a local run fails. Make it depend on "
-                                              "torch.cuda.is_available(), as the demo methods do.", node.lineno)

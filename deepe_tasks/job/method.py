@@ -9,6 +9,7 @@ import logging
 import socket
 import traceback
 import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +17,17 @@ from deepe_tasks.contract import deepext
 from deepe_tasks.contract.admission import input_problems, inputs_allowed
 from deepe_tasks.contract.check import Problem, check_source
 from deepe_tasks.contract.declared import declared_params
+from deepe_tasks.contract.hardware import BF16_FIX, LOAD_IN_4BIT_FIX, has_cuda, params_need_gpu
 from deepe_tasks.contract.params import TrainParams
-from deepe_tasks.core.errors import InvalidParams, MethodContractError
-from deepe_tasks.core.records import JobSpec, Phase
+from deepe_tasks.core.errors import DeepeError, InvalidParams, MethodContractError
+from deepe_tasks.core.records import Event, EventKind, JobSpec, Phase
+from deepe_tasks.core.storage import attempt_dir
 from deepe_tasks.job import deepext_shim, phases
 from deepe_tasks.job.callback import DeepeCallback, Emit
 from deepe_tasks.job.phases import PhaseFailure, column_hint, describe
 
 log = logging.getLogger(__name__)
+POST_INIT = "__post_init__"  # where a trainer config's output_dir is set (`scratch_in`)
 
 
 def filename(spec: JobSpec) -> str:
@@ -57,6 +61,9 @@ def execute(spec: JobSpec, params: TrainParams, callback: DeepeCallback, tracker
     if misuse:
         raise PhaseFailure(Phase.LOADING_METHOD, f"Failed while {Phase.LOADING_METHOD}: {name} breaks "
                            "the method contract. " + " ".join(f.message for f in misuse))
+    # What will fail on this machine is said before it does (a worker or a laptop without CUDA).
+    for warning in [f.message for f in report.of(Problem.NEEDS_GPU)] + params_need_gpu(params.as_dict()):
+        emit(Event(kind=EventKind.LOG, job=spec.job_id, message=f"warning: {warning}"))
     module = types.ModuleType(f"deepe_method_{spec.method.replace('-', '_')}")
     module.__file__ = name
     ns = module.__dict__
@@ -66,7 +73,8 @@ def execute(spec: JobSpec, params: TrainParams, callback: DeepeCallback, tracker
     linecache.cache[name] = (len(spec.source), None, spec.source.splitlines(keepends=True), name)
     code = compile(spec.source, name, "exec")
     try:
-        with tracker.watching(), _deepextension(spec, params, callback, tracker, emit):
+        with tracker.watching(), scratch_in(checkpoint_dir(spec)), \
+                _deepextension(spec, params, callback, tracker, emit):
             exec(code, ns)
     except BaseException as e:
         if isinstance(e, KeyboardInterrupt):
@@ -75,21 +83,59 @@ def execute(spec: JobSpec, params: TrainParams, callback: DeepeCallback, tracker
         if isinstance(e, SystemExit):
             e = RuntimeError(f"the method called sys.exit({e.code!r})")
         phase = tracker.phase
+        if isinstance(e, DeepeError):  # deepe's own sentence (a DeepExtension file's arguments)
+            raise PhaseFailure(phase, f"Failed while {phase}: {e}") from e
         own = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == name]
         if own:
             phase = phases.refine(phase, own[-1].line or "")
-        raise PhaseFailure(phase, describe(e, phase, name) + column_hint(e, ns)) from e
+        raise PhaseFailure(phase, describe(e, phase, name) + column_hint(e, ns) + gpu_hint(e, phase, params)) from e
     return ns
+
+
+def checkpoint_dir(spec: JobSpec) -> Path:
+    """The attempt's folder for the trainer's checkpoints and scratch."""
+    return attempt_dir(Path(spec.storage_root), spec.job_id, spec.attempt) / "checkpoints"
+
+
+@contextlib.contextmanager
+def scratch_in(folder: Path) -> Iterator[None]:
+    """Every trainer config the method builds has ``folder`` as its `output_dir` from the start, so
+    that `SFTConfig(output_dir="out")` leaves no `out/` where the process runs (a Trainer makes its
+    output_dir as it is built, before the contract check could point it elsewhere)."""
+    from transformers import TrainingArguments
+
+    original = TrainingArguments.__dict__[POST_INIT]
+
+    def post_init(args: Any) -> None:
+        args.output_dir = str(folder)
+        original(args)
+
+    setattr(TrainingArguments, POST_INIT, post_init)
+    try:
+        yield
+    finally:
+        setattr(TrainingArguments, POST_INIT, original)
+
+
+def gpu_hint(exc: BaseException, phase: Phase, params: TrainParams) -> str:
+    """The fix for a failure that a machine without a (bf16) GPU causes."""
+    text = str(exc)
+    if "support bf16/gpu" in text:
+        return f" TRL's configs (SFTConfig, GRPOConfig, …) turn bf16 on unless told otherwise. {BF16_FIX}"
+    four_bit = phase is Phase.BUILDING_MODEL or any(w in text.lower() for w in ("bitsandbytes", "cuda", "quantiz"))
+    if params.LOAD_IN_4BIT and four_bit and not has_cuda() and "LOAD_IN_4BIT" not in text:  # the method's own says it
+        return f" {LOAD_IN_4BIT_FIX}"
+    return ""
 
 
 def _deepextension(spec: JobSpec, params: TrainParams, callback: DeepeCallback, tracker: phases.PhaseTracker,
                    emit: Emit) -> contextlib.AbstractContextManager[None]:
-    """For a DeepExtension file: its `train_callback` module and its command line."""
+    """For a DeepExtension file: its `train_callback` module and its arguments."""
     if not deepext.is_deepextension(spec.source):
         return contextlib.nullcontext()
-    argv = [filename(spec), *deepext.arguments(spec.source, params.as_dict(), job_id=spec.job_id,
-                                               attempt=spec.attempt)]
-    return deepext_shim.installed(deepext_shim.module(spec.job_id, callback, tracker, emit), argv)
+    arguments = deepext_shim.Arguments(spec.source, params.as_dict(), job_id=spec.job_id, attempt=spec.attempt,
+                                       filename=filename(spec))
+    return deepext_shim.installed(deepext_shim.module(spec.job_id, callback, tracker, emit), arguments)
 
 
 def check_contract(ns: dict[str, Any], spec: JobSpec, callback: DeepeCallback, checkpoint_dir: Path) -> tuple[Any, bool]:

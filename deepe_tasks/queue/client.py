@@ -82,7 +82,8 @@ def submit(
     # The worker runs this exact source, whatever happens to the file afterwards.
     _create_and_send(client, record, found.source, f"{found.name} queued on {on}")
     notice = consumer_notice(client, queue, gpus, devices.STALE_AFTER_TTLS * settings.lease_ttl)
-    return Job(job_id, custom_params=admitted.custom, notices=[notice] if notice else [])
+    notices = [f"warning: {w}" for w in admitted.warnings] + ([notice] if notice else [])
+    return Job(job_id, custom_params=admitted.custom, notices=notices)
 
 
 def _create_and_send(client: redis.Redis, record: JobRecord, source: str, message: str) -> None:

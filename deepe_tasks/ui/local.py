@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -12,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from deepe_tasks.contract.admission import admit
 from deepe_tasks.contract.methods import Method, sha256_of
+from deepe_tasks.contract.stored import refuse_taken
+from deepe_tasks.core.errors import InvalidParams
 from deepe_tasks.core.records import Event, JobSpec, JobStatus, RunResult
 from deepe_tasks.core.settings import get_settings
 from deepe_tasks.core.storage import MANIFEST, job_dir
@@ -20,6 +23,25 @@ from deepe_tasks.ui.display import format_event
 if TYPE_CHECKING:
     from deepe_tasks.job.runner import Runner
 
+# The values run_local_train_test_template.py holds until its user fills them in, and what goes there.
+PLACEHOLDERS = {
+    "your-custom-file.py": "a method name (custom01) or its file (custom01.py)",
+    "your-model_path": "a model folder, with config.json",
+    "your-dataset_path": "a dataset file or folder (JSON, JSONL, CSV, Parquet)",
+    "your-output_dir": "a folder inside DEEPE_STORAGE such as 'models/custom01-test' (or no OUTPUT_DIR at all: "
+                       "each run then publishes to its own models/<job id>)",
+}
+
+
+def refuse_placeholders(params: dict[str, Any], method_file: str | None = None) -> None:
+    """Refuse the template's placeholders left in: 'your-output_dir' would be a real folder."""
+    given = {"METHOD_FILE": method_file, **params}
+    left = {k: v for k, v in given.items() if isinstance(v, str) and v in PLACEHOLDERS}
+    if left:
+        shown = " and ".join(f"{k}={v!r}" for k, v in left.items())
+        are = "is still the template's placeholder" if len(left) == 1 else "are still the template's placeholders"
+        raise InvalidParams(f"{shown} {are}; give your own in run_local_train_test.py: "
+                            + "; ".join(f"{k}: {PLACEHOLDERS[v]}" for k, v in left.items()) + ".")
 
 
 def local_runner(method_file: Path, params: dict[str, Any], emit: Callable[[Event], None],
@@ -30,7 +52,10 @@ def local_runner(method_file: Path, params: dict[str, Any], emit: Callable[[Even
     # Unique, or two runs in one second would share (and resume from) each other's checkpoints.
     job_id = job_id or f"local-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     method = Method(method_file.stem, method_file, source)
+    refuse_placeholders(params)
     resolved = admit(method, params, settings.storage_root, job_id, check_paths=True, gpu=None).params
+    # Before training, as submit does: an earlier run's model there would refuse this one's at the end.
+    refuse_taken(str(resolved.OUTPUT_DIR), settings.storage_root, job_id, None)
     from deepe_tasks.job.runner import (
         Runner,  # the training stack loads once the input is known good
     )
@@ -112,12 +137,14 @@ def find_method_file(ref: str, beside: Path | None = None) -> Path:
 
 
 def run_local_script(ref: str, params: dict[str, Any], script: str) -> int:
-    """What run_local_train_test.py runs: the method named by ``ref``; a clear line, not a traceback,
-    when the method or a parameter is wrong (exit 2)."""
+    """What run_local_train_test.py runs: the method named by ``ref``. A wrong method or parameter,
+    or a placeholder left in, is one `FAILED:` line on stderr, not a traceback (exit 2), as in
+    `deepe run-local`."""
     from deepe_tasks.core.errors import DeepeError
 
     try:
+        refuse_placeholders(params, ref)
         return run_local(find_method_file(ref, Path(script).resolve()), params)
     except DeepeError as e:
-        print(f"FAILED: {e}")
+        print(f"FAILED: {e}", file=sys.stderr)
         return 2

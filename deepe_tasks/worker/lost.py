@@ -81,7 +81,7 @@ def send_lost(client: redis.Redis, now: float | None = None) -> list[str]:
     present = _present(client, set(waiting.values())) if waiting else set()
     missing = [job_id for job_id in waiting if job_id not in present]
     before: Any = client.hgetall(keys.LOST_SEEN)
-    seen = {job_id: before.get(job_id, repr(now)) for job_id in missing}
+    seen: dict[Any, Any] = {job_id: str(before.get(job_id, repr(now))) for job_id in missing}
     sent = []
     for job_id in [j for j in missing if j in before]:
         try:

@@ -3,14 +3,14 @@ its event stream, so every method is tracked unchanged.
 
 Each worker registers the jobs it claims (the set ``deepe:mlflow:open``), and one worker at a
 time (a lock renewed each round) runs the tracker. Each round it takes the jobs of that set, reads each one's events after the cursor
-it keeps in Redis (``deepe:mlflow:<job>``: the run id, the last stream id sent, the last step
-sent), and sends them with one ``log_batch``: the `log` events' metrics by step, the `eval`
+it keeps in Redis (``deepe:mlflow:<job>``: the run id, the last stream id sent, the furthest step
+sent, the attempt it came from and the furthest step of the attempts before it), and sends them with one ``log_batch``: the `log` events' metrics by step, the `eval`
 events' (``eval_loss``, ``perplexity``, …), the parameters (secrets masked) and the tags at the
 run's start. Only after MLflow took them does the cursor move: a tracking server that is down
 costs the job nothing (this is another thread of another process) and loses nothing that the
 stream still holds; it is sent when the server returns. A resumed attempt goes on in the same
 run (the run id is in Redis, not in a worker); steps that a resume runs again (after the last
-checkpoint) are not sent twice. Once a job has ended and its events are sent, the run is ended
+checkpoint) are not sent twice, even when both attempts' events come in one batch. Once a job has ended and its events are sent, the run is ended
 with the job's status and the model's location (and, with ``DEEPE_MLFLOW_LOG_MODEL=true``, the
 model's files as artifacts). An evaluation job (`deepe eval`) logs its metrics into the run of
 the job it evaluated, as ``eval/<dataset>/<metric>``.
@@ -109,26 +109,31 @@ class Tracker:
                 return 0
             return self._evaluation(record)
         run_id = state.get("run") or self._start(record)
-        cursor, last_step = state.get("cursor", "0"), int(state.get("step", 0))
+        cursor, step_now = state.get("cursor", "0"), int(state.get("step", 0))
+        # A resumed attempt trains again the steps after its checkpoint: those up to `upto` (the
+        # furthest step of the attempts before it) are not sent twice, in one batch or across batches.
+        attempt, upto = int(state.get("attempt", 0)), int(state.get("upto", 0))
         entries: Any = self.redis.xrange(keys.events(job_id), min=f"({cursor}" if cursor != "0" else "-", count=BATCH)
-        metrics, step_now = [], last_step
+        metrics = []
         for entry_id, event in decode(entries):
             cursor = entry_id
             if event is None or event.step is None or event.kind not in (EventKind.LOG, EventKind.EVAL):
                 continue
-            if event.kind is EventKind.LOG and event.step <= last_step:
+            if (event.attempt or 0) > attempt:
+                attempt, upto = event.attempt or 0, step_now
+            if event.step <= upto:
                 continue  # run again after a resume: sent already
             at = int(event.ts * 1000)
             for name, value in event.metrics.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                     metrics.append((metric_name(name), float(value), at, int(event.step)))
-            if event.kind is EventKind.LOG:
-                step_now = max(step_now, event.step)
+            step_now = max(step_now, event.step)
         if metrics:
             from mlflow.entities import Metric
 
             self.client.log_batch(run_id, metrics=[Metric(k, v, t, s) for k, v, t, s in metrics])
-        self.redis.hset(state_key(job_id), mapping={"cursor": cursor, "step": step_now})
+        self.redis.hset(state_key(job_id), mapping={"cursor": cursor, "step": step_now, "attempt": attempt,
+                                                    "upto": upto})
         if record.status.is_final and len(entries) < BATCH:
             self._end(record, run_id)
         return len(metrics)

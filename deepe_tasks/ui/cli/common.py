@@ -11,6 +11,8 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from deepe_tasks.core.errors import InvalidParams
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -44,14 +46,15 @@ def parse_kv(pairs: list[str] | None, params_file: Path | None) -> dict[str, Any
         try:
             loaded = json.loads(params_file.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:  # a UnicodeDecodeError too: the file is not UTF-8
-            fail(f"Could not read the parameters file {params_file}: {e}; give a JSON object of KEY: value.")
+            raise InvalidParams(f"Could not read the parameters file {params_file}: {e}; give a JSON object of "
+                                "KEY: value.") from None
         if not isinstance(loaded, dict):
-            fail(f"The parameters file {params_file} holds a {type(loaded).__name__}, not a JSON object; give an "
-                 "object of KEY: value.")
+            raise InvalidParams(f"The parameters file {params_file} holds a {type(loaded).__name__}, not a JSON "
+                                "object; give an object of KEY: value.")
         params.update(loaded)
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            fail(f"-p {pair!r} is not KEY=VALUE; write it as -p MAX_STEPS=100.")
+            raise InvalidParams(f"-p {pair!r} is not KEY=VALUE; write it as -p MAX_STEPS=100.")
         params[key.strip()] = value
     return params

@@ -12,10 +12,12 @@ from rich.text import Text
 from deepe_tasks.core.settings import get_settings
 from deepe_tasks.ui.cli.common import (
     EXIT_FAILED,
+    EXIT_USAGE,
     JsonOpt,
     ParamOpt,
     app,
     console,
+    err,
     methods_app,
     parse_kv,
     print_json,
@@ -98,9 +100,14 @@ def run_local_cmd(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also print tracebacks.")] = False,
 ) -> None:
     """Run a method in this process through the worker's runner: no queue, no Redis."""
+    from deepe_tasks.core.errors import DeepeError
     from deepe_tasks.ui.local import find_method_file, run_local
 
-    path = find_method_file(method)
-    code = run_local(path, parse_kv(param, params_file),
-                     echo=lambda line: console.print(line, highlight=False, markup=False), verbose=verbose)
+    try:
+        params = parse_kv(param, params_file)
+        code = run_local(find_method_file(method), params,
+                         echo=lambda line: console.print(line, highlight=False, markup=False), verbose=verbose)
+    except DeepeError as e:  # a wrong method or parameter: one line, as docs/methods.md says
+        err.print(Text("FAILED: ", style="red") + Text(str(e)))
+        raise typer.Exit(EXIT_USAGE) from None
     raise typer.Exit(code)

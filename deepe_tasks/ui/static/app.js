@@ -4,6 +4,7 @@
 "use strict";
 
 const TOKEN_KEY = "deepe-token";
+const METHOD_KEY = "deepe-last-method";  // the method of the last job submitted from this browser (localStorage)
 // The metrics charted when a job logs them: SFT's, then GRPO's.
 const CHARTS = [
   ["loss", "Loss"], ["learning_rate", "Learning rate"], ["grad_norm", "Grad norm"],
@@ -101,6 +102,23 @@ function progressBar(step, max) {
 
 function state(s) { return el("span", { class: `state ${s}`, "data-state": s }, s); }
 
+const ENDED = ["succeeded", "failed", "cancelled"];
+
+// The loss at a job's last logged step, from its record (`GET /jobs`, `GET /jobs/{id}`): the
+// latest `log` event while it runs; once it ended that event is the trainer's summary, whose
+// `train_loss` is the run's average, so the last step's loss is read from the final metrics.
+function lastLoss(job) {
+  const p = job.progress;
+  if (typeof p?.metrics?.loss === "number") return { value: p.metrics.loss, step: p.step };
+  if (typeof job.metrics?.loss === "number") return { value: job.metrics.loss, step: p?.step ?? null };
+  return null;
+}
+
+function lossText(loss) { return loss ? fixed(loss.value) : "-"; }
+
+// A table in a box of its own that scrolls sideways when the screen is narrower than the table.
+function scroller(table) { return el("div", { class: "scroll" }, table); }
+
 function poll(fn, ms) {
   let stopped = false;
   const tick = async () => {
@@ -119,27 +137,29 @@ function jobList() {
     ...["", "queued", "running", "succeeded", "failed", "cancelled"].map((s) => el("option", { value: s }, s || "all states")));
   const body = el("tbody");
   const table = el("table", { id: "jobs-table" },
-    el("thead", {}, el("tr", {}, ...["", "job", "state", "method", "progress", "loss", "age"].map((h) => el("th", {}, h)))), body);
+    el("thead", {}, el("tr", {}, ...["", "job", "state", "method", "progress", "last loss", "age"].map((h) =>
+      el("th", h === "last loss" ? { title: "The loss at the job's last logged step" } : {}, h)))), body);
   const chosen = new Set();  // the jobs ticked for a comparison; kept across refreshes
   const compare = el("button", { id: "compare", onclick: () => {
     if (chosen.size >= 2) location.hash = `#/compare/${[...chosen].join(",")}`;
   } }, "Compare the ticked jobs");
-  view.replaceChildren(el("h1", {}, "Jobs"), el("div", { class: "toolbar" }, filter, " ", compare), table);
+  view.replaceChildren(el("h1", {}, "Jobs"), el("div", { class: "toolbar" }, filter, " ", compare), scroller(table));
   const refresh = async () => {
     const q = filter.value ? `&status=${filter.value}` : "";
     const list = await api(`../jobs?limit=100${q}`);
     body.replaceChildren(...list.jobs.map((j) => {
       const p = j.progress;
+      const loss = lastLoss(j);
       const pick = el("input", { type: "checkbox", class: "pick", "data-pick": j.id,
                                  onchange: (e) => (e.target.checked ? chosen.add(j.id) : chosen.delete(j.id)) });
       pick.checked = chosen.has(j.id);
       return el("tr", { "data-job": j.id },
         el("td", {}, pick),
-        el("td", { class: "mono" }, el("a", { href: `#/jobs/${j.id}` }, j.id)),
+        el("td", { class: "mono id" }, el("a", { href: `#/jobs/${j.id}`, title: j.id }, j.id)),
         el("td", {}, state(j.status)),
         el("td", {}, j.method + (j.gpus > 1 ? ` (${j.gpus} devices)` : "")),
         el("td", {}, p ? progressBar(p.step, p.max_steps) : "-"),
-        el("td", {}, fixed(p?.metrics?.loss ?? j.metrics?.train_loss)),
+        el("td", { class: "loss", title: loss?.step ? `the loss at step ${loss.step}` : null }, lossText(loss)),
         el("td", {}, age(j.submitted_at)));
     }));
     if (!list.jobs.length) body.append(el("tr", {}, el("td", { colspan: 7, class: "muted" }, "No jobs.")));
@@ -191,7 +211,7 @@ function followEvents(jobId, onEvent, onEnd) {
             if (id) last = id;
             const event = JSON.parse(data);
             onEvent(event);
-            if (["succeeded", "failed", "cancelled"].includes(event.kind)) ended = true;
+            if (ENDED.includes(event.kind)) ended = true;
           }
         }
         if (ended || controller.signal.aborted) break;  // the server ends the stream when the job ends
@@ -206,75 +226,86 @@ function followEvents(jobId, onEvent, onEnd) {
   return () => controller.abort();
 }
 
-function makeChart(container, title, key, extra = []) {
-  // `extra`: further series on the same steps, [label, colour] each (the loss chart's eval loss).
-  const box = el("div", { class: "chart", "data-metric": key, "data-points": "0" }, el("h3", {}, title));
-  container.append(box);
-  const data = [[], [], ...extra.map(() => [])];
-  const plot = new uPlot({
-    width: 500, height: 220,
-    scales: { x: { time: false } },
-    axes: [{ label: "step" }, { size: 70, values: (u, splits) => splits.map((v) => (v === null ? "" : +v.toPrecision(3))) }],
-    series: [{ label: "step" }, { label: title, stroke: "#2f6fed", width: 1.5, points: { show: false } },
-             ...extra.map(([label, colour]) => ({ label, stroke: colour, width: 1.5, spanGaps: true,
-                                                  points: { show: true, size: 5 } }))],
-  }, data, box);
-  const count = (which) => String(data[which].filter((v) => v !== null && v !== undefined).length);
-  return {
-    add(step, value, which = 1) {
-      // Steps may repeat after a resume (the steps since the last checkpoint run again): keep the latest.
-      let at = data[0].indexOf(step);
-      if (at < 0) {  // a new step, in order: the other series have no value there
-        at = data[0].findIndex((s) => s > step);
-        if (at < 0) at = data[0].length;
-        data[0].splice(at, 0, step);
-        for (let i = 1; i < data.length; i++) data[i].splice(at, 0, null);
-      }
-      data[which][at] = value;
-      plot.setData(data);
-      box.dataset.points = count(1);
-      if (which === 1) box.dataset.last = String(step);
-      else box.dataset[`points${which}`] = count(which);
-    },
-  };
+// A cancel asks first: what it does differs with the button and with the job's state.
+function cancelQuestion(save, status) {
+  if (status === "queued") return "Take this job off its queue? It has not started; nothing is trained.";
+  return save ? "Stop this job at its next step and publish the model it has trained so far (a partial model)?"
+              : "Stop this job at its next step? What it has trained so far is not saved.";
+}
+
+// A cancelled job whose model was saved (the runner ends it with this sentence).
+function publishedPartial(record) {
+  return record.status === "cancelled" && /the partial model was saved/.test(record.error || "");
 }
 
 function jobPage(jobId) {
   const summary = el("div", { class: "summary" });
   const error = el("p", { class: "error", id: "job-error" });
   const charts = el("div", { class: "charts", id: "charts" });
+  const metricsHeading = el("h2", { id: "metrics-heading", hidden: "" }, "Metrics");
   const params = el("tbody");
+  const notice = el("span", { id: "action-result", class: "muted" });
+  const question = el("span", { id: "confirm-text" });
+  const yes = el("button", { id: "confirm-yes", class: "danger", onclick: () => { confirmBar.hidden = true; cancel(asking); } });
+  const confirmBar = el("div", { id: "confirm", class: "confirm", role: "alertdialog", hidden: "" }, question, yes,
+    el("button", { id: "confirm-no", onclick: () => { confirmBar.hidden = true; } }, "No, keep it"));
+  let asking = false;  // which cancel the confirmation is for: false (plain) or true (save the model)
+  const ask = (save) => {
+    asking = save;
+    question.textContent = cancelQuestion(save, record?.status);
+    yes.textContent = save ? "Yes, cancel and save" : "Yes, cancel";
+    confirmBar.hidden = false;
+    notice.textContent = "";
+  };
+  const cancelSave = el("button", { id: "cancel-save", onclick: () => ask(true) }, "Cancel and save the model");
   const actions = el("div", { class: "toolbar" },
-    el("button", { id: "cancel", class: "danger", onclick: () => cancel(false) }, "Cancel"),
-    el("button", { id: "cancel-save", onclick: () => cancel(true) }, "Cancel and save the model"),
-    el("span", { id: "action-result", class: "muted" }));
-  view.replaceChildren(el("h1", {}, "Job ", el("span", { class: "mono" }, jobId)), summary, error, actions,
-                       el("h2", {}, "Metrics"), charts, el("h2", {}, "Parameters"),
-                       el("table", { id: "params" }, el("thead", {}, el("tr", {}, el("th", {}, "name"), el("th", {}, "value"))), params));
+    el("button", { id: "cancel", class: "danger", onclick: () => ask(false) }, "Cancel"), cancelSave, notice);
+  view.replaceChildren(el("h1", {}, "Job ", el("span", { class: "mono" }, jobId)), summary, error, actions, confirmBar,
+                       metricsHeading, charts, el("h2", {}, "Parameters"),
+                       scroller(el("table", { id: "params" },
+                                   el("thead", {}, el("tr", {}, el("th", {}, "name"), el("th", {}, "value"))), params)));
   const series = new Map();
-  let phase = "-", latest = null, latestEval = null, record = null;
+  let phase = "-", latest = null, latestLoss = null, latestEval = null, record = null;
   // The loss chart carries the eval loss as a second series; the others one each.
-  const chartFor = (key, title) => makeChart(charts, title, key, key === "loss" ? [["eval loss", "#e8590c"]] : []);
+  const chartFor = (key, title) => {
+    metricsHeading.hidden = false;
+    return makeChart(charts, title, key, key === "loss" ? [["eval loss", "#e8590c"]] : []);
+  };
 
   function cell(label, value, id) { return el("div", {}, el("b", {}, label), el("span", { id }, value)); }
+  function output() {
+    if (record.status === "succeeded") return record.output_dir;
+    if (publishedPartial(record)) return el("span", {}, record.output_dir, " ", el("span", { class: "muted" }, "(partial model)"));
+    return "-";
+  }
   function render() {
     if (!record) return;
     const p = latest || record.progress;
-    summary.replaceChildren(
+    const merge = record.kind === "merge";
+    const from = record.params.MERGED_FROM;
+    const loss = latestLoss ? { value: latestLoss.metrics.loss, step: latestLoss.step } : lastLoss(record);
+    summary.replaceChildren(...[  // (a merge has no steps: no progress, ETA or losses)
       cell("state", state(record.status), "job-state"), cell("method", record.method),
+      merge && from ? cell("merged from", el("a", { href: `#/jobs/${from}`, class: "mono", title: from }, from.slice(0, 12)),
+                           "job-merged-from") : null,
       cell("phase", phase, "job-phase"),
-      cell("progress", p ? progressBar(p.step, p.max_steps) : "-", "job-progress"),
-      cell("ETA", record.status === "running" ? duration(p?.eta_s) : "-", "job-eta"),
-      cell("eval loss", latestEval ? `${(+latestEval.metrics.eval_loss).toPrecision(4)} (step ${latestEval.step})` : "-",
-           "job-eval"),
+      merge ? null : cell("progress", p ? progressBar(p.step, p.max_steps) : "-", "job-progress"),
+      merge ? null : cell("ETA", record.status === "running" ? duration(p?.eta_s) : "-", "job-eta"),
+      merge ? null : cell("last loss", loss ? `${lossText(loss)}${loss.step ? ` (step ${loss.step})` : ""}` : "-", "job-loss"),
+      merge ? null : cell("eval loss", latestEval ? `${(+latestEval.metrics.eval_loss).toPrecision(4)} (step ${latestEval.step})`
+                                                  : "-", "job-eval"),
       cell("devices", String(record.gpus || 1)), cell("attempts", String(record.attempts)),
       cell("worker", record.worker || "-"),
-      cell("output", record.status === "succeeded" ? record.output_dir : "-"),
+      cell("output", output(), "job-output"),
       cell("MLflow", record.mlflow_url ? el("a", { href: record.mlflow_url, target: "_blank", rel: "noopener", id: "mlflow-run" },
-                                            "the run") : "-"));
+                                            "the run") : "-"),
+    ].filter(Boolean));
     error.textContent = record.error || "";
-    const ended = ["succeeded", "failed", "cancelled"].includes(record.status);
+    error.className = record.status === "failed" ? "error" : "muted";  // a cancel's sentence is no error
+    const ended = ENDED.includes(record.status);
+    cancelSave.hidden = merge;  // a merge has no partial model to save
     for (const b of actions.querySelectorAll("button")) b.disabled = ended;
+    if (ended) { notice.textContent = ""; confirmBar.hidden = true; }  // "it stops at its next step" is over
   }
   async function load() {
     record = await api(`../jobs/${encodeURIComponent(jobId)}`);
@@ -283,19 +314,21 @@ function jobPage(jobId) {
     render();
   }
   async function cancel(save) {
-    const out = document.getElementById("action-result");
     try {
       const answer = await api(`../jobs/${encodeURIComponent(jobId)}/cancel${save ? "?save=true" : ""}`, { method: "POST" });
-      out.textContent = answer.status === "running" ? "Asked: it stops at its next step." : `Now ${answer.status}.`;
+      // (a queued job is cancelled at once: its state says so, and the notice goes with the next render)
+      notice.textContent = answer.status === "running"
+        ? `Asked: it stops at its next step${save ? " and saves its model" : ""}.` : `Now ${answer.status}.`;
       await load();
     } catch (err) {
-      out.textContent = err.message;
+      notice.textContent = err.message;
     }
   }
   function onEvent(event) {
     if (PHASES[event.kind]) phase = PHASES[event.kind];
     if (event.kind === "log") {
       latest = event;
+      if (typeof event.metrics.loss === "number" && event.step !== null) latestLoss = event;
       for (const [key, title] of CHARTS) {
         const value = event.metrics[key];
         if (typeof value !== "number" || event.step === null) continue;
@@ -328,7 +361,10 @@ function submitPage() {
   // Each parameter's input, by name: held, never looked up with a selector built from a name.
   let inputs = new Map();
   async function showMethod() {
-    current = await api(`../methods/${encodeURIComponent(methods.value)}`);
+    const name = methods.value;
+    const found = await api(`../methods/${encodeURIComponent(name)}`);
+    if (name !== methods.value) return;  // another method was chosen meanwhile: its form comes next
+    current = found;
     inputs = new Map();
     const fields = [];
     for (const p of current.params) {
@@ -343,6 +379,7 @@ function submitPage() {
                 el("label", { for: "gpus" }, "devices"), el("input", { id: "gpus", type: "number", min: "1", value: "1" }),
                 el("span"), el("button", { type: "submit", class: "primary", id: "submit" }, "Submit"));
     form.replaceChildren(...fields);
+    form.dataset.method = name;  // the method whose form this is, once its fields are there
   }
   form.addEventListener("submit", async (e) => {
     e.preventDefault();
@@ -355,6 +392,7 @@ function submitPage() {
     if (queue) body.queue = queue;
     try {
       const job = await api("../jobs", { method: "POST", body: JSON.stringify(body) });
+      localStorage.setItem(METHOD_KEY, current.name);
       location.hash = `#/jobs/${job.id}`;
     } catch (err) {
       result.textContent = err.message;
@@ -363,6 +401,10 @@ function submitPage() {
   methods.addEventListener("change", showMethod);
   api("../methods").then((list) => {
     methods.replaceChildren(...list.map((m) => el("option", { value: m.name }, `${m.name} (${m.kind})`)));
+    // The form opens on the method used last, else on the demo that trains out of the box.
+    const names = list.map((m) => m.name);
+    const last = localStorage.getItem(METHOD_KEY);
+    methods.value = names.includes(last) ? last : names.includes("sft-demo") ? "sft-demo" : (names[0] ?? "");
     if (list.length) showMethod();
   }).catch((err) => { if (err instanceof Unauthorised) showLogin(); else result.textContent = err.message; });
   return () => {};
@@ -375,11 +417,11 @@ function queuesPage() {
   const workers = el("tbody");
   view.replaceChildren(
     el("h1", {}, "Queues"),
-    el("table", { id: "queues-table" }, el("thead", {}, el("tr", {}, ...["queue", "devices", "waiting", "running", "workers", "next up"]
-      .map((h) => el("th", {}, h)))), queues),
+    scroller(el("table", { id: "queues-table" }, el("thead", {}, el("tr", {}, ...["queue", "devices", "waiting", "running",
+      "workers", "next up"].map((h) => el("th", {}, h)))), queues)),
     el("h2", {}, "Workers online"),
-    el("table", { id: "workers-table" }, el("thead", {}, el("tr", {}, el("th", {}, "worker"), el("th", {}, "devices"),
-      el("th", {}, "last seen"))), workers));
+    scroller(el("table", { id: "workers-table" }, el("thead", {}, el("tr", {}, el("th", {}, "worker"), el("th", {}, "devices"),
+      el("th", {}, "last seen"))), workers)));
   return poll(async () => {
     const data = await api("../queues");
     queues.replaceChildren(...data.queues.map((q) => el("tr", { "data-queue": q.name },
@@ -431,29 +473,28 @@ function comparePage(ids) {
     });
     const box = el("div", { class: "chart", id: "compare-chart", "data-series": String(series.length - 1) },
                    el("h3", {}, "Loss (train and eval)"));
-    const parts = [table, box];
+    const parts = [scroller(table), box];
     for (const group of found.evaluations) {
       const jobsHere = Object.keys(group.results);
-      parts.push(el("h2", {}, `Evaluations on ${group.dataset}`), el("table", { class: "evaluations" },
+      parts.push(el("h2", {}, `Evaluations on ${group.dataset}`), scroller(el("table", { class: "evaluations" },
         el("thead", {}, el("tr", {}, ...["job", "loss", "perplexity", "exact match", "ROUGE-L"].map((h) => el("th", {}, h)))),
         el("tbody", {}, ...jobsHere.map((id) => {
           const r = group.results[id];
           return el("tr", {}, el("td", { class: "mono" }, id.slice(0, 12)), el("td", {}, num(r.loss)),
                     el("td", {}, num(r.perplexity)), el("td", {}, num(r.exact_match)), el("td", {}, num(r.rouge_l)));
-        }))));
+        })))));
       // The same prompts, each model's answer beside the expected one (as DeepExtension's assessment shows them)
       const count = Math.max(0, ...jobsHere.map((id) => (group.results[id].samples || []).length));
       const first = group.results[jobsHere[0]].samples || [];
-      parts.push(el("table", { class: "samples" },
+      parts.push(scroller(el("table", { class: "samples" },
         el("thead", {}, el("tr", {}, el("th", {}, "prompt"), el("th", {}, "expected"),
                                    ...jobsHere.map((id) => el("th", { class: "mono" }, id.slice(0, 12))))),
         el("tbody", {}, ...Array.from({ length: count }, (_, n) => el("tr", { class: "sample" },
           el("td", {}, first[n]?.prompt ?? ""), el("td", {}, first[n]?.expected ?? ""),
-          ...jobsHere.map((id) => el("td", { class: "generated" }, (group.results[id].samples || [])[n]?.generated ?? "")))))));
+          ...jobsHere.map((id) => el("td", { class: "generated" }, (group.results[id].samples || [])[n]?.generated ?? ""))))))));
     }
     out.replaceChildren(...parts);
-    new uPlot({ width: 900, height: 300, scales: { x: { time: false } }, axes: [{ label: "step" }, { size: 70 }], series },
-              data, box);
+    comparisonChart(box, series, data);
   })();
   return () => { stopped = true; };
 }
