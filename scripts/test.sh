@@ -29,8 +29,20 @@ ruff check --output-format concise deepe_tasks method_store/custom-template.py \
 mypy
 lint-imports --no-cache  # the layers of docs/architecture.md (pyproject.toml, [tool.importlinter])
 set +e
-python -m pytest -q --durations=25 "$@"
-code=$?
+if [ "$#" -gt 0 ]; then
+  python -m pytest -q --durations=25 "$@"
+  code=$?
+else
+  # The whole suite in two test processes: most of its time is spent waiting on workers,
+  # servers and faults, not on the two cores. Each file stays in one process (its module
+  # fixtures, its trained jobs). The schema fuzz runs on its own: schemathesis gives all its
+  # items one name, and pytest-xdist would run only one of them.
+  python -m pytest -q --durations=25 -n 2 --dist loadfile --ignore=tests/test_api_fuzz.py
+  code=$?
+  python -m pytest -q tests/test_api_fuzz.py
+  fuzz=$?
+  if [ "$code" -eq 0 ]; then code=$fuzz; fi
+fi
 set -e
 # Exit code 5 means pytest collected no tests: treat it as a failure, loudly.
 if [ "$code" -eq 5 ]; then

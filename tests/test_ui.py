@@ -123,6 +123,19 @@ def screenshot(page: Any, tmp_path: Path, name: str) -> None:
         shutil.copy(tmp_path / name, ROOT / "docs" / name)
 
 
+def submit_from_form(page: Any, method: str, values: dict[str, Any], queue: str) -> Job:
+    """Fill the submit form for ``method`` (the fields it shows) and submit; the job it opens."""
+    page.select_option("#method", method)
+    page.wait_for_selector(f'#submit-form[data-method="{method}"]')
+    for name, value in values.items():
+        if page.locator(f"#param-{name}").count():
+            page.fill(f"#param-{name}", str(value))
+    page.fill("#queue", queue)
+    page.click("#submit")
+    page.wait_for_url("**/ui/#/jobs/*")
+    return Job(page.url.rsplit("/", 1)[1])
+
+
 def log_steps(job: Job) -> list[int]:
     return [e.step or 0 for e in job.events() if e.kind is EventKind.LOG and "loss" in e.metrics]
 
@@ -154,17 +167,9 @@ def test_the_job_page_signs_in_submits_charts_live_survives_a_reload_and_cancels
     # Submit from the form: the method's parameters, the queue. A learning rate of 2e-4 over
     # 1,000 steps moves by 2e-7 a step: its chart's labels need five digits to differ.
     page.click('nav a[href="#/submit"]')
-    page.select_option("#method", "slowui")
-    page.wait_for_selector('#submit-form[data-method="slowui"]')
     values = {**sft_params, "MAX_STEPS": 1000, "LEARNING_RATE": 2e-4, "PromptInputColumn": "instruction",
               "PromptOutputColumn": "output", "step_sleep": 0.4}
-    for name, value in values.items():
-        if page.locator(f"#param-{name}").count():
-            page.fill(f"#param-{name}", str(value))
-    page.fill("#queue", "ui-q")
-    page.click("#submit")
-    page.wait_for_url("**/ui/#/jobs/*")
-    job = Job(page.url.rsplit("/", 1)[1])
+    job = submit_from_form(page, "slowui", values, "ui-q")
     assert job.info()["params"]["MAX_STEPS"] == 1000
 
     # The loss chart grows as the job trains
@@ -267,15 +272,8 @@ def test_the_submit_form_opens_on_sft_demo_then_on_the_method_last_submitted(
     assert page.input_value("#method") == "sft-demo"
     assert page.get_attribute("#submit-form", "data-method") == "sft-demo"
     # When a job of another method is submitted from it (to a queue no worker takes: it waits)
-    page.select_option("#method", "slowui")
-    page.wait_for_selector('#submit-form[data-method="slowui"]')
-    for name, value in {**sft_params, "PromptInputColumn": "instruction", "PromptOutputColumn": "output"}.items():
-        if page.locator(f"#param-{name}").count():
-            page.fill(f"#param-{name}", str(value))
-    page.fill("#queue", "ui-idle")
-    page.click("#submit")
-    page.wait_for_url("**/ui/#/jobs/*")
-    job = Job(page.url.rsplit("/", 1)[1])
+    job = submit_from_form(page, "slowui", {**sft_params, "PromptInputColumn": "instruction",
+                                            "PromptOutputColumn": "output"}, "ui-idle")
     try:
         # Then the form opens on that method: next time, and after a reload
         for again in (lambda: page.click('nav a[href="#/submit"]'), page.reload):
