@@ -105,6 +105,47 @@ def test_submit_says_when_no_worker_consumes_the_queue(r: redis.Redis, sft_param
         cli_here("cancel", j)
 
 
+@pytest.mark.e2e
+def test_settings_that_need_a_gpu_are_warned_at_submit_when_the_queues_workers_have_none(
+        r: redis.Redis, sft_params: dict[str, Any], worker: Worker, store: Path) -> None:
+    from deepe_tasks.core import keys
+    from tests.helpers import write_method
+
+    # Given the session's worker on this machine without CUDA: it says so in the registry
+    entries = {k: v for k, v in r.hgetall(keys.WORKERS).items() if str(k).startswith(f"{worker.hostname}#")}
+    assert entries and all(str(v).endswith(" cpu") for v in entries.values()), entries
+    # and a queue whose only worker has no CUDA
+    queue = lonely_queue()
+    cpu, gpu = devices.entry_key("cpu@test", uuid.uuid4().hex), devices.entry_key("gpu@test", uuid.uuid4().hex)
+    devices.register(r, cpu, 1, [queue], cuda=False)
+    method = write_method(store, "bf16default", "from trl import SFTConfig, SFTTrainer\nmodel = tokenizer = None\n"
+                          "trainer = SFTTrainer(model=model, args=SFTConfig(output_dir='x'), callbacks=[callback])\n")
+    submitted = []
+    try:
+        # When a job asks for a 4-bit base model there, and one's method leaves bf16 to TRL's default
+        four_bit = cli_here("submit", "sft-demo", *args({**sft_params, "LOAD_IN_4BIT": "true"}), "--queue", queue)
+        bf16 = cli_here("submit", method, *args(sft_params), "--queue", queue)
+        submitted += [four_bit.stdout.strip(), bf16.stdout.strip()]
+        # Then both are queued, and submit warns of each, naming the fix
+        assert four_bit.returncode == 0 and bf16.returncode == 0, four_bit.stderr + bf16.stderr
+        said = four_bit.stderr.replace("\n", " ")
+        assert f"warning: no worker of queue {queue!r} up now has CUDA: LOAD_IN_4BIT=true asks for a 4-bit" in said
+        assert "Set LOAD_IN_4BIT=false" in said
+        said = bf16.stderr.replace("\n", " ")
+        assert "without bf16= or use_cpu=, so TRL turns bf16 on" in said and "use_cpu=True" in said, said
+        assert f"no worker of queue {queue!r} up now has one" in said
+        # And once a worker with CUDA takes that queue too, nothing is said
+        devices.register(r, gpu, 1, [queue], cuda=True)
+        quiet = cli_here("submit", "sft-demo", *args({**sft_params, "LOAD_IN_4BIT": "true"}), "--queue", queue)
+        submitted.append(quiet.stdout.strip())
+        assert quiet.returncode == 0 and "warning" not in quiet.stderr, quiet.stderr
+    finally:
+        devices.unregister(r, cpu)
+        devices.unregister(r, gpu)
+        for job_id in submitted:
+            cli_here("cancel", job_id)
+
+
 # ---- methods by name ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("typed, meant", [("custom1", "custom01"), ("sft_demo", "sft-demo"), ("grpodemo", "grpo-demo")])

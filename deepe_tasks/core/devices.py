@@ -67,10 +67,11 @@ def entry_key(worker: str, token: str) -> str:
     return f"{worker}#{token}"
 
 
-def register(client: redis.Redis, key: str, devices: int, queues: list[str]) -> None:
-    """Record (again) that the worker of ``key`` is up, owns ``devices`` devices and takes jobs of
-    ``queues``."""
-    client.hset(keys.WORKERS, key, f"{devices} {time.time():.0f} {','.join(sorted(set(queues)))}")
+def register(client: redis.Redis, key: str, devices: int, queues: list[str], cuda: bool | None = None) -> None:
+    """Record (again) that the worker of ``key`` is up, owns ``devices`` devices, takes jobs of
+    ``queues`` and has CUDA (``cuda``; None: not said)."""
+    value = f"{devices} {time.time():.0f} {','.join(sorted(set(queues)))}"
+    client.hset(keys.WORKERS, key, value if cuda is None else f"{value} {'cuda' if cuda else 'cpu'}")
 
 
 def unregister(client: redis.Redis, key: str) -> None:
@@ -84,7 +85,7 @@ def live(client: redis.Redis, stale_after: float) -> list[tuple[str, int, float,
     now = time.time()
     found, gone = [], []
     for key, value in entries.items():
-        count_text, seen_text, *rest = value.split(" ", 2) + [""]
+        count_text, seen_text, *rest = value.split(" ", 3) + ["", ""]
         try:
             count, seen = int(count_text), float(seen_text)
         except ValueError:
@@ -97,6 +98,24 @@ def live(client: redis.Redis, stale_after: float) -> list[tuple[str, int, float,
     if gone:
         client.hdel(keys.WORKERS, *gone)
     return sorted(found)
+
+
+def queue_has_cuda(client: redis.Redis, stale_after: float, queue: str) -> bool | None:
+    """Whether a worker of ``queue`` seen within ``stale_after`` seconds has CUDA: True if one
+    has, False if every one that said has none, None when none said (or none is up)."""
+    said: list[bool] = []
+    now = time.time()
+    entries: dict[str, str] = client.hgetall(keys.WORKERS)  # type: ignore[assignment]
+    for value in entries.values():
+        parts = value.split(" ")
+        if len(parts) == 4 and queue in parts[2].split(",") and parts[3] in ("cuda", "cpu"):
+            try:
+                fresh = now - float(parts[1]) <= stale_after
+            except ValueError:
+                continue
+            if fresh:
+                said.append(parts[3] == "cuda")
+    return any(said) if said else None
 
 
 def largest(client: redis.Redis, stale_after: float, queue: str | None = None) -> tuple[int, str] | None:

@@ -28,7 +28,7 @@ from deepe_tasks.core.records import (
     mask_secrets,
 )
 from deepe_tasks.core.settings import get_settings
-from deepe_tasks.queue.queues import consumer_notice
+from deepe_tasks.queue.queues import fits, fleet_cuda, submit_notices
 
 
 def submit(
@@ -65,10 +65,12 @@ def submit(
     client = get_redis()
     webhooks.enable(client, settings)
     if gpus > 1:
-        _fits(client, gpus, queue)
+        fits(client, gpus, queue, settings)
     if settings.storage_url and settings.check_paths:
         stored.check_store(settings.storage_url)  # a bucket that is not there, or not writable
-    admitted = admit(found, params, settings.storage_root, job_id, check_paths=settings.check_paths,
+    stale = devices.STALE_AFTER_TTLS * settings.lease_ttl
+    cuda = fleet_cuda(client, queue, stale)  # False: the check warns of settings that need a GPU
+    admitted = admit(found, params, settings.storage_root, job_id, check_paths=settings.check_paths, gpu=cuda,
                      input_roots=settings.input_root_list, check_method=check, storage_url=settings.storage_url)
     resolved = admitted.params
     if settings.check_paths:  # else the worker refuses it when it publishes
@@ -81,8 +83,7 @@ def submit(
     on = queue if gpus == 1 else f"{queue} for {gpus} devices ({record.route})"
     # The worker runs this exact source, whatever happens to the file afterwards.
     _create_and_send(client, record, found.source, f"{found.name} queued on {on}")
-    notice = consumer_notice(client, queue, gpus, devices.STALE_AFTER_TTLS * settings.lease_ttl)
-    notices = [f"warning: {w}" for w in admitted.warnings] + ([notice] if notice else [])
+    notices = submit_notices(client, queue, gpus, stale, admitted.warnings, resolved.as_dict(), cuda)
     return Job(job_id, custom_params=admitted.custom, notices=notices)
 
 
@@ -111,30 +112,6 @@ def _create_and_send(client: redis.Redis, record: JobRecord, source: str, messag
         with contextlib.suppress(redis.RedisError):
             jobstore.fail_queued(client, record.id, error)
         raise BrokerUnavailable(error) from e
-
-
-def _fits(client: redis.Redis, gpus: int, queue: str) -> None:
-    """Refuse a job of ``gpus`` devices on ``queue`` that no worker up now could run."""
-    settings = get_settings()
-    if settings.max_job_gpus is not None:
-        if gpus > settings.max_job_gpus:
-            raise InvalidParams(f"This job asks for {gpus} devices (gpus={gpus}), but DEEPE_MAX_JOB_GPUS="
-                                f"{settings.max_job_gpus} is the most any worker of this cluster owns. Submit with "
-                                f"gpus={settings.max_job_gpus} or fewer, or raise DEEPE_MAX_JOB_GPUS once workers "
-                                "that large exist.")
-        return
-    try:
-        largest = devices.largest(client, stale_after=devices.STALE_AFTER_TTLS * settings.lease_ttl, queue=queue)
-    except (redis.ConnectionError, redis.TimeoutError) as e:
-        raise unreachable(client, e) from e
-    if largest is not None and gpus > largest[0]:
-        count, worker = largest
-        raise InvalidParams(
-            f"This job asks for {gpus} devices (gpus={gpus}), but the largest worker of queue {queue!r} up now "
-            f"({worker}) owns {count}, and a job runs on one worker. Submit with gpus={count} or fewer, or start a "
-            f"worker that owns {gpus} devices (`deepe worker --queues {queue} --gpus "
-            + ",".join(str(i) for i in range(gpus)) + "`); a fleet that starts such workers on demand sets "
-            f"DEEPE_MAX_JOB_GPUS={gpus} on the submitting side.")
 
 
 def merge(job_id: str, *, queue: str | None = None, force: bool = False) -> Job:

@@ -1,4 +1,5 @@
-"""What waits in each queue, and who consumes it (`deepe queues`)."""
+"""What waits in each queue, and who consumes it (`deepe queues`); what submit says or refuses
+about the workers of a queue."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ from typing import Any
 
 import redis
 
+from deepe_tasks.contract.hardware import params_need_gpu
 from deepe_tasks.core import devices, jobstore, keys
 from deepe_tasks.core.broker import priority_lists
-from deepe_tasks.core.errors import JobNotFound
+from deepe_tasks.core.connection import unreachable
+from deepe_tasks.core.errors import InvalidParams, JobNotFound
 from deepe_tasks.core.records import JobStatus
+from deepe_tasks.core.settings import Settings
 
 
 @dataclass
@@ -89,3 +93,50 @@ def consumer_notice(client: redis.Redis, queue: str, gpus: int, stale_after: flo
     start = f"deepe worker --queues {queue}" + ("" if gpus == 1 else " --gpus " + ",".join(map(str, range(gpus))))
     return (f"No worker{size} consumes queue {queue!r} now ({now}): the job waits there until one starts "
             f"(`{start}`).")
+
+
+def fleet_cuda(client: redis.Redis, queue: str, stale_after: float) -> bool:
+    """Whether the workers of ``queue`` up now have CUDA, for the submit-time check: False only
+    when every one that said has none (True when none is up or none said: a fleet that starts
+    GPU workers on demand is not warned)."""
+    try:
+        return devices.queue_has_cuda(client, stale_after, queue) is not False
+    except redis.RedisError:
+        return True
+
+
+def submit_notices(client: redis.Redis, queue: str, gpus: int, stale_after: float, warnings: list[str],
+                   params: dict[str, Any], cuda: bool) -> list[str]:
+    """What `deepe submit` says beside the job id: the static check's warnings, settings that need
+    a GPU where the queue's workers have none, and a queue that no worker consumes now."""
+    notices = [f"warning: {w}" for w in warnings]
+    if not cuda:
+        notices = [n.replace("this machine has none", f"no worker of queue {queue!r} up now has one")
+                   for n in notices]
+        notices += [f"warning: no worker of queue {queue!r} up now has CUDA: {w}"
+                    for w in params_need_gpu(params, gpu=False)]
+    notice = consumer_notice(client, queue, gpus, stale_after)
+    return notices + ([notice] if notice else [])
+
+
+def fits(client: redis.Redis, gpus: int, queue: str, settings: Settings) -> None:
+    """Refuse a job of ``gpus`` devices on ``queue`` that no worker up now could run."""
+    if settings.max_job_gpus is not None:
+        if gpus > settings.max_job_gpus:
+            raise InvalidParams(f"This job asks for {gpus} devices (gpus={gpus}), but DEEPE_MAX_JOB_GPUS="
+                                f"{settings.max_job_gpus} is the most any worker of this cluster owns. Submit with "
+                                f"gpus={settings.max_job_gpus} or fewer, or raise DEEPE_MAX_JOB_GPUS once workers "
+                                "that large exist.")
+        return
+    try:
+        largest = devices.largest(client, stale_after=devices.STALE_AFTER_TTLS * settings.lease_ttl, queue=queue)
+    except (redis.ConnectionError, redis.TimeoutError) as e:
+        raise unreachable(client, e) from e
+    if largest is not None and gpus > largest[0]:
+        count, worker = largest
+        raise InvalidParams(
+            f"This job asks for {gpus} devices (gpus={gpus}), but the largest worker of queue {queue!r} up now "
+            f"({worker}) owns {count}, and a job runs on one worker. Submit with gpus={count} or fewer, or start a "
+            f"worker that owns {gpus} devices (`deepe worker --queues {queue} --gpus "
+            + ",".join(str(i) for i in range(gpus)) + "`); a fleet that starts such workers on demand sets "
+            f"DEEPE_MAX_JOB_GPUS={gpus} on the submitting side.")

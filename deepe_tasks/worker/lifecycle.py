@@ -22,6 +22,7 @@ import redis
 from celery.signals import worker_init, worker_ready, worker_shutting_down
 from celery.worker import state as worker_state
 
+from deepe_tasks.contract.hardware import has_cuda
 from deepe_tasks.core import broker, devices, jobstore, keys, webhooks
 from deepe_tasks.core.connection import get_redis
 from deepe_tasks.core.errors import InvalidParams, JobNotFound
@@ -181,6 +182,7 @@ def _reap(client: redis.Redis, job_id: str, max_resumes: int) -> bool:
 def _reaper_loop(stop: threading.Event, entry: str, queues: list[str]) -> None:
     interval = max(0.5, get_settings().lease_ttl / 3)
     holder = f"{os.uname().nodename}:{os.getpid()}"
+    cuda = has_cuda()
     try:
         owned: int | None = len(devices.device_list(get_settings().gpus))
     except InvalidParams as e:  # `celery worker` with a bad DEEPE_GPUS: its jobs go back (tasks.py)
@@ -189,7 +191,8 @@ def _reaper_loop(stop: threading.Event, entry: str, queues: list[str]) -> None:
     while True:
         try:
             if owned is not None:
-                devices.register(get_redis(), entry, owned, queues)  # what submit reads to refuse a job too large
+                # what submit reads to refuse a job too large, or to warn of settings that need a GPU
+                devices.register(get_redis(), entry, owned, queues, cuda=cuda)
         except Exception as e:
             log.warning("could not record this worker's devices: %s", e)
         if stop.wait(interval):
