@@ -300,8 +300,9 @@ def test_a_message_lost_between_redis_and_a_consumer_is_sent_again(cluster: Clus
 
     # Given an idle worker on its own host, its consumer blocked in BRPOP on its queue
     cluster.worker("blip-q", on_host=True)
-    time.sleep(2)
     client = redis_py.Redis.from_url(cluster.redis.url, decode_responses=True)
+    wait_for(lambda: any(c.get("cmd") == "brpop" and c["addr"].startswith(f"{cluster.host.ns_ip}:")
+                         for c in client.client_list()), timeout=30)
     # When its link is cut and a job is queued at once, Redis pops the message for the BRPOP that
     # was waiting and writes it into the dead link (kombu's Redis transport takes a message with
     # BRPOP: at most once, until the consumer has it)

@@ -78,14 +78,15 @@ def unregister(client: redis.Redis, key: str) -> None:
     client.hdel(keys.WORKERS, key)
 
 
-def live(client: redis.Redis, stale_after: float) -> list[tuple[str, int, float, list[str]]]:
-    """The workers seen within ``stale_after`` seconds, as (worker, devices, last seen, queues),
-    by name. Entries of workers gone longer (or unreadable) are deleted."""
+def _read(client: redis.Redis, stale_after: float) -> list[tuple[str, int, float, list[str], bool | None]]:
+    """The workers seen within ``stale_after`` seconds, as (worker, devices, last seen, queues,
+    has CUDA or None when not said), by name. Entries of workers gone longer (or unreadable)
+    are deleted."""
     entries: dict[str, str] = client.hgetall(keys.WORKERS)  # type: ignore[assignment]
     now = time.time()
     found, gone = [], []
     for key, value in entries.items():
-        count_text, seen_text, *rest = value.split(" ", 3) + ["", ""]
+        count_text, seen_text, queues, said = (value.split(" ", 3) + ["", ""])[:4]
         try:
             count, seen = int(count_text), float(seen_text)
         except ValueError:
@@ -94,27 +95,23 @@ def live(client: redis.Redis, stale_after: float) -> list[tuple[str, int, float,
         if now - seen > stale_after:
             gone.append(key)
         else:
-            found.append((key.split("#", 1)[0], count, seen, [q for q in rest[0].split(",") if q]))
+            cuda = {"cuda": True, "cpu": False}.get(said)
+            found.append((key.split("#", 1)[0], count, seen, [q for q in queues.split(",") if q], cuda))
     if gone:
         client.hdel(keys.WORKERS, *gone)
-    return sorted(found)
+    return sorted(found, key=lambda w: w[:4])
+
+
+def live(client: redis.Redis, stale_after: float) -> list[tuple[str, int, float, list[str]]]:
+    """The workers seen within ``stale_after`` seconds, as (worker, devices, last seen, queues),
+    by name. Entries of workers gone longer (or unreadable) are deleted."""
+    return [(name, count, seen, queues) for name, count, seen, queues, _ in _read(client, stale_after)]
 
 
 def queue_has_cuda(client: redis.Redis, stale_after: float, queue: str) -> bool | None:
     """Whether a worker of ``queue`` seen within ``stale_after`` seconds has CUDA: True if one
     has, False if every one that said has none, None when none said (or none is up)."""
-    said: list[bool] = []
-    now = time.time()
-    entries: dict[str, str] = client.hgetall(keys.WORKERS)  # type: ignore[assignment]
-    for value in entries.values():
-        parts = value.split(" ")
-        if len(parts) == 4 and queue in parts[2].split(",") and parts[3] in ("cuda", "cpu"):
-            try:
-                fresh = now - float(parts[1]) <= stale_after
-            except ValueError:
-                continue
-            if fresh:
-                said.append(parts[3] == "cuda")
+    said = [cuda for _, _, _, queues, cuda in _read(client, stale_after) if queue in queues and cuda is not None]
     return any(said) if said else None
 
 
