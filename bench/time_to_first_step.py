@@ -31,17 +31,20 @@ def baseline(ctx: dict[str, Any], params: dict[str, Any]) -> float:
     script = script.replace("PARAMS = {", f"PARAMS = {params!r}\n_unused = {{")
     path = ctx["work"] / "methods" / "run_local_train_test.py"
     path.write_text(script)
-    t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-u", str(path)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True, cwd=path.parent)
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if " step 1/" in line:
-            elapsed = time.monotonic() - t0
-            break
-    else:
-        raise RuntimeError("the local script never reached step 1")
-    proc.wait()
+    errors = path.with_suffix(".stderr")
+    with errors.open("w") as stderr:
+        t0 = time.monotonic()
+        proc = subprocess.Popen([sys.executable, "-u", str(path)], stdout=subprocess.PIPE, stderr=stderr,
+                                text=True, cwd=path.parent)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if " step 1/" in line:
+                elapsed = time.monotonic() - t0
+                break
+        else:
+            proc.wait()
+            raise RuntimeError(f"the local script never reached step 1: {errors.read_text()[-2000:]}")
+        proc.wait()
     return elapsed
 
 
@@ -56,9 +59,9 @@ def main() -> None:
 
         submit("sft-demo", params).wait(timeout=180)  # first job: the worker's zygote imports the stack
         warm, local = [], []
-        for _ in range(runs):
+        for run in range(runs):  # run-local refuses an OUTPUT_DIR that holds a model: one per run
             warm.append(ours(ctx, params))
-            local.append(baseline(ctx, {**params, "OUTPUT_DIR": "models/local"}))
+            local.append(baseline(ctx, {**params, "OUTPUT_DIR": f"models/local-{run}"}))
         report("time_to_first_step", {
             "ours_s": round(median(warm), 3), "baseline_s": round(median(local), 3),
             "ratio": round(median(warm) / median(local), 3), "goal": "<= 0.25",

@@ -11,8 +11,11 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
+from deepe_tasks import Job
 from deepe_tasks.fixtures.embedded import free_port
+from tests.helpers import wait_for
 
 
 def mlflow_binary() -> str | None:
@@ -62,3 +65,20 @@ class MlflowServer:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.proc = None
+
+
+def client(server: MlflowServer) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=server.uri)
+
+
+def ended_run(server: MlflowServer, job: Job, timeout: float = 90) -> Any:
+    """The job's run (deepe's own), once the tracker ended it."""
+    def done() -> Any:
+        run_id = job.info().get("mlflow_run")
+        if not run_id:
+            return None
+        run = client(server).get_run(run_id)
+        return run if run.info.status != "RUNNING" else None
+    return wait_for(done, timeout=timeout)

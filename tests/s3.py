@@ -90,3 +90,15 @@ def aws_environment(env: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@contextmanager
+def moto_with_bucket(log: Path, bucket: str) -> Iterator[MotoServer]:
+    """A moto server with ``bucket`` made, this process's AWS variables pointing at it; stopped after."""
+    server = MotoServer(log).start()
+    try:
+        with aws_environment(server.env):
+            server.make_bucket(bucket)
+            yield server
+    finally:
+        server.stop()

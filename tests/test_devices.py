@@ -164,3 +164,28 @@ def test_a_queue_without_a_worker_for_its_size_shows_its_waiting_jobs(
     assert infos["lonely.4gpus"].gpus == 4 and infos["lonely.4gpus"].workers == []
     assert job.id in [w["id"] for w in infos["lonely.4gpus"].waiting]
     job.cancel()
+
+
+def test_a_worker_takes_the_size_from_the_message_and_reads_the_record_only_for_one_without_it(
+        r: redis.Redis, fresh_settings: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from celery.exceptions import Reject
+
+    from deepe_tasks.worker import claiming
+
+    monkeypatch.setenv("DEEPE_GPUS", "0,1")
+    monkeypatch.setattr(claiming, "MISROUTED_BACKOFF", 0)
+    job_id = f"size-{time.time_ns()}"
+    r.hset(keys.job(job_id), "gpus", "2")
+    try:
+        with mock.patch.object(redis.Redis, "hget", wraps=r.hget) as hget:
+            assert claiming.world_size(job_id, "w@h", 2) == 2
+            assert hget.call_count == 0  # the message said: no round trip before the job starts
+            assert claiming.world_size(job_id, "w@h", None) == 2  # a message without it: the record says
+            assert hget.call_count == 1
+        r.hset(keys.job(job_id), "gpus", "4")
+        with pytest.raises(Reject, match="needs 4 devices; this worker owns 2"):
+            claiming.world_size(job_id, "w@h", None)
+        with pytest.raises(Reject, match="needs 3 devices"):
+            claiming.world_size(job_id, "w@h", 3)
+    finally:
+        r.delete(keys.job(job_id))

@@ -14,6 +14,7 @@ import pytest
 
 from deepe_tasks import EventKind, InvalidJobState, InvalidParams, Job, JobStatus, evaluate, submit
 from deepe_tasks.fixtures import tiny
+from deepe_tasks.queue.compare import compare
 from deepe_tasks.queue.evals import results
 from tests.helpers import Worker, cli_here, process_gone, wait_for
 
@@ -135,6 +136,8 @@ def test_the_api_queues_an_evaluation_and_refuses_as_the_cli_does(
     assert missing.status_code == 422 and "does not exist" in missing.json()["detail"]
     assert http.post(f"/jobs/{job.id}/eval", json={"dataset": str(colors_data)}).status_code == 409
     assert http.post("/jobs/no-such-job/eval", json={"dataset": str(colors_data)}).status_code == 404
+    nothing = http.post(f"/jobs/{trained.id}/eval", json={})
+    assert nothing.status_code == 422 and "Nothing to evaluate on" in nothing.json()["detail"]
 
 
 def test_compare_shows_differing_params_losses_and_evaluations_of_three_jobs(
@@ -172,3 +175,29 @@ def test_compare_shows_differing_params_losses_and_evaluations_of_three_jobs(
     assert len(page["evaluations"][0]["results"][trained.id]["samples"]) == 2
     assert http.get("/compare", params={"jobs": trained.id}).status_code == 422
     assert http.get("/compare", params={"jobs": f"{trained.id},no-such-job"}).status_code == 404
+
+
+def test_an_lm_eval_task_scores_a_trained_job_as_its_adapter_on_its_base(
+        http: Any, worker: Worker, trained: Job, storage: Path) -> None:
+    # A multiple-choice task on the colours the job was trained on (tests/test_lmeval.py has the rest)
+    folder = storage / "lmeval" / f"trained-{trained.id[:8]}"
+    tiny.write_jsonl([{"q": f"What colour is the {thing}?", "choices": [f"The {thing} is {c}." for c in ("blue", color)],
+                       "label": 1} for thing, color in list(tiny.COLORS.items())[1:5]], folder / "mc.jsonl")
+    (folder / "task.yaml").write_text("task: trained_mc\ndataset_path: json\ndataset_kwargs: {data_files: mc.jsonl}\n"
+                                      "test_split: train\noutput_type: multiple_choice\ndoc_to_text: '{{q}}'\n"
+                                      "doc_to_choice: '{{choices}}'\ndoc_to_target: label\n")
+    # (over HTTP: the Python API and the CLI take it in tests/test_lmeval.py)
+    answer = http.post(f"/jobs/{trained.id}/eval", json={"lm_eval": str(folder / "task.yaml")})
+    assert answer.status_code == 201, answer.text
+    job = Job(answer.json()["id"])
+    assert job.wait(timeout=180) is JobStatus.SUCCEEDED, job.info()["error"]
+    found = results(job)
+    assert found["adapter"] == trained.info()["output_dir"] and found["evaluated"] == trained.id
+    scored = found["lm_eval"]["results"]["trained_mc"]
+    assert scored["samples"] == 4 and 0 <= scored["acc"] <= 1 and 0 <= scored["acc_norm"] <= 1  # the defaults
+    # And compare shows it under its task file (it has no dataset), with lm-eval's metrics
+    [group] = [g for g in compare([trained.id, trained.id])["evaluations"] if g["dataset"].startswith("lm-eval task")]
+    assert group["dataset"].endswith("/task.yaml") and f"trained-{trained.id[:8]}" in group["dataset"]
+    assert group["results"][trained.id]["lm_eval/trained_mc/acc"] == scored["acc"]
+    shown = cli_here("compare", trained.id, trained.id)
+    assert shown.returncode == 0 and "lm_eval/trained_mc/acc" in shown.stdout, shown.stdout

@@ -13,7 +13,7 @@ import pytest
 
 from deepe_tasks import EventKind, Job, JobStatus, evaluate, submit
 from tests.helpers import SLOW_METHOD, Worker, wait_for, write_method
-from tests.mlflow_server import MlflowServer
+from tests.mlflow_server import MlflowServer, client, ended_run
 
 pytestmark = pytest.mark.e2e
 
@@ -25,26 +25,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
     s.stop()
 
 
-def client(server: MlflowServer) -> Any:
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=server.uri)
-
-
 def env(server: MlflowServer, **more: str) -> dict[str, str]:
     return {"DEEPE_MLFLOW_URI": server.uri, "DEEPE_MLFLOW_EXPERIMENT": "deepe-tests", "DEEPE_LEASE_TTL": "3",
             "DEEPE_CHECKPOINT_MINUTES": "0.02", **more}
-
-
-def ended_run(server: MlflowServer, job: Job, timeout: float = 90) -> Any:
-    """The job's run, once the tracker ended it."""
-    def done() -> Any:
-        run_id = job.info().get("mlflow_run")
-        if not run_id:
-            return None
-        run = client(server).get_run(run_id)
-        return run if run.info.status != "RUNNING" else None
-    return wait_for(done, timeout=timeout)
 
 
 def first_losses(job: Job) -> dict[int, float]:
@@ -137,3 +120,53 @@ def test_a_resumed_job_with_the_server_down_meanwhile_is_one_run_with_every_step
     assert losses == sorted(first_losses(job).items())
     runs = client(server).search_runs([run.info.experiment_id], filter_string=f"tags.`deepe.job_id` = '{job.id}'")
     assert len(runs) == 1
+
+
+def reporting_method(store: Path, name: str) -> str:
+    """The shipped SFT-Demo method, with its SFTConfig asking for transformers' MLflowCallback."""
+    from deepe_tasks.contract.methods import BUILTIN
+
+    source = (BUILTIN / "sft-demo.py").read_text()
+    assert source.count('report_to="none"') == 1
+    return write_method(store, name, source.replace('report_to="none"', 'report_to="mlflow"'))
+
+
+def test_a_method_reporting_to_mlflow_itself_gets_a_run_of_its_own_tagged_with_the_job(
+        workers: list[Worker], tmp_path: Path, server: MlflowServer, store: Path,
+        sft_params: dict[str, Any]) -> None:
+    # Given the SFT demo with report_to="mlflow", and workers with DEEPE_MLFLOW_URI only (no MLFLOW_* set)
+    method = reporting_method(store, "mlflow_reporting")
+    workers.append(Worker("mlflow-own", tmp_path / "w.log", env=env(server)).start())
+    job = submit(method, {**sft_params, "MAX_STEPS": 5}, queue="mlflow-own")
+    assert job.wait(timeout=180) is JobStatus.SUCCEEDED, job.info()["error"]
+    # Then deepe's run holds every step once, from the events, as for any method
+    run = ended_run(server, job)
+    assert run.data.tags["deepe.source"] == "platform"
+    assert history(server, run.info.run_id, "loss") == sorted(first_losses(job).items())
+    assert [s for s, _ in history(server, run.info.run_id, "loss")] == [1, 2, 3, 4, 5]
+    # and the method's own run is on the same server, in the same experiment, found by the job id
+    runs = client(server).search_runs([run.info.experiment_id], filter_string=f"tags.`deepe.job_id` = '{job.id}'")
+    assert sorted(r.data.tags["deepe.source"] for r in runs) == ["method", "platform"]
+    own = next(r for r in runs if r.data.tags["deepe.source"] == "method")
+    assert own.info.run_id != run.info.run_id and own.info.status == "FINISHED"
+    assert own.data.tags["deepe.attempt"] == "1"
+    assert {s for s, _ in history(server, own.info.run_id, "loss")} == {1, 2, 3, 4, 5}
+    assert float(own.data.params["learning_rate"]) == sft_params["LEARNING_RATE"]
+
+
+def test_a_method_reporting_to_mlflow_with_the_server_down_still_trains_and_succeeds(
+        workers: list[Worker], tmp_path: Path, store: Path, sft_params: dict[str, Any]) -> None:
+    from deepe_tasks.core.settings import get_settings
+    from deepe_tasks.core.storage import job_dir
+    from deepe_tasks.fixtures.embedded import free_port
+
+    # Given the same method, and DEEPE_MLFLOW_URI naming a server that does not answer
+    method = reporting_method(store, "mlflow_reporting_down")
+    down = {"DEEPE_MLFLOW_URI": f"http://127.0.0.1:{free_port()}", "DEEPE_MLFLOW_EXPERIMENT": "deepe-tests"}
+    workers.append(Worker("mlflow-down", tmp_path / "w.log", env=down).start())
+    job = submit(method, {**sft_params, "MAX_STEPS": 3}, queue="mlflow-down")
+    # Then the job trains and succeeds all the same; its log says why the method's run is off
+    assert job.wait(timeout=180) is JobStatus.SUCCEEDED, job.info()["error"]
+    assert max(first_losses(job)) == 3
+    log = (job_dir(get_settings().storage_root, job.id) / "output.log").read_text()
+    assert "the method's own MLflow run (report_to=\"mlflow\") failed in on_train_begin" in log, log[-3000:]

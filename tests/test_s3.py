@@ -21,20 +21,15 @@ from deepe_tasks.core.errors import InvalidParams
 from deepe_tasks.core.objects import ObjectStore
 from deepe_tasks.core.settings import get_settings
 from tests.helpers import SLOW_METHOD, Worker, wait_for, write_method
-from tests.s3 import MotoServer, aws_environment
+from tests.s3 import MotoServer, moto_with_bucket
 
 BUCKET = "deepe-test"
 
 
 @pytest.fixture(scope="module")
 def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
-    server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log").start()
-    try:
-        with aws_environment(server.env):
-            server.make_bucket(BUCKET)
-            yield server
-    finally:
-        server.stop()
+    with moto_with_bucket(tmp_path_factory.mktemp("moto") / "moto.log", BUCKET) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -143,14 +143,16 @@ def test_no_warm_runs_each_job_in_a_process_started_for_it(workers: list[Worker]
 
 
 DRAW_METHOD = '''
-import os, random
+import gc, os, random, sys
 
 import numpy as np
 import torch
 
-# The job folder is the working directory: leave what a fresh process draws there.
+# The job folder is the working directory: leave what a fresh process draws there, and what it
+# found made already (trainers the method has not imported; objects the gc will not walk).
 with open("draws.txt", "w") as f:
-    f.write(f"{os.getpid()} {random.random()} {np.random.random()} {torch.cuda.is_initialized()}")
+    f.write(f"{os.getpid()} {random.random()} {np.random.random()} {torch.cuda.is_initialized()} "
+            f"{'trl.trainer.grpo_trainer' in sys.modules} {gc.get_freeze_count()}")
 raise SystemExit("drawn")
 '''
 
@@ -167,9 +169,12 @@ def test_forked_job_processes_draw_fresh_random_numbers(worker: Worker, store: P
         assert started_event(job).metrics["forked"] is True
         draws.append((storage / "jobs" / job.id / "draws.txt").read_text().split())
     # Then they are two processes that share no random state and no CUDA context
-    (pid_a, py_a, np_a, cuda_a), (pid_b, py_b, np_b, cuda_b) = draws
+    (pid_a, py_a, np_a, cuda_a, *warm_a), (pid_b, py_b, np_b, cuda_b, *warm_b) = draws
     assert pid_a != pid_b and py_a != py_b and np_a != np_b
     assert cuda_a == cuda_b == "False"
+    # And both found the trainers imported and the stack's objects out of the gc's walks (preload.py)
+    for grpo_imported, frozen in (warm_a, warm_b):
+        assert grpo_imported == "True" and int(frozen) > 100_000, (grpo_imported, frozen)
 
 
 def test_a_zygote_that_keeps_dying_young_is_given_up_and_jobs_start_cold(caplog: pytest.LogCaptureFixture) -> None:

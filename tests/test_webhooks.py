@@ -4,12 +4,16 @@ worker SIGKILLed before it delivered leaves the deliveries to another; hostile U
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from deepe_tasks import InvalidParams, JobStatus, submit
@@ -129,6 +133,63 @@ def test_deliveries_in_the_outbox_survive_a_redis_crash_and_restart_from_its_aof
         for w in workers:
             w.stop()
         server.stop()
+
+
+class Api:
+    """A real `deepe api` process (uvicorn) on a free port, with the settings of ON."""
+
+    TOKEN = "t0ken-for-webhooks"
+
+    def __init__(self, log: Path) -> None:
+        from deepe_tasks.fixtures.embedded import free_port
+
+        self.url = f"http://127.0.0.1:{free_port()}"
+        env = {**os.environ, **ON, "DEEPE_API_TOKENS": self.TOKEN}
+        self.proc = subprocess.Popen([sys.executable, "-m", "deepe_tasks", "api", "--port", self.url.rsplit(":", 1)[1]],
+                                     env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+        self.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.TOKEN}"}, timeout=30)
+        wait_for(self._ready, timeout=60)
+
+    def _ready(self) -> bool:
+        assert self.proc.poll() is None, "the API exited"
+        try:
+            return self.http.get("/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=20)
+        self.http.close()
+
+
+@pytest.mark.e2e
+def test_a_per_job_webhook_submitted_over_http_is_delivered_though_the_api_was_killed_right_after_the_201(
+        workers: list[Worker], tmp_path: Path, receiver: Receiver, method: str, sft_params: dict[str, Any]) -> None:
+    # Given a job submitted over HTTP with a webhook of its own, to a queue no worker takes yet
+    first = Api(tmp_path / "api1.log")
+    created = first.http.post("/jobs", json={"method": method, "params": params(sft_params), "queue": "hooks-api",
+                                             "webhook": receiver.url})
+    assert created.status_code == 201, created.text
+    job_id = created.json()["id"]
+    # When the API is SIGKILLed right after its 201
+    first.kill()
+    # Then its delivery waits in Redis's outbox (the API sends none), and a new API serves the job
+    assert [p["type"] for p in webhooks.pending(_redis(), count=webhooks.ROUND_ENTRIES) if p["job"] == job_id] == [
+        "job.queued"]
+    second = Api(tmp_path / "api2.log")
+    try:
+        workers.append(Worker("hooks-api", tmp_path / "w.log", env=ON).start())
+        wait_for(lambda: second.http.get(f"/jobs/{job_id}").json()["status"] == "succeeded", timeout=180)
+        # and the worker delivers every state change to the job's URL, signed, in order, each webhook-id once
+        wait_for(lambda: len(receiver.taken(job_id)) == 3, timeout=90)
+        taken = receiver.taken(job_id)
+        assert [d["type"] for d in taken] == TYPES, receiver.dump()
+        assert len({d["id"] for d in taken}) == 3 and receiver.rejected == 0
+        assert [d for d in receiver.deliveries if d["data"].get("id") == job_id] == taken  # none twice, none refused
+        assert taken[-1]["data"]["webhook"] == receiver.url
+    finally:
+        second.kill()
 
 
 def test_hostile_webhook_urls_are_refused_at_submit(sft_params: dict[str, Any], method: str,

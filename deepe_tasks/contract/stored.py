@@ -7,6 +7,7 @@ store's layout; the record then keeps URLs, which every worker understands whate
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,35 @@ def output_owner(storage_url: str, output_url: str) -> str | None:
     store = ObjectStore(storage_url)
     manifest = store.read_json(f"{store.rel_of(output_url) or ''}/{MANIFEST}")
     return None if manifest is None else str(manifest.get("job"))
+
+
+def published_files(output_dir: str, storage_url: str | None,
+                    budget: float | None = None) -> tuple[dict[str, Any], dict[str, int]] | None:
+    """The ``deepe.json`` of the model published at ``output_dir`` and its files (name: bytes);
+    None if no model is there. A model exists when and only when its deepe.json does: on a store
+    its files are under the key deepe.json names (one read, one listing, each tried for
+    ``budget`` seconds), on a folder they are the folder's other files."""
+    if is_remote(output_dir):
+        inside = storage_url is not None and ObjectStore.relative(storage_url, output_dir) is not None
+        store = ObjectStore(storage_url if inside and storage_url else "/".join(output_dir.split("/", 3)[:3]), budget)
+        rel = store.rel_of(output_dir) or ""
+        manifest = store.read_json(f"{rel}/{MANIFEST}")
+        if manifest is None:
+            return None
+        key = manifest.get("files")
+        folder = f"{rel}/{key}" if isinstance(key, str) and key else rel
+        return manifest, {name: int(info.get("size") or 0) for name, info in store.files(folder).items()
+                          if name not in ("", MANIFEST)}
+    root = Path(output_dir)
+    try:
+        data = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        data = None  # there, so a model, though its manifest cannot be read
+    files = {p.relative_to(root).as_posix(): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+    files.pop(MANIFEST, None)
+    return (data if isinstance(data, dict) else {}), files
 
 
 def check_store(storage_url: str) -> None:

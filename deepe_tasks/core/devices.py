@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import time
+from typing import NamedTuple
 
 import redis
 
@@ -78,10 +79,19 @@ def unregister(client: redis.Redis, key: str) -> None:
     client.hdel(keys.WORKERS, key)
 
 
-def _read(client: redis.Redis, stale_after: float) -> list[tuple[str, int, float, list[str], bool | None]]:
-    """The workers seen within ``stale_after`` seconds, as (worker, devices, last seen, queues,
-    has CUDA or None when not said), by name. Entries of workers gone longer (or unreadable)
-    are deleted."""
+class WorkerEntry(NamedTuple):
+    """A worker process seen lately in the registry."""
+
+    name: str
+    devices: int
+    seen: float  # when it last said it is up (epoch seconds)
+    queues: list[str]
+    cuda: bool | None  # whether it has CUDA; None: not said
+
+
+def workers(client: redis.Redis, stale_after: float) -> list[WorkerEntry]:
+    """The workers seen within ``stale_after`` seconds, by name. Entries of workers gone longer
+    (or unreadable) are deleted."""
     entries: dict[str, str] = client.hgetall(keys.WORKERS)  # type: ignore[assignment]
     now = time.time()
     found, gone = [], []
@@ -96,7 +106,7 @@ def _read(client: redis.Redis, stale_after: float) -> list[tuple[str, int, float
             gone.append(key)
         else:
             cuda = {"cuda": True, "cpu": False}.get(said)
-            found.append((key.split("#", 1)[0], count, seen, [q for q in queues.split(",") if q], cuda))
+            found.append(WorkerEntry(key.split("#", 1)[0], count, seen, [q for q in queues.split(",") if q], cuda))
     if gone:
         client.hdel(keys.WORKERS, *gone)
     return sorted(found, key=lambda w: w[:4])
@@ -105,14 +115,7 @@ def _read(client: redis.Redis, stale_after: float) -> list[tuple[str, int, float
 def live(client: redis.Redis, stale_after: float) -> list[tuple[str, int, float, list[str]]]:
     """The workers seen within ``stale_after`` seconds, as (worker, devices, last seen, queues),
     by name. Entries of workers gone longer (or unreadable) are deleted."""
-    return [(name, count, seen, queues) for name, count, seen, queues, _ in _read(client, stale_after)]
-
-
-def queue_has_cuda(client: redis.Redis, stale_after: float, queue: str) -> bool | None:
-    """Whether a worker of ``queue`` seen within ``stale_after`` seconds has CUDA: True if one
-    has, False if every one that said has none, None when none said (or none is up)."""
-    said = [cuda for _, _, _, queues, cuda in _read(client, stale_after) if queue in queues and cuda is not None]
-    return any(said) if said else None
+    return [(w.name, w.devices, w.seen, w.queues) for w in workers(client, stale_after)]
 
 
 def largest(client: redis.Redis, stale_after: float, queue: str | None = None) -> tuple[int, str] | None:

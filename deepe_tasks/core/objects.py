@@ -71,10 +71,13 @@ def retrying(what: str, fn: Callable[[], T], budget: float | None = None) -> T:
 class ObjectStore:
     """The store at ``url`` (``s3://bucket/prefix``); paths given to it are relative to the prefix."""
 
-    def __init__(self, url: str) -> None:
+    budget: float | None = None  # seconds each call is tried for; None: DEEPE_STORAGE_RETRY_SECONDS
+
+    def __init__(self, url: str, budget: float | None = None) -> None:
         import fsspec
 
         self.url = url.rstrip("/")
+        self.budget = budget
         self.protocol = self.url.split("://", 1)[0]
         options: dict[str, Any] = {"skip_instance_cache": True}
         if self.protocol in ("s3", "s3a"):
@@ -95,6 +98,9 @@ class ObjectStore:
 
     def __repr__(self) -> str:
         return f"ObjectStore({self.url!r})"
+
+    def _retrying(self, what: str, fn: Callable[[], T]) -> T:
+        return retrying(what, fn, self.budget)
 
     def key(self, rel: str) -> str:
         return f"{self.root}/{rel.strip('/')}" if rel.strip("/") else self.root
@@ -123,11 +129,11 @@ class ObjectStore:
     # Reading ----------------------------------------------------------------------------------
 
     def exists(self, rel: str) -> bool:
-        return retrying(f"looking for {self.url_of(rel)}", lambda: bool(self.fs.exists(self.key(rel))))
+        return self._retrying(f"looking for {self.url_of(rel)}", lambda: bool(self.fs.exists(self.key(rel))))
 
     def read_bytes(self, rel: str) -> bytes | None:
         try:
-            return retrying(f"reading {self.url_of(rel)}", lambda: bytes(self.fs.cat_file(self.key(rel))))
+            return self._retrying(f"reading {self.url_of(rel)}", lambda: bytes(self.fs.cat_file(self.key(rel))))
         except FileNotFoundError:
             return None
 
@@ -141,14 +147,14 @@ class ObjectStore:
 
     def glob(self, pattern: str) -> list[str]:
         """The paths (relative) that match ``pattern`` (relative, fsspec glob)."""
-        found = retrying(f"listing {self.url_of(pattern)}", lambda: self.fs.glob(self.key(pattern)))
+        found = self._retrying(f"listing {self.url_of(pattern)}", lambda: self.fs.glob(self.key(pattern)))
         return [str(k)[len(self.root) + 1:] for k in found]
 
     def files(self, rel: str) -> dict[str, dict[str, Any]]:
         """Every object under ``rel``: its path relative to ``rel``, and its details (ETag, size)."""
         key = self.key(rel)
         try:
-            found = retrying(f"listing {self.url_of(rel)}", lambda: self.fs.find(key, detail=True))
+            found = self._retrying(f"listing {self.url_of(rel)}", lambda: self.fs.find(key, detail=True))
         except FileNotFoundError:
             return {}
         out: dict[str, dict[str, Any]] = {}
@@ -168,12 +174,12 @@ class ObjectStore:
             dest = local / name if name else local
             dest.parent.mkdir(parents=True, exist_ok=True)
             key = f"{self.key(rel)}/{name}" if name else self.key(rel)
-            retrying(f"fetching {self.protocol}://{key}", functools.partial(self.fs.get_file, key, str(dest)))
+            self._retrying(f"fetching {self.protocol}://{key}", functools.partial(self.fs.get_file, key, str(dest)))
 
     # Writing ----------------------------------------------------------------------------------
 
     def put_file(self, local: Path, rel: str) -> None:
-        retrying(f"uploading {local} to {self.url_of(rel)}", lambda: self.fs.put_file(str(local), self.key(rel)))
+        self._retrying(f"uploading {local} to {self.url_of(rel)}", lambda: self.fs.put_file(str(local), self.key(rel)))
 
     def put_tree(self, local: Path, rel: str, skip: Iterable[str] = (), last: Iterable[str] = ()) -> None:
         """Upload every file under ``local`` to ``rel``; the names in ``last`` after all others
@@ -185,12 +191,12 @@ class ObjectStore:
             self.put_file(path, f"{rel}/{path.relative_to(local).as_posix()}")
 
     def put_bytes(self, rel: str, data: bytes) -> None:
-        retrying(f"writing {self.url_of(rel)}", lambda: self.fs.pipe_file(self.key(rel), data))
+        self._retrying(f"writing {self.url_of(rel)}", lambda: self.fs.pipe_file(self.key(rel), data))
 
     def create(self, rel: str, data: bytes) -> bool:
         """Write ``rel`` only if no object is there (If-None-Match: *); False if one was."""
         try:
-            retrying(f"creating {self.url_of(rel)}", lambda: self.fs.pipe_file(self.key(rel), data, mode="create"))
+            self._retrying(f"creating {self.url_of(rel)}", lambda: self.fs.pipe_file(self.key(rel), data, mode="create"))
         except FileExistsError:
             return False
         return True
@@ -199,7 +205,7 @@ class ObjectStore:
         """Delete the object or every object under the folder ``rel`` (nothing there is no error)."""
         key = self.key(rel)
         with contextlib.suppress(FileNotFoundError):
-            retrying(f"deleting {self.url_of(rel)}", lambda: self.fs.rm(key, recursive=True))
+            self._retrying(f"deleting {self.url_of(rel)}", lambda: self.fs.rm(key, recursive=True))
 
     def check(self) -> None:
         """Refuse a store deepe cannot use, naming the bucket and what is missing."""

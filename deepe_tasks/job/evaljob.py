@@ -75,7 +75,7 @@ class EvalRunner:
         p = spec.params
         self.model_path = Path(p["MODEL_PATH"])
         self.adapter = Path(p["ADAPTER_PATH"]) if p.get("ADAPTER_PATH") else None
-        self.dataset = Path(p["DATASET_PATH"])
+        self.dataset = Path(p["DATASET_PATH"]) if p.get("DATASET_PATH") else None
         self.target = Path(p["OUTPUT_DIR"])
         self.input_column = p.get("PromptInputColumn") or "instruction"
         self.output_column = p.get("PromptOutputColumn") or "output"
@@ -92,23 +92,13 @@ class EvalRunner:
                                + (f" with the adapter {self.adapter}" if self.adapter else ""))
             model, tokenizer = self._model()
             self._go_on()
-            self.tracker.enter(Phase.LOADING_DATASET, f"reading {self.dataset}")
-            rows = self._rows()
-            self._go_on()
-            self.tracker.enter(Phase.TRAINING, f"evaluating on {len(rows)} rows")
-            metrics, samples, truncated = self._score(model, tokenizer, rows)
-            results = {
-                "job": self.spec.job_id, "method": EVAL_METHOD, "evaluated": self.spec.params.get("EVALUATED"),
-                "model": str(self.spec.params.get("MODEL_URL") or self.model_path),
-                "adapter": self.spec.params.get("ADAPTER_URL") or (str(self.adapter) if self.adapter else None),
-                "dataset": str(self.spec.params.get("DATASET_URL") or self.dataset),
-                "dataset_sha256": file_sha256(self.dataset), "rows": len(rows), "truncated_prompts": truncated,
-                "model_sha256": file_sha256(self.adapter or self.model_path),
-                "metrics": metrics, "samples": samples, "seconds": round(time.monotonic() - t0, 3),
-                "finished_at": time.time(),
-            }
+            results = self._evaluate(model, tokenizer)
+            metrics = results["metrics"]
+            results.update({"seconds": round(time.monotonic() - t0, 3), "finished_at": time.time()})
+            done = [f"{results['rows']} rows"] if self.dataset else []
+            done += [f"the lm-eval task {results['lm_eval']['task']}"] if results["lm_eval"] else []
             self.emit(Event(kind=EventKind.EVAL, job=self.spec.job_id, metrics=metrics,
-                            message=f"evaluated on {len(rows)} rows"))
+                            message=f"evaluated on {' and '.join(done)}"))
             self._go_on()
             self.tracker.enter(Phase.SAVING, f"saving {RESULTS} to {self.target}")
             publish_model(self.spec, self.target, lambda staging: self._stage(staging, results), self.may_publish,
@@ -129,6 +119,38 @@ class EvalRunner:
                              error=describe(e, self.tracker.phase, "the evaluation"))
         return RunResult(status=JobStatus.SUCCEEDED, phase=Phase.SAVING, output_dir=self.published_at,
                          metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+
+    def _evaluate(self, model: Any, tokenizer: Any) -> dict[str, Any]:
+        """eval.json but its times: the dataset's metrics and samples, and the lm-eval task's."""
+        metrics: dict[str, Any] = {}
+        samples: list[Any] = []
+        rows: list[dict[str, Any]] = []
+        truncated = 0
+        if self.dataset is not None:
+            self.tracker.enter(Phase.LOADING_DATASET, f"reading {self.dataset}")
+            rows = self._rows()
+            self._go_on()
+            self.tracker.enter(Phase.TRAINING, f"evaluating on {len(rows)} rows")
+            metrics, samples, truncated = self._score(model, tokenizer, rows)
+        block = None
+        if self.spec.params.get("LM_EVAL_TASK"):
+            from deepe_tasks.job import lmeval
+
+            self.tracker.enter(Phase.LOADING_DATASET, f"reading the lm-eval task {self.spec.params['LM_EVAL_TASK']}")
+            self.tracker.enter(Phase.TRAINING, "running the lm-eval task")
+            block = lmeval.run(model, tokenizer, self.spec.params, Path(self.spec.storage_root),
+                               self.spec.input_roots, self._go_on)
+            metrics.update(lmeval.flat(block))
+        p = self.spec.params
+        return {
+            "job": self.spec.job_id, "method": EVAL_METHOD, "evaluated": p.get("EVALUATED"),
+            "model": str(p.get("MODEL_URL") or self.model_path),
+            "adapter": p.get("ADAPTER_URL") or (str(self.adapter) if self.adapter else None),
+            "dataset": str(p.get("DATASET_URL") or self.dataset) if self.dataset else None,
+            "dataset_sha256": file_sha256(self.dataset) if self.dataset else None, "rows": len(rows),
+            "truncated_prompts": truncated, "model_sha256": file_sha256(self.adapter or self.model_path),
+            "metrics": metrics, "samples": samples, "lm_eval": block,
+        }
 
     def _go_on(self) -> None:
         reason = self.should_stop() if self.should_stop is not None else None
@@ -160,6 +182,7 @@ class EvalRunner:
     def _rows(self) -> list[dict[str, Any]]:
         from datasets import load_dataset, load_from_disk
 
+        assert self.dataset is not None
         path = self.dataset
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
             data: Any = load_from_disk(str(path))

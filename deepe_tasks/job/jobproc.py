@@ -25,7 +25,7 @@ from deepe_tasks.core.ipc import CUTOFF_SIGNAL, FENCED_EXIT, LOG_FILE, PREEMPT_S
 from deepe_tasks.core.records import JobKind, JobSpec, JobStatus, Phase, RunResult, StopReason
 from deepe_tasks.core.settings import get_settings
 from deepe_tasks.core.storage import attempt_dir, job_dir, own_job_dir
-from deepe_tasks.job import evaljob, merge, ranks, remote, runner
+from deepe_tasks.job import evaljob, merge, mlflow_env, preload, ranks, remote, runner
 from deepe_tasks.job.stops import PublishFence, StopFlags
 
 
@@ -46,7 +46,7 @@ def write_result(folder: Path, result: RunResult, name: str = RESULT_FILE) -> No
 
 
 def main() -> int:
-    runner.warm_up()
+    preload.warm_up()
     line = sys.stdin.readline()
     if not line:
         return 0  # the worker closed our stdin without a job
@@ -130,6 +130,7 @@ def run(line: str) -> int:
     os.chdir(folder)  # stray relative writes of a method land in its job folder
     _redirect_output(folder)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    mlflow_env.prepare(spec)  # a method's own report_to="mlflow" goes to deepe's server, tagged with the job
     local = _localized(spec, attempt)
     if local is None:
         return 0

@@ -4,7 +4,8 @@ the worker's cache, what it writes goes up without a rename.
 - Inputs (``MODEL_PATH``, ``DATASET_PATH``, a merge's adapter, any parameter holding a URL of the
   store) are fetched into ``DEEPE_CACHE_DIR`` keyed by their ETags (`core.objects.InputCache`),
   and the method sees local paths.
-- The job's newest complete checkpoint (any attempt's, any worker's) is fetched before training.
+- The job's newest complete checkpoint (any attempt's, any worker's) is fetched before training,
+  and with KEEP_BEST the best one its trainer state names, which may be an earlier attempt's.
 - Each complete checkpoint is uploaded on a thread of its own while training goes on, its
   ``deepe-checkpoint.json`` last: a resume takes only checkpoints whose marker is there.
 - The model is uploaded under ``OUTPUT_DIR/<attempt-key>/`` and published by creating
@@ -33,6 +34,7 @@ from deepe_tasks.core.objects import ObjectStore
 from deepe_tasks.core.records import JobKind, JobSpec
 from deepe_tasks.core.settings import is_remote
 from deepe_tasks.core.storage import CHECKPOINT_DONE
+from deepe_tasks.job import evaluation
 from deepe_tasks.job.uploads import DRAIN_TIMEOUT, Uploader
 
 log = logging.getLogger(__name__)
@@ -97,8 +99,9 @@ class Remote:
         return self.spec.model_copy(update={"params": params, "input_roots": roots})
 
     def fetch_checkpoint(self) -> str | None:
-        """Fetch the job's newest complete checkpoint on the store into the local copy; its path
-        inside the store, or None without one."""
+        """Fetch the job's newest complete checkpoint on the store into the local copy, and the best
+        one its trainer state names (KEEP_BEST), which may be older; the newest's path inside the
+        store, or None without one."""
         pattern = f"jobs/{self.spec.job_id}/attempts/*/checkpoints/checkpoint-*/{CHECKPOINT_DONE}"
         found = []
         for marker in self.store.glob(pattern):
@@ -110,9 +113,14 @@ class Remote:
         if not found:
             return None
         rel = max(found)[2]
+        self._fetch(rel)
+        self._fetch_best(rel, {folder for _, _, folder in found})
+        return rel
+
+    def _fetch(self, rel: str) -> None:
         local = self.local / rel
         if (local / CHECKPOINT_DONE).exists():
-            return rel
+            return
         staging = local.with_name(f".{local.name}.{uuid.uuid4().hex[:8]}")
         try:
             self.store.get(rel, staging)
@@ -121,7 +129,21 @@ class Remote:
             staging.rename(local)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        return rel
+
+    def _fetch_best(self, rel: str, complete: set[str]) -> None:
+        """The best checkpoint that the checkpoint at ``rel`` names, fetched too, and named by its
+        local path here: the trainer drops a best checkpoint it cannot find when it resumes."""
+        named = evaluation.best_named(self.local / rel)
+        best = None if named is None else evaluation.in_job(named, self.spec.job_id)
+        if named is None or best is None:
+            return
+        if best not in complete:
+            log.warning("the best checkpoint %s that %s names is not on the store; KEEP_BEST cannot publish it",
+                        named, self.store.url_of(rel))
+            return
+        self._fetch(best)
+        evaluation.relocate_best(self.local / rel, self.local / best)
+        log.info("the best checkpoint so far (KEEP_BEST) is %s", self.store.url_of(best))
 
     def published(self) -> dict[str, Any] | None:
         """The manifest at OUTPUT_DIR on the store, if a model is published there."""
@@ -212,6 +234,7 @@ def start(spec: JobSpec) -> JobSpec:
     """For a job on an object store: make this process's Remote and return the spec with local
     paths; a job on a folder is returned as it is."""
     global _active
+    _active = None  # a run on a folder after one on a store (run-local, in one process) uses no store
     if not spec.storage_url:
         return spec
     _active = Remote(spec)
@@ -225,3 +248,9 @@ def start(spec: JobSpec) -> JobSpec:
 
 def active() -> Remote | None:
     return _active
+
+
+def forget() -> None:
+    """This process's runs after now use no store until ``start`` makes one (run-local's runs)."""
+    global _active
+    _active = None

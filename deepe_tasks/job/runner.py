@@ -33,20 +33,6 @@ log = logging.getLogger(__name__)
 LIBRARIES = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "deepe-tasks")
 
 
-WARM_IMPORTS = ("torch", "transformers", "datasets", "peft", "trl")
-
-
-def warm_up() -> None:
-    """Import what methods use, so that a warm job process starts training at once."""
-    import importlib
-
-    for name in WARM_IMPORTS:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            pass
-
-
 def _versions() -> dict[str, str]:
     out = {}
     for name in LIBRARIES:
@@ -112,11 +98,9 @@ class Runner:
             return RunResult(status=JobStatus.SUCCEEDED, phase=Phase.TRAINING, step=step)
         partial = reason is StopReason.CANCEL_SAVE
         try:
-            self.best = evaluation.load_best(trainer) if self.params.KEEP_BEST else None
-            if self.best is not None and self.best["step"] != step:
-                self.emit(records.Event(kind=records.EventKind.LOG, job=self.spec.job_id, message=(
-                    f"KEEP_BEST: publishing the checkpoint of step {self.best['step']} (eval_loss "
-                    f"{self.best['eval_loss']:.4g}), the lowest, not step {step}'s")))
+            self.best, note = evaluation.keep_best(trainer) if self.params.KEEP_BEST else (None, None)
+            if note is not None:
+                self.emit(records.Event(kind=records.EventKind.LOG, job=self.spec.job_id, message=note))
             t2 = time.monotonic()
             self.tracker.enter(Phase.SAVING, "saving the model and tokenizer")
             output = self._save(trainer, metrics, save_started=t2, partial=partial)

@@ -12,6 +12,7 @@ from deepe_tasks.core.ipc import LOG_FILE
 from deepe_tasks.core.objects import ObjectStore
 from deepe_tasks.core.records import JobSpec
 from deepe_tasks.core.storage import CHECKPOINT_DONE, EVENTS_FILE, attempt_dir, job_dir
+from deepe_tasks.job import evaluation
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +21,8 @@ DRAIN_TIMEOUT = 600.0  # seconds an attempt's end waits for its uploads
 
 class Uploader:
     """Uploads complete checkpoints and the job's logs on a thread of its own, the newest
-    checkpoint waiting first (an older one not yet sent is skipped: a newer one supersedes it)."""
+    checkpoint waiting first (an older one not yet sent is skipped: a newer one supersedes it,
+    unless it is the best one, KEEP_BEST's, which goes up before the newest)."""
 
     def __init__(self, store: ObjectStore, spec: JobSpec) -> None:
         self.store, self.spec = store, spec
@@ -45,16 +47,14 @@ class Uploader:
     def _run(self) -> None:
         while True:
             # A daemon thread's wait for work: it ends with the job process, never holds it.
-            folder = self._waiting.get()
-            newer = [f for f in self._drain_queue() if f is not None]
-            if newer:
-                folder = newer[-1]
-            if folder is not None:
+            waiting = [f for f in [self._waiting.get(), *self._drain_queue()] if f is not None]
+            for folder in _to_upload(waiting):
                 try:
                     self._upload_checkpoint(folder)
                 except Exception as e:  # the next checkpoint tries again; the job goes on
                     self.failures += 1
                     log.warning("the checkpoint %s could not be uploaded: %s", folder.name, e)
+            if waiting:
                 try:
                     self.logs()
                 except Exception as e:
@@ -89,3 +89,12 @@ class Uploader:
         for name in (EVENTS_FILE, LOG_FILE):
             if (folder / name).is_file():
                 self.store.put_file(folder / name, f"{rel}/{name}")
+
+
+def _to_upload(waiting: list[Path]) -> list[Path]:
+    """Of the checkpoints waiting, the newest, and before it the best one it names (KEEP_BEST) if
+    that one is waiting too: a resume fetches both, and an older checkpoint is otherwise skipped."""
+    if not waiting:
+        return []
+    newest, best = waiting[-1], evaluation.best_named(waiting[-1])
+    return [f for f in waiting[:-1] if f == best and f != newest][:1] + [newest]

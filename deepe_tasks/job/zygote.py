@@ -16,6 +16,7 @@ Run as ``python -m deepe_tasks.job.zygote CMD_FD REPLY_FD``; it exits when the w
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import select
@@ -126,6 +127,7 @@ class ZygoteServer:
     def fork(self) -> Spare:
         spec_r, spec_w = os.pipe()
         forked_at = time.time()
+        gc.freeze()  # what the zygote made since: left out of the job's collections too (see warm_up)
         pid = os.fork()
         if pid == 0:
             os.close(spec_w)
@@ -171,9 +173,9 @@ def _reseed() -> None:
 def main() -> int:
     cmd_fd, reply_fd = int(sys.argv[1]), int(sys.argv[2])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from deepe_tasks.job import jobproc, runner
+    from deepe_tasks.job import jobproc, preload
 
-    runner.warm_up()
+    preload.warm_up()
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
         # A forked CUDA context is unusable: every job would fail. This is a bug in an import.

@@ -28,7 +28,7 @@ from deepe_tasks.core.records import (
     mask_secrets,
 )
 from deepe_tasks.core.settings import get_settings
-from deepe_tasks.queue.queues import fits, fleet_cuda, submit_notices
+from deepe_tasks.queue.queues import fits, submit_notices
 
 
 def submit(
@@ -68,9 +68,8 @@ def submit(
         fits(client, gpus, queue, settings)
     if settings.storage_url and settings.check_paths:
         stored.check_store(settings.storage_url)  # a bucket that is not there, or not writable
-    stale = devices.STALE_AFTER_TTLS * settings.lease_ttl
-    cuda = fleet_cuda(client, queue, stale)  # False: the check warns of settings that need a GPU
-    admitted = admit(found, params, settings.storage_root, job_id, check_paths=settings.check_paths, gpu=cuda,
+    # Checked as for a GPU fleet; what needs a GPU is said after the send, if the queue's workers have none.
+    admitted = admit(found, params, settings.storage_root, job_id, check_paths=settings.check_paths, gpu=True,
                      input_roots=settings.input_root_list, check_method=check, storage_url=settings.storage_url)
     resolved = admitted.params
     if settings.check_paths:  # else the worker refuses it when it publishes
@@ -83,7 +82,8 @@ def submit(
     on = queue if gpus == 1 else f"{queue} for {gpus} devices ({record.route})"
     # The worker runs this exact source, whatever happens to the file afterwards.
     _create_and_send(client, record, found.source, f"{found.name} queued on {on}")
-    notices = submit_notices(client, queue, gpus, stale, admitted.warnings, resolved.as_dict(), cuda)
+    notices = submit_notices(client, queue, gpus, devices.STALE_AFTER_TTLS * settings.lease_ttl, admitted.warnings,
+                             resolved.as_dict(), found)
     return Job(job_id, custom_params=admitted.custom, notices=notices)
 
 

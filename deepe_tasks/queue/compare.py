@@ -68,10 +68,13 @@ def _evaluations(records: list[JobRecord], samples: bool = False) -> list[dict[s
         target = e.params.get("EVALUATED")
         if target not in wanted:
             continue
-        results = by_dataset.setdefault(str(e.params.get("DATASET_PATH")), {})
+        dataset = e.params.get("DATASET_PATH")  # or an lm-eval task file alone
+        on = str(dataset) if dataset else f"lm-eval task {e.params.get('LM_EVAL_DIR')}/{e.params.get('LM_EVAL_TASK')}"
+        results = by_dataset.setdefault(on, {})
         if target not in results:
             results[str(target)] = {"eval_job": e.id, "output_dir": e.output_dir,
-                                    **{k: e.metrics.get(k) for k in SHOWN_EVAL_METRICS}}
+                                    **{k: e.metrics.get(k) for k in SHOWN_EVAL_METRICS},
+                                    **{k: v for k, v in e.metrics.items() if k.startswith("lm_eval/")}}
             if samples:
                 from deepe_tasks.queue.evals import results as eval_results
 

@@ -23,17 +23,20 @@ from deepe_tasks.core.objects import ObjectStore
 from deepe_tasks.core.records import EVAL_METHOD, JobKind, JobRecord, JobStatus
 from deepe_tasks.core.settings import Settings, get_settings, is_remote
 from deepe_tasks.queue.client import Job, _create_and_send, find_job
+from deepe_tasks.queue.lmeval import lmeval_task
 
 EVAL_FOLDER = "evals"  # where the evaluation of a model path (not a job's) publishes
 
 
-def evaluate(target: str, dataset: str, *, max_samples: int | None = None, samples: int = 5,
+def evaluate(target: str, dataset: str | None = None, *, max_samples: int | None = None, samples: int = 5,
              input_column: str | None = None, output_column: str | None = None, max_new_tokens: int = 64,
-             queue: str | None = None) -> Job:
-    """Queue an evaluation of ``target`` (a job id, or a model folder) on ``dataset``; returns its job.
+             queue: str | None = None, lm_eval: str | None = None) -> Job:
+    """Queue an evaluation of ``target`` (a job id, or a model folder) on ``dataset``, or on the
+    lm-evaluation-harness task file ``lm_eval`` (a local task and dataset), or both; returns its job.
 
-    It publishes ``eval.json`` (loss, perplexity, exact_match, rouge_l, samples) beside the job's
-    model (``<OUTPUT_DIR>-eval/<eval id>/``), or under ``evals/<eval id>/`` for a model folder.
+    It publishes ``eval.json`` (loss, perplexity, exact_match, rouge_l, samples; under ``lm_eval``
+    the task's metrics) beside the job's model (``<OUTPUT_DIR>-eval/<eval id>/``), or under
+    ``evals/<eval id>/`` for a model folder.
     """
     settings = get_settings()
     for name, value in (("max_samples", max_samples), ("samples", samples), ("max_new_tokens", max_new_tokens)):
@@ -41,7 +44,12 @@ def evaluate(target: str, dataset: str, *, max_samples: int | None = None, sampl
             raise InvalidParams(f"{name}={value!r} is not valid; allowed: an integer from 0 to 10**9.")
     new_id = uuid.uuid4().hex
     params, output, default_queue = _target(target, settings, new_id)
-    params["DATASET_PATH"] = _dataset(dataset, settings, input_column or "instruction", output_column or "output")
+    if dataset is None and lm_eval is None:
+        raise InvalidParams("Nothing to evaluate on: give a dataset (--dataset) or an lm-eval task file (--lm-eval).")
+    if dataset is not None:
+        params["DATASET_PATH"] = _dataset(dataset, settings, input_column or "instruction", output_column or "output")
+    if lm_eval is not None:
+        params.update(lmeval_task(lm_eval, _resolved(lm_eval, settings, "--lm-eval"), settings))
     params.update({"OUTPUT_DIR": output, "MAX_SAMPLES": max_samples or 0, "SAMPLES": samples,
                    "MAX_NEW_TOKENS": max_new_tokens, "PromptInputColumn": input_column,
                    "PromptOutputColumn": output_column})
@@ -173,5 +181,5 @@ def results(job: Job) -> dict[str, Any]:
     if isinstance(data, dict):
         out.update(data.get("metrics") or {})
         out.update({k: data.get(k) for k in ("evaluated", "model", "adapter", "dataset", "dataset_sha256",
-                                             "model_sha256", "rows", "truncated_prompts", "samples")})
+                                             "model_sha256", "rows", "truncated_prompts", "samples", "lm_eval")})
     return out

@@ -9,7 +9,9 @@ from typing import Any
 
 import redis
 
+from deepe_tasks.contract.check import check_source
 from deepe_tasks.contract.hardware import params_need_gpu
+from deepe_tasks.contract.methods import Method
 from deepe_tasks.core import devices, jobstore, keys
 from deepe_tasks.core.broker import priority_lists
 from deepe_tasks.core.connection import unreachable
@@ -77,17 +79,13 @@ def waiting_in(client: redis.Redis, queue: str) -> QueueInfo:
     return info
 
 
-def consumer_notice(client: redis.Redis, queue: str, gpus: int, stale_after: float) -> str | None:
-    """One line for the submitter when no worker up now would take a job of ``gpus`` devices on
-    ``queue`` (None when one would): the job is queued all the same, for a fleet that starts
-    workers on demand, but a person waiting on it should know."""
-    try:
-        up = devices.live(client, stale_after)
-    except redis.RedisError:
-        return None  # the job is queued; this line is a courtesy, not worth failing the submit
-    if any(queue in queues and owned >= gpus for _, owned, _, queues in up):
+def consumer_notice(up: list[devices.WorkerEntry], queue: str, gpus: int) -> str | None:
+    """One line for the submitter when no worker up now (``up``) would take a job of ``gpus``
+    devices on ``queue`` (None when one would): the job is queued all the same, for a fleet that
+    starts workers on demand, but a person waiting on it should know."""
+    if any(queue in w.queues and w.devices >= gpus for w in up):
         return None
-    others = sorted({q for _, _, _, queues in up for q in queues})
+    others = sorted({q for w in up for q in w.queues})
     size = "" if gpus == 1 else f" with {gpus} devices or more"
     now = (f"workers are up for {', '.join(others)}" if others else "no worker is up at all")
     start = f"deepe worker --queues {queue}" + ("" if gpus == 1 else " --gpus " + ",".join(map(str, range(gpus))))
@@ -95,27 +93,25 @@ def consumer_notice(client: redis.Redis, queue: str, gpus: int, stale_after: flo
             f"(`{start}`).")
 
 
-def fleet_cuda(client: redis.Redis, queue: str, stale_after: float) -> bool:
-    """Whether the workers of ``queue`` up now have CUDA, for the submit-time check: False only
-    when every one that said has none (True when none is up or none said: a fleet that starts
-    GPU workers on demand is not warned)."""
-    try:
-        return devices.queue_has_cuda(client, stale_after, queue) is not False
-    except redis.RedisError:
-        return True
-
-
 def submit_notices(client: redis.Redis, queue: str, gpus: int, stale_after: float, warnings: list[str],
-                   params: dict[str, Any], cuda: bool) -> list[str]:
-    """What `deepe submit` says beside the job id: the static check's warnings, settings that need
-    a GPU where the queue's workers have none, and a queue that no worker consumes now."""
+                   params: dict[str, Any], method: Method) -> list[str]:
+    """What `deepe submit` says beside the job id, after the job was sent (one read of the worker
+    registry): the static check's warnings; settings that need a GPU when every worker of the
+    queue up now that said has none (not when none is up or none said: a fleet that starts GPU
+    workers on demand is not warned); and a queue that no worker consumes now."""
     notices = [f"warning: {w}" for w in warnings]
-    if not cuda:
-        notices = [n.replace("this machine has none", f"no worker of queue {queue!r} up now has one")
-                   for n in notices]
+    try:
+        up = devices.workers(client, stale_after)
+    except redis.RedisError:
+        return notices  # the job is queued; these lines are a courtesy, not worth failing the submit
+    said = [w.cuda for w in up if queue in w.queues and w.cuda is not None]
+    if said and not any(said):
+        unsaid = check_source(method.source, method.path.name, gpu=False).warnings
+        notices += [f"warning: {w}".replace("this machine has none", f"no worker of queue {queue!r} up now has one")
+                    for w in unsaid if w not in warnings]
         notices += [f"warning: no worker of queue {queue!r} up now has CUDA: {w}"
                     for w in params_need_gpu(params, gpu=False)]
-    notice = consumer_notice(client, queue, gpus, stale_after)
+    notice = consumer_notice(up, queue, gpus)
     return notices + ([notice] if notice else [])
 
 

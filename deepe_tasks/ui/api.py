@@ -33,6 +33,7 @@ from deepe_tasks.ui.schemas import (
     JobList,
     JobRef,
     MethodInfo,
+    PublishedModel,
     Queues,
     QueueView,
     SubmitRequest,
@@ -97,9 +98,14 @@ def jobs(status: JobStatus | None = None, method: str | None = None,
 
 @jobs_api.get("/jobs/{job_id}", response_model=JobInfo, responses={404: ERRORS[404]})
 def job(job_id: str) -> JobInfo:
-    """The job record, with secrets masked, its final metrics and its latest progress."""
+    """The job record, with secrets masked, its final metrics and its latest progress; once it
+    ended with a model, that model's files (one read and one listing of the storage)."""
+    from deepe_tasks.ui.display import model_of
+
     job = client.find_job(job_id)
-    return _info(job.record(), job.progress())
+    record = job.record()
+    return _info(record, job.progress()).model_copy(
+        update={"model": PublishedModel(**model_of(record, get_settings().storage_url))})
 
 
 EVENTS_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -155,13 +161,14 @@ def merge(job_id: str, queue: str | None = None, force: bool = False) -> JobRef:
 @jobs_api.post("/jobs/{job_id}/eval", status_code=201, response_model=JobRef,
                responses={404: ERRORS[404], 409: {"model": Error, "description": "The job has no published model."}})
 def evaluate(job_id: str, body: EvalRequest) -> JobRef:
-    """Queue an evaluation of a succeeded job's model on a dataset; returns the evaluation job."""
+    """Queue an evaluation of a succeeded job's model on a dataset, an lm-eval task file, or both."""
     from deepe_tasks.queue.evals import evaluate as queue_eval
 
     target = client.find_job(job_id)
     target.record()  # an unknown job is a 404 here, not a model path
     job = queue_eval(target.id, body.dataset, max_samples=body.max_samples, samples=body.samples,
-                     input_column=body.input_column, output_column=body.output_column, queue=body.queue)
+                     input_column=body.input_column, output_column=body.output_column, queue=body.queue,
+                     lm_eval=body.lm_eval)
     return JobRef(id=job.id, status=job.status())
 
 

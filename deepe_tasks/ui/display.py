@@ -1,4 +1,4 @@
-"""Events as readable lines, for the CLI and local runs."""
+"""Events as readable lines, for the CLI and local runs; a job's published model, for its readers."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.text import Text
 
-from deepe_tasks.core.records import Event, EventKind
+from deepe_tasks.core.records import Event, EventKind, JobRecord, JobStatus
 
 SHOWN_METRICS = ("loss", "learning_rate", "grad_norm", "reward", "epoch")
 
@@ -86,3 +86,43 @@ def follow(events: Iterable[Event], console: Console, ids: bool = False) -> Even
                 style = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(event.kind.value, "cyan")
                 progress.console.print(Text(line, style=style))
     return last
+
+
+READ_BUDGET = 5.0  # seconds a reader tries the store for each call: a page must not hang on it
+
+
+def model_of(record: JobRecord, storage_url: str | None) -> dict[str, Any]:
+    """What job ``record`` published at its output_dir (`schemas.PublishedModel`), for `deepe
+    status`, GET /jobs/{id} and the job page. Looked for only once the job ended with a model
+    (succeeded, or cancelled: with --save it published one): one read and one listing."""
+    from deepe_tasks.contract.stored import published_files
+
+    out: dict[str, Any] = {"published": False, "url": record.output_dir or None, "files": [], "total_bytes": 0,
+                           "partial": False, "note": None}
+    if record.status not in (JobStatus.SUCCEEDED, JobStatus.CANCELLED) or not record.output_dir:
+        why = "it failed, and a failed job publishes nothing" if record.status is JobStatus.FAILED \
+            else f"it is {record.status.value}"
+        return {**out, "note": f"No model is published: {why}."}
+    try:
+        found = published_files(record.output_dir, storage_url, budget=READ_BUDGET)
+    except Exception as e:  # the store or folder unreadable from here: said, never a failed request
+        return {**out, "note": f"The model at {record.output_dir} could not be read from this machine "
+                               f"({type(e).__name__}: {e}); give it read access to DEEPE_STORAGE (a mount, or "
+                               "s3:GetObject and s3:ListBucket) and ask again."}
+    if found is None:
+        how = " (it was cancelled without --save)" if record.status is JobStatus.CANCELLED else \
+            " (it was removed, or this machine does not see DEEPE_STORAGE)"
+        return {**out, "note": f"No model is published: there is no deepe.json at {record.output_dir}{how}."}
+    manifest, files = found
+    return {**out, "published": True, "files": [{"name": n, "size": b} for n, b in sorted(files.items())],
+            "total_bytes": sum(files.values()), "partial": bool(manifest.get("partial"))}
+
+
+def fmt_bytes(n: int) -> str:
+    """``n`` bytes for people: 512 B, 4.2 MiB, 1.3 GiB."""
+    size, unit = float(n), "B"
+    for bigger in ("KiB", "MiB", "GiB", "TiB"):
+        if size < 1024:
+            break
+        size, unit = size / 1024, bigger
+    return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"

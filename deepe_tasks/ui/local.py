@@ -1,4 +1,8 @@
-"""Run a method in this process through the worker's runner: no queue, no Redis."""
+"""Run a method in this process through the worker's runner: no queue, no Redis.
+
+On an object store (DEEPE_STORAGE=s3://…) it works as a worker's job process does: inputs on the
+store are read through the worker-style cache (DEEPE_CACHE_DIR), checkpoints go up as they are
+made, and the model is published with the same fenced create of ``deepe.json``."""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from deepe_tasks.contract.admission import admit
 from deepe_tasks.contract.methods import Method, sha256_of
-from deepe_tasks.contract.stored import refuse_taken
+from deepe_tasks.contract.stored import check_store, output_owner, published_files, refuse_taken
 from deepe_tasks.core.errors import InvalidParams
 from deepe_tasks.core.records import Event, JobSpec, JobStatus, RunResult
 from deepe_tasks.core.settings import get_settings
@@ -48,14 +52,23 @@ def local_runner(method_file: Path, params: dict[str, Any], emit: Callable[[Even
                  job_id: str | None = None) -> Runner:
     """A runner for ``method_file`` with ``params``, as a worker's job process would build it."""
     settings = get_settings()
+    url = settings.storage_url
+    _forget_store()  # a store that an earlier run in this process used is not this run's
     source = method_file.read_text(encoding="utf-8")
     # Unique, or two runs in one second would share (and resume from) each other's checkpoints.
     job_id = job_id or f"local-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     method = Method(method_file.stem, method_file, source)
     refuse_placeholders(params)
-    resolved = admit(method, params, settings.storage_root, job_id, check_paths=True, gpu=None).params
+    if url is not None:
+        check_store(url)  # a bucket that is not there or not writable, named before anything is read
+    resolved = admit(method, params, settings.storage_root, job_id, check_paths=True, gpu=None,
+                     storage_url=url).params
+    output = str(resolved.OUTPUT_DIR)
     # Before training, as submit does: an earlier run's model there would refuse this one's at the end.
-    refuse_taken(str(resolved.OUTPUT_DIR), settings.storage_root, job_id, None)
+    refuse_taken(output, settings.storage_root, job_id, url)
+    if url is not None and (owner := output_owner(url, output)) is not None:
+        raise InvalidParams(f"OUTPUT_DIR {output} already holds a model (of job {owner}), which a store cannot "
+                            "replace; choose another OUTPUT_DIR, or delete that model first.")
     from deepe_tasks.job.runner import (
         Runner,  # the training stack loads once the input is known good
     )
@@ -63,18 +76,51 @@ def local_runner(method_file: Path, params: dict[str, Any], emit: Callable[[Even
     job_dir(settings.storage_root, job_id).mkdir(parents=True, exist_ok=True)
     spec = JobSpec(job_id=job_id, method=method_file.stem, method_sha256=sha256_of(source), source=source,
                    params=resolved.as_dict(), storage_root=str(settings.storage_root), worker="local")
+    if url is not None:
+        from deepe_tasks.job import remote
+
+        # Inputs fetched through the worker-style cache; the model published by the fenced create.
+        spec = remote.start(spec.model_copy(update={
+            "storage_url": url, "cache_dir": str(settings.cache_dir.expanduser()), "cache_gb": settings.cache_gb,
+            "claim": f"local:{job_id}:{uuid.uuid4().hex[:8]}", "submitted_at": time.time()}))
     return Runner(spec, emit)
+
+
+def _forget_store() -> None:
+    """No store for the next runner in this process until ``remote.start`` makes one."""
+    from deepe_tasks.job import remote
+
+    remote.forget()
 
 
 def run_method_file(method_file: Path, params: dict[str, Any], emit: Callable[[Event], None],
                     job_id: str | None = None) -> RunResult:
     """Run ``method_file`` once with ``params``; events go to ``emit``."""
-    return local_runner(method_file, params, emit, job_id).run()
+    runner = local_runner(method_file, params, emit, job_id)
+    try:
+        return runner.run()
+    finally:
+        from deepe_tasks.job import remote
+
+        store = remote.active()
+        if store is not None:  # on a store: its checkpoint uploads finished, as a job process's end does
+            store.end()
+        _forget_store()
 
 
 def check_output(output_dir: Path) -> list[str]:
     """What a published model folder lacks: weights, tokenizer or manifest."""
-    names = {p.name for p in output_dir.iterdir()} if output_dir.is_dir() else set()
+    return _lacks({p.name for p in output_dir.iterdir()} if output_dir.is_dir() else set())
+
+
+def check_stored_output(url: str, storage_url: str | None) -> list[str]:
+    """What the model published at ``url`` on the store lacks (its files are under the key its
+    deepe.json names)."""
+    found = published_files(url, storage_url)
+    return _lacks(set() if found is None else {MANIFEST, *(name.split("/")[0] for name in found[1])})
+
+
+def _lacks(names: set[str]) -> list[str]:
     problems = []
     if not names & {"model.safetensors", "adapter_model.safetensors", "pytorch_model.bin",
                     "model.safetensors.index.json", "adapter_model.bin"}:
@@ -107,7 +153,9 @@ def run_local(method_file: str | Path, params: dict[str, Any], echo: Callable[[s
     if result.status is not JobStatus.SUCCEEDED:
         echo(f"FAILED: {result.error}")
         return 1
-    problems = check_output(Path(result.output_dir or ""))
+    output = result.output_dir or ""
+    url = get_settings().storage_url
+    problems = check_stored_output(output, url) if url is not None else check_output(Path(output))
     if problems:
         echo(f"FAILED: {result.output_dir} has " + ", ".join(problems))
         return 1

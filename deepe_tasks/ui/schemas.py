@@ -56,10 +56,30 @@ class Submitted(JobRef):
         "What the submitter should know, e.g. that no worker consumes the job's queue now (it is queued anyway)."))
 
 
+class ModelFile(BaseModel):
+    name: str = Field(description="The file's path inside the model.")
+    size: int = Field(description="Bytes.")
+
+
+class PublishedModel(BaseModel):
+    """What the job published at its output_dir: a model exists when and only when its deepe.json
+    does (on an object store, its files are under the key deepe.json names)."""
+
+    published: bool = Field(description="Whether deepe.json is there.")
+    url: str | None = Field(None, description="The output_dir: a folder, or a URL on the object store.")
+    files: list[ModelFile] = Field(default_factory=list, description="The model's files (deepe.json aside).")
+    total_bytes: int = 0
+    partial: bool = Field(False, description="Published by a cancel with save, before the last step.")
+    note: str | None = Field(None, description="Why there is no model, when there is none.")
+
+
 class JobInfo(JobRecord):
     """The job record (secrets masked) and its latest progress."""
 
     progress: Event | None = Field(None, description="The latest `log` event: step, max_steps, ETA, metrics.")
+    model: PublishedModel | None = Field(None, description=(
+        "Only in GET /jobs/{id}: the published model's files, looked for once the job ended with one "
+        "(succeeded, or cancelled)."))
 
 
 class JobList(BaseModel):
@@ -95,7 +115,10 @@ class Error(BaseModel):
 
 
 class EvalRequest(RequestBody):
-    dataset: str = Field(description="A dataset with the prompt and answer columns (a path as DATASET_PATH).")
+    dataset: str | None = Field(None, description="A dataset with the prompt and answer columns (a path as "
+                                                 "DATASET_PATH); this, lm_eval, or both.")
+    lm_eval: str | None = Field(None, description="An lm-evaluation-harness task file (YAML) with its local data, "
+                                                 "as `deepe eval --lm-eval` takes.")
     max_samples: int | None = Field(None, description="Evaluate at most this many rows.")
     samples: int = Field(5, description="How many prompts eval.json shows with both answers.")
     input_column: str | None = Field(None, description="The prompt column; default instruction.")

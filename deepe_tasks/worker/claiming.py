@@ -62,11 +62,13 @@ def hand_back(job_id: str, e: redis.RedisError) -> NoReturn:
     raise Reject(f"Redis failed at the claim of job {job_id}: {e}", requeue=True) from e
 
 
-def world_size(job_id: str, hostname: str) -> int:
+def world_size(job_id: str, hostname: str, gpus: int | None = None) -> int:
     """How many devices the job trains on; a job larger than this worker goes back to its queue.
 
-    `deepe worker` consumes only the queues of jobs it can run; this catches a worker started
-    with its queues given by hand (`celery worker -Q gpu.4gpus`).
+    ``gpus``: what the job's message says (`broker.enqueue` writes the record's); None for a
+    message without it, and then the record is read. `deepe worker` consumes only the queues of
+    jobs it can run; this catches a worker started with its queues given by hand
+    (`celery worker -Q gpu.4gpus`).
     """
     try:
         owned = len(devices.device_list(get_settings().gpus))
@@ -74,8 +76,11 @@ def world_size(job_id: str, hostname: str) -> int:
         log.error("%s The job %s goes back to its queue in %.0f s.", e, job_id, MISROUTED_BACKOFF)
         time.sleep(MISROUTED_BACKOFF)
         raise Reject(str(e), requeue=True) from e
-    raw = get_redis().hget(keys.job(job_id), "gpus")
-    wanted = int(str(raw)) if raw is not None and str(raw).isdigit() else 1
+    if isinstance(gpus, int) and not isinstance(gpus, bool) and gpus >= 1:
+        wanted = gpus
+    else:
+        raw = get_redis().hget(keys.job(job_id), "gpus")
+        wanted = int(str(raw)) if raw is not None and str(raw).isdigit() else 1
     if wanted > owned:
         log.error("job %s needs %d devices and this worker (%s) owns %d: it consumes a queue meant for larger "
                   "workers. Start workers with `deepe worker --gpus LIST`, which picks their queues; the job goes "

@@ -50,17 +50,18 @@ from deepe_tasks.worker.supervisor import Attempt, Supervisor
 log = logging.getLogger(__name__)
 
 @app.task(name=broker.TASK_NAME, bind=True)
-def train(self: Any, job_id: str, method: str = "", gpus: int = 1) -> dict[str, Any]:
+def train(self: Any, job_id: str, method: str = "", gpus: int | None = None) -> dict[str, Any]:
     """Run one attempt of a job; the job record and its events say how it went.
 
-    ``method`` and ``gpus`` are not read: the job record has them. They are in the message so
-    that Flower and `celery inspect` show which method a task runs, and on how many devices.
+    ``method`` is not read: the job record has it. It is in the message so that Flower and
+    `celery inspect` show which method a task runs. ``gpus`` (the record's, copied into every
+    message by `broker.enqueue`) spares a read of the record before the job starts.
     """
     settings = get_settings()
     hostname = self.request.hostname or os.uname().nodename
     holder = f"{hostname}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     try:
-        world_size = claiming.world_size(job_id, hostname)
+        world_size = claiming.world_size(job_id, hostname, gpus)
     except redis.RedisError as e:
         claiming.hand_back(job_id, e)
     # A zygote's spare costs nothing until it is handed a job, so take it first: then the job

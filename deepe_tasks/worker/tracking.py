@@ -12,8 +12,11 @@ stream still holds; it is sent when the server returns. A resumed attempt goes o
 run (the run id is in Redis, not in a worker); steps that a resume runs again (after the last
 checkpoint) are not sent twice, even when both attempts' events come in one batch. Once a job has ended and its events are sent, the run is ended
 with the job's status and the model's location (and, with ``DEEPE_MLFLOW_LOG_MODEL=true``, the
-model's files as artifacts). An evaluation job (`deepe eval`) logs its metrics into the run of
-the job it evaluated, as ``eval/<dataset>/<metric>``.
+model's files as artifacts, fetched from the object store where the model is published on one).
+An evaluation job (`deepe eval`) logs its metrics into the run of the job it evaluated, as
+``eval/<dataset>/<metric>``. This run is tagged ``deepe.source=platform``; a method that sets
+``report_to="mlflow"`` itself makes a separate run of its own, tagged ``deepe.source=method`` and
+``deepe.job_id`` (`job/mlflow_env.py`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import logging
 import math
 import os
 import re
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -32,6 +36,7 @@ import redis
 
 from deepe_tasks.core import keys
 from deepe_tasks.core.events import decode
+from deepe_tasks.core.fences import MANIFEST
 from deepe_tasks.core.records import EventKind, JobKind, JobRecord, JobStatus, mask_secrets
 from deepe_tasks.core.settings import Settings
 
@@ -143,7 +148,7 @@ class Tracker:
 
         tags = {"deepe.job_id": record.id, "deepe.method": record.method, "deepe.method_sha256": record.method_sha256,
                 "deepe.queue": record.queue, "deepe.devices": str(record.gpus), "deepe.worker": record.worker or "",
-                "mlflow.runName": record.id}
+                "mlflow.runName": record.id, "deepe.source": "platform"}
         run = self.client.create_run(self.experiment(), start_time=int(record.submitted_at * 1000), tags=tags)
         params = [Param(metric_name(k), json.dumps(v, default=str)[:6000] if not isinstance(v, str) else v[:6000])
                   for k, v in sorted(mask_secrets(record.params).items())]
@@ -166,11 +171,27 @@ class Tracker:
         if record.status is JobStatus.SUCCEEDED:
             tags.append(RunTag("deepe.model", record.output_dir))
         self.client.log_batch(run_id, tags=tags)
-        if self.settings.mlflow_log_model and record.status is JobStatus.SUCCEEDED and Path(record.output_dir).is_dir():
-            self.client.log_artifacts(run_id, record.output_dir, artifact_path="model")
+        if self.settings.mlflow_log_model and record.status is JobStatus.SUCCEEDED:
+            self._log_model(record, run_id)
         self.client.set_terminated(run_id, status=ENDED_STATUS.get(record.status, "FINISHED"),
                                    end_time=int((record.finished_at or time.time()) * 1000))
         self.redis.srem(OPEN, record.id)
+
+    def _log_model(self, record: JobRecord, run_id: str) -> None:
+        """The published model's files as the run's artifacts (``model/``): a folder as it is; on
+        an object store, fetched first (to DEEPE_CACHE_DIR) from where its deepe.json says."""
+        if "://" not in record.output_dir:
+            if Path(record.output_dir).is_dir():
+                self.client.log_artifacts(run_id, record.output_dir, artifact_path="model")
+            return
+        scratch = Path(self.settings.cache_dir).expanduser() / "mlflow"
+        scratch.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=scratch, prefix=f"{record.id}-") as folder:
+            if fetch_published(record.output_dir, Path(folder)):
+                self.client.log_artifacts(run_id, folder, artifact_path="model")
+            else:
+                log.warning("mlflow: job %s: no model is published at %s (no %s there); none is logged",
+                            record.id, record.output_dir, MANIFEST)
 
     def _evaluation(self, record: JobRecord) -> int:
         """An evaluation job, once it ended: its metrics (if it succeeded) into the evaluated job's run."""
@@ -180,12 +201,38 @@ class Tracker:
             return 0
         from mlflow.entities import Metric
 
-        dataset = metric_name(Path(str(record.params.get("DATASET_PATH"))).stem)
+        on = record.params.get("DATASET_PATH") or record.params.get("LM_EVAL_TASK")  # a dataset, or a task file alone
+        dataset = metric_name(Path(str(on)).stem)
         at = int((record.finished_at or time.time()) * 1000)
         metrics = [Metric(f"eval/{dataset}/{metric_name(k)}", float(v), at, 0) for k, v in record.metrics.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
         self.client.log_batch(str(target), metrics=metrics)
         return len(metrics)
+
+
+def fetch_published(url: str, into: Path) -> bool:
+    """Fetch the model published at ``url`` on an object store into ``into``: its ``deepe.json``
+    and the files under the key it names (a model exists iff its deepe.json does). False if none."""
+    from deepe_tasks.core.objects import ObjectStore
+
+    protocol, rest = url.rstrip("/").split("://", 1)
+    bucket, _, rel = rest.partition("/")
+    store = ObjectStore(f"{protocol}://{bucket}")
+    manifest = store.read_bytes(f"{rel}/{MANIFEST}")
+    files = _files_of(manifest)
+    if manifest is None or files is None:
+        return False
+    store.get(f"{rel}/{files}", into)
+    (into / MANIFEST).write_bytes(manifest)
+    return True
+
+
+def _files_of(manifest: bytes | None) -> str | None:
+    try:
+        files = json.loads(manifest).get("files") if manifest is not None else None
+    except (ValueError, AttributeError):
+        return None
+    return files if isinstance(files, str) and files else None
 
 
 def run_tracker(stop: threading.Event, client_factory: Any, settings: Settings, holder: str,

@@ -13,7 +13,9 @@ from deepe_tasks.ui.cli.common import EXIT_FAILED, JsonOpt, app, console, print_
 @app.command("eval")
 def eval_(
     target: Annotated[str, typer.Argument(help="A job id (its published model) or a model folder (a base model).")],
-    dataset: Annotated[str, typer.Option("--dataset", help="A dataset with the prompt and answer columns.")],
+    dataset: Annotated[str | None, typer.Option("--dataset", help="A dataset with the prompt and answer columns.")] = None,
+    lm_eval: Annotated[str | None, typer.Option(
+        "--lm-eval", help="An lm-evaluation-harness task YAML with its local dataset (data_files beside it).")] = None,
     max_samples: Annotated[int | None, typer.Option(help="Evaluate at most this many rows.")] = None,
     samples: Annotated[int, typer.Option(help="How many prompts to show with both answers.")] = 5,
     input_column: Annotated[str | None, typer.Option(help="The prompt column; default instruction.")] = None,
@@ -23,12 +25,12 @@ def eval_(
     as_json: JsonOpt = False,
 ) -> None:
     """Evaluate a model: loss and perplexity of the answers, greedy answers scored by exact match
-    and ROUGE-L, and a few samples side by side; published as eval.json."""
+    and ROUGE-L, and a few samples side by side; or an lm-eval task (--lm-eval); published as eval.json."""
     from deepe_tasks.core.records import JobStatus
     from deepe_tasks.queue.evals import evaluate, results
 
     job = evaluate(target, dataset, max_samples=max_samples, samples=samples, input_column=input_column,
-                   output_column=output_column, queue=queue)
+                   output_column=output_column, queue=queue, lm_eval=lm_eval)
     if not wait:
         print_json({"id": job.id, "status": job.status().value}) if as_json else print(job.id)
         return
@@ -50,9 +52,14 @@ def _show(found: dict[str, object]) -> None:
     table = Table(title=f"evaluation {found['job']} of {found.get('evaluated') or '?'}")
     for name in ("metric", "value"):
         table.add_column(name)
-    for key in ("loss", "perplexity", "exact_match", "rouge_l", "rows"):
+    only_lm_eval = isinstance(found.get("lm_eval"), dict) and not found.get("dataset")
+    for key in ("loss", "perplexity", "exact_match", "rouge_l", "rows") if not only_lm_eval else ():
         value = found.get(key)
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    block = found.get("lm_eval")
+    for task, values in (block.get("results") or {}).items() if isinstance(block, dict) else ():
+        for key, value in values.items():
+            table.add_row(f"{task} {key}", _num(value))
     console.print(table)
     shown = found.get("samples")
     if isinstance(shown, list) and shown:
@@ -90,10 +97,12 @@ def compare(
     console.print(table)
     for group in found["evaluations"]:
         evals = Table(title=f"evaluations on {group['dataset']}")
-        for name in ("job", *SHOWN_EVAL_METRICS):
-            evals.add_column(name)
+        lm_eval = sorted({k for metrics in group["results"].values() for k in metrics if k.startswith("lm_eval/")})
+        shown = [*SHOWN_EVAL_METRICS, *lm_eval]
+        for name in ("job", *shown):
+            evals.add_column(name, overflow="fold")
         for job_id, metrics in group["results"].items():
-            evals.add_row(job_id[:12], *(_num(metrics.get(k)) for k in SHOWN_EVAL_METRICS))
+            evals.add_row(job_id[:12], *(_num(metrics.get(k)) for k in shown))
         console.print(evals)
 
 

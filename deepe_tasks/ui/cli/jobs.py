@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Column, Table
@@ -60,10 +60,13 @@ def submit(
 
 @app.command()
 def status(job_id: str, as_json: JsonOpt = False) -> None:
-    """Show one job's state and record."""
-    from deepe_tasks.queue.client import find_job
+    """Show one job's state and record, and the files of the model it published."""
+    from deepe_tasks.queue.client import find_job, masked
+    from deepe_tasks.ui.display import model_of
 
-    info = find_job(job_id).info()
+    record = find_job(job_id).record()
+    info = masked(record)
+    info["model"] = model_of(record, get_settings().storage_url)
     failed = info.get("status") == "failed"
     if as_json:
         print_json(info)
@@ -78,8 +81,26 @@ def status(job_id: str, as_json: JsonOpt = False) -> None:
     for key, value in info.get("metrics", {}).items():
         table.add_row(Text(f"metric {key}"), Text(str(value)))
     console.print(table)
+    _print_model(info["model"])
     if failed:
         raise typer.Exit(EXIT_FAILED)
+
+
+def _print_model(model: dict[str, Any]) -> None:
+    """The published model's files, name and size, and their total; or why there is none."""
+    from deepe_tasks.ui.display import fmt_bytes
+
+    if not model["published"]:
+        console.print(Text(model["note"] or "No model is published."))
+        return
+    files = model["files"]
+    title = f"model at {model['url']}" + (" (partial)" if model["partial"] else "")
+    table = Table(Column("file", overflow="fold", footer=f"{len(files)} files"),
+                  Column("size", justify="right", no_wrap=True, footer=fmt_bytes(model["total_bytes"])),
+                  title=Text(title), title_justify="left", show_footer=True)
+    for f in files:
+        table.add_row(Text(f["name"]), fmt_bytes(f["size"]))
+    console.print(table)
 
 
 def _follow(job_id: str, since: str = "0", ids: bool = False) -> None:

@@ -92,6 +92,13 @@ function duration(s) {
   return s < 90 ? `${Math.round(s)} s` : s < 5400 ? `${Math.round(s / 60)} min` : `${(s / 3600).toFixed(1)} h`;
 }
 
+function bytes(n) {
+  const units = ["KiB", "MiB", "GiB", "TiB"];
+  let size = n, unit = "B";
+  for (const bigger of units) { if (size < 1024) break; size /= 1024; unit = bigger; }
+  return unit === "B" ? `${n} B` : `${size.toFixed(1)} ${unit}`;
+}
+
 function fixed(v) { return typeof v === "number" ? (Math.abs(v) >= 0.01 || v === 0 ? v.toFixed(4) : v.toExponential(2)) : "-"; }
 
 function progressBar(step, max) {
@@ -233,6 +240,20 @@ function cancelQuestion(save, status) {
               : "Stop this job at its next step? What it has trained so far is not saved.";
 }
 
+// The model a job published (`model` in GET /jobs/{id}): its files, name and size, and their
+// total; or the sentence that says why there is none.
+function modelView(model) {
+  if (!model) return [];
+  if (!model.published) return [el("p", { class: "muted", id: "model-none" }, model.note || "No model is published.")];
+  const rows = model.files.map((f) => el("tr", { "data-file": f.name }, el("td", { class: "mono" }, f.name),
+                                          el("td", { class: "size" }, bytes(f.size))));
+  return [el("p", { class: "mono", id: "model-url" }, model.url, model.partial ? " (partial)" : ""),
+          scroller(el("table", { id: "model-files" },
+            el("thead", {}, el("tr", {}, el("th", {}, "file"), el("th", { class: "size" }, "size"))), el("tbody", {}, ...rows),
+            el("tfoot", {}, el("tr", {}, el("td", {}, `${model.files.length} files`),
+                               el("td", { class: "size", id: "model-total" }, bytes(model.total_bytes))))))];
+}
+
 // A cancelled job whose model was saved (the runner ends it with this sentence).
 function publishedPartial(record) {
   return record.status === "cancelled" && /the partial model was saved/.test(record.error || "");
@@ -244,6 +265,7 @@ function jobPage(jobId) {
   const charts = el("div", { class: "charts", id: "charts" });
   const metricsHeading = el("h2", { id: "metrics-heading", hidden: "" }, "Metrics");
   const params = el("tbody");
+  const modelBox = el("div", { id: "model" });
   const notice = el("span", { id: "action-result", class: "muted" });
   const question = el("span", { id: "confirm-text" });
   const yes = el("button", { id: "confirm-yes", class: "danger", onclick: () => { confirmBar.hidden = true; cancel(asking); } });
@@ -261,7 +283,7 @@ function jobPage(jobId) {
   const actions = el("div", { class: "toolbar" },
     el("button", { id: "cancel", class: "danger", onclick: () => ask(false) }, "Cancel"), cancelSave, notice);
   view.replaceChildren(el("h1", {}, "Job ", el("span", { class: "mono" }, jobId)), summary, error, actions, confirmBar,
-                       metricsHeading, charts, el("h2", {}, "Parameters"),
+                       el("h2", {}, "Model"), modelBox, metricsHeading, charts, el("h2", {}, "Parameters"),
                        scroller(el("table", { id: "params" },
                                    el("thead", {}, el("tr", {}, el("th", {}, "name"), el("th", {}, "value"))), params)));
   const series = new Map();
@@ -311,6 +333,7 @@ function jobPage(jobId) {
     record = await api(`../jobs/${encodeURIComponent(jobId)}`);
     params.replaceChildren(...Object.entries(record.params).map(([k, v]) =>
       el("tr", {}, el("td", { class: "mono" }, k), el("td", { class: "mono" }, JSON.stringify(v)))));
+    modelBox.replaceChildren(...modelView(record.model));
     render();
   }
   async function cancel(save) {
@@ -344,7 +367,9 @@ function jobPage(jobId) {
     }
     render();
   }
-  const stopPolling = poll(load, 3000);
+  // An ended job's record changes no more: read once more (with its model's files), then no more.
+  let stopPolling = () => {};
+  stopPolling = poll(async () => { await load(); if (ENDED.includes(record.status)) stopPolling(); }, 3000);
   const stopEvents = followEvents(jobId, onEvent, () => load());
   return () => { stopPolling(); stopEvents(); };
 }
