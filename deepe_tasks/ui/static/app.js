@@ -254,8 +254,10 @@ function modelView(model) {
                                el("td", { class: "size", id: "model-total" }, bytes(model.total_bytes))))))];
 }
 
-// A cancelled job whose model was saved (the runner ends it with this sentence).
+// A cancelled job whose model was saved: its deepe.json says so (`model`, read once the job
+// ended); until that is read, the sentence the runner ends such a job with.
 function publishedPartial(record) {
+  if (record.model) return Boolean(record.model.published && record.model.partial);
   return record.status === "cancelled" && /the partial model was saved/.test(record.error || "");
 }
 
