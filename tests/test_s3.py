@@ -313,3 +313,29 @@ def test_a_failed_checkpoint_upload_costs_only_itself_and_the_time_limit_keeps_t
 
 def first_losses_steps(job: Any) -> list[int]:
     return [e.step for e in job.events() if e.kind is EventKind.LOG and e.step is not None]
+
+
+@pytest.mark.e2e
+def test_an_lm_eval_task_on_the_store_is_fetched_by_a_worker_that_shares_no_folder(
+        workers: list[Worker], tmp_path: Path, moto: MotoServer, bucket_url: str, on_store: ObjectStore) -> None:
+    from deepe_tasks import evaluate
+    from deepe_tasks.fixtures import tiny
+    from deepe_tasks.queue.evals import results
+    from tests.test_lmeval import ROWS, TASK
+
+    # Given a task file and its data uploaded to the store, and a worker whose disk has neither
+    folder = tmp_path / "task"
+    tiny.write_jsonl(ROWS, folder / "colors_mc.jsonl")
+    (folder / "task.yaml").write_text(TASK)
+    on_store.put_tree(folder, "lmeval/colors")
+    worker_on_store(workers, "s3-lme", tmp_path / "disk", moto, bucket_url)
+    # When the base model is evaluated on it, the worker fetches the task's folder and scores every row
+    job = evaluate(f"{bucket_url}/base/tiny-llama", lm_eval="lmeval/colors/task.yaml", queue="s3-lme")
+    assert job.record().params["LM_EVAL_DIR"] == f"{bucket_url}/lmeval/colors"  # the record keeps URLs
+    assert job.wait(timeout=180) is JobStatus.SUCCEEDED, job.info()["error"]
+    scored = results(job)["lm_eval"]["results"]["colors_mc"]
+    assert 0 <= scored["acc"] <= 1 and scored["samples"] == len(ROWS)
+    # And a task whose data file is not on the store is refused at submit, naming it
+    on_store.put_file(folder / "task.yaml", "lmeval/bare/task.yaml")
+    with pytest.raises(InvalidParams, match="colors_mc.jsonl"):
+        evaluate(f"{bucket_url}/base/tiny-llama", lm_eval="lmeval/bare/task.yaml", queue="s3-lme")
