@@ -215,7 +215,10 @@ def test_a_primary_killed_mid_job_fails_over_and_the_job_trains_on_once(
     assert follower.events and follower.events[-1]["kind"] == "succeeded", follower.events[-3:]
     assert len(follower.ids) == len(set(follower.ids))
     followed = [e["step"] for e in follower.events if e["kind"] == "log" and "loss" in e.get("metrics", {})]
-    assert followed == steps[1]
+    # every step, in order; a step may come twice (not once, as the stream above holds it): a
+    # primary that serves events before a replica has them can lose them to a second promotion,
+    # and the publisher sends them again under new ids (docs/reliability.md, "Not guaranteed")
+    assert list(dict.fromkeys(followed)) == steps[1], followed
     # And the worker is alive, its attempt's user gone from the new primary, and a job
     # submitted after the failover runs
     assert w.alive()
