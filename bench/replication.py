@@ -1,9 +1,11 @@
 """What replication acknowledgement costs: DEEPE_REDIS_MIN_REPLICAS=1 against 0, on one primary
 with one replica (tests/sentinel.py's Topology, reached by a plain redis:// URL to the primary).
 
-Two figures, each for both settings: dispatch p50/p99 (submit to the job's `started` event, a
-trivial method, one warm worker, as dispatch.py measures it) and the events per second one
-EventPublisher sustains (as events.py's publisher_rate measures it). A worker reads its settings
+Three figures, each for both settings: dispatch p50/p99 (submit to the job's `started` event, a
+trivial method, one warm worker, as dispatch.py measures it), the events per second one
+EventPublisher sustains (as events.py's publisher_rate measures it), and how long a follower
+(`job.events(follow=True)`'s reader, which shows an event only once it is replicated) takes to
+show an event after it was emitted, at one event per 20 ms. A worker reads its settings
 when it starts, so each setting has a worker of its own, on a queue of its own; this process's
 settings (submit's barrier, the publisher's appends) are switched between rounds. The rounds
 alternate which setting goes first, so that drift on a shared machine hits both alike.
@@ -22,19 +24,22 @@ import argparse
 import contextlib
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 # common puts the repository root on sys.path: tests.sentinel is importable after it.
-from common import median, percentile, report, sft_params, smoke_flag, write_method
+from common import median, percentile, report, running_job, sft_params, smoke_flag, write_method
 from dispatch import TRIVIAL
 from events import publisher_rate
 
 SETTINGS = {"none": 0, "replicated": 1}  # name: DEEPE_REDIS_MIN_REPLICAS
 ROUNDS, JOBS, EVENTS = 10, 20, 20_000  # per round and setting: jobs dispatched, events published
 SMOKE_ROUNDS, SMOKE_JOBS, SMOKE_EVENTS = 2, 2, 1_000
+FOLLOWED, SMOKE_FOLLOWED = 100, 5  # per round and setting: events a follower is timed on
+FOLLOW_GAP = 0.02  # seconds between them
 
 
 def queue_of(name: str) -> str:
@@ -103,6 +108,33 @@ def dispatch(ctx: dict[str, Any], name: str, jobs: int, figures: dict[str, list[
         figures["end"].append(time.time() - t0)
 
 
+def follow_delays(client: Any, n: int, job_id: str) -> list[float]:
+    """Seconds from each of ``n`` events' emit (one per FOLLOW_GAP) to a follower showing it."""
+    from deepe_tasks.core.events import EventPublisher, read_events
+    from deepe_tasks.core.records import Event, EventKind
+
+    attempt = running_job(client, job_id)
+    delays: list[float] = []
+
+    def follow() -> None:
+        for event in read_events(client, job_id, follow=True):
+            if event.kind is EventKind.LOG:
+                delays.append(time.time() - event.ts)
+                if len(delays) == n:
+                    return
+
+    follower = threading.Thread(target=follow, daemon=True)
+    follower.start()
+    publisher = EventPublisher(client, job_id, attempt)
+    for i in range(n):
+        publisher.emit(Event(kind=EventKind.LOG, job=job_id, step=i + 1, metrics={"loss": 1.0}))
+        time.sleep(FOLLOW_GAP)
+    assert publisher.close(timeout=60), "the publisher did not hand over every event"
+    follower.join(timeout=60)
+    assert len(delays) == n, f"the follower showed {len(delays)} of {n} events"
+    return delays
+
+
 def ms(seconds: float) -> float:
     return round(seconds * 1000, 1)
 
@@ -117,6 +149,7 @@ def main() -> None:
     smoke_flag(parser, f"{SMOKE_ROUNDS} rounds of {SMOKE_JOBS} jobs and {SMOKE_EVENTS} events per setting")
     args = parser.parse_args()
     rounds, jobs, n = (SMOKE_ROUNDS, SMOKE_JOBS, SMOKE_EVENTS) if args.smoke else (args.rounds, args.jobs, args.events)
+    followed = SMOKE_FOLLOWED if args.smoke else FOLLOWED
     with replicated_environment() as ctx:
         client = redis.Redis.from_url(ctx["url"], decode_responses=True)
         write_method(ctx, "trivial", TRIVIAL)
@@ -126,7 +159,7 @@ def main() -> None:
             use(name)
             submit("trivial", sft_params(ctx), queue=queue_of(name)).wait(timeout=180)
 
-        times: dict[str, dict[str, list[float]]] = {name: {"submit": [], "started": [], "end": []}
+        times: dict[str, dict[str, list[float]]] = {name: {"submit": [], "started": [], "end": [], "follow": []}
                                                      for name in SETTINGS}
         rates: dict[str, list[float]] = {name: [] for name in SETTINGS}
         waits = dict.fromkeys(SETTINGS, 0)
@@ -137,6 +170,7 @@ def main() -> None:
                 before = wait_calls(ctx["primary"])
                 dispatch(ctx, name, jobs, times[name])
                 rates[name].append(publisher_rate(client, n, f"bench-rate-{r}-{name}"))
+                times[name]["follow"] += follow_delays(client, followed, f"bench-follow-{r}-{name}")
                 waits[name] += wait_calls(ctx["primary"]) - before
         assert waits["replicated"] > 0, "no WAIT ran with DEEPE_REDIS_MIN_REPLICAS=1"
 
@@ -147,6 +181,7 @@ def main() -> None:
                 "min_replicas": SETTINGS[name],
                 "dispatch_p50_ms": ms(percentile(t["started"], 50)), "dispatch_p99_ms": ms(percentile(t["started"], 99)),
                 "submit_p50_ms": ms(percentile(t["submit"], 50)), "end_p50_ms": ms(percentile(t["end"], 50)),
+                "follow_p50_ms": ms(percentile(t["follow"], 50)), "follow_p99_ms": ms(percentile(t["follow"], 99)),
                 "events_per_s": round(median(rates[name])), "events_per_s_each_round": [round(x) for x in rates[name]],
                 "wait_calls": waits[name],
             }
@@ -158,8 +193,9 @@ def main() -> None:
             "ratio_submit_p50": round(replicated["submit_p50_ms"] / none["submit_p50_ms"], 2),
             "ratio_end_p50": round(replicated["end_p50_ms"] / none["end_p50_ms"], 2),
             "ratio_events_per_s": round(replicated["events_per_s"] / none["events_per_s"], 2),
+            "ratio_follow_p50": round(replicated["follow_p50_ms"] / none["follow_p50_ms"], 2),
             "ratios": "replicated / none", "replicas": 1, "rounds": rounds, "jobs": rounds * jobs,
-            "events": n,
+            "events": n, "followed": rounds * followed,
         }, smoke=args.smoke)
 
 

@@ -44,8 +44,8 @@ EXPECTED: dict[str, tuple[str, set[str]]] = {
                                            "healthz_baseline_no_followers", "p99_ratio", "met", "server_threads",
                                            "server_rss_mb"}),
     "replication.py": ("replication", {"none", "replicated", "ratio_dispatch_p50", "ratio_dispatch_p99",
-                                       "ratio_submit_p50", "ratio_end_p50", "ratio_events_per_s", "replicas",
-                                       "rounds", "jobs", "events"}),
+                                       "ratio_submit_p50", "ratio_end_p50", "ratio_events_per_s", "ratio_follow_p50",
+                                       "replicas", "rounds", "jobs", "events", "followed"}),
     "fleet.py": ("fleet", {"command", "small_profile_bytes_out_per_worker_growth", "training_worker_large_profile",
                            "replay_model_check", "goal", "met", "met_at_full_rate"}),
     "partition.py": ("partition", {"runs", "all_ok", "models_published", "max_step_overlap_s",
@@ -106,7 +106,8 @@ def test_smoke(script: str, tmp_path: Path) -> None:
     assert not missing, f"{script}: no {sorted(missing)} in {sorted(out)}"
     if script == "replication.py":  # the figures of each setting
         for setting in ("none", "replicated"):
-            assert {"dispatch_p50_ms", "dispatch_p99_ms", "events_per_s", "wait_calls"} <= set(out[setting]), out
+            assert {"dispatch_p50_ms", "dispatch_p99_ms", "events_per_s", "follow_p50_ms",
+                    "wait_calls"} <= set(out[setting]), out
         assert out["replicated"]["wait_calls"] > 0, out
     if script == "fleet.py":  # keys named after the sizes run
         assert any(k.startswith("idle_worker_large_profile_") for k in out), sorted(out)

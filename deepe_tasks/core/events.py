@@ -14,6 +14,7 @@ from typing import Any
 import redis
 
 from deepe_tasks.core import jobstore, keys
+from deepe_tasks.core.errors import NotReplicated
 from deepe_tasks.core.records import FINAL_STATES, Event, EventKind
 from deepe_tasks.core.settings import get_settings
 
@@ -187,21 +188,34 @@ def tail_events(
     idle: float | None = None,
 ) -> Iterator[Event | None]:
     """`read_events`, and, with ``idle``, a None each time ``idle`` seconds pass without an event
-    while it follows: the tick of a keepalive (an SSE comment) on a quiet job's stream."""
+    while it follows: the tick of a keepalive (an SSE comment) on a quiet job's stream.
+
+    A follower serves an event only once DEEPE_REDIS_MIN_REPLICAS replicas have it (`barrier`):
+    one served from a primary that is then lost with it would be sent again by its publisher,
+    under a new id, and the follower would show it twice. A one-shot read shows what the
+    primary holds (docs/reliability.md)."""
     stream = keys.events(job_id)
     last = since
     start = "-" if since in ("0", "0-0", "-") else f"({since}"
-    for entry_id, event in decode(client.xrange(stream, min=start)):  # type: ignore[arg-type]
+    entries: Any = client.xrange(stream, min=start)
+    if follow and entries and not _replicated(client, job_id):
+        entries = []  # the tail below reads them again, once replicated
+    for entry_id, event in decode(entries):
         last = entry_id
         if event is None:
             continue
         yield event
         if follow and event.kind.is_final:
             return
-    if not follow:
-        return
+    if follow:
+        yield from _tail(client, job_id, last, block_ms, idle)
+
+
+def _tail(client: redis.Redis, job_id: str, last: str, block_ms: int, idle: float | None) -> Iterator[Event | None]:
+    """`tail_events` after the stored events: new ones as they come, once replicated."""
+    stream = keys.events(job_id)
     quiet_since = time.monotonic()
-    outage: float | None = None  # since when Redis has not answered
+    outage: float | None = None  # since when Redis has not answered, or not replicated
     while True:
         wait_ms = block_ms
         if idle is not None:
@@ -219,10 +233,12 @@ def tail_events(
                     return
                 outage = None
                 continue
+            jobstore.barrier(client, job_id, f"An event of job {job_id}")
             outage = None
-        except (redis.ConnectionError, redis.TimeoutError):
-            # A failover or a restart: read on from `last` once Redis answers (a sentinel
-            # client asks for the new primary), for as long as a running job rides it out.
+        except (redis.ConnectionError, redis.TimeoutError, NotReplicated):
+            # A failover or a restart (or no replica acknowledging): read on from `last` once
+            # Redis answers (a sentinel client asks for the new primary), for as long as a
+            # running job rides it out.
             outage = outage or time.monotonic()
             if time.monotonic() - outage > get_settings().lease_ttl:
                 raise
@@ -236,6 +252,14 @@ def tail_events(
             quiet_since = time.monotonic()
             if event.kind.is_final:
                 return
+
+
+def _replicated(client: redis.Redis, job_id: str) -> bool:
+    try:
+        jobstore.barrier(client, job_id, f"An event of job {job_id}")
+    except NotReplicated:
+        return False
+    return True
 
 
 # The latest `log` event is among a job's last this many events.

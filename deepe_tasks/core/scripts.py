@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import redis
+import redis.asyncio as aredis
 from redis.commands.core import Script
 
 from deepe_tasks.core import keys, lua
@@ -59,7 +60,7 @@ def _replicated(acked: Any, wanted: int, what: str) -> None:
             "could lose it. Check the replicas (`INFO replication` on the primary).")
 
 
-def _wait_ms(client: redis.Redis) -> int:
+def _wait_ms(client: redis.Redis | aredis.Redis) -> int:
     """How long a WAIT may block: DEEPE_REDIS_REPLICATION_TIMEOUT, but never past three quarters of
     the client's own socket timeout (the lease client's is short), so that a replica that does not
     answer reads as NotReplicated, not as a Redis that timed out."""
@@ -97,17 +98,30 @@ def run_durable(client: redis.Redis, script: str, names: list[str], *args: Any) 
 SYNC_TTL_MS = 60_000
 
 
-def barrier(client: redis.Redis, job_id: str, what: str = "A write") -> None:
-    """Return once DEEPE_REDIS_MIN_REPLICAS replicas have every write the primary made so far
-    (a submit's record and Celery message, a job's end, the lease a publish check read);
-    NotReplicated if they do not within DEEPE_REDIS_REPLICATION_TIMEOUT. Nothing to do with no
-    replicas asked for. The write to the job's sync key puts this connection's replication
-    offset at the primary's latest, which WAIT then waits for."""
-    wanted = get_settings().min_replicas
-    if wanted <= 0:
-        return
+def _barrier(client: Any, job_id: str, wanted: int) -> Any:
+    """The pipeline of a barrier: a write to the job's sync key, then WAIT."""
     pipe = client.pipeline(transaction=False)
     pipe.set(keys.sync(job_id), "1", px=SYNC_TTL_MS)
     pipe.wait(wanted, _wait_ms(client))
-    _, acked = pipe.execute()
-    _replicated(acked, wanted, what)
+    return pipe
+
+
+def barrier(client: redis.Redis, job_id: str, what: str = "A write") -> None:
+    """Return once DEEPE_REDIS_MIN_REPLICAS replicas have every write the primary made so far
+    (a submit's record and Celery message, a job's end, the lease a publish check read, the
+    events a follower read); NotReplicated if they do not within
+    DEEPE_REDIS_REPLICATION_TIMEOUT. Nothing to do with no replicas asked for. The write to the
+    job's sync key puts this connection's replication offset at the primary's latest, which
+    WAIT then waits for."""
+    wanted = get_settings().min_replicas
+    if wanted > 0:
+        _, acked = _barrier(client, job_id, wanted).execute()
+        _replicated(acked, wanted, what)
+
+
+async def barrier_async(client: aredis.Redis, job_id: str, what: str = "A write") -> None:
+    """`barrier` on an asyncio client (the API's event streams)."""
+    wanted = get_settings().min_replicas
+    if wanted > 0:
+        _, acked = await _barrier(client, job_id, wanted).execute()
+        _replicated(acked, wanted, what)

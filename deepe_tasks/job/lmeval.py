@@ -45,9 +45,10 @@ def task_config(folder: Path, name: str, storage_root: Path, input_roots: list[s
         path = folder / rel
         return path.read_text(encoding="utf-8", errors="replace") if path.is_file() else None
 
-    task, _ = task_file.check(task_file.parse(name, read, shown), shown)
+    parsed = task_file.parse(name, read, shown)
+    task, _ = task_file.check(parsed, shown)
     get_metric_aggregation("acc")  # fills the registry
-    for metric in task_file.parse(name, read, shown).get("metric_list") or []:
+    for metric in parsed.get("metric_list") or []:
         metric_name = metric["metric"]
         if not metric_name.startswith(task_file.FUNCTION) and metric_name not in metric_registry:
             raise InvalidParams(f"--lm-eval {shown}: the metric {metric_name!r} is not one this lm-eval computes "

@@ -22,8 +22,10 @@ from starlette.types import Receive, Scope, Send
 
 from deepe_tasks.core import keys
 from deepe_tasks.core.connection import connect_async
+from deepe_tasks.core.errors import NotReplicated
 from deepe_tasks.core.events import BATCH, FINAL_VALUES, decode, read_events
 from deepe_tasks.core.records import Event
+from deepe_tasks.core.scripts import barrier_async
 from deepe_tasks.core.validate import MAX_U64
 
 log = logging.getLogger(__name__)
@@ -48,12 +50,15 @@ def replay(client: redis.Redis, job_id: str, since: str) -> Iterator[Event]:
 async def follow(client: aredis.Redis, job_id: str, since: str, idle: float) -> AsyncIterator[str]:
     """Replay a job's events after ``since``, then tail them; a keepalive comment after each
     ``idle`` seconds without one. It ends with the job's final event, or once the job has ended
-    (or its record is gone: expired) and every event was sent."""
+    (or its record is gone: expired) and every event was sent. An event is sent only once
+    DEEPE_REDIS_MIN_REPLICAS replicas have it, as `tail_events` does."""
     stream = keys.events(job_id)
     last = since
     start = "-" if since in ("0", "0-0") else f"({since}"
     while since != LAST_ID:  # the stored events, a page at a time (a long job has tens of thousands)
         entries: Any = await client.xrange(stream, min=start, count=BATCH)
+        if entries and not await _replicated(client, job_id):
+            break  # the tail below reads them again, once replicated
         for entry_id, event in decode(entries):
             last, start = entry_id, f"({entry_id}"
             if event is None:
@@ -75,6 +80,9 @@ async def follow(client: aredis.Redis, job_id: str, since: str, idle: float) -> 
             if await _over(client, job_id, stream, last):
                 return
             continue
+        if not await _replicated(client, job_id):
+            await anyio.sleep(0.2)  # while no replica acknowledges (the WAIT took its timeout)
+            continue
         for entry_id, maybe in decode(reply[0][1]):
             last = entry_id
             if maybe is None:
@@ -83,6 +91,14 @@ async def follow(client: aredis.Redis, job_id: str, since: str, idle: float) -> 
             quiet_since = time.monotonic()
             if maybe.kind.is_final:
                 return
+
+
+async def _replicated(client: aredis.Redis, job_id: str) -> bool:
+    try:
+        await barrier_async(client, job_id, f"An event of job {job_id}")
+    except NotReplicated:
+        return False
+    return True
 
 
 async def _over(client: aredis.Redis, job_id: str, stream: str, last: str) -> bool:
