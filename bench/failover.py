@@ -23,6 +23,10 @@ Figures per run, and their totals (goals in brackets):
 - `bad_models`: jobs without exactly one published model (OUTPUT_DIR with deepe.json naming
   the job, no `.NAME.*` staged or moved-aside folder beside it) [0];
 - `step_errors`: steps logged twice or missing within an attempt, in the job's stream [0];
+- `follower_errors`: the same, as a follower saw them: each acknowledged job is followed from
+  its submit's return by `deepe logs --follow`'s reader (`read_events(follow=True)`, run again
+  from its last id if it gives up on an outage); a follower that never saw a succeeded job's
+  end counts too [0];
 - `refused_ran`: refused submits that trained or published anyway [0];
 - `next_step_s`: the primary's death to the next training step of any job (the step's own
   time: a job trains on while Redis is away); `next_step_visible_s`: to that step reaching
@@ -131,6 +135,36 @@ class Submitted:
     ended: float = 0.0  # when the submit returned or raised
 
 
+class Follow:
+    """`deepe logs --follow`'s reader on one job, from its submit's return to its final event;
+    run again from the last event it showed when it gives up on an outage, as a user would."""
+
+    def __init__(self, job_id: str, stop: threading.Event) -> None:
+        self.job_id = job_id
+        self.events: list[dict[str, Any]] = []
+        self.ended = False
+        self.restarts = 0
+        self._stop = stop
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        from deepe_tasks.core.connection import get_redis
+        from deepe_tasks.core.events import read_events
+
+        since = "0"
+        while not self._stop.is_set():
+            try:
+                for e in read_events(get_redis(), self.job_id, since=since, follow=True):
+                    since = e.id or since
+                    self.events.append({**json.loads(e.to_json()), "id": e.id})
+                    if e.kind.is_final:
+                        self.ended = True
+                        return
+            except Exception:  # an outage past the reader's patience: follow again from `since`
+                self.restarts += 1
+                time.sleep(1.0)
+
+
 @dataclass
 class Submitter:
     """Submits a run's jobs on its own thread, so that the primary can die in the middle; a
@@ -149,6 +183,8 @@ class Submitter:
     threads: list[threading.Thread] = field(default_factory=list)
     first_submit: threading.Event = field(default_factory=threading.Event)
     settled: threading.Event = field(default_factory=threading.Event)  # set once the failover is over
+    followers: dict[str, Follow] = field(default_factory=dict)  # the acknowledged jobs, by id
+    stop_following: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self) -> Submitter:
@@ -182,6 +218,7 @@ class Submitter:
             self.first_submit.set()
         try:
             submit(self.method, {**self.params, "OUTPUT_DIR": str(output)}, queue=self.queue, job_id=job_id)
+            self.followers[job_id] = Follow(job_id, self.stop_following)
             return Submitted(slot, job_id, output, retry, True, at, ended=time.time())
         except Exception as e:  # a failover under way: any error, the job is not acknowledged
             return Submitted(slot, job_id, output, retry, False, at, f"{type(e).__name__}: {e}"[:300], time.time())
@@ -456,6 +493,7 @@ def one_run(n: int, name: str, plan: Plan, work: Path, storage: Path, method: st
                 d["servers"] = servers_view(topo, d["job"])
         return result
     finally:
+        sub.stop_following.set()
         supervisor.stop()
         for w in workers:
             w.signal(signal.SIGTERM)  # all at once: they stop side by side
@@ -469,7 +507,7 @@ def evaluate(n: int, plan: Plan, sub: Submitter, acked: list[Submitted], refused
              promoted_s: float | None, label: str, states: dict[str, int], notes: list[str],
              begun: float) -> dict[str, Any]:
     """The run's figures and violations, from the jobs' records, events and storage."""
-    lost = double = bad_models = bad_steps = refused_ran = 0
+    lost = double = bad_models = bad_steps = refused_ran = follower_errors = 0
     details: list[dict[str, Any]] = []
     worst_overlap: float | None = None
     after_kill: list[float] = []
@@ -504,6 +542,14 @@ def evaluate(n: int, plan: Plan, sub: Submitter, acked: list[Submitted], refused
             bad_steps += errors
             broken.append(f"{errors} steps logged twice or missing: {by_attempt}; in events.jsonl, not in the "
                           f"stream: {missing_from_stream(stream, jsonl)}")
+        follower = sub.followers.get(s.job_id)
+        if follower is not None and (follower.ended or status == "succeeded"):
+            seen_errors, seen = step_errors(follower.events, plan.steps)
+            seen_errors += 0 if follower.ended else 1
+            if seen_errors:
+                follower_errors += seen_errors
+                broken.append(f"a follower saw steps {seen} (ended: {follower.ended}, restarted "
+                              f"{follower.restarts} times)")
         per_job.append({"job": s.job_id, "slot": s.slot, "retry": s.retry, "status": status,
                         "attempts": sorted(by_attempt), "models": models, "steps_by_attempt": by_attempt})
         if broken:
@@ -527,8 +573,9 @@ def evaluate(n: int, plan: Plan, sub: Submitter, acked: list[Submitted], refused
         "probe": ", ".join(("acknowledged" if s.acknowledged else "refused") + (f" (retry {s.retry})" if s.retry else "")
                            for s in sub.done if s.slot == plan.jobs) or None,
         "lost": lost, "double_trainers": double, "bad_models": bad_models, "step_errors": bad_steps,
-        "refused_ran": refused_ran,
-        "violations": lost + double + bad_models + bad_steps + refused_ran,
+        "refused_ran": refused_ran, "follower_errors": follower_errors,
+        "follower_restarts": sum(f.restarts for f in sub.followers.values()),
+        "violations": lost + double + bad_models + bad_steps + refused_ran + follower_errors,
         "max_attempt_overlap_s": None if worst_overlap is None else round(worst_overlap, 3),
         "kill_at_s": None if killed_at is None else round(killed_at - start, 2),
         "busy_s": round(max(ends) - start, 2) if ends else None,
@@ -550,7 +597,8 @@ def failed_run(n: int, plan: Plan, error: str) -> dict[str, Any]:
     """A run that could not be carried out (its topology or workers did not come up): no figures."""
     return {"run": n, "seed": plan.seed, "workers": plan.workers, "jobs": plan.jobs, "steps": plan.steps,
             "acknowledged": 0, "refused": 0, "retried": 0, "refused_errors": [], "probe": None, "lost": 0, "double_trainers": 0,
-            "bad_models": 0, "step_errors": 0, "refused_ran": 0, "violations": 0, "max_attempt_overlap_s": None,
+            "bad_models": 0, "step_errors": 0, "refused_ran": 0, "follower_errors": 0, "follower_restarts": 0,
+            "violations": 0, "max_attempt_overlap_s": None,
             "kill_at_s": plan.kill_at_s, "busy_s": None, "phase_at_kill": "error", "states_at_kill": {}, "missed": False,
             "promoted_s": None, "next_step_s": None, "next_step_visible_s": None, "first_ack_after_kill_s": None,
             "attempts": [], "duration_s": None,
@@ -560,7 +608,7 @@ def failed_run(n: int, plan: Plan, error: str) -> dict[str, Any]:
 
 def table(runs: list[dict[str, Any]]) -> str:
     head = (f"{'run':>3} {'seed':>5} {'wk':>2} {'ack':>3} {'ref':>3} {'kill_s':>6} {'busy_s':>6} {'phase':<9}"
-            f"{'promo_s':>7} {'fo':>2} {'next_s':>6} {'seen_s':>6} {'ack_s':>6} {'lost':>4} {'dbl':>3} {'mdl':>3} {'stp':>3} {'ran':>3} attempts")
+            f"{'promo_s':>7} {'fo':>2} {'next_s':>6} {'seen_s':>6} {'ack_s':>6} {'lost':>4} {'dbl':>3} {'mdl':>3} {'stp':>3} {'fol':>3} {'ran':>3} attempts")
     lines = [head]
     for r in runs:
         def f(v: Any) -> str:
@@ -568,7 +616,7 @@ def table(runs: list[dict[str, Any]]) -> str:
         lines.append(f"{r['run']:>3} {r['seed']:>5} {r['workers']:>2} {r['acknowledged']:>3} {r['refused']:>3} "
                      f"{f(r['kill_at_s']):>6} {f(r['busy_s']):>6} {r['phase_at_kill']:<9}{f(r['promoted_s']):>7} {len(r.get('failovers', [])):>2} "
                      f"{f(r['next_step_s']):>6} {f(r['next_step_visible_s']):>6} {f(r['first_ack_after_kill_s']):>6} {r['lost']:>4} {r['double_trainers']:>3} {r['bad_models']:>3} "
-                     f"{r['step_errors']:>3} {r['refused_ran']:>3} {r['attempts']}")
+                     f"{r['step_errors']:>3} {r['follower_errors']:>3} {r['refused_ran']:>3} {r['attempts']}")
     return "\n".join(lines)
 
 
@@ -659,7 +707,8 @@ def main() -> int:
                   file=sys.stderr, flush=True)
     # A missed run had no fault, but its jobs are checked all the same: its violations count.
     totals = {k: sum(r[k] for r in runs + missed) for k in ("acknowledged", "refused", "retried", "lost", "double_trainers",
-                                                  "bad_models", "step_errors", "refused_ran", "violations")}
+                                                  "bad_models", "step_errors", "follower_errors", "follower_restarts",
+                                                  "refused_ran", "violations")}
     totals["errors"] = sum(1 for r in runs + missed if r.get("error"))
     totals["runs_with_two_failovers"] = sum(1 for r in runs if len(r.get("failovers", [])) > 1)
     totals["worker_restarts"] = sum(r.get("worker_restarts", 0) for r in runs + missed)

@@ -53,7 +53,8 @@ EXPECTED: dict[str, tuple[str, set[str]]] = {
     "nemesis.py": ("nemesis", {"runs", "faults_injected", "faults_by_kind", "violations_by_invariant", "violations",
                                "jobs", "per_run"}),
     "failover.py": ("failover", {"runs", "acknowledged", "refused", "lost", "double_trainers", "bad_models",
-                                 "step_errors", "refused_ran", "violations", "errors", "next_step_s_median",
+                                 "step_errors", "follower_errors", "refused_ran", "violations", "errors",
+                                 "next_step_s_median",
                                  "worker_restarts", "per_run"}),
     "storage.py": ("storage", {"step_s_uploading", "step_s_not_uploading", "step_ratio", "publish", "cache"}),
 }
