@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -16,6 +17,7 @@ import redis
 from deepe_tasks.core import jobstore, keys
 from deepe_tasks.core.errors import NotReplicated
 from deepe_tasks.core.records import FINAL_STATES, Event, EventKind
+from deepe_tasks.core.scripts import read_replicated
 from deepe_tasks.core.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -190,16 +192,19 @@ def tail_events(
     """`read_events`, and, with ``idle``, a None each time ``idle`` seconds pass without an event
     while it follows: the tick of a keepalive (an SSE comment) on a quiet job's stream.
 
-    A follower serves an event only once DEEPE_REDIS_MIN_REPLICAS replicas have it (`barrier`):
+    A follower serves an event only once DEEPE_REDIS_MIN_REPLICAS replicas have it (`read_replicated`):
     one served from a primary that is then lost with it would be sent again by its publisher,
     under a new id, and the follower would show it twice. A one-shot read shows what the
     primary holds (docs/reliability.md)."""
     stream = keys.events(job_id)
-    last = since
+    last = "0" if since == "-" else since
     start = "-" if since in ("0", "0-0", "-") else f"({since}"
-    entries: Any = client.xrange(stream, min=start)
-    if follow and entries and not _replicated(client, job_id):
-        entries = []  # the tail below reads them again, once replicated
+    entries: Any = []  # none yet, where they are not replicated: the tail reads them again
+    if not follow:
+        entries = client.xrange(stream, min=start)
+    else:
+        with contextlib.suppress(NotReplicated):
+            entries = read_replicated(client, job_id, _what(job_id), "xrange", stream, min=start)
     for entry_id, event in decode(entries):
         last = entry_id
         if event is None:
@@ -225,20 +230,25 @@ def _tail(client: redis.Redis, job_id: str, last: str, block_ms: int, idle: floa
                 quiet_since, left = time.monotonic(), idle
             wait_ms = max(1, min(block_ms, math.ceil(left * 1000)))  # 0 would block for ever
         try:
-            reply: Any = client.xread({stream: last or "0"}, block=wait_ms, count=BATCH)
+            reply: Any = client.xread({stream: last}, block=wait_ms, count=BATCH)
             if not reply:
                 # A reader that resumed after the final event (an SSE reconnect) ends here.
                 status = client.hget(keys.job(job_id), "status")
-                if status in FINAL_VALUES and not client.xread({stream: last or "0"}, count=1):
+                if status in FINAL_VALUES and not client.xread({stream: last}, count=1):
                     return
                 outage = None
                 continue
-            jobstore.barrier(client, job_id, f"An event of job {job_id}")
+            if get_settings().min_replicas > 0:  # read again, with the barrier, on one connection
+                reply = read_replicated(client, job_id, _what(job_id), "xread", {stream: last}, count=BATCH)
+                if not reply:
+                    continue
             outage = None
-        except (redis.ConnectionError, redis.TimeoutError, NotReplicated):
+        except (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError, NotReplicated) as e:
             # A failover or a restart (or no replica acknowledging): read on from `last` once
             # Redis answers (a sentinel client asks for the new primary), for as long as a
             # running job rides it out.
+            if isinstance(e, redis.ReadOnlyError):  # a demoted primary behind a plain URL
+                client.connection_pool.disconnect(inuse_connections=False)
             outage = outage or time.monotonic()
             if time.monotonic() - outage > get_settings().lease_ttl:
                 raise
@@ -254,12 +264,8 @@ def _tail(client: redis.Redis, job_id: str, last: str, block_ms: int, idle: floa
                 return
 
 
-def _replicated(client: redis.Redis, job_id: str) -> bool:
-    try:
-        jobstore.barrier(client, job_id, f"An event of job {job_id}")
-    except NotReplicated:
-        return False
-    return True
+def _what(job_id: str) -> str:
+    return f"An event of job {job_id}"
 
 
 # The latest `log` event is among a job's last this many events.

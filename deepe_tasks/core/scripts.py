@@ -39,6 +39,11 @@ def run(client: redis.Redis, script: str, names: list[str], *args: Any) -> Any:
         raise redis.exceptions.NoPermissionError(
             f"Redis does not have the {script} script (it restarted, or its scripts were flushed), and this "
             f"user may only run the scripts its worker loaded: the worker loads them again ({e})") from e
+    except redis.ResponseError as e:
+        refused = _no_replicas(e, f"The {script.lower()} of a job")
+        if refused is e:
+            raise
+        raise refused from e
 
 
 def _load(client: redis.Redis, script: str) -> None:
@@ -48,6 +53,17 @@ def _load(client: redis.Redis, script: str) -> None:
         raise redis.exceptions.NoPermissionError(
             f"Redis does not have the {script} script (a new primary after a failover, or a restart), and this "
             f"user may only run the scripts its worker loaded: the worker loads them again ({e})") from e
+
+
+def _no_replicas(e: Exception, what: str) -> Exception:
+    """``e``, or NotReplicated where it is the refusal of a primary that may not take writes
+    while too few replicas are in sync (`min-replicas-to-write`): the same want of replicas as
+    a WAIT that none answered."""
+    if isinstance(e, redis.ResponseError) and "NOREPLICAS" in str(e):
+        return NotReplicated(
+            f"{what} was refused by the Redis primary: too few replicas are in sync for its "
+            f"min-replicas-to-write ({e}). Check the replicas (`INFO replication` on the primary).")
+    return e
 
 
 def _replicated(acked: Any, wanted: int, what: str) -> None:
@@ -88,7 +104,7 @@ def run_durable(client: redis.Redis, script: str, names: list[str], *args: Any) 
             _load(client, script)  # the script did not run: run it again, once it is there
             continue
         if isinstance(reply, Exception):
-            raise reply
+            raise _no_replicas(reply, f"The {script.lower()} of a job")
         _replicated(acked, wanted, f"The {script.lower()} of a job")
         return reply
     raise redis.exceptions.NoScriptError(f"Redis forgot the {script} script as soon as it was loaded")
@@ -98,30 +114,53 @@ def run_durable(client: redis.Redis, script: str, names: list[str], *args: Any) 
 SYNC_TTL_MS = 60_000
 
 
-def _barrier(client: Any, job_id: str, wanted: int) -> Any:
-    """The pipeline of a barrier: a write to the job's sync key, then WAIT."""
+def _barrier(client: Any, job_id: str, wanted: int, read: tuple[str, Any, Any] | None = None) -> Any:
+    """The pipeline of a barrier (after ``read``: a command's name, args and kwargs): a write to
+    the job's sync key, then WAIT, on one connection."""
     pipe = client.pipeline(transaction=False)
-    pipe.set(keys.sync(job_id), "1", px=SYNC_TTL_MS)
-    pipe.wait(wanted, _wait_ms(client))
+    if read is not None:
+        command, args, kwargs = read
+        getattr(pipe, command)(*args, **kwargs)
+    if wanted > 0:
+        pipe.set(keys.sync(job_id), "1", px=SYNC_TTL_MS)
+        pipe.wait(wanted, _wait_ms(client))
     return pipe
+
+
+def _passed(replies: list[Any], wanted: int, what: str) -> Any:
+    """The first reply of a barrier's pipeline, once its write and WAIT passed."""
+    for reply in replies[:-1] if wanted > 0 else replies:
+        if isinstance(reply, Exception):
+            raise _no_replicas(reply, what)
+    if wanted > 0:
+        _replicated(replies[-1], wanted, what)
+    return replies[0]
 
 
 def barrier(client: redis.Redis, job_id: str, what: str = "A write") -> None:
     """Return once DEEPE_REDIS_MIN_REPLICAS replicas have every write the primary made so far
-    (a submit's record and Celery message, a job's end, the lease a publish check read, the
-    events a follower read); NotReplicated if they do not within
-    DEEPE_REDIS_REPLICATION_TIMEOUT. Nothing to do with no replicas asked for. The write to the
-    job's sync key puts this connection's replication offset at the primary's latest, which
-    WAIT then waits for."""
+    (a submit's record and Celery message, a job's end, the lease a publish check read);
+    NotReplicated if they do not within DEEPE_REDIS_REPLICATION_TIMEOUT. Nothing to do with no
+    replicas asked for. The write to the job's sync key puts this connection's replication
+    offset at the primary's latest, which WAIT then waits for."""
     wanted = get_settings().min_replicas
     if wanted > 0:
-        _, acked = _barrier(client, job_id, wanted).execute()
-        _replicated(acked, wanted, what)
+        _passed(_barrier(client, job_id, wanted).execute(raise_on_error=False), wanted, what)
 
 
-async def barrier_async(client: aredis.Redis, job_id: str, what: str = "A write") -> None:
-    """`barrier` on an asyncio client (the API's event streams)."""
+def read_replicated(client: redis.Redis, job_id: str, what: str, command: str, *args: Any, **kwargs: Any) -> Any:
+    """The reply of read ``command`` (a client method's name) with ``args``, returned only once
+    DEEPE_REDIS_MIN_REPLICAS replicas have all it could have read; NotReplicated if they do not
+    within DEEPE_REDIS_REPLICATION_TIMEOUT. The read, the write and the WAIT go down one
+    connection: a barrier on another connection could reach another server (a failover)."""
     wanted = get_settings().min_replicas
-    if wanted > 0:
-        _, acked = await _barrier(client, job_id, wanted).execute()
-        _replicated(acked, wanted, what)
+    pipe = _barrier(client, job_id, wanted, (command, args, kwargs))
+    return _passed(pipe.execute(raise_on_error=False), wanted, what)
+
+
+async def read_replicated_async(client: aredis.Redis, job_id: str, what: str, command: str, *args: Any,
+                                **kwargs: Any) -> Any:
+    """`read_replicated` on an asyncio client (the API's event streams)."""
+    wanted = get_settings().min_replicas
+    pipe = _barrier(client, job_id, wanted, (command, args, kwargs))
+    return _passed(await pipe.execute(raise_on_error=False), wanted, what)

@@ -25,7 +25,8 @@ from deepe_tasks.core.connection import connect_async
 from deepe_tasks.core.errors import NotReplicated
 from deepe_tasks.core.events import BATCH, FINAL_VALUES, decode, read_events
 from deepe_tasks.core.records import Event
-from deepe_tasks.core.scripts import barrier_async
+from deepe_tasks.core.scripts import read_replicated_async
+from deepe_tasks.core.settings import get_settings
 from deepe_tasks.core.validate import MAX_U64
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,10 @@ async def follow(client: aredis.Redis, job_id: str, since: str, idle: float) -> 
     last = since
     start = "-" if since in ("0", "0-0") else f"({since}"
     while since != LAST_ID:  # the stored events, a page at a time (a long job has tens of thousands)
-        entries: Any = await client.xrange(stream, min=start, count=BATCH)
-        if entries and not await _replicated(client, job_id):
+        try:
+            entries: Any = await read_replicated_async(client, job_id, _what(job_id), "xrange", stream, min=start,
+                                                       count=BATCH)
+        except NotReplicated:
             break  # the tail below reads them again, once replicated
         for entry_id, event in decode(entries):
             last, start = entry_id, f"({entry_id}"
@@ -80,9 +83,15 @@ async def follow(client: aredis.Redis, job_id: str, since: str, idle: float) -> 
             if await _over(client, job_id, stream, last):
                 return
             continue
-        if not await _replicated(client, job_id):
-            await anyio.sleep(0.2)  # while no replica acknowledges (the WAIT took its timeout)
-            continue
+        if get_settings().min_replicas > 0:  # read again, with the barrier, on one connection
+            try:
+                reply = await read_replicated_async(client, job_id, _what(job_id), "xread", {stream: last},
+                                                    count=BATCH)
+            except NotReplicated:
+                await anyio.sleep(0.2)  # while no replica acknowledges (the WAIT took its timeout)
+                continue
+            if not reply:
+                continue
         for entry_id, maybe in decode(reply[0][1]):
             last = entry_id
             if maybe is None:
@@ -93,12 +102,8 @@ async def follow(client: aredis.Redis, job_id: str, since: str, idle: float) -> 
                 return
 
 
-async def _replicated(client: aredis.Redis, job_id: str) -> bool:
-    try:
-        await barrier_async(client, job_id, f"An event of job {job_id}")
-    except NotReplicated:
-        return False
-    return True
+def _what(job_id: str) -> str:
+    return f"An event of job {job_id}"
 
 
 async def _over(client: aredis.Redis, job_id: str, stream: str, last: str) -> bool:
