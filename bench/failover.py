@@ -367,18 +367,6 @@ def log_lines(logs: list[Path], job_id: str | None) -> list[str]:
     return out
 
 
-def failovers(topo: Any) -> list[str]:
-    """The switches of primary the sentinels logged ("A -> B"), each once: 1 for one failover."""
-    seen: list[str] = []
-    for port in topo.sentinel_ports:
-        log = topo.workdir / f"sentinel-{port}" / "sentinel.log"
-        text = log.read_text(errors="replace") if log.exists() else ""
-        for m in re.finditer(r"\+switch-master \S+ \S+ (\d+) \S+ (\d+)", text):
-            if f"{m[1]} -> {m[2]}" not in seen:
-                seen.append(f"{m[1]} -> {m[2]}")
-    return seen
-
-
 def servers_view(topo: Any, job_id: str) -> dict[str, Any]:
     """Each data server's role and its copy of the job's stream (the steps, by attempt), for a
     violation's report: which server has the events the reader did not see."""
@@ -486,7 +474,7 @@ def one_run(n: int, name: str, plan: Plan, work: Path, storage: Path, method: st
         refused = [s for s in sub.done if not s.acknowledged]
         result = evaluate(n, plan, sub, acked, refused, statuses, storage, logs, killed_at, promoted_s, label,
                           states, notes, begun)
-        result["failovers"] = failovers(topo)
+        result["failovers"] = topo.switches()
         result["worker_restarts"] = supervisor.restarts
         for d in result["details"]:
             if d["job"]:

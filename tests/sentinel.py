@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import signal
 import subprocess
 import time
@@ -177,6 +178,16 @@ class Topology:
         return int(info.get("connected_slaves", 0)) if info else 0
 
     # --- waiting ---------------------------------------------------------------------------
+
+    def switches(self) -> list[str]:
+        """The switches of primary the sentinels logged ("A -> B"), each once: 1 for one failover."""
+        seen: list[str] = []
+        for node in self._sentinels:
+            text = node.log.read_text(errors="replace") if node.log.exists() else ""
+            for m in re.finditer(r"\+switch-master \S+ \S+ (\d+) \S+ (\d+)", text):
+                if f"{m[1]} -> {m[2]}" not in seen:
+                    seen.append(f"{m[1]} -> {m[2]}")
+        return seen
 
     def logs(self) -> str:
         """The tails of every process's logs, for a failure's message."""

@@ -62,6 +62,7 @@ def test_the_sentinels_fail_over_to_the_replica_and_the_old_primary_rejoins(topo
     new = topo.wait_for_new_primary(old, timeout=30)
     took = time.monotonic() - killed
     assert new == replica
+    assert topo.switches() == [f"{old} -> {new}"]
     with topo.client(new) as c:
         assert c.get("k") == "before"
         assert c.set("k", "after")
@@ -76,9 +77,14 @@ def test_the_sentinels_fail_over_to_the_replica_and_the_old_primary_rejoins(topo
 
     restarted = time.monotonic()
     topo.restart(old)
-    assert topo.wait_settled(timeout=45) == new
-    assert topo.role(old) == "slave"
-    assert topo.replicas_acking(new) == 1
+    settled = topo.wait_settled(timeout=45)
+    if settled != new:
+        # On a loaded machine the sentinels can find the new primary down (down-after is 1 s) once
+        # the old one has rejoined as its replica, and fail over to it (seen in CI): a second
+        # switch they logged, not a primary that never stopped being one.
+        assert topo.switches() == [f"{old} -> {new}", f"{new} -> {old}"], topo.switches()
+    assert topo.role(old if settled == new else new) == "slave"
+    assert topo.replicas_acking(settled) == 1
     with topo.client(old) as c:
         assert c.get("k") == "after"
     print(f"rejoin: restart of the old primary -> a replica of {new}: {time.monotonic() - restarted:.2f} s")
