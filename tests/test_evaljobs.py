@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from safetensors import safe_open
 
 from deepe_tasks import EventKind, InvalidJobState, InvalidParams, Job, JobStatus, evaluate, submit
 from deepe_tasks.fixtures import tiny
@@ -93,16 +94,22 @@ def test_a_ten_megabyte_prompt_is_cut_to_its_last_tokens_not_a_failure(
 
 def test_a_lost_evaluation_is_started_again_and_publishes_one_eval_json(
         workers: list[Worker], tmp_path: Path, tiny_model: Path, colors_data: Path, storage: Path) -> None:
-    # Given an evaluation stuck reading its model's weights (a FIFO stands in for them)
+    # Given an evaluation stuck reading its model's weights: an index names one shard, a FIFO,
+    # whose open blocks (transformers skips a single weights file that is not a regular file,
+    # and fails at once, but opens the shards an index names)
     model = storage / "base" / f"stuck-{tmp_path.name}"
     shutil.copytree(tiny_model, model)
-    weights = next(model.glob("*.safetensors"))
+    weights = model / "model.safetensors"
+    with safe_open(str(weights), "pt") as f:
+        tensors = list(f.keys())
+    index, shard = model / "model.safetensors.index.json", model / "model-00001-of-00001.safetensors"
     aside = tmp_path / weights.name
     first = Worker("eval-kill", tmp_path / "w1.log", env={"DEEPE_LEASE_TTL": "3"}).start()
     workers.append(first)
     os.rename(weights, aside)
     try:
-        os.mkfifo(weights)
+        index.write_text(json.dumps({"metadata": {}, "weight_map": dict.fromkeys(tensors, shard.name)}))
+        os.mkfifo(shard)
         job = evaluate(str(model), str(colors_data), max_samples=4, queue="eval-kill")
         wait_for(lambda: job.status() is JobStatus.RUNNING or job.status().is_final, timeout=60)
         assert job.status() is JobStatus.RUNNING, job.info()
@@ -111,9 +118,10 @@ def test_a_lost_evaluation_is_started_again_and_publishes_one_eval_json(
         first.process.signal(signal.SIGKILL, group=True)
         first.process.proc.wait()  # type: ignore[union-attr]
         wait_for(lambda: process_gone(pid), timeout=10)
+        assert job.status() is JobStatus.RUNNING, job.info()  # still stuck, not failed: the kill found it running
     finally:
-        if weights.exists():
-            weights.unlink()
+        index.unlink(missing_ok=True)
+        shard.unlink(missing_ok=True)
         os.rename(aside, weights)
     # Then another worker runs it again, and one eval.json is published
     workers.append(Worker("eval-kill", tmp_path / "w2.log", env={"DEEPE_LEASE_TTL": "3"}).start())

@@ -142,7 +142,8 @@ def models(histories: dict[str, JobHistory], plans: list[JobPlan], found_models:
                                  f"was published at {path} by attempt {manifest.get('attempt')}"))
         elif status == "succeeded" and partial:
             out.append(violation("models", job, "succeeded, but its model is marked partial"))
-        if status in FINAL and str(manifest.get("attempt")) != str(rec.get("attempts")):
+        if status in FINAL and str(manifest.get("attempt")) != str(rec.get("attempts")) \
+                and not _adopted(h, manifest, rec.get("attempts")):
             out.append(violation("models", job, f"its model was published by attempt {manifest.get('attempt')}, "
                                  f"the job's last attempt is {rec.get('attempts')}"))
     for job, count in per_job.items():
@@ -153,6 +154,19 @@ def models(histories: dict[str, JobHistory], plans: list[JobPlan], found_models:
         if plan.submitted and h and h.record and h.record.get("status") == "succeeded" and not per_job[plan.id]:
             out.append(violation("models", plan.id, "succeeded without a published model"))
     return out
+
+
+def _adopted(h: JobHistory, manifest: dict[str, Any], last: Any) -> bool:
+    """Whether the job's last attempt adopted the model an earlier one published (that attempt
+    lost its worker or its end after the publish: `core.fences`), and said so in a `saving`
+    event naming that attempt and its claim."""
+    said = f"attempt {manifest.get('attempt')} of this job (claim {manifest.get('claim')}) already published"
+    try:
+        earlier = int(manifest.get("attempt") or 0) < int(last)
+    except (TypeError, ValueError):
+        return False
+    return earlier and any(e["a"] == int(last) and e["event"].get("kind") == "saving"
+                           and str(e["event"].get("message", "")).startswith(said) for e in h.stream)
 
 
 def events(histories: dict[str, JobHistory]) -> list[dict[str, Any]]:

@@ -76,6 +76,25 @@ def test_two_models_or_a_model_of_a_failed_job_break_models() -> None:
     assert not invariants.models({"j1": good()}, plans("j1"), one)
 
 
+def test_a_model_of_an_earlier_attempt_passes_only_where_the_last_attempt_said_it_adopted_it() -> None:
+    # Given jobs whose model attempt 1 published, and whose last attempt is 2: one where attempt
+    # 2 adopted it (its worker lost attempt 1 after the publish), one where it said nothing
+    def job(name: str, message: str) -> JobHistory:
+        stream = [entry(0, 0, "queued", ts=1), entry(1, 0, "started", ts=2), entry(1, 1, "log", 1, 3, loss=1.0),
+                  entry(1, 0, "requeued", ts=4), entry(2, 0, "started", ts=5), entry(2, 0, "saving", ts=6),
+                  entry(2, 0, "succeeded", ts=7)]
+        stream[5]["event"]["message"] = message
+        return history(name, "succeeded", stream, attempts=2, output=f"/m/{name}")
+
+    adopted = job("j1", "attempt 1 of this job (claim w1:7:ab) already published its model at /m/j1; this attempt "
+                        "does not train it again")
+    silent = job("j2", "saving the model and tokenizer")
+    found = {"models": [{"path": f"/m/{j}", "manifest": {"job": j, "attempt": 1, "claim": "w1:7:ab"}}
+                        for j in ("j1", "j2")], "hidden": []}
+    # Then only the job that did not say so is reported
+    assert [v["subject"] for v in invariants.models({"j1": adopted, "j2": silent}, plans("j1", "j2"), found)] == ["j2"]
+
+
 def test_repeated_missing_or_stale_events_break_events() -> None:
     # Given an attempt with a number twice, one with a gap, and an old attempt's event after a new start
     repeated = good("j2")
