@@ -204,7 +204,7 @@ def tail_events(
         entries = client.xrange(stream, min=start)
     else:
         with contextlib.suppress(NotReplicated):
-            entries = read_replicated(client, job_id, _what(job_id), "xrange", stream, min=start)
+            entries = read_replicated(client, job_id, events_of(job_id), "xrange", stream, min=start)
     for entry_id, event in decode(entries):
         last = entry_id
         if event is None:
@@ -239,7 +239,7 @@ def _tail(client: redis.Redis, job_id: str, last: str, block_ms: int, idle: floa
                 outage = None
                 continue
             if get_settings().min_replicas > 0:  # read again, with the barrier, on one connection
-                reply = read_replicated(client, job_id, _what(job_id), "xread", {stream: last}, count=BATCH)
+                reply = read_replicated(client, job_id, events_of(job_id), "xread", {stream: last}, count=BATCH)
                 if not reply:
                     continue
             outage = None
@@ -264,7 +264,8 @@ def _tail(client: redis.Redis, job_id: str, last: str, block_ms: int, idle: floa
                 return
 
 
-def _what(job_id: str) -> str:
+def events_of(job_id: str) -> str:
+    """How a follower's NotReplicated names what was not replicated."""
     return f"An event of job {job_id}"
 
 

@@ -23,7 +23,7 @@ from starlette.types import Receive, Scope, Send
 from deepe_tasks.core import keys
 from deepe_tasks.core.connection import connect_async
 from deepe_tasks.core.errors import NotReplicated
-from deepe_tasks.core.events import BATCH, FINAL_VALUES, decode, read_events
+from deepe_tasks.core.events import BATCH, FINAL_VALUES, decode, events_of, read_events
 from deepe_tasks.core.records import Event
 from deepe_tasks.core.scripts import read_replicated_async
 from deepe_tasks.core.settings import get_settings
@@ -58,7 +58,7 @@ async def follow(client: aredis.Redis, job_id: str, since: str, idle: float) -> 
     start = "-" if since in ("0", "0-0") else f"({since}"
     while since != LAST_ID:  # the stored events, a page at a time (a long job has tens of thousands)
         try:
-            entries: Any = await read_replicated_async(client, job_id, _what(job_id), "xrange", stream, min=start,
+            entries: Any = await read_replicated_async(client, job_id, events_of(job_id), "xrange", stream, min=start,
                                                        count=BATCH)
         except NotReplicated:
             break  # the tail below reads them again, once replicated
@@ -85,7 +85,7 @@ async def follow(client: aredis.Redis, job_id: str, since: str, idle: float) -> 
             continue
         if get_settings().min_replicas > 0:  # read again, with the barrier, on one connection
             try:
-                reply = await read_replicated_async(client, job_id, _what(job_id), "xread", {stream: last},
+                reply = await read_replicated_async(client, job_id, events_of(job_id), "xread", {stream: last},
                                                     count=BATCH)
             except NotReplicated:
                 await anyio.sleep(0.2)  # while no replica acknowledges (the WAIT took its timeout)
@@ -100,10 +100,6 @@ async def follow(client: aredis.Redis, job_id: str, since: str, idle: float) -> 
             quiet_since = time.monotonic()
             if maybe.kind.is_final:
                 return
-
-
-def _what(job_id: str) -> str:
-    return f"An event of job {job_id}"
 
 
 async def _over(client: aredis.Redis, job_id: str, stream: str, last: str) -> bool:
