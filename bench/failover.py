@@ -72,8 +72,7 @@ STEP_SLEEP = 0.3
 SUBMIT_GAP_S = 6.0  # each submit waits up to this long after the previous one, at random
 JOB_TIMEOUT_S = 300.0  # after the failover, for every acknowledged job to end
 BUSY_MARGIN = 1.1  # the kill is drawn over the calibrated busy period this much longer (it varies)
-RETRY_FOR_S = 120.0
-SECOND_PAUSE_S = 2.5  # --second-failover: how long the promoted primary is stopped (down-after is 1 s)  # a refused submit is tried again for this long
+RETRY_FOR_S = 120.0  # a refused submit is tried again for this long
 LOG_LINES = 40  # of each worker's log, per violation
 STALL_S = 20  # DEEPE_CONSUMER_STALL_TIMEOUT of the workers: an idle consumer that takes nothing exits
 EXIT_STUCK = 70  # a worker's "restart me" exit (deepe_tasks.worker.watchdog.EXIT_STUCK)
@@ -401,7 +400,7 @@ def one_run(n: int, name: str, plan: Plan, work: Path, storage: Path, method: st
     from deepe_tasks.core.settings import get_settings
     from deepe_tasks.fixtures.embedded import WorkerProcess
     from tests.helpers import wait_for
-    from tests.sentinel import Topology, TopologyTimeout
+    from tests.sentinel import FORCED_FAILOVER_PAUSE_S, Topology, TopologyTimeout
 
     begun = time.monotonic()
     folder = work / name
@@ -448,13 +447,13 @@ def one_run(n: int, name: str, plan: Plan, work: Path, storage: Path, method: st
                 promoted_s = round(time.time() - killed_at, 2)
                 if not plan.second_failover:
                     sub.settled.set()
-                # The dead host comes back (empty: no AOF) and the sentinels make it a replica.
+                # The dead host comes back, empty (no AOF), as a replica of the new primary.
                 topo.restart(old)
                 if plan.second_failover:
                     # The promoted primary stops answering past down-after: the sentinels fail over
                     # again, and it comes back a primary that is one no more, until they tell it.
                     topo.pause(new)
-                    time.sleep(SECOND_PAUSE_S)
+                    time.sleep(FORCED_FAILOVER_PAUSE_S)
                     topo.resume(new)
                     topo.wait_for_new_primary(new, timeout=60)
                     sub.settled.set()
@@ -620,7 +619,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--no-probe", action="store_true",
                         help="no extra submit at the moment of the kill (by default one, into the outage)")
     parser.add_argument("--second-failover", action="store_true",
-                        help=f"after each promotion, stop the new primary for {SECOND_PAUSE_S:g} s: the sentinels fail "
+                        help="after each promotion, stop the new primary past down-after: the sentinels fail "
                              "over again, and it serves its clients as a stale primary until they demote it")
     smoke_flag(parser, "1 run, 1 job of 4 steps (and the probe's), 1 worker, the primary killed after the first step")
     return parser.parse_args()

@@ -38,6 +38,13 @@ SENTINELS = 3
 QUORUM = 2
 ASK_TIMEOUT = 0.5  # seconds per question to one process: a stopped one must not stall a wait
 LOG_TAIL = 25  # lines of each log in a timeout's message
+# down-after-milliseconds. Not 1 s: that is the sentinels' ping period, and with it a sentinel
+# now and then found a primary it had just switched to down (no PONG within 1 s of the new
+# link) and failed over once more, with every server healthy (seen here and in CI).
+DOWN_AFTER_MS = 2000
+# How long to stop a primary so that the sentinels surely fail over: down-after, one ping
+# period, and the election.
+FORCED_FAILOVER_PAUSE_S = DOWN_AFTER_MS / 1000 + 2
 
 
 class TopologyTimeout(TimeoutError):
@@ -91,7 +98,7 @@ class _Node:
 class Topology:
     """One primary, N replicas and 3 sentinels on loopback, each a redis-server process of its own."""
 
-    def __init__(self, workdir: Path, replicas: int = 1, master_name: str = "deepe", down_after_ms: int = 1000,
+    def __init__(self, workdir: Path, replicas: int = 1, master_name: str = "deepe", down_after_ms: int = DOWN_AFTER_MS,
                  failover_timeout_ms: int = 5000, password: str | None = None) -> None:
         if replicas < 0:
             raise ValueError("replicas must be 0 or more")
@@ -279,6 +286,19 @@ class Topology:
             return port if port != old_port and self.role(port) == "master" else None
         return self._wait(f"a primary other than {old_port}", promoted, timeout)
 
+    def wait_seen_up(self, port: int, timeout: float = 30) -> None:
+        """Until every sentinel lists that data server as a replica it can reach (its flags are
+        a plain "slave"), whatever the server's own ROLE says."""
+        def seen() -> bool:
+            for node in self._sentinels:
+                slaves: Any = self._ask(node.port, lambda c: c.sentinel_slaves(self.master_name), sentinel=True)
+                flags = {int(s["port"]): s["flags"] for s in slaves or []}
+                self._why = f"sentinel {node.port} flags it {flags.get(port)!r}"
+                if flags.get(port) != "slave":
+                    return False
+            return True
+        self._wait(f"every sentinel to see {port} up", seen, timeout, interval=0.1)
+
     # --- processes -------------------------------------------------------------------------
 
     def _node(self, port: int) -> _Node:
@@ -369,13 +389,21 @@ class Topology:
             node.proc.wait()
         node.paused = False
 
-    def restart(self, port: int, timeout: float = 30.0) -> None:
-        """Start a killed server again on its port, from its own config file (which the sentinels
-        may have rewritten); a former primary comes back as a primary until the sentinels turn it
-        into a replica (seconds; `wait_settled` waits for it)."""
+    def restart(self, port: int, timeout: float = 30.0, as_replica: bool = True) -> None:
+        """Start a killed server again on its port. A data server comes back, empty (they keep
+        nothing on disk), as a replica of the primary the sentinels name, as the start script of
+        a Sentinel deployment without persistence does (the Bitnami chart's, for one). With
+        ``as_replica=False`` it starts from its own config file, so that a former primary comes
+        back as an empty primary, for about 10 s until the sentinels turn it into a replica: a
+        failover in that window promotes it and loses every write (`docs/operations.md`;
+        `tests/test_sentinel_topology.py` shows both)."""
         node = self._node(port)
         if node.running():
             raise RuntimeError(f"redis-server on port {port} is still running: kill it first")
+        if as_replica and not node.sentinel:
+            primary = self.primary_port()
+            if primary != port:
+                self._write_conf(node, primary)
         self._spawn(node, timeout)
 
     def pause(self, port: int) -> None:

@@ -29,7 +29,7 @@ from deepe_tasks.core.settings import get_settings
 from deepe_tasks.fixtures.embedded import free_port
 from deepe_tasks.queue.client import Job, merge
 from tests.helpers import SLOW_METHOD, SLOW_SAVE, Worker, wait_for, write_method
-from tests.sentinel import Topology
+from tests.sentinel import FORCED_FAILOVER_PAUSE_S, Topology
 from tests.sse_client import Follower, running_api
 
 FINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED}
@@ -188,15 +188,15 @@ def test_a_second_failover_right_after_the_first_loses_no_event(
     topo = topo2
     w, job, output = train_slowly(store, storage, tmp_path, workers, params, "fo-twice", 30, 0.3)
 
-    # When the primary is killed, and the replica promoted in its place stops for 2.5 s right
-    # after (the sentinels promote the other replica, and demote it once it is back)
+    # When the primary is killed, and the replica promoted in its place stops right after, past
+    # down-after (the sentinels promote the other replica, and demote it once it is back)
     first = topo.primary_port()
     topo.kill(first)
     second = topo.wait_for_new_primary(first)
     topo.restart(first)
     time.sleep(0.3)
     topo.pause(second)
-    time.sleep(2.5)
+    time.sleep(FORCED_FAILOVER_PAUSE_S)
     topo.resume(second)
     topo.wait_for_new_primary(second, timeout=60)
 
@@ -238,9 +238,9 @@ def test_writes_a_stale_replica_never_got_are_never_acknowledged(
     topo.kill(primary)
     topo.resume(replica)
     assert topo.wait_for_new_primary(primary, timeout=60) == replica
-    # (the dead primary's host comes back, empty, and the sentinels make it the new replica:
-    # until then nothing can be acknowledged, and the training job is cut off if that takes
-    # longer than its lease)
+    # (the dead primary's host comes back, empty, as the new primary's replica, as a server
+    # that keeps nothing on disk must (docs/operations.md): until it has synced nothing can be
+    # acknowledged, and the training job is cut off if that takes longer than its lease)
     topo.restart(primary)
     topo.wait_settled()
 
