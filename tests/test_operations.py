@@ -207,6 +207,19 @@ def test_tls_urls_get_certificate_checks() -> None:
     assert make_app(Settings(redis_url="redis://redis:6379/0")).conf.broker_use_ssl is None
 
 
+def test_a_plain_url_gets_connections_that_follow_its_name_over_tls_too() -> None:
+    import redis
+
+    from deepe_tasks.core.connection import FollowsTheName, SSLFollowsTheName, connect
+
+    tls = connect("rediss://:pw@redis:6380/0", ssl_ca_certs="/etc/ca.pem").connection_pool
+    assert tls.connection_class is SSLFollowsTheName
+    made = tls.make_connection()  # (not connected)
+    assert isinstance(made, redis.SSLConnection) and made.ca_certs == "/etc/ca.pem"
+    assert connect("redis://redis:6379/0").connection_pool.connection_class is FollowsTheName
+    assert connect("unix:///run/redis.sock").connection_pool.connection_class is redis.UnixDomainSocketConnection
+
+
 # ---- deployment files ----------------------------------------------------------------------
 
 def test_the_compose_file_validates_against_the_compose_spec() -> None:

@@ -3,7 +3,10 @@
 
 Every client deepe makes comes from `connect` (or `connect_async`): under Sentinel it asks the
 sentinels for the primary on each new connection, so a client whose primary died or was
-demoted reaches the new one by itself, at its next command after the failed one.
+demoted reaches the new one by itself, at its next command after the failed one. Behind a
+plain URL whose DNS name a managed service moves to the replica it promotes, a connection to
+the demoted primary drops itself at its first READONLY reply, so that the next one resolves
+the name again (`FollowsTheName`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import redis.asyncio as aredis
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from redis.sentinel import MasterNotFoundError, Sentinel
+from redis.sentinel import DEMOTED_MASTER_UNBLOCKED_ERROR, MasterNotFoundError, Sentinel
 
 from deepe_tasks.core.errors import BrokerUnavailable, ConfigError
 from deepe_tasks.core.settings import (
@@ -94,11 +97,42 @@ def _sentinel_parts(url: str, kwargs: dict[str, Any]) -> tuple[SentinelURL, str,
     return parsed, master_name(settings), sentinel_kwargs, server
 
 
+class FollowsTheName(redis.Connection):
+    """A connection to a plain ``redis://`` URL that drops itself when its server says it was
+    demoted (READONLY to a write; UNBLOCKED to a blocked read), as redis-py's Sentinel
+    connections do: the command fails with a ConnectionError, which the caller rides out like
+    any outage, and the next connection resolves the URL's name again, to the new primary."""
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().read_response(*args, **kwargs)
+        except redis.ReadOnlyError:
+            self.disconnect()
+            raise redis.ConnectionError("the Redis server behind this URL is a replica now (a failover?); "
+                                        "connecting again") from None
+        except redis.ResponseError as e:
+            if not str(e).startswith(DEMOTED_MASTER_UNBLOCKED_ERROR):
+                raise
+            self.disconnect()
+            raise redis.ConnectionError(f"the Redis server behind this URL was demoted: {e}") from None
+
+
+class SSLFollowsTheName(FollowsTheName, redis.SSLConnection):
+    """`FollowsTheName` over TLS (``rediss://``)."""
+
+
+def follows_the_name(url: str) -> dict[str, Any]:
+    """The connection class option for a plain URL: none for a Unix socket (no name to follow)."""
+    classes: dict[str, type[redis.Connection]] = {"redis": FollowsTheName, "rediss": SSLFollowsTheName}
+    found = classes.get(urlsplit(url).scheme.lower())
+    return {"connection_class": found} if found else {}
+
+
 def connect(url: str, **kwargs: Any) -> redis.Redis:
     """A client of ``url``: redis-py's own for one server, the sentinels' primary for a
     ``sentinel://`` URL. ``kwargs`` are redis-py's connection options."""
     if not is_sentinel(url):
-        return redis.Redis.from_url(url, **kwargs, **tls_options(url))
+        return redis.Redis.from_url(url, **kwargs, **tls_options(url), **follows_the_name(url))
     parsed, name, sentinel_kwargs, server = _sentinel_parts(url, kwargs)
     # redis-py's retries within a command reconnect to the primary it had (the dead one): a
     # command fails at once instead, and the caller's next one asks the sentinels afresh.

@@ -6,7 +6,8 @@ fenced scripts of `jobstore`; it reaches no other key. The worker deletes the us
 attempt ends, and the reaper (or the next claim) when the attempt is fenced off: Redis then
 closes the user's connections too. ACL users are not kept across a Redis restart, nor
 replicated to a replica that a failover promotes, so the worker makes the user again once
-Redis is back, and, under Sentinel, whenever its renewal finds the primary without it.
+Redis is back, and whenever its renewal finds the primary without it (a failover behind
+Sentinel or behind a managed service's DNS name; a client that reconnected by itself).
 
 Read-only key rules (``%R~``) need Redis 7. On an older Redis, or where the worker's own user
 may not manage users, the job process gets the worker's credential instead, with a warning:

@@ -154,8 +154,10 @@ class Supervisor:
                     last_contact = time.monotonic()
                     if troubled and self.attempt.credential.scoped:
                         self.attempt.credential.ensure()  # a restarted Redis forgot ACL users
-                    elif self.settings.sentinel:
-                        self.attempt.credential.ensure_present()  # so does a promoted replica
+                    else:
+                        # So does a promoted replica, whether the sentinels or a managed
+                        # service's DNS name it, and a reconnect can hide both from the renewal.
+                        self.attempt.credential.ensure_present()
                     troubled = False
                 if now >= next_cancel_read:
                     self._read_cancel(now)
