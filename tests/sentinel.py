@@ -402,8 +402,9 @@ class Topology:
             raise RuntimeError(f"redis-server on port {port} is still running: kill it first")
         if as_replica and not node.sentinel:
             primary = self.primary_port()
-            if primary != port:
-                self._write_conf(node, primary)
+            if primary == port:
+                raise RuntimeError(f"the sentinels still name {port} the primary: wait_for_new_primary first")
+            self._write_conf(node, primary)
         self._spawn(node, timeout)
 
     def pause(self, port: int) -> None:

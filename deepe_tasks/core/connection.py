@@ -4,9 +4,10 @@
 Every client deepe makes comes from `connect` (or `connect_async`): under Sentinel it asks the
 sentinels for the primary on each new connection, so a client whose primary died or was
 demoted reaches the new one by itself, at its next command after the failed one. Behind a
-plain URL whose DNS name a managed service moves to the replica it promotes, a connection to
-the demoted primary drops itself at its first READONLY reply, so that the next one resolves
-the name again (`FollowsTheName`).
+plain URL whose DNS name a managed service moves to the replica it promotes, a sync client's
+connection to the demoted primary drops itself at its first READONLY reply, so that the next
+one resolves the name again (`FollowsTheName`; the API's event streams, asyncio, end at any
+error instead, and their clients reconnect on new connections).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import redis.asyncio as aredis
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from redis.sentinel import DEMOTED_MASTER_UNBLOCKED_ERROR, MasterNotFoundError, Sentinel
+from redis.sentinel import MasterNotFoundError, Sentinel
 
 from deepe_tasks.core.errors import BrokerUnavailable, ConfigError
 from deepe_tasks.core.settings import (
@@ -98,10 +99,13 @@ def _sentinel_parts(url: str, kwargs: dict[str, Any]) -> tuple[SentinelURL, str,
 
 
 class FollowsTheName(redis.Connection):
-    """A connection to a plain ``redis://`` URL that drops itself when its server says it was
-    demoted (READONLY to a write; UNBLOCKED to a blocked read), as redis-py's Sentinel
-    connections do: the command fails with a ConnectionError, which the caller rides out like
-    any outage, and the next connection resolves the URL's name again, to the new primary."""
+    """A connection to a plain ``redis://`` URL that drops itself when its server answers
+    READONLY (a managed service demoted it, and kept the connection open), as redis-py's
+    Sentinel connections do: the command fails with a ConnectionError, which a caller rides out
+    like any outage (a client that retries sends it again at once: READONLY means it was not
+    run), and the next connection resolves the URL's name again, to the new primary. (An
+    UNBLOCKED reply, to a WAIT or a blocked read of a demoted server, stays an error: a WAIT
+    sent again would resend the script before it.)"""
 
     def read_response(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -110,11 +114,6 @@ class FollowsTheName(redis.Connection):
             self.disconnect()
             raise redis.ConnectionError("the Redis server behind this URL is a replica now (a failover?); "
                                         "connecting again") from None
-        except redis.ResponseError as e:
-            if not str(e).startswith(DEMOTED_MASTER_UNBLOCKED_ERROR):
-                raise
-            self.disconnect()
-            raise redis.ConnectionError(f"the Redis server behind this URL was demoted: {e}") from None
 
 
 class SSLFollowsTheName(FollowsTheName, redis.SSLConnection):
