@@ -28,6 +28,7 @@ from tests.helpers import Worker, wait_for
 from tests.test_failover import (
     assert_contiguous,
     assert_one_model,
+    params,  # noqa: F401 (a fixture)
     settle,
     steps_by_attempt,
     train_slowly,
@@ -100,7 +101,7 @@ def managed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Managed
     if not os.access(HOSTS, os.W_OK):
         pytest.skip("/etc/hosts is not writable here: the test moves a host name with it")
     if not (_bindable(PRIMARY) and _bindable(REPLICA)):
-        pytest.skip(f"this kernel routes neither {PRIMARY} nor {REPLICA} to loopback")
+        pytest.skip(f"this kernel cannot bind both {PRIMARY} and {REPLICA} on loopback")
     # (without a line an interrupted run may have left: the first match wins)
     original = "".join(line for line in HOSTS.read_text().splitlines(keepends=True) if NAME not in line)
     servers = Managed(tmp_path, original)
@@ -120,11 +121,6 @@ def managed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Managed
         servers.stop()
 
 
-@pytest.fixture
-def params(sft_params: dict[str, Any]) -> dict[str, Any]:
-    return {**sft_params, "PromptInputColumn": "instruction", "PromptOutputColumn": "output"}
-
-
 def fail_over(managed: Managed, drop_clients: bool) -> None:
     """What the service does: the name moves to the replica, which is promoted, and the old
     primary becomes its replica, closing its clients' connections (or not)."""
@@ -139,7 +135,7 @@ def fail_over(managed: Managed, drop_clients: bool) -> None:
 @pytest.mark.e2e
 def test_a_managed_redis_failover_moves_the_name_and_the_job_trains_on(
         managed: Managed, workers: list[Worker], tmp_path: Path, store: Path, storage: Path,
-        params: dict[str, Any]) -> None:
+        params: dict[str, Any]) -> None:  # noqa: F811 (a fixture of test_failover)
     # Given a job training through the host name (lease TTL 10 s)
     w, job, output = train_slowly(store, storage, tmp_path, workers, params, "dns", 16, 0.4)
 

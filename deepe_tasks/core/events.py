@@ -243,12 +243,11 @@ def _tail(client: redis.Redis, job_id: str, last: str, block_ms: int, idle: floa
                 if not reply:
                     continue
             outage = None
-        except (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError, NotReplicated) as e:
+        except (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError, NotReplicated):
             # A failover or a restart (or no replica acknowledging): read on from `last` once
-            # Redis answers (a sentinel client asks for the new primary), for as long as a
+            # Redis answers (a sentinel client asks for the new primary; a plain URL's connection
+            # to a demoted primary drops itself, `connection.FollowsTheName`), for as long as a
             # running job rides it out.
-            if isinstance(e, redis.ReadOnlyError):  # a client not made by connect() (FollowsTheName)
-                client.connection_pool.disconnect(inuse_connections=False)
             outage = outage or time.monotonic()
             if time.monotonic() - outage > get_settings().lease_ttl:
                 raise
